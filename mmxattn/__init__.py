@@ -1,0 +1,22 @@
+"""mmxattn: a CAT image encoder read by text-query cross-attention, for captioning and image-text retrieval."""
+
+from .attention import Attention, eager_attention, set_fused_attention
+from .capture import capture_attention
+from .config import CATConfig, MMXAttnConfig, TextConfig
+from .presets import create_encoder, create_model, list_encoder_presets, list_presets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "CATConfig",
+    "MMXAttnConfig",
+    "TextConfig",
+    "capture_attention",
+    "create_encoder",
+    "create_model",
+    "eager_attention",
+    "list_encoder_presets",
+    "list_presets",
+    "set_fused_attention",
+]

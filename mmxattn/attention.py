@@ -1,0 +1,252 @@
+"""The one attention primitive of mmxattn: multi-head self- and cross-attention.
+
+Every attention in the project (CAT's IPSA and CPSA, the text encoder, the decoder's causal self-attention and its
+text-to-image cross-attention, the attentional pooler) is an :class:`Attention`. Two numerically equivalent paths:
+
+* fused: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where the device has them);
+* eager: the readable reference ``softmax(q k^T * scale + bias + mask) @ v``, which is also the only path that can
+  hand out the post-softmax weights (see :mod:`mmxattn.capture`).
+
+The eager path is used when :func:`set_fused_attention` turned fusion off, when the environment variable
+``MMXATTN_EAGER_ATTENTION=1`` is set at import, inside :func:`eager_attention`, or while a module is being captured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Attention", "KVCache", "eager_attention", "fused_attention_enabled", "set_fused_attention"]
+
+_FUSED = os.environ.get("MMXATTN_EAGER_ATTENTION", "0").lower() not in ("1", "true", "yes")
+
+
+def set_fused_attention(enabled: bool) -> None:
+    """Globally choose the fused (SDPA) path (``True``, the default) or the eager reference path."""
+    global _FUSED
+    _FUSED = bool(enabled)
+
+
+def fused_attention_enabled() -> bool:
+    return _FUSED
+
+
+@contextlib.contextmanager
+def eager_attention() -> Iterator[None]:
+    """Run every :class:`Attention` on the eager reference path inside the block."""
+    previous = _FUSED
+    set_fused_attention(False)
+    try:
+        yield
+    finally:
+        set_fused_attention(previous)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer kept between decoding steps.
+
+    Self-attention appends the new step's keys/values; cross-attention computes them from the context once and
+    reuses them. ``k``/``v`` are ``(B, nh, S, hd)``.
+    """
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    def reorder(self, index: Tensor) -> None:
+        """Select/reorder batch rows in place (beam search)."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+class Attention(nn.Module):
+    """Multi-head attention for self-attention (``context=None``) and cross-attention.
+
+    Args:
+        dim: width of the queries (and of the output unless ``out_dim`` is set).
+        num_heads: number of heads; ``head_dim`` defaults to ``dim // num_heads``.
+        kv_dim: width of the context for cross-attention. Setting it (or ``cross=True``) makes the module a
+            cross-attention: ``q = Linear(dim, inner)``, ``kv = Linear(kv_dim, 2 * inner)``. Otherwise a fused
+            ``qkv = Linear(dim, 3 * inner)`` laid out ``[q | k | v]`` with contiguous head chunks (the layout of
+            timm, Swin and CAT, so their state dicts load as they are).
+        qkv_bias / proj_bias: biases of the input and output projections.
+        attn_drop / proj_drop: dropout on the attention weights and on the output.
+        scale: softmax temperature; ``head_dim ** -0.5`` by default.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        kv_dim: int | None = None,
+        cross: bool = False,
+        head_dim: int | None = None,
+        out_dim: int | None = None,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if head_dim is None:
+            if dim % num_heads != 0:
+                raise ValueError(f"Attention: dim={dim} is not divisible by num_heads={num_heads}")
+            head_dim = dim // num_heads
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.is_cross = cross or kv_dim is not None
+        inner = num_heads * head_dim
+        if self.is_cross:
+            self.q = nn.Linear(dim, inner, bias=qkv_bias)
+            self.kv = nn.Linear(kv_dim if kv_dim is not None else dim, 2 * inner, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(inner, out_dim or dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # Set by mmxattn.capture while a capture context is active; never touched otherwise.
+        self._recorder: Callable[[Tensor], None] | None = None
+
+    def _split_heads(self, x: Tensor, n: int) -> Tensor:
+        # (B, L, n * nh * hd) -> n tensors (B, nh, L, hd)
+        B, L, _ = x.shape
+        return x.view(B, L, n, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of a cross-attention context, ``(B, nh, S, hd)`` each (cacheable per image)."""
+        k, v = self._split_heads(self.kv(context), 2)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        attn_bias: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Attend.
+
+        Args:
+            x: queries ``(B, L, dim)``.
+            context: keys/values source ``(B, S, kv_dim)`` for cross-attention (may be omitted when ``cache``
+                already holds them).
+            attn_bias: additive float bias broadcastable to ``(B, nh, L, S)`` (e.g. relative position bias).
+            key_padding_mask: bool ``(B, S)``, ``True`` where the key is padding and must be ignored
+                (``torch.nn.MultiheadAttention``'s convention).
+            attn_mask: bool broadcastable to ``(B, nh, L, S)``, ``True`` where attention is NOT allowed.
+            is_causal: query ``i`` sees keys ``<= i`` (offset by the cached length when decoding).
+            cache: a :class:`KVCache` to extend (self-attention) or to fill once and reuse (cross-attention).
+        Returns:
+            ``(B, L, out_dim)``.
+        """
+        if x.dim() != 3:
+            raise ValueError(f"Attention expects queries of shape (B, L, C), got {tuple(x.shape)}")
+        B, L, _ = x.shape
+        if self.is_cross:
+            (q,) = self._split_heads(self.q(x), 1)
+            if cache is not None and cache.k is not None:
+                k, v = cache.k, cache.v
+            else:
+                if context is None:
+                    raise ValueError("cross-attention needs a context (or a filled cache)")
+                k, v = self.project_kv(context)
+                if cache is not None:
+                    cache.k, cache.v = k, v
+            past = 0
+        else:
+            if context is not None:
+                raise ValueError("this Attention is a self-attention (built without kv_dim); got a context")
+            q, k, v = self._split_heads(self.qkv(x), 3)
+            past = 0
+            if cache is not None:
+                past = cache.length
+                if past:
+                    k = torch.cat([cache.k, k], dim=2)
+                    v = torch.cat([cache.v, v], dim=2)
+                cache.k, cache.v = k, v
+        S = k.shape[2]
+
+        # Merge every boolean "not allowed" mask into one (broadcastable to (B, nh, L, S)).
+        blocked = attn_mask
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (B, S):
+                raise ValueError(f"key_padding_mask must be (B, S)=({B}, {S}), got {tuple(key_padding_mask.shape)}")
+            kpm = key_padding_mask.to(torch.bool)[:, None, None, :]
+            blocked = kpm if blocked is None else (blocked | kpm)
+        causal_flag = False
+        if is_causal:
+            if blocked is None and attn_bias is None and past == 0 and L == S:
+                causal_flag = True  # lets SDPA use its causal kernels
+            elif L > 1:
+                # query i (absolute position past + i) may see keys j <= past + i
+                qi = torch.arange(L, device=x.device)[:, None] + past
+                kj = torch.arange(S, device=x.device)[None, :]
+                causal = kj > qi
+                blocked = causal if blocked is None else (blocked | causal)
+
+        dropout_p = self.attn_drop if self.training else 0.0
+        if self._recorder is None and _FUSED:
+            mask = None
+            if blocked is not None or attn_bias is not None:
+                mask = _additive_mask(blocked, attn_bias, q.dtype)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal_flag, scale=self.scale
+            )
+        else:
+            if causal_flag:
+                blocked = torch.ones(L, S, dtype=torch.bool, device=x.device).triu(1)
+            out, weights = _eager(q, k, v, self.scale, blocked, attn_bias, dropout_p)
+            if self._recorder is not None:
+                self._recorder(weights)
+        out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh * hd)
+        return self.proj_drop(self.proj(out))
+
+
+def _additive_mask(blocked: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    # A finite large negative instead of -inf keeps fully-masked rows finite (uniform weights) on both paths.
+    neg = torch.finfo(dtype).min
+    if blocked is None:
+        return bias.to(dtype)
+    m = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device).masked_fill(blocked, neg)
+    if bias is not None:
+        m = m + bias.to(dtype)
+        m = m.clamp_min(neg)
+    return m
+
+
+def _eager(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    blocked: Tensor | None,
+    bias: Tensor | None,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """Reference attention. Returns the output ``(B, nh, L, hd)`` and the post-softmax weights ``(B, nh, L, S)``."""
+    scores = (q * scale) @ k.transpose(-2, -1)  # (B, nh, L, S)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return dropped @ v, weights

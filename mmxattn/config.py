@@ -1,0 +1,187 @@
+"""Frozen configuration dataclasses. Each checks itself in ``__post_init__`` so a wrong config fails at
+construction with a message naming the field, not somewhere deep inside a forward pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CATConfig", "TextConfig", "MMXAttnConfig", "config_from_dict", "config_to_dict"]
+
+
+def _err(cls: str, msg: str) -> ValueError:
+    return ValueError(f"{cls}: {msg}")
+
+
+@dataclass(frozen=True)
+class CATConfig:
+    """The CAT image encoder (Lin et al. 2021). Defaults are CAT-T.
+
+    ``window`` is the paper's "patch" size p: IPSA attends inside p x p windows, CPSA treats each window of one
+    channel as a token of dimension p*p.
+    """
+
+    embed_dim: int = 64
+    depths: tuple[int, ...] = (1, 1, 3, 1)
+    num_heads: tuple[int, ...] = (2, 4, 8, 16)
+    img_size: int = 224
+    patch_size: int = 4
+    window: int = 7
+    in_chans: int = 3
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    ape: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists (YAML/JSON) but store tuples so the config stays hashable and frozen.
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
+        n = "CATConfig"
+        if len(self.depths) == 0:
+            raise _err(n, "depths must name at least one stage")
+        if len(self.depths) != len(self.num_heads):
+            raise _err(n, f"depths {self.depths} and num_heads {self.num_heads} must have the same length")
+        if any(d < 1 for d in self.depths):
+            raise _err(n, f"every stage needs at least one block, got depths={self.depths}")
+        for i, h in enumerate(self.num_heads):
+            dim = self.embed_dim * 2**i
+            if h < 1 or dim % h:
+                raise _err(n, f"stage {i} width {dim} is not divisible by num_heads[{i}]={h}")
+        for name in ("embed_dim", "img_size", "patch_size", "window", "in_chans"):
+            if getattr(self, name) < 1:
+                raise _err(n, f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise _err(n, f"num_classes must be >= 0 (0 = no head), got {self.num_classes}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise _err(n, f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        return tuple(self.embed_dim * 2**i for i in range(self.num_stages))
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text encoder (causal, CLS pooled) and multimodal decoder (causal self-attn -> cross-attn -> MLP)."""
+
+    vocab_size: int = 49408
+    context_length: int = 32  # token positions including BOS/EOS
+    width: int = 256
+    heads: int = 4
+    layers: int = 4  # text encoder blocks
+    decoder_layers: int = 4  # multimodal decoder blocks
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    tie_embeddings: bool = True
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        n = "TextConfig"
+        if self.width % self.heads:
+            raise _err(n, f"width {self.width} is not divisible by heads {self.heads}")
+        if self.vocab_size < 4:
+            raise _err(n, f"vocab_size must be >= 4 (pad, bos, eos and one word), got {self.vocab_size}")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            v = getattr(self, name)
+            if not 0 <= v < self.vocab_size:
+                raise _err(n, f"{name}={v} is outside the vocabulary [0, {self.vocab_size})")
+        if len({self.pad_id, self.bos_id, self.eos_id}) != 3:
+            raise _err(n, f"pad_id, bos_id and eos_id must differ, got {self.pad_id}, {self.bos_id}, {self.eos_id}")
+        if self.context_length < 3:
+            raise _err(n, f"context_length must be >= 3, got {self.context_length}")
+        if self.layers < 1 or self.decoder_layers < 1:
+            raise _err(n, f"layers and decoder_layers must be >= 1, got {self.layers}, {self.decoder_layers}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise _err(n, f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class MMXAttnConfig:
+    """The whole model: image encoder + text towers.
+
+    ``image_stages`` picks the encoder stages whose tokens the decoder reads (and the pooler pools); each is
+    projected to the text width and given a 2-D position signal so attention can point at places.
+    """
+
+    vision: CATConfig = field(default_factory=CATConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256  # retrieval embedding size E
+    image_stages: tuple[int, ...] = (-1,)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0
+    itm_head: bool = True  # image-text matching head on the decoder, used for re-ranking
+    # "cat" (the project's CAT encoder) or an adapter spec "timm:<model name>" / "open_clip:<model name>"
+    vision_backend: str = "cat"
+    vision_pretrained: str | None = None  # local file path (or hub tag, for users with a network)
+
+    def __post_init__(self) -> None:
+        n = "MMXAttnConfig"
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", CATConfig(**self.vision))
+        if isinstance(self.text, dict):
+            object.__setattr__(self, "text", TextConfig(**self.text))
+        object.__setattr__(self, "image_stages", tuple(int(s) for s in self.image_stages))
+        if not self.image_stages:
+            raise _err(n, "image_stages must name at least one encoder stage")
+        if self.vision_backend == "cat":
+            ns = self.vision.num_stages
+            bad = [s for s in self.image_stages if not -ns <= s < ns]
+            if bad:
+                raise _err(n, f"image_stages {bad} out of range for an encoder with {ns} stages")
+            norm = sorted({s % ns for s in self.image_stages})
+            if len(norm) != len(self.image_stages):
+                raise _err(n, f"image_stages {self.image_stages} repeats a stage")
+        if self.embed_dim < 1:
+            raise _err(n, f"embed_dim must be positive, got {self.embed_dim}")
+        if self.max_logit_scale <= 0 or math.exp(self.init_logit_scale) > self.max_logit_scale:
+            raise _err(n, "init_logit_scale must be <= log(max_logit_scale)")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """JSON-able dict of a config dataclass (tuples become lists)."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def config_from_dict(d: dict) -> MMXAttnConfig:
+    """Inverse of :func:`config_to_dict` for :class:`MMXAttnConfig`; unknown keys are an error naming them."""
+    known = {f.name for f in dataclasses.fields(MMXAttnConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"MMXAttnConfig: unknown keys {sorted(unknown)}")
+    d = dict(d)
+    if "vision" in d:
+        d["vision"] = _strict(CATConfig, d["vision"])
+    if "text" in d:
+        d["text"] = _strict(TextConfig, d["text"])
+    return MMXAttnConfig(**d)
+
+
+def _strict(cls: type, d: dict) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    return cls(**d)
