@@ -1,0 +1,343 @@
+"""MMXAttn: a CAT image encoder whose stage tokens are read by text-query cross-attention.
+
+One model, two tasks (CoCa's recipe, Yu et al. 2022, with the decoder reading image *positions*):
+
+* retrieval: ``encode_image`` (1-query attentional pooler over the image tokens) and ``encode_text`` (CLS of a
+  causal text encoder), cosine similarity; optionally re-ranked by the decoder (:meth:`MMXAttn.retrieve`);
+* captioning: a multimodal decoder (causal self-attention -> cross-attention over every image token -> MLP) on top
+  of the text encoder's token states; :meth:`generate` decodes with a KV cache.
+
+The model knows nothing of Lightning; losses live in :mod:`mmxattn.losses`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import MMXAttnConfig
+from .text.towers import AttentionalPooler, DecodingCache, ImageTokenProjector, MultimodalDecoder, TextEncoder
+
+__all__ = ["MMXAttn", "MMXAttnOutput", "RetrievalResult"]
+
+
+@dataclass
+class MMXAttnOutput:
+    image_embeds: Tensor  # (B, E), L2-normalised
+    text_embeds: Tensor  # (B, E), L2-normalised
+    logits: Tensor  # (B, T-1, V): position t predicts token t+1
+    logit_scale: Tensor  # scalar, exp(learned) clamped to max_logit_scale
+    image_tokens: Tensor | None = None  # (B, L, D), for the ITM head and re-ranking
+    text_states: Tensor | None = None  # (B, T, W), text encoder token states
+
+
+@dataclass
+class RetrievalResult:
+    """Top-k both ways. ``i2t_indices[i]`` are text indices for image i, best first; ``t2i_*`` likewise."""
+
+    i2t_indices: Tensor  # (N_img, k)
+    i2t_scores: Tensor
+    t2i_indices: Tensor  # (N_txt, k)
+    t2i_scores: Tensor
+
+
+def build_vision_encoder(cfg: MMXAttnConfig) -> nn.Module:
+    if cfg.vision_backend == "cat":
+        from .vision.cat import CATEncoder
+
+        enc = CATEncoder(cfg.vision)
+        if cfg.vision_pretrained:
+            enc.load_pretrained(cfg.vision_pretrained, strict=False)
+        return enc
+    from .vision.adapters import build_adapter  # timm / open_clip towers behind the same interface
+
+    return build_adapter(cfg.vision_backend, cfg.vision, pretrained=cfg.vision_pretrained)
+
+
+class MMXAttn(nn.Module):
+    def __init__(self, cfg: MMXAttnConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        if tokenizer is not None and tokenizer.vocab_size != cfg.text.vocab_size:
+            raise ValueError(
+                f"tokenizer vocab_size {tokenizer.vocab_size} != config text.vocab_size {cfg.text.vocab_size}"
+            )
+        self.cfg = cfg
+        t = cfg.text
+        self.visual = build_vision_encoder(cfg)
+        n_stages = len(self.visual.stage_dims)
+        self.stages = tuple(s % n_stages for s in cfg.image_stages)
+        self.image_proj = ImageTokenProjector([self.visual.stage_dims[s] for s in self.stages], t.width)
+        # The encoder's final LayerNorm (trained with the last stage in pretrained CAT/timm weights) is applied
+        # to the last stage's tokens when that stage is read. Encoder parts that no chosen stage reaches are
+        # frozen, so distributed training never waits for gradients that cannot come.
+        self._final_norm = n_stages - 1 in self.stages and isinstance(getattr(self.visual, "norm", None), nn.Module)
+        unused = [getattr(self.visual, "head", None)]
+        if not self._final_norm:
+            unused.append(getattr(self.visual, "norm", None))
+        layers = getattr(self.visual, "layers", None)
+        if layers is not None and len(layers) == n_stages:
+            unused += list(layers)[max(self.stages) + 1 :]
+        for m in unused:
+            if isinstance(m, nn.Module):
+                m.requires_grad_(False)
+        self.pooler = AttentionalPooler(t.width, t.heads, cfg.embed_dim)
+        self.text = TextEncoder(t, cfg.embed_dim)
+        self.decoder = MultimodalDecoder(t, t.width)
+        self.lm_head = nn.Linear(t.width, t.vocab_size, bias=False)
+        if t.tie_embeddings:
+            self.lm_head.weight = self.text.token_embedding.weight
+        self.itm_head = nn.Linear(t.width, 2) if cfg.itm_head else None
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self._init_weights()
+        # Attached for inference (set by mmxattn.load or the data module); not part of the state dict.
+        self.tokenizer = tokenizer
+        self.transform = None
+
+    def _init_weights(self) -> None:
+        for name, m in self.named_modules():
+            if name.startswith("visual"):
+                continue  # the encoder initialises itself (official CAT init)
+            if isinstance(m, nn.Linear) and m is not self.lm_head:
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ inputs
+    def _check_images(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor):
+            return self.preprocess(images)
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) float tensors, got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be normalised float tensors, got dtype {images.dtype}; use model.preprocess")
+        return images
+
+    def _check_ids(self, ids: Tensor | str | Sequence[str]) -> Tensor:
+        if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str)):
+            if self.tokenizer is None:
+                raise ValueError("texts given as strings but the model has no tokenizer; pass token ids")
+            ids = self.tokenizer(list(ids) if not isinstance(ids, str) else [ids])
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"token ids must be an integer tensor (B, T), got {got}")
+        V = self.cfg.text.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            raise ValueError(f"token ids must lie in [0, {V}); got min {int(ids.min())}, max {int(ids.max())}")
+        return ids.to(self.logit_scale.device).long()
+
+    def preprocess(self, images: Any) -> Tensor:
+        """Tensors (B,3,H,W) pass through; PIL images, file paths or a list of them go through ``self.transform``
+        (the eval transform, built from the config when none is attached)."""
+        if isinstance(images, Tensor):
+            return self._check_images(images)
+        from PIL import Image
+
+        if self.transform is None:
+            from .data.transforms import build_transforms
+
+            self.transform = build_transforms(self.cfg.vision.img_size, train=False)
+        items = images if isinstance(images, (list, tuple)) else [images]
+        out = []
+        for item in items:
+            if isinstance(item, Tensor):
+                out.append(item if item.dim() == 3 else item[0])
+                continue
+            if not isinstance(item, Image.Image):
+                from .data.formats import load_image
+
+                item = load_image(item)
+            out.append(self.transform(item.convert("RGB")))
+        return torch.stack(out).to(self.logit_scale.device)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image_tokens(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) -> image tokens (B, L, D) from the chosen encoder stages."""
+        images = self._check_images(images)
+        feats = self.visual.forward_features(images, stages=self.stages)
+        if self._final_norm:
+            last = self.stages.index(len(self.visual.stage_dims) - 1)
+            feats = [self.visual.norm(f) if i == last else f for i, f in enumerate(feats)]
+        grids = self.visual.grid_sizes(images.shape[-2], images.shape[-1])
+        return self.image_proj(feats, [grids[s] for s in self.stages])
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """(B, 3, H, W) -> (B, E), L2-normalised unless ``normalize=False``."""
+        x = self.pooler(self.encode_image_tokens(images))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, token_ids: Tensor | Sequence[str], normalize: bool = True) -> Tensor:
+        """(B, T) ids (or strings, with a tokenizer attached) -> (B, E), L2-normalised unless told otherwise."""
+        x, _ = self.text(self._check_ids(token_ids))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def get_logit_scale(self) -> Tensor:
+        # CLIP's clamp (Radford et al. 2021): the temperature multiplier never exceeds max_logit_scale (100).
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def decode(self, image_tokens: Tensor, text_states: Tensor) -> Tensor:
+        """Teacher-forced decoder: text states (B, T, W), image tokens (B, L, D) -> vocabulary logits (B, T, V)."""
+        return self.lm_head(self.decoder(text_states, image_tokens))
+
+    def forward(self, images: Tensor, token_ids: Tensor) -> MMXAttnOutput:
+        images = self._check_images(images)
+        ids = self._check_ids(token_ids)
+        if images.shape[0] != ids.shape[0]:
+            raise ValueError(f"batch sizes differ: {images.shape[0]} images, {ids.shape[0]} token rows")
+        image_tokens = self.encode_image_tokens(images)  # (B, L, D)
+        image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
+        text_x, states = self.text(ids)  # (B, E), (B, T, W)
+        logits = self.decode(image_tokens, states[:, :-1])  # (B, T-1, V) predicts ids[:, 1:]
+        return MMXAttnOutput(
+            image_embeds=image_embeds,
+            text_embeds=F.normalize(text_x, dim=-1),
+            logits=logits,
+            logit_scale=self.get_logit_scale(),
+            image_tokens=image_tokens,
+            text_states=states,
+        )
+
+    # ------------------------------------------------------------------ matching / re-ranking
+    def _eos_index(self, ids: Tensor) -> Tensor:
+        # last real (non-pad) position of every row: the EOS, or the last token of a truncated row
+        real = (ids != self.cfg.text.pad_id).long()
+        return (real.cumsum(1) * real).argmax(1)
+
+    def itm_logits(self, image_tokens: Tensor, token_ids: Tensor, text_states: Tensor | None = None) -> Tensor:
+        """Image-text matching logits (B, 2) [no-match, match] from the decoder state at each row's last token,
+        which (causally) has read the whole caption while cross-attending to the image."""
+        if self.itm_head is None:
+            raise RuntimeError("this model was built with itm_head=False")
+        if text_states is None:
+            _, text_states = self.text(token_ids)
+        h = self.decoder(text_states, image_tokens)  # (B, T, W)
+        last = self._eos_index(token_ids)
+        return self.itm_head(h[torch.arange(h.shape[0], device=h.device), last])
+
+    def caption_logprob(self, image_tokens: Tensor, token_ids: Tensor, text_states: Tensor | None = None) -> Tensor:
+        """Length-normalised log-likelihood (B,) of each caption given its image, under the decoder."""
+        if text_states is None:
+            _, text_states = self.text(token_ids)
+        logp = self.decode(image_tokens, text_states[:, :-1]).log_softmax(-1)  # (B, T-1, V)
+        target = token_ids[:, 1:]
+        tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        mask = (target != self.cfg.text.pad_id).float()
+        return (tok * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    # ------------------------------------------------------------------ generation
+    def new_cache(self) -> DecodingCache:
+        return DecodingCache.empty(self.cfg.text.layers, self.cfg.text.decoder_layers)
+
+    def decode_step(self, ids: Tensor, image_tokens: Tensor, cache: DecodingCache | None) -> Tensor:
+        """Logits (B, t, V) for new ids (B, t). With a cache, ``ids`` continue the cached prefix; without one,
+        ``ids`` is the whole prefix and everything is recomputed."""
+        if cache is None:
+            _, states = self.text(ids)
+            return self.decode(image_tokens, states)
+        states = self.text.step(ids, cache.text)
+        return self.lm_head(self.decoder(states, image_tokens, cache.dec_self, cache.dec_cross))
+
+    @torch.no_grad()
+    def generate(self, images: Any, max_new_tokens: int | None = None, strategy: str = "greedy", **kwargs: Any) -> Tensor:
+        """Token ids (B, T') starting with BOS; see :func:`mmxattn.generation.generate` for the options
+        (``num_beams``, ``length_penalty``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+        ``min_new_tokens``, ``use_cache``, ``generator``)."""
+        from .generation import generate
+
+        return generate(self, images, max_new_tokens=max_new_tokens, strategy=strategy, **kwargs)
+
+    @torch.no_grad()
+    def caption(self, images: Any, **gen_kwargs: Any) -> list[str]:
+        """Captions for tensors, PIL images or image paths (one string per image)."""
+        if self.tokenizer is None:
+            raise RuntimeError("model.caption needs model.tokenizer (mmxattn.load attaches it)")
+        return self.tokenizer.batch_decode(self.generate(images, **gen_kwargs))
+
+    # ------------------------------------------------------------------ retrieval
+    @torch.no_grad()
+    def similarity(self, images: Any, texts: Tensor | Sequence[str]) -> Tensor:
+        """Cosine similarity (N_img, N_txt) of the retrieval embeddings."""
+        return self.encode_image(self.preprocess(images)) @ self.encode_text(texts).T
+
+    @torch.no_grad()
+    def retrieve(
+        self,
+        images: Any,
+        texts: Tensor | Sequence[str],
+        k: int = 5,
+        rerank: int = 0,
+        rerank_with: str = "itm",
+        batch_size: int = 256,
+    ) -> RetrievalResult:
+        """Rank texts for every image and images for every text.
+
+        First by embedding cosine; with ``rerank=N`` the top N candidates of each query are re-scored by the
+        multimodal decoder (the text's queries cross-attending to the image): ``rerank_with="itm"`` uses the
+        image-text matching head (BLIP's re-ranking), ``"lm"`` the caption's length-normalised log-likelihood.
+        Re-ranked candidates keep their order above the un-re-ranked rest.
+        """
+        imgs = self.preprocess(images)
+        ids = self._check_ids(texts)
+        img_tokens = torch.cat([self.encode_image_tokens(b) for b in imgs.split(batch_size)])
+        img_emb = F.normalize(self.pooler(img_tokens), dim=-1)
+        txt_emb, states = [], []
+        for b in ids.split(batch_size):
+            e, s = self.text(b)
+            txt_emb.append(F.normalize(e, dim=-1))
+            states.append(s)
+        sim = img_emb @ torch.cat(txt_emb).T  # (N_img, N_txt)
+        states_all = torch.cat(states)
+        out = []
+        for scores, query_is_image in ((sim, True), (sim.T, False)):
+            kk = min(k, scores.shape[1])
+            if rerank > 0:
+                n = min(max(rerank, kk), scores.shape[1])
+                top_s, top_i = scores.topk(n, dim=1)  # (Q, n)
+                q = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(top_i).reshape(-1)
+                c = top_i.reshape(-1)
+                im, tx = (q, c) if query_is_image else (c, q)
+                new = torch.cat(
+                    [
+                        self._pair_score(img_tokens[a], ids[b], states_all[b], rerank_with)
+                        for a, b in zip(im.split(batch_size), tx.split(batch_size))
+                    ]
+                ).view_as(top_s)
+                order = new.argsort(dim=1, descending=True)[:, :kk]
+                out += [top_i.gather(1, order), new.gather(1, order)]
+            else:
+                s, i = scores.topk(kk, dim=1)
+                out += [i, s]
+        return RetrievalResult(i2t_indices=out[0], i2t_scores=out[1], t2i_indices=out[2], t2i_scores=out[3])
+
+    def _pair_score(self, image_tokens: Tensor, ids: Tensor, states: Tensor, how: str) -> Tensor:
+        if how == "itm":
+            return self.itm_logits(image_tokens, ids, states).log_softmax(-1)[:, 1]
+        if how == "lm":
+            return self.caption_logprob(image_tokens, ids, states)
+        raise ValueError(f"rerank_with must be 'itm' or 'lm', got {how!r}")
+
+    # ------------------------------------------------------------------ training helpers
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(self.visual, "set_grad_checkpointing"):
+            self.visual.set_grad_checkpointing(enable)
+        self.text.grad_checkpointing = enable
+        self.decoder.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay besides 1-D params (norms, biases)."""
+        names = {"logit_scale", "text.positional_embedding", "text.cls_token", "pooler.query", "image_proj.stage_embed"}
+        if hasattr(self.visual, "no_weight_decay"):
+            names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        return names
+
+    @property
+    def num_image_tokens(self) -> int:
+        s = self.cfg.vision.img_size
+        grids = self.visual.grid_sizes(s, s)
+        return sum(grids[i][0] * grids[i][1] for i in self.stages)

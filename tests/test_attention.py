@@ -1,0 +1,159 @@
+"""The attention primitive: fused == eager, and both == torch.nn.MultiheadAttention given the same weights."""
+
+import pytest
+import torch
+from torch import nn
+
+from mmxattn.attention import Attention, KVCache, eager_attention, fused_attention_enabled, set_fused_attention
+
+
+def _run(attn: Attention, *args, eager: bool, **kw) -> torch.Tensor:
+    if eager:
+        with eager_attention():
+            return attn(*args, **kw)
+    return attn(*args, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("case", ["plain", "causal", "padding", "bias", "all"])
+def test_fused_equals_eager(cross, case):
+    B, L, S, D, H = 3, 7, 9 if cross else 7, 32, 4
+    attn = Attention(D, H, kv_dim=24 if cross else None).eval()
+    x = torch.randn(B, L, D)
+    ctx = torch.randn(B, S, 24) if cross else None
+    kw = {}
+    if case in ("causal", "all") and not cross:
+        kw["is_causal"] = True
+    if case in ("padding", "all"):
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[0, -2:] = True
+        kpm[2, -4:] = True
+        kw["key_padding_mask"] = kpm
+    if case in ("bias", "all"):
+        kw["attn_bias"] = torch.randn(H, L, S)
+    args = (x,) if ctx is None else (x, ctx)
+    out_fused = _run(attn, *args, eager=False, **kw)
+    out_eager = _run(attn, *args, eager=True, **kw)
+    torch.testing.assert_close(out_fused, out_eager, atol=1e-5, rtol=1e-5)
+    # the mask really changes the result (the test would pass trivially otherwise)
+    if kw:
+        assert not torch.allclose(out_fused, _run(attn, *args, eager=False))
+
+
+def _copy_to_mha(attn: Attention, mha: nn.MultiheadAttention, cross: bool) -> None:
+    with torch.no_grad():
+        if cross:
+            D = attn.q.weight.shape[0]
+            mha.q_proj_weight.copy_(attn.q.weight)
+            mha.k_proj_weight.copy_(attn.kv.weight[:D])
+            mha.v_proj_weight.copy_(attn.kv.weight[D:])
+            mha.in_proj_bias.copy_(torch.cat([attn.q.bias, attn.kv.bias]))
+        else:
+            mha.in_proj_weight.copy_(attn.qkv.weight)
+            mha.in_proj_bias.copy_(attn.qkv.bias)
+        mha.out_proj.weight.copy_(attn.proj.weight)
+        mha.out_proj.bias.copy_(attn.proj.bias)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+def test_matches_torch_multihead_attention(eager, cross):
+    B, L, D, H = 2, 6, 32, 4
+    S, kdim = (10, 20) if cross else (L, D)
+    attn = Attention(D, H, kv_dim=kdim if cross else None).eval()
+    mha = nn.MultiheadAttention(D, H, batch_first=True, kdim=kdim, vdim=kdim).eval()
+    _copy_to_mha(attn, mha, cross)
+    x = torch.randn(B, L, D)
+    ctx = torch.randn(B, S, kdim) if cross else x
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[1, -3:] = True
+    causal = None if cross else torch.ones(L, L, dtype=torch.bool).triu(1)
+    ref, ref_w = mha(x, ctx, ctx, key_padding_mask=kpm, attn_mask=causal, average_attn_weights=False)
+    args = (x, ctx) if cross else (x,)
+    ours = _run(attn, *args, eager=eager, key_padding_mask=kpm, is_causal=not cross)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_causal_pass():
+    attn = Attention(32, 4).eval()
+    x = torch.randn(2, 8, 32)
+    full = attn(x, is_causal=True)
+    cache = KVCache()
+    steps = [attn(x[:, :3], is_causal=True, cache=cache)]  # a prompt of 3, then one token at a time
+    for t in range(3, 8):
+        steps.append(attn(x[:, t : t + 1], is_causal=True, cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 8
+    # a chunk of several new tokens after a prefix needs the offset causal mask
+    cache2 = KVCache()
+    a = attn(x[:, :5], is_causal=True, cache=cache2)
+    b = attn(x[:, 5:], is_causal=True, cache=cache2)
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_cache_projects_context_once():
+    attn = Attention(16, 2, kv_dim=8).eval()
+    ctx = torch.randn(2, 5, 8)
+    calls = []
+    attn.kv.register_forward_hook(lambda *a: calls.append(1))
+    cache = KVCache()
+    outs = [attn(torch.randn(2, 1, 16), ctx, cache=cache) for _ in range(4)]
+    assert len(calls) == 1 and len(outs) == 4
+    q = torch.randn(2, 1, 16)
+    torch.testing.assert_close(attn(q, cache=cache), attn(q, ctx))
+
+
+def test_fully_masked_rows_stay_finite_and_paths_agree():
+    attn = Attention(16, 2).eval()
+    x = torch.randn(1, 4, 16)
+    kpm = torch.ones(1, 4, dtype=torch.bool)
+    outs = [_run(attn, x, eager=e, key_padding_mask=kpm) for e in (False, True)]
+    assert all(torch.isfinite(o).all() for o in outs)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_global_switch_and_errors():
+    assert fused_attention_enabled()
+    set_fused_attention(False)
+    try:
+        assert not fused_attention_enabled()
+    finally:
+        set_fused_attention(True)
+    with pytest.raises(ValueError, match="not divisible"):
+        Attention(30, 4)
+    attn = Attention(16, 2)
+    with pytest.raises(ValueError, match=r"\(B, L, C\)"):
+        attn(torch.randn(4, 16))
+    with pytest.raises(ValueError, match="self-attention"):
+        attn(torch.randn(1, 3, 16), torch.randn(1, 3, 16))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attn(torch.randn(1, 3, 16), key_padding_mask=torch.zeros(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context"):
+        Attention(16, 2, kv_dim=8)(torch.randn(1, 3, 16))
+
+
+def test_env_var_selects_eager_path():
+    import subprocess
+    import sys
+
+    code = "import mmxattn.attention as a; print(a.fused_attention_enabled())"
+    env = {"MMXATTN_EAGER_ATTENTION": "1", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_gradients_match_between_paths():
+    attn = Attention(16, 2, attn_drop=0.0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    bias = torch.randn(2, 5, 5)
+    g = []
+    for eager in (False, True):
+        x.grad = None
+        _run(attn, x, eager=eager, attn_bias=bias, is_causal=True).square().sum().backward()
+        g.append(x.grad.clone())
+    torch.testing.assert_close(g[0], g[1], atol=1e-5, rtol=1e-5)

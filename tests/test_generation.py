@@ -1,0 +1,148 @@
+"""Generation: the KV cache changes nothing, beam search with one beam is greedy, EOS stops rows, seeds rule
+sampling, and the image's cross-attention keys/values are projected once."""
+
+import pytest
+import torch
+
+import mmxattn
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = mmxattn.create_model("mmx_tiny", vocab_size=40, context_length=14).eval()
+    # Random init gives near-uniform logits; sharpen the LM head so decisions are not ties decided by noise.
+    with torch.no_grad():
+        m.text.token_embedding.weight.mul_(20)
+    return m
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 64, 64)
+
+
+def test_cached_greedy_equals_recomputed(model, images):
+    a = model.generate(images, strategy="greedy", use_cache=True)
+    b = model.generate(images, strategy="greedy", use_cache=False)
+    assert a.shape[1] > 2
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_cached_beam_equals_recomputed(model, images, lp):
+    a = model.generate(images, strategy="beam", num_beams=3, length_penalty=lp, use_cache=True)
+    b = model.generate(images, strategy="beam", num_beams=3, length_penalty=lp, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_one_beam_is_greedy(model, images):
+    greedy = model.generate(images, strategy="greedy")
+    beam = model.generate(images, strategy="beam", num_beams=1, length_penalty=0.0)
+    assert torch.equal(greedy, beam)
+
+
+def _seq_logprob(model, images, ids):
+    tokens = model.encode_image_tokens(images)
+    return model.caption_logprob(tokens, ids) * (ids[:, 1:] != model.cfg.text.pad_id).sum(1)
+
+
+def test_beam_finds_likelier_sequences_than_greedy(model, images):
+    greedy = model.generate(images, strategy="greedy", max_new_tokens=6)
+    beam = model.generate(images, strategy="beam", num_beams=4, length_penalty=0.0, max_new_tokens=6)
+    g, b = _seq_logprob(model, images, greedy), _seq_logprob(model, images, beam)
+    assert (b >= g - 1e-4).all()
+
+
+def _force_eos_after(model, n):
+    """Wrap decode_step so that EOS becomes the best token once a row has n new tokens."""
+    original = model.decode_step
+    eos = model.cfg.text.eos_id
+
+    def step(ids, image_tokens, cache):
+        logits = original(ids, image_tokens, cache)
+        length = (cache.length if cache is not None else ids.shape[1]) - 1  # new tokens so far
+        if length >= n:
+            logits[..., eos] = 1e4
+        return logits
+
+    return step
+
+
+def test_stops_at_eos_and_pads_after(model, images, monkeypatch):
+    monkeypatch.setattr(model, "decode_step", _force_eos_after(model, 3))
+    ids = model.generate(images, strategy="greedy", max_new_tokens=10)
+    t = model.cfg.text
+    assert ids.shape == (3, 5)  # bos + 3 tokens + eos, then the loop stops
+    assert (ids[:, 0] == t.bos_id).all() and (ids[:, 4] == t.eos_id).all()
+    assert not (ids[:, 1:4] == t.eos_id).any()
+    # min_new_tokens holds EOS back
+    ids = model.generate(images, strategy="greedy", max_new_tokens=10, min_new_tokens=6)
+    assert (ids[:, 1:7] != t.eos_id).all()
+
+
+def test_rows_that_end_early_are_padded(model, images, monkeypatch):
+    original = model.decode_step
+    eos, pad = model.cfg.text.eos_id, model.cfg.text.pad_id
+
+    def step(ids, image_tokens, cache):
+        logits = original(ids, image_tokens, cache)
+        logits[0, :, eos] = 1e4  # only the first image ends at once
+        logits[1:, :, eos] = -1e4
+        return logits
+
+    monkeypatch.setattr(model, "decode_step", step)
+    ids = model.generate(images, strategy="greedy", max_new_tokens=5)
+    assert ids[0, 1] == eos and (ids[0, 2:] == pad).all()
+    assert (ids[1:, 1:] != pad).all()
+
+
+def test_sampling_is_seeded(model, images):
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(images, strategy="sample", temperature=1.5, generator=g, max_new_tokens=8)
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+    # top_k = 1 leaves only the argmax: sampling becomes greedy
+    g = torch.Generator().manual_seed(3)
+    top1 = model.generate(images, strategy="sample", top_k=1, generator=g, max_new_tokens=8)
+    assert torch.equal(top1, model.generate(images, strategy="greedy", max_new_tokens=8))
+    # a tiny nucleus also keeps only the most likely token
+    g = torch.Generator().manual_seed(3)
+    nucleus = model.generate(images, strategy="sample", top_p=1e-6, generator=g, max_new_tokens=8)
+    assert torch.equal(nucleus, top1)
+
+
+def test_repetition_penalty_discourages_repeats(model, images):
+    plain = model.generate(images, strategy="greedy", max_new_tokens=12)
+    penalised = model.generate(images, strategy="greedy", max_new_tokens=12, repetition_penalty=1e6)
+
+    def repeats(ids):
+        return sum(len(r) - len(set(r)) for r in (row[row > 2].tolist() for row in ids))
+
+    assert repeats(penalised) <= repeats(plain)
+    assert repeats(penalised) == 0
+
+
+def test_image_keys_values_projected_once_per_image(model, images):
+    calls = []
+    hooks = [b.cross_attn.kv.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0])) for b in model.decoder.blocks]
+    try:
+        model.generate(images, strategy="beam", num_beams=3, max_new_tokens=6)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [3] * len(model.decoder.blocks)  # once per layer, over the 3 images (not 9 beams, not per step)
+
+
+def test_bad_options_raise(model, images):
+    with pytest.raises(ValueError, match="strategy"):
+        model.generate(images, strategy="nucleus")
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(images, strategy="sample", temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(images, strategy="sample", top_p=1.5)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model.generate(torch.randn(2, 1, 64, 64))

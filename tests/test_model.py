@@ -1,0 +1,149 @@
+"""MMXAttn: the public API's contract over every model preset, text-side masking, inputs, retrieval."""
+
+import pytest
+import torch
+
+import mmxattn
+from mmxattn.capture import capture_attention
+
+
+def _batch(model, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    s = c.vision.img_size
+    images = torch.randn(B, 3, s, s, generator=g)
+    T = c.text.context_length
+    ids = torch.randint(3, c.text.vocab_size, (B, T), generator=g)
+    ids[:, 0] = c.text.bos_id
+    lengths = torch.randint(3, T, (B,), generator=g)
+    for i, n in enumerate(lengths.tolist()):
+        ids[i, n] = c.text.eos_id
+        ids[i, n + 1 :] = c.text.pad_id
+    return images, ids
+
+
+def _small(name):
+    # the large presets at a reduced image size keep the contract test fast on a CPU; no drop-path, so that
+    # "every parameter gets a gradient" is not left to chance
+    if name in ("mmx_cat_t", "mmx_cat_s"):
+        return mmxattn.create_model(name, img_size=112, vocab_size=512, drop_path_rate=0.0)
+    return mmxattn.create_model(name, drop_path_rate=0.0)
+
+
+@pytest.mark.parametrize("name", mmxattn.list_presets())
+def test_preset_contract(name):
+    torch.manual_seed(0)
+    model = _small(name)
+    images, ids = _batch(model)
+    out = model(images, ids)
+    B, T, V = ids.shape[0], ids.shape[1], model.cfg.text.vocab_size
+    assert out.image_embeds.shape == (B, model.cfg.embed_dim) == out.text_embeds.shape
+    assert out.logits.shape == (B, T - 1, V)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(B))
+    torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(B))
+    assert all(torch.isfinite(t).all() for t in (out.image_embeds, out.text_embeds, out.logits))
+    # every parameter receives a gradient from the three training signals
+    itm = model.itm_logits(out.image_tokens, ids, out.text_states)
+    loss = (out.image_embeds @ out.text_embeds.T).sum() * out.logit_scale + out.logits.square().mean() + itm.sum()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"parameters without gradient: {missing[:10]}"
+    # state dict round trip
+    clone = _small(name)
+    clone.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), clone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(images, ids).logits, model(images, ids).logits)
+
+
+def test_grad_checkpointing_changes_nothing():
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny")
+    images, ids = _batch(model)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(ckpt)
+        out = model(images, ids)
+        (out.logits.square().mean() + (out.image_embeds * out.text_embeds).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_text_embedding_ignores_padding():
+    """The CLS state must not see pad tokens, wherever the padding starts (open_clip's CLS-mask bug)."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    _, ids = _batch(model, B=4)
+    before = model.encode_text(ids)
+    with torch.no_grad():
+        model.text.token_embedding.weight[model.cfg.text.pad_id] += 5.0  # pads now look very different
+        model.text.positional_embedding[-3:-1] += 5.0  # and so do late positions (pads in every row)
+    after = model.encode_text(ids)
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+
+
+def test_text_states_are_causal():
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    _, ids = _batch(model, B=1)
+    other = ids.clone()
+    other[0, 5:] = 7
+    _, a = model.text(ids)
+    _, b = model.text(other)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_decoder_cross_attention_reads_every_image_token():
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model)
+    with capture_attention(model, which="decoder.*cross_attn") as maps:
+        model(images, ids)
+    L = model.num_image_tokens
+    assert L == 8 * 8 + 4 * 4  # stages -2 and -1 of cat_pico (64 px: 16x16, 8x8, 4x4 token grids)
+    for w in maps.values():
+        assert w.shape == (2, model.cfg.text.heads, ids.shape[1] - 1, L)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = mmxattn.create_model("mmx_tiny")
+    images, ids = _batch(model)
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        model(images, ids[:1])
+    bad = ids.clone()
+    bad[0, 1] = model.cfg.text.vocab_size
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        model(images, bad)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(images[:, :1], ids)
+    with pytest.raises(ValueError, match="context_length"):
+        model.encode_text(torch.ones(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        model.encode_text(["a red circle"])
+    with pytest.raises(ValueError, match="vocab_size"):
+        mmxattn.create_model("mmx_tiny", vocab_size=20, tokenizer=type("T", (), {"vocab_size": 21})())
+
+
+def test_retrieve_and_rerank():
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=5)
+    sim = model.similarity(images, ids)
+    r = model.retrieve(images, ids, k=3)
+    assert r.i2t_indices.shape == (5, 3) and r.t2i_indices.shape == (5, 3)
+    torch.testing.assert_close(r.i2t_scores, sim.topk(3, dim=1).values)
+    torch.testing.assert_close(r.t2i_scores, sim.T.topk(3, dim=1).values)
+    # re-ranking every candidate with the decoder's likelihood = sorting by caption_logprob
+    rr = model.retrieve(images, ids, k=5, rerank=5, rerank_with="lm")
+    with torch.no_grad():
+        tokens = model.encode_image_tokens(images)
+        lp = torch.stack([model.caption_logprob(tokens[i : i + 1].expand(5, -1, -1), ids) for i in range(5)])
+    torch.testing.assert_close(rr.i2t_scores, lp.sort(dim=1, descending=True).values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(rr.t2i_indices, lp.T.argsort(dim=1, descending=True))
+    itm = model.retrieve(images, ids, k=2, rerank=4, rerank_with="itm")
+    assert itm.i2t_indices.shape == (5, 2)
+    with pytest.raises(ValueError, match="rerank_with"):
+        model.retrieve(images, ids, k=2, rerank=2, rerank_with="bleu")
