@@ -28,6 +28,10 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# open_clip's BPE ids (mmxattn.text.tokenizer.OpenCLIPTokenizer): its 49408 tokens plus a pad id of our own,
+# because open_clip pads with 0, which is also the real token "!".
+_BPE = dict(vocab_size=49409, pad_id=49408, bos_id=49406, eos_id=49407)
+
 # Whole models: {"vision": encoder preset name or dict, "text": dict, other MMXAttnConfig fields}.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # the smallest useful model, for CPU tests
@@ -47,15 +51,17 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # the official CAT-T encoder at 224 px with a CoCa-tiny-like text side (open_clip BPE vocabulary)
     "mmx_cat_t": dict(
         vision=dict(preset="cat_t", num_classes=0),
-        text=dict(vocab_size=49408, context_length=32, width=256, heads=4, layers=4, decoder_layers=4),
+        text=dict(context_length=32, width=256, heads=4, layers=4, decoder_layers=4, **_BPE),
         embed_dim=256,
         image_stages=(-2, -1),
+        tokenizer="openclip",
     ),
     "mmx_cat_s": dict(
         vision=dict(preset="cat_s", num_classes=0),
-        text=dict(vocab_size=49408, context_length=64, width=512, heads=8, layers=6, decoder_layers=6),
+        text=dict(context_length=64, width=512, heads=8, layers=6, decoder_layers=6, **_BPE),
         embed_dim=512,
         image_stages=(-2, -1),
+        tokenizer="openclip",
     ),
 }
 
@@ -117,6 +123,7 @@ def get_config(name: str | MMXAttnConfig, **overrides: Any) -> MMXAttnConfig:
         if name not in MODEL_PRESETS:
             raise _unknown("model", name, list_presets())
         p = dict(MODEL_PRESETS[name])
+        p.pop("tokenizer", None)
         v = p.pop("vision")
         base = {
             **p,
@@ -149,4 +156,11 @@ def create_model(name: str | MMXAttnConfig = "mmx_tiny", *, tokenizer: Any = Non
     """Build an :class:`~mmxattn.model.MMXAttn` from a preset name (see :func:`list_presets`) or a config."""
     from .model import MMXAttn
 
-    return MMXAttn(get_config(name, **overrides), tokenizer=tokenizer)
+    cfg = get_config(name, **overrides)
+    if tokenizer is None and isinstance(name, str) and MODEL_PRESETS[name].get("tokenizer") == "openclip":
+        from .text.tokenizer import OpenCLIPTokenizer
+
+        tokenizer = OpenCLIPTokenizer(context_length=cfg.text.context_length)
+        if tokenizer.vocab_size != cfg.text.vocab_size:  # a vocab_size override means "not this tokenizer"
+            tokenizer = None
+    return MMXAttn(cfg, tokenizer=tokenizer)

@@ -1,0 +1,534 @@
+"""Image-caption data sets in the formats users train on: CSV/TSV, COCO captions JSON, WebDataset tar shards.
+
+Every data set yields the same sample dict::
+
+    {"image": PIL RGB image or transform(image), "caption": str, "captions": list[str],
+     "image_id": str | int, "path": str, "key": str}
+
+``mode="train"`` gives one item per (image, caption) pair (``captions`` still lists all captions of the image);
+``mode="eval"`` gives one item per image with all its captions (``caption`` is the first), as retrieval needs.
+Broken samples come back as ``BrokenSample`` markers (see robust.py) to be dropped and counted by
+``collate_skipping``; a broken *setup* (missing file or column, wrong image root, empty split, unknown JSON) raises at
+construction, naming the file and what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from .robust import BadImageError, BrokenSample, caption_problem, check_image_root, load_image
+
+__all__ = ["CocoCaptionsDataset", "CsvDataset", "DatasetFormatError", "WebDatasetCaptions"]
+
+Mode = Literal["train", "eval"]
+Transform = Callable[[Image.Image], Any]
+
+
+class DatasetFormatError(ValueError):
+    """The data set's files are not in the expected format (missing column, unknown JSON layout, empty split...)."""
+
+
+@dataclass
+class _Record:
+    """One image and its captions; ``origins`` says where each caption came from, for skip messages."""
+
+    path: str
+    image_id: str | int
+    key: str
+    captions: list[Any] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+
+
+def _make_sample(
+    img: Image.Image,
+    transform: Transform | None,
+    caption: str,
+    captions: list[str],
+    image_id: str | int,
+    path: str,
+    key: str,
+) -> dict[str, Any]:
+    image = transform(img) if transform is not None else img
+    return {"image": image, "caption": caption, "captions": captions, "image_id": image_id, "path": path, "key": key}
+
+
+class _MapCaptionDataset(Dataset):
+    """Map-style base: indexes records in train (pairs) or eval (images) mode and decodes images robustly."""
+
+    def __init__(
+        self,
+        records: list[_Record],
+        source: str,
+        mode: Mode,
+        transform: Transform | None,
+        min_size: int,
+        max_pixels: int | None,
+        image_root: Path | None,
+        check_paths: int,
+        broken: Sequence[BrokenSample] = (),
+    ) -> None:
+        _check_mode(mode)
+        if not records:
+            raise DatasetFormatError(f"{source}: no image-caption rows found (empty data set)")
+        check_image_root([r.path for r in records], image_root, source, check_paths)
+        self.source, self.mode, self.transform = source, mode, transform
+        self.min_size, self.max_pixels = min_size, max_pixels
+        self.records = records
+        # caption problems are known now; they become BrokenSample entries of the index so the tracker counts them
+        self._valid: list[list[str]] = []
+        self.caption_issues: list[tuple[str, str]] = []  # (origin, reason) of every unusable caption
+        self.index: list[tuple[int, int] | int | BrokenSample] = list(broken)  # rows unusable before any image
+        for i, rec in enumerate(records):
+            valid = []
+            for cap, origin in zip(rec.captions, rec.origins):
+                why = caption_problem(cap)
+                if why is None:
+                    valid.append(cap.strip())
+                    if mode == "train":
+                        self.index.append((i, len(valid) - 1))
+                else:
+                    self.caption_issues.append((origin, why))
+                    if mode == "train":
+                        self.index.append(BrokenSample(origin, why))
+            self._valid.append(valid)
+            if mode == "eval":
+                self.index.append(i if valid else BrokenSample(rec.path, "no valid caption"))
+        if self.caption_issues:
+            origin, why = self.caption_issues[0]
+            warnings.warn(
+                f"{source}: {len(self.caption_issues)} unusable caption(s) will be skipped, e.g. {origin}: {why}",
+                stacklevel=3,
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx: int) -> dict[str, Any] | BrokenSample:
+        entry = self.index[idx]
+        if isinstance(entry, BrokenSample):
+            return entry
+        i, j = entry if isinstance(entry, tuple) else (entry, 0)
+        rec, captions = self.records[i], self._valid[i]
+        try:
+            img = load_image(rec.path, min_size=self.min_size, max_pixels=self.max_pixels)
+        except BadImageError as e:
+            return BrokenSample(e.path, e.reason)
+        try:
+            return _make_sample(img, self.transform, captions[j], captions, rec.image_id, rec.path, rec.key)
+        except Exception as e:  # a transform that cannot handle this image: skip it, the tracker shows the reason
+            return BrokenSample(rec.path, f"transform failed ({type(e).__name__}: {e})")
+
+
+def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist" + (" (it is a directory)" if p.is_dir() else ""))
+    return p
+
+
+class CsvDataset(_MapCaptionDataset):
+    """Image-caption pairs from a CSV/TSV file with an image-path column and a caption column.
+
+    Column names follow open_clip's ``--csv-img-key filepath --csv-caption-key title`` convention by default. The
+    separator is a tab for ``.tsv``/``.tab`` files and a comma otherwise unless ``sep`` is given. Relative paths are
+    resolved against ``image_root`` (default: the CSV's directory); absolute paths are kept. Rows naming the same
+    image are grouped into one image with several captions. ``check_paths``: how many leading images to look for
+    on disk at construction (if none exists the image root is wrong and we raise; 0 disables).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_root: str | os.PathLike | None = None,
+        *,
+        mode: Mode = "train",
+        transform: Transform | None = None,
+        img_key: str = "filepath",
+        caption_key: str = "title",
+        sep: str | None = None,
+        min_size: int = 8,
+        max_pixels: int | None = None,
+        check_paths: int = 32,
+    ) -> None:
+        p = _existing_file(path, "CSV file")
+        if sep is None:
+            sep = "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
+        root = Path(image_root) if image_root is not None else p.parent
+        if not root.is_dir():
+            raise FileNotFoundError(f"{p}: image_root {str(root)!r} is not a directory")
+        # surrogateescape keeps non-UTF-8 bytes as lone surrogates so one bad caption is skipped, not the whole file
+        with open(p, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header = [h.strip() for h in next(reader, [])]
+            missing = [(k, role) for k, role in ((img_key, "img_key"), (caption_key, "caption_key")) if k not in header]
+            if missing:
+                hint = ""
+                if len(header) == 1 and any(s in header[0] for s in ",\t;|" if s != sep):
+                    hint = f" Is the separator right? (sep={sep!r})"
+                raise DatasetFormatError(
+                    f"{p}: missing column(s) "
+                    + ", ".join(f"{k!r} ({role})" for k, role in missing)
+                    + f"; columns present: {header}.{hint}"
+                )
+            ci, cc = header.index(img_key), header.index(caption_key)
+            by_path: dict[str, _Record] = {}
+            broken: list[BrokenSample] = []
+            for line_no, row in enumerate(reader, start=2):
+                if not any(cell.strip() for cell in row):
+                    continue  # blank line
+                rel = row[ci].strip() if ci < len(row) else ""
+                cap = row[cc] if cc < len(row) else None
+                origin = f"{p.name} line {line_no}"
+                if not rel:
+                    broken.append(BrokenSample(f"{p} line {line_no}", f"empty {img_key!r} (image path)"))
+                    continue
+                full = os.path.join(root, rel)
+                rec = by_path.get(full)
+                if rec is None:
+                    rec = by_path[full] = _Record(path=full, image_id=rel, key=rel)
+                rec.captions.append(cap)
+                rec.origins.append(f"{origin} ({rel})")
+        records = list(by_path.values())
+        super().__init__(records, str(p), mode, transform, min_size, max_pixels, root, check_paths, broken)
+
+
+def _coco_format(obj: Any) -> Literal["official", "karpathy"] | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("images"), list):
+        return None
+    if isinstance(obj.get("annotations"), list):
+        return "official"
+    first = obj["images"][0] if obj["images"] else {}
+    if isinstance(first, dict) and "sentences" in first:
+        return "karpathy"
+    return None
+
+
+class CocoCaptionsDataset(_MapCaptionDataset):
+    """COCO-style captions: the official ``captions_*.json`` (``images`` + ``annotations``) or a Karpathy split file
+    (``dataset_coco.json``, also ``dataset_flickr30k.json``), detected from the JSON content.
+
+    Official files are one split each (``split`` is not needed). Karpathy files hold all splits: ``split`` picks one
+    ("train" includes "restval", as in Karpathy & Fei-Fei 2015 and every COCO retrieval paper since); images are
+    ``image_root / filepath / filename``. ``image_root`` defaults to the JSON's directory.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_root: str | os.PathLike | None = None,
+        *,
+        split: str | None = None,
+        mode: Mode = "train",
+        transform: Transform | None = None,
+        min_size: int = 8,
+        max_pixels: int | None = None,
+        check_paths: int = 32,
+    ) -> None:
+        p = _existing_file(path, "COCO annotation file")
+        root = Path(image_root) if image_root is not None else p.parent
+        if not root.is_dir():
+            raise FileNotFoundError(f"{p}: image_root {str(root)!r} is not a directory")
+        try:
+            obj = json.loads(p.read_bytes().decode("utf-8", errors="surrogateescape"))
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{p}: not valid JSON ({e})") from None
+        kind = _coco_format(obj)
+        if kind is None:
+            keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+            raise DatasetFormatError(
+                f"{p}: neither COCO captions format ('images' + 'annotations' lists) nor Karpathy split format "
+                f"('images' with 'sentences'); found top-level {keys}"
+            )
+        self.format = kind
+        records = self._official(obj, p, root) if kind == "official" else self._karpathy(obj, p, root, split)
+        super().__init__(records, str(p), mode, transform, min_size, max_pixels, root, check_paths)
+
+    @staticmethod
+    def _official(obj: dict, p: Path, root: Path) -> list[_Record]:
+        by_id: dict[Any, _Record] = {}
+        for n, im in enumerate(obj["images"]):
+            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                raise DatasetFormatError(f"{p}: images[{n}] lacks 'id' or 'file_name': {str(im)[:200]}")
+            by_id[im["id"]] = _Record(path=os.path.join(root, im["file_name"]), image_id=im["id"], key=im["file_name"])
+        if not obj["annotations"]:
+            raise DatasetFormatError(f"{p}: 'annotations' is empty (no captions)")
+        orphans = 0
+        for n, ann in enumerate(obj["annotations"]):
+            if not isinstance(ann, dict) or "image_id" not in ann:
+                raise DatasetFormatError(f"{p}: annotations[{n}] lacks 'image_id': {str(ann)[:200]}")
+            rec = by_id.get(ann["image_id"])
+            if rec is None:
+                orphans += 1
+                continue
+            rec.captions.append(ann.get("caption"))
+            rec.origins.append(f"{p.name} annotation {ann.get('id', n)} (image {ann['image_id']})")
+        if orphans:
+            warnings.warn(f"{p}: {orphans} annotation(s) name an image_id not in 'images'; ignored", stacklevel=3)
+        records = [r for r in by_id.values() if r.captions]
+        if len(records) < len(by_id):
+            warnings.warn(f"{p}: {len(by_id) - len(records)} image(s) have no caption; ignored", stacklevel=3)
+        if not records:
+            raise DatasetFormatError(f"{p}: no annotation refers to an image in 'images'")
+        return records
+
+    @staticmethod
+    def _karpathy(obj: dict, p: Path, root: Path, split: str | None) -> list[_Record]:
+        counts: dict[str, int] = {}
+        for im in obj["images"]:
+            s = im.get("split", "?") if isinstance(im, dict) else "?"
+            counts[s] = counts.get(s, 0) + 1
+        if split is None:
+            raise DatasetFormatError(f"{p} is a Karpathy split file: pass split= (splits in the file: {counts})")
+        wanted = {"train", "restval"} if split == "train" else {split}
+        records = []
+        for n, im in enumerate(obj["images"]):
+            if im.get("split") not in wanted:
+                continue
+            if "filename" not in im or not isinstance(im.get("sentences"), list):
+                raise DatasetFormatError(f"{p}: images[{n}] lacks 'filename' or 'sentences': {str(im)[:200]}")
+            rel = os.path.join(im.get("filepath", ""), im["filename"])
+            image_id = im.get("cocoid", im.get("imgid", rel))
+            rec = _Record(path=os.path.join(root, rel), image_id=image_id, key=rel)
+            for k, sent in enumerate(im["sentences"]):
+                rec.captions.append(sent.get("raw") if isinstance(sent, dict) else None)
+                rec.origins.append(f"{p.name} images[{n}] sentence {k} ({rel})")
+            records.append(rec)
+        if not records:
+            raise DatasetFormatError(f"{p}: split {split!r} has no images (splits in the file: {counts})")
+        return records
+
+
+# ---------------------------------------------------------------------------------------------------- WebDataset
+
+
+def _expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    if isinstance(shards, (str, os.PathLike)) and os.path.isdir(shards):
+        found = sorted(str(q) for q in Path(shards).iterdir() if q.name.endswith((".tar", ".tar.gz", ".tgz")))
+        if not found:
+            raise FileNotFoundError(f"shard directory {str(shards)!r} holds no .tar/.tar.gz/.tgz files")
+        return found
+    if isinstance(shards, (str, os.PathLike)):
+        urls = wds.shardlists.expand_urls(str(shards))  # brace notation and "::"-joined lists
+    else:
+        urls = [u for s in shards for u in wds.shardlists.expand_urls(str(s))]
+    if not urls:
+        raise DatasetFormatError(f"shard spec {shards!r} names no shard")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shard(s) do not exist, e.g. {missing[:3]}")
+    return urls
+
+
+def _tar_end_problem(url: str) -> str | None:
+    """Why a local uncompressed shard looks truncated, or None. A complete tar ends with two zero 512-byte blocks;
+    the tar reader (stream mode) ends without error when a shard is cut between members, so check the tail."""
+    if not url.endswith(".tar") or "://" in url or url.startswith("pipe:"):
+        return None
+    try:
+        size = os.path.getsize(url)
+        if size == 0:
+            return None  # the tar reader reports "empty file" itself
+        if size % 512:
+            return f"size {size} is not a multiple of 512 bytes"
+        with open(url, "rb") as f:
+            f.seek(max(size - 1024, 0))
+            tail = f.read()
+    except OSError:
+        return None  # opening fails again in the reader, which reports it
+    return None if tail.count(0) == len(tail) else "no end-of-archive blocks"
+
+
+def _assign(n_shards: int, rank: int, world: int, worker: int, n_workers: int) -> tuple[list[int], int, int]:
+    """Which shards one reader opens and which of their samples it keeps (every ``mod``-th, from ``rem``), so that
+    each sample goes to exactly one (rank, worker). Shards are split when there are enough for every reader; with
+    fewer, readers share shards and split them sample by sample (each sharing reader reads the shard)."""
+    g, total = rank * n_workers + worker, world * n_workers
+    if n_shards >= total:
+        return list(range(g, n_shards, total)), 1, 0
+    if n_shards >= world:
+        return list(range(rank, n_shards, world)), n_workers, worker
+    return list(range(n_shards)), total, g
+
+
+class WebDatasetCaptions(IterableDataset):
+    """Streams image-caption samples from WebDataset tar shards (``key.jpg`` + ``key.txt`` or ``key.json``).
+
+    ``shards``: brace notation ("shards-{000..003}.tar"), a list, or a directory of .tar files. Samples are split
+    across ranks (``rank``/``world_size``, default from torch.distributed at iteration time) and DataLoader workers so
+    each sample is yielded exactly once per epoch per data-parallel group. Ranks may get unequal counts (DDP training
+    then needs equal-size shards or a fixed epoch length). ``shuffle_shards`` permutes shards with ``seed + epoch``
+    (the same on every rank, so the split stays exact); ``shuffle_buffer`` > 0 shuffles samples within a reader.
+    A shard that fails to open or is truncated yields one ``BrokenSample(shard, reason)``; samples read before the
+    damage are kept. ``path`` is the shard, ``key`` and ``image_id`` the sample key.
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        mode: Mode = "train",
+        transform: Transform | None = None,
+        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        text_key: str = "txt",
+        json_key: str = "json",
+        json_caption_fields: Sequence[str] = ("caption", "text"),
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle_shards: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        min_size: int = 8,
+        max_pixels: int | None = None,
+    ) -> None:
+        _check_mode(mode)
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"pass both rank and world_size or neither, got rank={rank}, world_size={world_size}")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.shards = _expand_shards(shards)
+        self.mode, self.transform = mode, transform
+        self.image_keys = tuple(k.lower().lstrip(".") for k in image_keys)
+        self.text_key, self.json_key, self.json_caption_fields = text_key, json_key, tuple(json_caption_fields)
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_shards, self.shuffle_buffer, self.seed = shuffle_shards, shuffle_buffer, seed
+        self.min_size, self.max_pixels = min_size, max_pixels
+        self._epoch = 0
+        self._iterations = 0  # counts epochs inside persistent workers, where set_epoch from the main process is unseen
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return self.rank, self.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self) -> Iterator[dict[str, Any] | BrokenSample]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank, world = self._rank_world()
+        epoch = self._epoch + self._iterations
+        self._iterations += 1
+        order = list(self.shards)
+        if self.shuffle_shards:
+            random.Random(self.seed + epoch).shuffle(order)  # same permutation on every reader
+        picked, mod, rem = _assign(len(order), rank, world, worker, n_workers)
+        urls = [order[i] for i in picked]
+
+        current: dict[str, str] = {}
+        failed: list[str] = []
+        pending: list[BrokenSample] = []
+
+        def handler(exn: Exception) -> bool:  # webdataset calls this for open/read/tar errors; we continue and count
+            url = current.get("url", "?")
+            if url not in failed:  # a truncated shard can raise more than once; count it once
+                failed.append(url)
+                if rem == 0:  # readers sharing a shard would all see its failure: only one reports it
+                    msg = exn.args[0] if exn.args else ""
+                    pending.append(BrokenSample(url, f"unreadable/truncated shard ({type(exn).__name__}: {msg})"))
+            return True
+
+        def raw() -> Iterator[dict[str, Any] | BrokenSample]:
+            n = 0  # sample index over this reader's shards, the same on every reader sharing them
+            for url in urls:
+                current["url"] = url
+                problem = _tar_end_problem(url)
+                if problem is not None:  # tarfile stops silently when a shard is cut at a member boundary
+                    handler(EOFError(problem))
+                # one tarfile_samples per shard: after an error webdataset would otherwise carry the damaged shard's
+                # last partial sample into the next shard and merge it with a sample of the same key
+                for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+                    yield from pending
+                    pending.clear()
+                    if n % mod == rem:
+                        yield sample
+                    n += 1
+                yield from pending
+                pending.clear()
+
+        stream: Iterator = raw()
+        if self.shuffle_buffer > 0:
+            stream = wds.shuffle(
+                self.shuffle_buffer,
+                initial=self.shuffle_buffer // 2,
+                seed=self.seed + epoch * 9973 + rank * n_workers + worker,
+            )(stream)
+        for item in stream:
+            if isinstance(item, BrokenSample):
+                yield item
+            else:
+                yield from self._decode(item)
+
+    def _captions(self, sample: dict[str, Any]) -> list[Any] | str:
+        """The sample's captions, or a reason string when it has none we can read."""
+        if self.text_key in sample:
+            try:
+                return [sample[self.text_key].decode("utf-8")]
+            except UnicodeDecodeError:
+                return "caption not valid UTF-8"
+        if self.json_key in sample:
+            try:
+                meta = json.loads(sample[self.json_key])
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return f"invalid .{self.json_key} ({e})"
+            for f in self.json_caption_fields:
+                if isinstance(meta, dict) and f in meta:
+                    value = meta[f]
+                    return list(value) if isinstance(value, list) else [value]
+            return f"no caption field {list(self.json_caption_fields)} in .{self.json_key}"
+        return f"no caption (expected .{self.text_key} or .{self.json_key})"
+
+    def _decode(self, sample: dict[str, Any]) -> Iterator[dict[str, Any] | BrokenSample]:
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        source = f"{url}:{key}"
+        ext = next((k for k in self.image_keys if k in sample), None)
+        if ext is None:
+            found = sorted(k for k in sample if not k.startswith("__"))
+            yield BrokenSample(source, f"no image (expected one of {list(self.image_keys)}, found {found})")
+            return
+        caps = self._captions(sample)
+        if isinstance(caps, str):
+            yield BrokenSample(source, caps)
+            return
+        problems = [caption_problem(c) for c in caps]
+        valid = [c.strip() for c, why in zip(caps, problems) if why is None]
+        if not valid:
+            yield BrokenSample(source, problems[0] if problems else "no caption")
+            return
+        try:
+            img = load_image(sample[ext], min_size=self.min_size, max_pixels=self.max_pixels, name=f"{source}.{ext}")
+        except BadImageError as e:
+            yield BrokenSample(e.path, e.reason)
+            return
+        if self.mode == "train":
+            for why in problems:
+                if why is not None:
+                    yield BrokenSample(source, why)
+        chosen = valid if self.mode == "train" else valid[:1]
+        for cap in chosen:
+            try:
+                yield _make_sample(img, self.transform, cap, valid, key, url, key)
+            except Exception as e:
+                yield BrokenSample(source, f"transform failed ({type(e).__name__}: {e})")
+                return

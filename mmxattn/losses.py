@@ -1,0 +1,272 @@
+"""Training losses, outside the model: contrastive (symmetric InfoNCE, gathered across ranks), caption, ITM.
+
+Distributed contrastive loss, and why it needs no extra scaling
+-------------------------------------------------------------
+Let N be the global batch (all ranks), W the world size and L the loss of ONE process on the concatenated batch:
+``L = (sum_i CE_i2t(i) + sum_j CE_t2i(j)) / (2N)``. With ``local_loss=True`` rank r keeps its own rows against all
+gathered columns (labels offset by the rows of the ranks before it, as open_clip does) and returns
+``L_r = (sum over its rows of both CEs) / (2 N / W)``, so ``mean_r L_r = L``. The embeddings are gathered WITH
+gradients; the backward of the all-gather sums, on rank r, the gradients of every rank's loss w.r.t. rank r's rows:
+``grad_r = d(sum_r' L_r')/dx_r = W * dL/dx_r``. DDP then averages parameter gradients over ranks, which divides by
+W again: the averaged parameter gradient is exactly dL/dtheta, the single-process one. (Parameters used only
+locally, like ``logit_scale``, get ``dL_r/ds`` on each rank and average to ``dL/ds`` as well.) ``local_loss=False``
+computes the full (N, N) logits on every rank, returns L itself on every rank, and satisfies the same identity.
+Dividing by ``N / W`` rather than the local row count keeps this exact when ranks hold different batch sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_sizes(n: int, device: torch.device, world: int) -> list[int]:
+    size = torch.tensor([n], device=device, dtype=torch.long)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def _pad_rows(x: Tensor, n: int) -> Tensor:
+    return x if x.shape[0] == n else torch.cat([x, x.new_zeros((n - x.shape[0], *x.shape[1:]))])
+
+
+def _all_gather_rows(x: Tensor, sizes: list[int], with_grad: bool) -> Tensor:
+    """Concatenate every rank's ``x`` (rows may differ in number: padded for the collective, then cut)."""
+    padded = _pad_rows(x, max(sizes))
+    if with_grad:
+        # Autograd-aware gather: its backward sums each rank's gradient for our rows (reduce-scatter).
+        import torch.distributed.nn.functional as dist_fn
+
+        with warnings.catch_warnings():  # deprecated in favour of a private API in recent torch; still correct
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+            parts = dist_fn.all_gather(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _check_embeds(image_embeds: Tensor, text_embeds: Tensor) -> None:
+    if image_embeds.dim() != 2 or text_embeds.dim() != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            "image_embeds and text_embeds must both be (B, E) with the same shape, got "
+            f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+
+
+def _check_pos_ids(pos_ids: Tensor | None, batch: int) -> None:
+    if pos_ids is None:
+        return
+    if not isinstance(pos_ids, Tensor) or pos_ids.shape != (batch,) or pos_ids.is_floating_point():
+        got = f"{pos_ids.dtype} {tuple(pos_ids.shape)}" if isinstance(pos_ids, Tensor) else type(pos_ids).__name__
+        raise ValueError(f"pos_ids must be an integer tensor of shape ({batch},), got {got}")
+
+
+def _positive_targets(row_ids: Tensor, col_ids: Tensor) -> Tensor:
+    """Soft targets (R, C): uniform over the columns sharing the row's id."""
+    pos = (row_ids[:, None] == col_ids[None, :]).float()  # (R, C)
+    return pos / pos.sum(dim=1, keepdim=True)
+
+
+def text_pos_ids(texts: Sequence[str]) -> Tensor:
+    """Positive-group ids from caption strings (equal strings -> equal ids), stable across processes (unlike
+    ``hash``, which is salted per process), so they stay meaningful when gathered across ranks."""
+    return torch.tensor(
+        [int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little") >> 1 for t in texts],
+        dtype=torch.long,
+    )
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropy.
+
+    ``logit_scale`` multiplies the cosine logits and is used as given (the model exponentiates and clamps it;
+    CLIP clamps at 100). ``pos_ids`` (B,) marks positives: samples with equal ids are positives of each other (the
+    same caption string, captions of one image) and the targets become uniform over them; ids must be global
+    (e.g. dataset image indices or ``text_pos_ids``), since they are compared across ranks. None = the diagonal.
+
+    Under torch.distributed (``gather=True`` and world size > 1) the embeddings and ``pos_ids`` of all ranks are
+    gathered, embeddings with gradients; see the module docstring for the exact gradient identity with DDP.
+    ``local_loss=True`` (default) builds (B_local, N) logits per rank instead of (N, N): same gradients, less memory;
+    its returned value is the rank's share, whose mean over ranks is the global loss (log with ``sync_dist``).
+    """
+
+    def __init__(self, gather: bool = True, local_loss: bool = True) -> None:
+        super().__init__()
+        self.gather = gather
+        self.local_loss = local_loss
+
+    def forward(
+        self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float, *, pos_ids: Tensor | None = None
+    ) -> Tensor:
+        _check_embeds(image_embeds, text_embeds)
+        b = image_embeds.shape[0]
+        _check_pos_ids(pos_ids, b)
+        if isinstance(logit_scale, Tensor) and logit_scale.numel() != 1:
+            raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+        if isinstance(logit_scale, Tensor):
+            logit_scale = logit_scale.reshape(())
+
+        rank, world = _world() if self.gather else (0, 1)
+        if world > 1:
+            sizes = _gather_sizes(b, image_embeds.device, world)
+            both = _all_gather_rows(torch.cat([image_embeds, text_embeds], dim=1), sizes, with_grad=True)  # (N, 2E)
+            all_img, all_txt = both.chunk(2, dim=1)  # (N, E) each
+            all_pos = None if pos_ids is None else _all_gather_rows(pos_ids, sizes, with_grad=False)  # (N,)
+            n = sum(sizes)
+            offset = sum(sizes[:rank])
+        else:
+            all_img, all_txt, all_pos, n, offset = image_embeds, text_embeds, pos_ids, b, 0
+
+        if world > 1 and self.local_loss:
+            rows_img, rows_txt = image_embeds, text_embeds  # (b, E): our rows against all N columns
+            rows = torch.arange(offset, offset + b, device=image_embeds.device)
+            denom = n / world  # mean over ranks of the returned values = the global loss
+        else:
+            rows_img, rows_txt = all_img, all_txt  # (N, E)
+            rows = torch.arange(n, device=image_embeds.device)
+            denom = n
+        logits_i2t = logit_scale * rows_img @ all_txt.T  # (R, N)
+        logits_t2i = logit_scale * rows_txt @ all_img.T  # (R, N)
+        target = rows if all_pos is None else _positive_targets(all_pos[rows], all_pos)  # (R,) or (R, N)
+        total = F.cross_entropy(logits_i2t, target, reduction="sum") + F.cross_entropy(
+            logits_t2i, target, reduction="sum"
+        )
+        return total / (2 * denom)
+
+
+class CaptionLoss(nn.Module):
+    """Token cross-entropy of caption logits, pad positions ignored, mean over non-pad tokens.
+
+    Inputs are already aligned: the model reads ``ids[:, :-1]`` and predicts ``labels = ids[:, 1:]``. A batch with
+    no non-pad label returns 0 (with a gradient path) instead of NaN.
+    """
+
+    def __init__(self, pad_id: int, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.pad_id = pad_id
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
+            raise ValueError(
+                f"logits must be (B, T, V) and labels (B, T) with the same B, T; got logits {tuple(logits.shape)} "
+                f"and labels {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point():
+            raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}")
+        total = F.cross_entropy(
+            logits.flatten(0, 1),  # (B*T, V)
+            labels.flatten(),  # (B*T,)
+            ignore_index=self.pad_id,
+            label_smoothing=self.label_smoothing,
+            reduction="sum",
+        )
+        count = (labels != self.pad_id).sum().clamp_min(1)  # no host sync
+        return total / count
+
+
+class ITMLoss(nn.Module):
+    """Image-text matching: 2-way cross-entropy on logits (N, 2); labels (N,) are 1 for a matching pair, else 0."""
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.dim() != 2 or logits.shape[1] != 2 or labels.shape != logits.shape[:1]:
+            raise ValueError(
+                f"ITM logits must be (N, 2) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
+            )
+        return F.cross_entropy(logits, labels.long())
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    sim: Tensor, generator: torch.Generator | None = None, pos_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """In-batch hard negatives for ITM (ALBEF/BLIP scheme): for each image a text drawn with probability
+    softmax(sim[i]) over its non-positives, and for each text an image drawn from softmax(sim[:, j]).
+
+    ``sim`` (B, B) holds image-text similarities, temperature included (e.g. the contrastive logits). Positives are
+    the diagonal and, with ``pos_ids`` (B,), every pair with equal ids; they are never drawn. A row with no
+    negative at all (B == 1, or all ids equal) gets -1: callers drop those pairs rather than train on a false
+    negative. Returns (negative text index per image (B,), negative image index per text (B,)).
+    """
+    if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"sim must be a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
+    b = sim.shape[0]
+    _check_pos_ids(pos_ids, b)
+    pos = torch.eye(b, dtype=torch.bool, device=sim.device)  # (B, B)
+    if pos_ids is not None:
+        pos |= pos_ids[:, None] == pos_ids[None, :]
+    valid = ~pos.all(dim=1)  # (B,) rows with at least one negative; pos is symmetric, so rows == columns
+
+    def draw(s: Tensor) -> Tensor:
+        w = s.float().masked_fill(pos, float("-inf")).softmax(dim=1)  # (B, B); all-positive rows are NaN
+        w = torch.where(valid[:, None], w, torch.ones_like(w))  # placeholder weights, result replaced below
+        idx = torch.multinomial(w, 1, generator=generator).squeeze(1)  # (B,)
+        return idx.masked_fill(~valid, -1)
+
+    return draw(sim), draw(sim.T)
+
+
+class MMXAttnLoss(nn.Module):
+    """Weighted sum of the contrastive, caption and (optional) ITM losses; returns a dict with the total under
+    "loss" and each unweighted term under its name, ready for logging. Weights follow CoCa's open_clip recipe
+    (contrastive 1, caption 2)."""
+
+    def __init__(
+        self,
+        pad_id: int,
+        contrastive_weight: float = 1.0,
+        caption_weight: float = 2.0,
+        itm_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        gather: bool = True,
+        local_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.contrastive = ContrastiveLoss(gather=gather, local_loss=local_loss)
+        self.caption = CaptionLoss(pad_id, label_smoothing=label_smoothing)
+        self.itm = ITMLoss()
+        self.weights = {"contrastive_loss": contrastive_weight, "caption_loss": caption_weight, "itm_loss": itm_weight}
+
+    def forward(
+        self,
+        image_embeds: Tensor,
+        text_embeds: Tensor,
+        logit_scale: Tensor | float,
+        logits: Tensor,
+        labels: Tensor,
+        *,
+        pos_ids: Tensor | None = None,
+        itm_logits: Tensor | None = None,
+        itm_labels: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        terms = {}
+        if self.weights["contrastive_loss"]:
+            terms["contrastive_loss"] = self.contrastive(image_embeds, text_embeds, logit_scale, pos_ids=pos_ids)
+        if self.weights["caption_loss"]:
+            terms["caption_loss"] = self.caption(logits, labels)
+        if itm_logits is not None and self.weights["itm_loss"]:
+            if itm_labels is None:
+                raise ValueError("itm_labels must be given with itm_logits")
+            terms["itm_loss"] = self.itm(itm_logits, itm_labels)
+        if not terms:
+            raise ValueError("every loss weight is zero (or ITM inputs are missing): nothing to optimise")
+        terms["loss"] = sum(self.weights[k] * v for k, v in terms.items())
+        return terms

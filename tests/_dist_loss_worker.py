@@ -1,0 +1,55 @@
+"""One rank of the 2-process gloo check of ContrastiveLoss (driven by tests/test_losses.py; not a test itself).
+
+Usage: python _dist_loss_worker.py RANK WORLD INIT_FILE CASES_FILE OUT_FILE
+
+CASES_FILE (torch.save'd list of dicts) holds, per case, the FULL batch (raw_img (N, Di), raw_txt (N, Dt)), the
+shared parameters (proj_img (Di, E), proj_txt (Dt, E), log_scale ()), the per-rank row counts and the loss options.
+Each rank embeds its own rows with the shared parameters, computes the loss, backpropagates, and saves its loss and
+the gradients of the parameters and of its local embeddings, for the test to compare with one process.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mmxattn.losses import ContrastiveLoss
+
+
+def main() -> None:
+    rank, world = int(sys.argv[1]), int(sys.argv[2])
+    init_file, cases_file, out_file = sys.argv[3:6]
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = []
+    for case in torch.load(cases_file, weights_only=True):
+        start = sum(case["sizes"][:rank])
+        rows = slice(start, start + case["sizes"][rank])
+        p_img = case["proj_img"].clone().requires_grad_(True)
+        p_txt = case["proj_txt"].clone().requires_grad_(True)
+        log_scale = case["log_scale"].clone().requires_grad_(True)
+        img = F.normalize(case["raw_img"][rows] @ p_img, dim=-1)  # (b, E)
+        txt = F.normalize(case["raw_txt"][rows] @ p_txt, dim=-1)  # (b, E)
+        img.retain_grad()
+        txt.retain_grad()
+        pos_ids = None if case["pos_ids"] is None else case["pos_ids"][rows]
+        loss_fn = ContrastiveLoss(gather=True, local_loss=case["local_loss"])
+        loss = loss_fn(img, txt, log_scale.exp(), pos_ids=pos_ids)
+        loss.backward()
+        results.append(
+            {
+                "loss": loss.detach(),
+                "proj_img": p_img.grad,
+                "proj_txt": p_txt.grad,
+                "log_scale": log_scale.grad,
+                "img": img.grad,
+                "txt": txt.grad,
+            }
+        )
+    torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

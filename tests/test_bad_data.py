@@ -1,0 +1,248 @@
+"""Broken inputs: robust image decoding, skip markers, collate, SkipTracker, and a full DataLoader epoch with workers.
+
+Every broken input is built here (PIL, raw bytes); nothing allocates more than a few MB (the decompression-bomb
+images only *claim* huge sizes in their header).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mmxattn.data.formats import CsvDataset
+from mmxattn.data.robust import (
+    BadDataError,
+    BadImageError,
+    BrokenSample,
+    SkipTracker,
+    caption_problem,
+    collate_samples,
+    collate_skipping,
+    load_image,
+)
+
+
+def _save(img: Image.Image, path: Path, fmt: str | None = None, **kw) -> Path:
+    img.save(path, fmt, **kw)
+    return path
+
+
+def _jpeg_bytes(size=(32, 32), color=(200, 30, 30)) -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", size, color).save(b, "JPEG")
+    return b.getvalue()
+
+
+def _png_claiming(w: int, h: int) -> bytes:
+    """A 70-byte PNG whose header claims w x h pixels: opening it must not decode (or allocate) the pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 8)) + chunk(b"IEND", b"")
+
+
+# ------------------------------------------------------------------------------------------------ load_image
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p, "file not found"),
+        (lambda p: (p.write_bytes(b""), p)[1], "empty file"),
+        (lambda p: (p.write_bytes(_jpeg_bytes((64, 64))[:300]), p)[1], "truncated/corrupt image"),
+        (lambda p: (p.write_bytes(b"<html>404 not found</html>\n"), p)[1], "not an image"),
+        (lambda p: _save(Image.new("RGB", (1, 1)), p, "PNG"), "too small (1x1)"),
+        (lambda p: (p.write_bytes(_png_claiming(100_000, 100_000)), p)[1], "decompression bomb"),
+    ],
+    ids=["missing", "zero-byte", "truncated-jpeg", "text-as-jpg", "1x1", "bomb-header"],
+)
+def test_unusable_images_raise_bad_image_error_with_reason(tmp_path, make, reason):
+    path = make(tmp_path / "img.jpg")
+    with pytest.raises(BadImageError) as ei:
+        load_image(path)
+    assert ei.value.reason.startswith(reason), ei.value.reason
+    assert str(path) in str(ei.value)  # the error names the file
+
+
+def test_bomb_between_pil_limits_is_skipped_not_warned(monkeypatch):
+    # PIL only *warns* between MAX_IMAGE_PIXELS and 2x; a run must skip such images, silently for the log
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(data, "PNG")  # 4096 px: over 3000, under 6000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BadImageError, match=r"decompression bomb \(64 x 64\)"):
+            load_image(data.getvalue(), name="small.png")
+        with pytest.raises(BadImageError, match="decompression bomb"):  # over 2x: PIL raises inside Image.open
+            load_image(_png_claiming(100, 100), name="claims.png")
+
+
+def test_max_pixels_and_min_size_are_configurable():
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, "PNG")
+    with pytest.raises(BadImageError, match=r"decompression bomb \(64 x 64\)"):
+        load_image(png.getvalue(), max_pixels=1000)
+    tiny = io.BytesIO()
+    Image.new("RGB", (4, 6)).save(tiny, "PNG")
+    with pytest.raises(BadImageError, match=r"too small \(4x6\)"):
+        load_image(tiny.getvalue())
+    assert load_image(tiny.getvalue(), min_size=4).size == (4, 6)
+
+
+def test_convertible_modes_become_rgb(tmp_path):
+    gray = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # (16, 16) horizontal ramp
+    cases = {
+        "cmyk.jpg": Image.new("CMYK", (16, 16), (0, 255, 255, 0)),  # pure red in CMYK
+        "gray.png": Image.fromarray(gray, "L"),
+        "la.png": Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), "LA"),
+        "p.png": Image.new("RGB", (16, 16), (0, 0, 255)).convert("P"),
+        "rgb.webp": Image.new("RGB", (16, 16), (10, 200, 10)),
+    }
+    for name, img in cases.items():
+        out = load_image(_save(img, tmp_path / name))
+        assert out.mode == "RGB" and out.size == (16, 16), name
+    assert load_image(tmp_path / "cmyk.jpg").getpixel((0, 0))[0] > 200  # red survives CMYK -> RGB
+    assert np.array_equal(np.asarray(load_image(tmp_path / "gray.png"))[..., 1], gray)
+
+
+def test_16bit_is_rescaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+    path = _save(Image.fromarray(ramp), tmp_path / "deep.png")
+    assert Image.open(path).mode == "I;16"
+    out = np.asarray(load_image(path))[..., 0]
+    # PIL's own convert("RGB") clips everything above 255 to white; we map 0..65535 onto 0..255
+    np.testing.assert_allclose(out[0], ramp[0] / 257, atol=1)
+
+
+def test_alpha_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))  # fully transparent black...
+    rgba.paste((255, 0, 0, 255), (0, 0, 8, 16))  # ...left half opaque red
+    out = load_image(_save(rgba, tmp_path / "rgba.png"))
+    assert out.getpixel((2, 2)) == (255, 0, 0) and out.getpixel((12, 2)) == (255, 255, 255)
+
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)  # index 0 black (transparent), index 1 green
+    pal.paste(1, (0, 0, 8, 16))
+    path = _save(pal, tmp_path / "ptrans.png", transparency=0)
+    assert Image.open(path).mode == "P" and "transparency" in Image.open(path).info
+    out = load_image(path)
+    assert out.getpixel((2, 2)) == (0, 255, 0) and out.getpixel((12, 2)) == (255, 255, 255)
+
+
+def test_caption_problem():
+    assert caption_problem("a dog") is None
+    assert caption_problem("") == "empty caption"
+    assert caption_problem(" \t\n") == "empty caption"
+    assert caption_problem(b"caf\xe9") == "caption not valid UTF-8"
+    assert caption_problem(b"caf\xe9".decode("utf-8", "surrogateescape")) == "caption not valid UTF-8"
+    assert caption_problem(None) == "missing caption"
+    assert caption_problem(3) == "caption is int, not text"
+
+
+# ------------------------------------------------------------------------------------------ collate and tracker
+
+
+def test_collate_skipping_drops_markers_and_reports_them():
+    ok = [
+        {"image": torch.zeros(3, 4, 4), "caption": f"c{i}", "captions": ["x"] * (i + 1), "image_id": i}
+        for i in range(3)
+    ]
+    samples = [ok[0], BrokenSample("a.jpg", "empty file"), ok[1], ok[2], BrokenSample("b.jpg", "not an image")]
+    batch = collate_skipping(samples)
+    assert batch["image"].shape == (3, 3, 4, 4)
+    assert batch["caption"] == ["c0", "c1", "c2"] and batch["captions"][2] == ["x", "x", "x"]
+    assert batch["skipped"] == [("a.jpg", "empty file"), ("b.jpg", "not an image")]
+    assert collate_skipping([BrokenSample("c.jpg", "empty file")]) == {"skipped": [("c.jpg", "empty file")]}
+    # a custom base collate is used for the good samples only
+    custom = collate_skipping(samples, base_collate=lambda s: {"n": len(s)})
+    assert custom == {"n": 3, "skipped": batch["skipped"]}
+    assert collate_samples([{"image": Image.new("RGB", (2, 2))}])["image"][0].size == (2, 2)  # PIL stays a list
+
+
+def test_tracker_waits_for_min_samples_then_raises_with_examples():
+    tracker = SkipTracker(max_fraction=0.1, min_samples=50, max_examples=2)
+    tracker.update(0, [("first.jpg", "empty file")])  # 100% broken, but only 1 sample seen: keep going
+    tracker.update(20, [])
+    with pytest.raises(BadDataError) as ei:
+        for i in range(10):
+            tracker.update(5, [(f"bad{i}.jpg", "not an image")])  # crosses min_samples=50 at ~20% broken
+    msg = str(ei.value)
+    assert "first.jpg: empty file" in msg and "bad0.jpg: not an image" in msg and "more" in msg
+    assert "bad1.jpg" not in msg  # max_examples=2
+
+
+def test_tracker_end_epoch_summary_and_reset():
+    tracker = SkipTracker(max_fraction=0.5, min_samples=1000)
+    tracker.update(9, [("x.jpg", "too small (1x1)")])
+    tracker.update_from_batch({"caption": ["a", "b"], "skipped": [("y.jpg", "too small (2x3)")]})
+    s = tracker.end_epoch()
+    assert (s["n_seen"], s["n_skipped"]) == (13, 2)
+    assert s["reasons"] == {"too small": 2} and s["examples"][0] == ("x.jpg", "too small (1x1)")
+    assert tracker.end_epoch()["n_seen"] == 0 and tracker.total_skipped == 2
+    strict = SkipTracker(max_fraction=0.05, min_samples=1000)
+    strict.update(9, [("x.jpg", "empty file")])  # under min_samples: no raise during the epoch...
+    with pytest.raises(BadDataError, match="x.jpg: empty file"):
+        strict.end_epoch()  # ...but the whole epoch is 10% broken
+
+
+# ---------------------------------------------------------------------------- end to end: CSV, 2 workers
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:  # module level: picklable for worker processes
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def _broken_csv(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """40 rows: 36 good 16x16 images, 4 broken files (10%). Returns the CSV and {broken file name: reason}."""
+    rows, broken = ["filepath,title"], {}
+    for i in range(36):
+        Image.new("RGB", (16, 16), (i * 7 % 256, 80, 160)).save(tmp_path / f"ok{i:02d}.png")
+        rows.append(f"ok{i:02d}.png,picture number {i}")
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "trunc.jpg").write_bytes(_jpeg_bytes((64, 64))[:200])
+    (tmp_path / "text.jpg").write_bytes(b"just some text\n")
+    broken = {"missing.jpg": "file not found", "zero.jpg": "empty file", "trunc.jpg": "truncated/corrupt image"}
+    broken["text.jpg"] = "not an image"
+    rows += [f"{name},a broken one" for name in broken]
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path, broken
+
+
+def _run_epoch(path: Path, tracker: SkipTracker) -> tuple[int, dict]:
+    ds = CsvDataset(path, transform=_to_tensor)
+    loader = DataLoader(ds, batch_size=6, num_workers=2, shuffle=True, collate_fn=partial(collate_skipping))
+    n_images = 0
+    for batch in loader:
+        tracker.update_from_batch(batch)
+        n_images += len(batch.get("image", []))
+    return n_images, tracker.end_epoch()
+
+
+def test_epoch_with_workers_counts_skips(tmp_path):
+    path, broken = _broken_csv(tmp_path)
+    n_images, summary = _run_epoch(path, SkipTracker(max_fraction=0.5, min_samples=10))
+    assert n_images == 36
+    assert summary["n_seen"] == 40 and summary["n_skipped"] == 4
+    got = {Path(src).name: reason.split(" (")[0] for src, reason in summary["examples"]}
+    assert got == broken
+
+
+def test_epoch_with_workers_raises_over_threshold(tmp_path):
+    path, broken = _broken_csv(tmp_path)
+    with pytest.raises(BadDataError) as ei:
+        _run_epoch(path, SkipTracker(max_fraction=0.05, min_samples=1000))
+    msg = str(ei.value)
+    assert "4 of 40" in msg and all(name in msg for name in broken)

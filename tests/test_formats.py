@@ -1,0 +1,335 @@
+"""CSV/TSV, COCO (official and Karpathy) and WebDataset loaders: parsing, grouping, modes, setup errors, and the
+exactly-once split of shards over DataLoader workers and ranks."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mmxattn.data.formats import CocoCaptionsDataset, CsvDataset, DatasetFormatError, WebDatasetCaptions
+from mmxattn.data.robust import BrokenSample, SkipTracker, collate_skipping
+
+
+def _img(path: Path, size=(16, 16), color=(120, 60, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _items(ds) -> list:
+    return [ds[i] for i in range(len(ds))] if hasattr(ds, "__getitem__") else list(ds)
+
+
+def _ok(items) -> list[dict]:
+    return [x for x in items if not isinstance(x, BrokenSample)]
+
+
+# ------------------------------------------------------------------------------------------------------ CSV
+
+
+def test_csv_groups_captions_per_image_in_train_and_eval(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        _img(tmp_path / "imgs" / name)
+    (tmp_path / "d.csv").write_text(
+        'filepath,title\na.png,a one\nb.png,"b, with comma"\na.png,a two\nc.png,c one\na.png,a three\n'
+    )
+    train = CsvDataset(tmp_path / "d.csv", image_root=tmp_path / "imgs")
+    assert len(train) == 5  # one item per (image, caption) pair
+    s = train[0]
+    assert set(s) == {"image", "caption", "captions", "image_id", "path", "key"}
+    assert s["image"].mode == "RGB" and s["caption"] == "a one" and s["captions"] == ["a one", "a two", "a three"]
+    assert s["image_id"] == "a.png" and s["path"] == str(tmp_path / "imgs" / "a.png")
+    assert sorted(x["caption"] for x in _items(train)) == ["a one", "a three", "a two", "b, with comma", "c one"]
+
+    ev = CsvDataset(tmp_path / "d.csv", image_root=tmp_path / "imgs", mode="eval", transform=lambda im: im.size)
+    assert [(x["key"], x["captions"]) for x in _items(ev)] == [
+        ("a.png", ["a one", "a two", "a three"]),
+        ("b.png", ["b, with comma"]),
+        ("c.png", ["c one"]),
+    ]
+    assert ev[0]["image"] == (16, 16)  # transform applied
+
+
+def test_tsv_separator_columns_and_absolute_paths(tmp_path):
+    absolute = _img(tmp_path / "elsewhere" / "x.png")
+    _img(tmp_path / "rel.png")
+    (tmp_path / "d.tsv").write_text(f"id\timage\ttext\n1\trel.png\ta, b and c\n2\t{absolute}\tsecond\n")
+    ds = CsvDataset(tmp_path / "d.tsv", img_key="image", caption_key="text")  # tab from the extension
+    assert [(x["path"], x["caption"]) for x in _items(ds)] == [
+        (str(tmp_path / "rel.png"), "a, b and c"),
+        (str(absolute), "second"),
+    ]
+    (tmp_path / "d.txt").write_text("filepath;title\nrel.png;semi\n")
+    assert CsvDataset(tmp_path / "d.txt", sep=";")[0]["caption"] == "semi"
+
+
+def test_csv_bad_captions_are_counted_markers(tmp_path):
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "b.png")
+    raw = b"filepath,title\na.png,good one\na.png,   \nb.png,caf\xe9 latin-1\nb.png,\n,no path here\n"
+    (tmp_path / "d.csv").write_bytes(raw)
+    with pytest.warns(UserWarning, match="unusable caption"):
+        train = CsvDataset(tmp_path / "d.csv")
+    items = _items(train)
+    broken = [x for x in items if isinstance(x, BrokenSample)]
+    assert len(_ok(items)) == 1 and len(broken) == 4
+    reasons = Counter(b.reason for b in broken)
+    assert reasons == {"empty caption": 2, "caption not valid UTF-8": 1, "empty 'filepath' (image path)": 1}
+    assert any("line 4" in b.source for b in broken)  # names the row of the non-UTF-8 caption
+    with pytest.warns(UserWarning):
+        ev = CsvDataset(tmp_path / "d.csv", mode="eval")
+    by_key = {x["key"]: x for x in _items(ev) if not isinstance(x, BrokenSample)}
+    assert by_key["a.png"]["captions"] == ["good one"]  # eval keeps the image, drops its bad caption
+    assert "b.png" not in by_key  # no valid caption left: a marker instead
+
+
+def test_csv_setup_errors_name_file_and_problem(tmp_path):
+    _img(tmp_path / "a.png")
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        CsvDataset(tmp_path / "nope.csv")
+    (tmp_path / "cols.csv").write_text("image,caption\na.png,x\n")
+    with pytest.raises(DatasetFormatError) as ei:
+        CsvDataset(tmp_path / "cols.csv")
+    msg = str(ei.value)
+    assert "cols.csv" in msg and "'filepath'" in msg and "'title'" in msg and "['image', 'caption']" in msg
+    (tmp_path / "tabs.csv").write_text("filepath\ttitle\na.png\tx\n")
+    with pytest.raises(DatasetFormatError, match="separator"):
+        CsvDataset(tmp_path / "tabs.csv")
+    (tmp_path / "empty.csv").write_text("filepath,title\n")
+    with pytest.raises(DatasetFormatError, match="empty.csv.*empty"):
+        CsvDataset(tmp_path / "empty.csv")
+    (tmp_path / "ok.csv").write_text("filepath,title\na.png,x\n")
+    (tmp_path / "wrong").mkdir()
+    with pytest.raises(FileNotFoundError) as ei:
+        CsvDataset(tmp_path / "ok.csv", image_root=tmp_path / "wrong")
+    assert str(tmp_path / "wrong") in str(ei.value) and str(tmp_path / "wrong" / "a.png") in str(ei.value)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        CsvDataset(tmp_path / "ok.csv", image_root=tmp_path / "missing_root")
+    with pytest.raises(ValueError, match="mode"):
+        CsvDataset(tmp_path / "ok.csv", mode="test")
+
+
+# ------------------------------------------------------------------------------------------------------ COCO
+
+
+def _official(tmp_path: Path) -> Path:
+    for i in (1, 2):
+        _img(tmp_path / "train2014" / f"COCO_{i}.jpg")
+    ann = {
+        "info": {},
+        "images": [{"id": 1, "file_name": "COCO_1.jpg"}, {"id": 2, "file_name": "COCO_2.jpg"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "one a"},
+            {"id": 11, "image_id": 2, "caption": "two a"},
+            {"id": 12, "image_id": 1, "caption": "one b "},
+        ],
+    }
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "captions_train2014.json"
+    path.write_text(json.dumps(ann))
+    return path
+
+
+def test_coco_official_format(tmp_path):
+    path = _official(tmp_path)
+    train = CocoCaptionsDataset(path, tmp_path / "train2014")
+    assert train.format == "official" and len(train) == 3
+    assert sorted((x["image_id"], x["caption"]) for x in _items(train)) == [(1, "one a"), (1, "one b"), (2, "two a")]
+    ev = CocoCaptionsDataset(path, tmp_path / "train2014", mode="eval")
+    assert [(x["image_id"], x["captions"]) for x in _items(ev)] == [(1, ["one a", "one b"]), (2, ["two a"])]
+    with pytest.raises(FileNotFoundError, match="image_root"):  # default root (the JSON's folder) is wrong here
+        CocoCaptionsDataset(path)
+
+
+def _karpathy(tmp_path: Path) -> Path:
+    images = []
+    for i, split in enumerate(["train", "restval", "val", "test", "test"]):
+        folder = "train2014" if split in ("train", "restval") else "val2014"
+        _img(tmp_path / folder / f"im{i}.jpg")
+        sentences = [{"raw": f"image {i} caption {k}", "tokens": []} for k in range(2)]
+        images.append({"filepath": folder, "filename": f"im{i}.jpg", "split": split, "cocoid": 100 + i,
+                       "sentences": sentences})  # fmt: skip
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return path
+
+
+def test_coco_karpathy_splits(tmp_path):
+    path = _karpathy(tmp_path)
+    train = CocoCaptionsDataset(path, split="train")
+    assert train.format == "karpathy" and len(train) == 4  # train + restval, 2 captions each
+    assert sorted({x["image_id"] for x in _items(train)}) == [100, 101]
+    test = CocoCaptionsDataset(path, split="test", mode="eval")
+    items = _items(test)
+    assert [x["image_id"] for x in items] == [103, 104]
+    assert items[0]["captions"] == ["image 3 caption 0", "image 3 caption 1"]
+    assert items[0]["path"] == str(tmp_path / "val2014" / "im3.jpg")
+
+
+def test_coco_setup_errors(tmp_path):
+    path = _karpathy(tmp_path)
+    with pytest.raises(DatasetFormatError, match=r"pass split=.*'restval': 1"):
+        CocoCaptionsDataset(path)
+    with pytest.raises(DatasetFormatError, match="'dev' has no images"):
+        CocoCaptionsDataset(path, split="dev")
+    (tmp_path / "other.json").write_text(json.dumps({"categories": [], "images": [{"id": 1}]}))
+    with pytest.raises(DatasetFormatError, match="other.json: neither COCO"):
+        CocoCaptionsDataset(tmp_path / "other.json")
+    (tmp_path / "broken.json").write_text('{"images": [')
+    with pytest.raises(DatasetFormatError, match="broken.json: not valid JSON"):
+        CocoCaptionsDataset(tmp_path / "broken.json")
+
+
+def test_coco_broken_images_become_markers(tmp_path):
+    path = _official(tmp_path)
+    (tmp_path / "train2014" / "COCO_2.jpg").write_bytes(b"")
+    items = _items(CocoCaptionsDataset(path, tmp_path / "train2014"))
+    assert len(_ok(items)) == 2
+    (marker,) = [x for x in items if isinstance(x, BrokenSample)]
+    assert marker.source.endswith("COCO_2.jpg") and marker.reason == "empty file"
+
+
+# ------------------------------------------------------------------------------------------------ WebDataset
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _encoded(fmt: str, size=(16, 16)) -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", size, (20, 90, 200)).save(b, fmt)
+    return b.getvalue()
+
+
+def _shards(root: Path, n_shards=4, per_shard=10) -> list[str]:
+    """Shards of alternating jpg+txt and png+json samples; keys are globally unique."""
+    root.mkdir(parents=True, exist_ok=True)
+    jpg, png = _encoded("JPEG"), _encoded("PNG")
+    for s in range(n_shards):
+        with tarfile.open(root / f"shards-{s:03d}.tar", "w") as tf:
+            for i in range(per_shard):
+                key = f"s{s}_{i:03d}"
+                if i % 2:
+                    _add(tf, f"{key}.png", png)
+                    _add(tf, f"{key}.json", json.dumps({"caption": f"json {key}"}).encode())
+                else:
+                    _add(tf, f"{key}.jpg", jpg)
+                    _add(tf, f"{key}.txt", f"text {key}".encode())
+    return [f"s{s}_{i:03d}" for s in range(n_shards) for i in range(per_shard)]
+
+
+def _keys(ds, num_workers=2) -> list[str]:
+    loader = DataLoader(ds, batch_size=3, num_workers=num_workers, collate_fn=collate_skipping)
+    return [k for batch in loader for k in batch.get("key", [])]
+
+
+def test_webdataset_exactly_once_over_workers_and_ranks(tmp_path):
+    expected = _shards(tmp_path)
+    keys = _keys(WebDatasetCaptions(str(tmp_path / "shards-{000..003}.tar")))
+    assert len(keys) == len(expected) and set(keys) == set(expected)
+    per_rank = [_keys(WebDatasetCaptions(str(tmp_path), rank=r, world_size=2)) for r in range(2)]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(expected)
+
+
+@pytest.mark.parametrize("n_shards", [1, 3])  # fewer shards than the 2 ranks x 2 workers: split by sample
+def test_webdataset_exactly_once_with_few_shards(tmp_path, n_shards):
+    expected = _shards(tmp_path, n_shards=n_shards, per_shard=7)
+    shards = sorted(str(p) for p in tmp_path.glob("*.tar"))
+    keys = [k for r in range(2) for k in _keys(WebDatasetCaptions(shards, rank=r, world_size=2, shuffle_shards=True))]
+    assert sorted(keys) == sorted(expected)
+
+
+def test_webdataset_shard_shuffle_is_per_epoch_and_exact(tmp_path):
+    expected = _shards(tmp_path, n_shards=4, per_shard=3)
+    orders = []
+    for epoch in range(3):
+        keys = []
+        for r in range(2):
+            ds = WebDatasetCaptions(str(tmp_path), rank=r, world_size=2, shuffle_shards=True, shuffle_buffer=4, seed=1)
+            ds.set_epoch(epoch)
+            keys += [x["key"] for x in ds]
+        assert sorted(keys) == sorted(expected)
+        orders.append(keys)
+    assert orders[0] != orders[1] or orders[1] != orders[2]
+
+
+def test_webdataset_sample_dict_and_modes(tmp_path):
+    jpg = _encoded("JPEG")
+    with tarfile.open(tmp_path / "m.tar", "w") as tf:
+        _add(tf, "k1.jpg", jpg)
+        _add(tf, "k1.json", json.dumps({"alt": ["first", "second", " "]}).encode())
+    (default,) = WebDatasetCaptions(tmp_path / "m.tar")  # default json fields are caption/text
+    assert isinstance(default, BrokenSample) and default.reason.startswith("no caption field ['caption', 'text']")
+    train = list(WebDatasetCaptions(str(tmp_path / "m.tar"), json_caption_fields=("alt",)))
+    ok = _ok(train)
+    assert [x["caption"] for x in ok] == ["first", "second"] and ok[0]["captions"] == ["first", "second"]
+    assert (ok[0]["key"], ok[0]["image_id"], ok[0]["path"]) == ("k1", "k1", str(tmp_path / "m.tar"))
+    assert ok[0]["image"].mode == "RGB"
+    assert [x.reason for x in train if isinstance(x, BrokenSample)] == ["empty caption"]
+    ev = list(WebDatasetCaptions(str(tmp_path / "m.tar"), json_caption_fields=("alt",), mode="eval"))
+    assert len(ev) == 1 and ev[0]["captions"] == ["first", "second"]
+
+
+def test_webdataset_broken_samples_and_shards_are_counted(tmp_path):
+    _shards(tmp_path / "good", n_shards=1, per_shard=6)
+    jpg = _encoded("JPEG")
+    with tarfile.open(tmp_path / "bad.tar", "w") as tf:
+        _add(tf, "b0.jpg", jpg[:150])  # truncated JPEG
+        _add(tf, "b0.txt", b"fine caption")
+        _add(tf, "b1.jpg", jpg)
+        _add(tf, "b1.txt", b"caf\xe9")  # latin-1, not UTF-8
+        _add(tf, "b2.jpg", b"not an image at all")
+        _add(tf, "b2.txt", b"fine")
+        _add(tf, "b3.jpg", _encoded("PNG", size=(1, 1)))
+        _add(tf, "b3.txt", b"too small")
+        _add(tf, "b4.txt", b"caption without image")
+        _add(tf, "b5.jpg", jpg)
+        _add(tf, "b5.txt", b"good one")
+    whole = (tmp_path / "good" / "shards-000.tar").read_bytes()
+    (tmp_path / "cut_mid.tar").write_bytes(whole[: len(whole) // 3 + 100])  # inside a member
+    with tarfile.open(tmp_path / "good" / "shards-000.tar") as tf:
+        boundary = tf.getmembers()[2].offset  # end of the first sample (jpg + txt)
+    (tmp_path / "cut_edge.tar").write_bytes(whole[:boundary])  # on a member boundary: tarfile does not complain
+    (tmp_path / "junk.tar").write_bytes(b"\x00garbage" * 100)
+    shards = [str(tmp_path / n) for n in ("bad.tar", "cut_mid.tar", "cut_edge.tar", "junk.tar")]
+    shards.append(str(tmp_path / "good" / "shards-000.tar"))
+
+    tracker = SkipTracker(max_fraction=1.0, min_samples=0)
+    loader = DataLoader(WebDatasetCaptions(shards), batch_size=4, num_workers=2, collate_fn=collate_skipping)
+    keys, good_keys = [], []
+    for batch in loader:
+        tracker.update_from_batch(batch)
+        keys += batch.get("key", [])
+        good_keys += [k for k, p in zip(batch.get("key", []), batch.get("path", [])) if p.endswith("shards-000.tar")]
+    summary = tracker.end_epoch()
+    reasons = {src.rsplit("/", 1)[-1]: why for src, why in summary["examples"]}
+    assert "b5" in keys and sorted(good_keys) == [f"s0_{i:03d}" for i in range(6)]
+    assert keys.count("s0_000") == 3  # samples before the damage are kept (cut_mid, cut_edge, good)
+    assert reasons["bad.tar:b0.jpg"].startswith("truncated/corrupt image")
+    assert reasons["bad.tar:b1"] == "caption not valid UTF-8"
+    assert reasons["bad.tar:b2.jpg"].startswith("not an image")
+    assert reasons["bad.tar:b3.jpg"] == "too small (1x1)"
+    assert reasons["bad.tar:b4"].startswith("no image")
+    for shard in ("cut_mid.tar", "cut_edge.tar", "junk.tar"):
+        assert reasons[shard].startswith("unreadable/truncated shard"), (shard, reasons.get(shard))
+
+
+def test_webdataset_setup_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no .tar"):
+        WebDatasetCaptions(tmp_path)
+    _shards(tmp_path, n_shards=2, per_shard=2)
+    with pytest.raises(FileNotFoundError, match=r"1 of 3 shard\(s\) do not exist.*shards-002.tar"):
+        WebDatasetCaptions(str(tmp_path / "shards-{000..002}.tar"))
+    with pytest.raises(ValueError, match="rank"):
+        WebDatasetCaptions(str(tmp_path), rank=2, world_size=2)

@@ -1,0 +1,326 @@
+"""Losses: InfoNCE against references (plain cross-entropy, open_clip's ClipLoss), positives, the 2-process
+gloo gradient identity, caption loss with pads and label smoothing, ITM and hard-negative sampling."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmxattn.losses import (
+    CaptionLoss,
+    ContrastiveLoss,
+    ITMLoss,
+    MMXAttnLoss,
+    sample_hard_negatives,
+    text_pos_ids,
+)
+
+
+def _embeds(b: int = 6, e: int = 8, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(b, e, generator=g, dtype=dtype), dim=-1)
+    txt = F.normalize(torch.randn(b, e, generator=g, dtype=dtype), dim=-1)
+    return img, txt
+
+
+def _reference_infonce(img, txt, scale):
+    logits = scale * img @ txt.T  # (B, B)
+    labels = torch.arange(img.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# ----------------------------------------------------------------------------------------------------- contrastive
+
+
+def test_infonce_matches_cross_entropy_reference():
+    img, txt = _embeds()
+    for scale in (1.0, 14.3, 100.0):
+        got = ContrastiveLoss()(img, txt, torch.tensor(scale))
+        torch.testing.assert_close(got, _reference_infonce(img, txt, scale))
+
+
+def test_infonce_matches_open_clip_cliploss():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    img, txt = _embeds(b=10, e=16, seed=3)
+    scale = torch.tensor(20.0)
+    ref = open_clip_loss.ClipLoss()(img, txt, scale)
+    torch.testing.assert_close(ContrastiveLoss()(img, txt, scale), ref)
+    torch.testing.assert_close(ContrastiveLoss(local_loss=False)(img, txt, scale), ref)
+
+
+def test_infonce_gradient_matches_reference():
+    img, txt = _embeds(dtype=torch.float64)
+    scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    a = [t.clone().requires_grad_(True) for t in (img, txt)]
+    b = [t.clone().requires_grad_(True) for t in (img, txt)]
+    ContrastiveLoss()(*a, scale).backward()
+    g_scale = scale.grad.clone()
+    scale.grad = None
+    _reference_infonce(*b, scale).backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+    torch.testing.assert_close(g_scale, scale.grad)
+
+
+def test_distinct_pos_ids_equal_plain_loss():
+    img, txt = _embeds()
+    scale = torch.tensor(30.0)
+    plain = ContrastiveLoss()(img, txt, scale)
+    ids = torch.tensor([7, 3, 100, -2, 5, 0])
+    torch.testing.assert_close(ContrastiveLoss()(img, txt, scale, pos_ids=ids), plain)
+
+
+def test_duplicate_positives_put_a_perfect_duplicated_match_at_the_optimum():
+    # rows 0 and 1 are two captions of one image (same id) and a perfect match embeds them identically. Plain
+    # InfoNCE treats each as the other's negative: the pair costs log 2 above that loss's optimum (0) however large
+    # the scale. With pos_ids the targets are uniform over both, so the match reaches the soft-target optimum: the
+    # loss equals its floor, the mean target entropy ((log 2 + log 2 + 0 + 0) / 4 per direction). As raw values both
+    # are log(2) / 2 here; what pos_ids removes is the excess over the floor.
+    basis = torch.eye(3, dtype=torch.float64)
+    img = torch.stack([basis[0], basis[0], basis[1], basis[2]])  # image 0 twice
+    scale = torch.tensor(50.0, dtype=torch.float64)
+    ids = torch.tensor([0, 0, 1, 2])
+    floor = torch.tensor(2 * 0.6931471805599453 / 4, dtype=torch.float64)
+    results = {}
+    for name, pos_ids in (("plain", None), ("grouped", ids)):
+        results[name] = ContrastiveLoss()(img, img.clone(), scale, pos_ids=pos_ids)
+    grouped_excess = results["grouped"] - floor
+    plain_excess = results["plain"] - 0.0  # one-hot targets: floor 0
+    assert abs(grouped_excess) < 1e-9 and plain_excess > 0.3
+    # the soft target equals the hand-written one: uniform over the two positives
+    logits = scale * img @ img.T
+    target = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]], dtype=torch.float64)
+    ref = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    torch.testing.assert_close(results["grouped"], ref)
+
+
+def test_text_pos_ids_are_stable_and_group_equal_strings():
+    ids = text_pos_ids(["a red square", "a blue circle", "a red square"])
+    assert ids.dtype == torch.long and ids[0] == ids[2] and ids[0] != ids[1]
+    # stable across processes and runs (Python's hash is salted per process): a fixed value
+    assert text_pos_ids(["a red square"]).tolist() == [1257929797341462793]
+
+
+def test_contrastive_bad_inputs():
+    img, txt = _embeds()
+    with pytest.raises(ValueError, match=r"\(6, 8\) and \(5, 8\)"):
+        ContrastiveLoss()(img, txt[:5], 1.0)
+    with pytest.raises(ValueError, match="pos_ids"):
+        ContrastiveLoss()(img, txt, 1.0, pos_ids=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="logit_scale"):
+        ContrastiveLoss()(img, txt, torch.ones(2))
+
+
+# ----------------------------------------------------------------------------------------------------- distributed
+
+
+def _single_process(case):
+    """Loss and gradients of ONE process on the concatenated batch."""
+    p_img = case["proj_img"].clone().requires_grad_(True)
+    p_txt = case["proj_txt"].clone().requires_grad_(True)
+    log_scale = case["log_scale"].clone().requires_grad_(True)
+    img = F.normalize(case["raw_img"] @ p_img, dim=-1)
+    txt = F.normalize(case["raw_txt"] @ p_txt, dim=-1)
+    img.retain_grad()
+    txt.retain_grad()
+    loss = ContrastiveLoss()(img, txt, log_scale.exp(), pos_ids=case["pos_ids"])
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "proj_img": p_img.grad,
+        "proj_txt": p_txt.grad,
+        "log_scale": log_scale.grad,
+        "img": img.grad,
+        "txt": txt.grad,
+    }
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    n, di, dt, e = 6, 5, 7, 4
+    dup = torch.tensor([10, 11, 12, 13, 11, 15])  # row 1 (rank 0) and row 4 (rank 1) are positives of each other
+    out = []
+    for local_loss, pos_ids, sizes in [
+        (True, None, [3, 3]),
+        (True, dup, [3, 3]),
+        (False, dup, [3, 3]),
+        (True, dup, [4, 2]),  # unequal per-rank batches (e.g. a last webdataset batch)
+    ]:
+        out.append(
+            {
+                "raw_img": torch.randn(n, di, generator=g, dtype=torch.float64),
+                "raw_txt": torch.randn(n, dt, generator=g, dtype=torch.float64),
+                "proj_img": torch.randn(di, e, generator=g, dtype=torch.float64),
+                "proj_txt": torch.randn(dt, e, generator=g, dtype=torch.float64),
+                "log_scale": torch.tensor(2.0, dtype=torch.float64),
+                "pos_ids": pos_ids,
+                "sizes": sizes,
+                "local_loss": local_loss,
+            }
+        )
+    return out
+
+
+def test_two_process_gloo_matches_one_process(tmp_path: Path):
+    """What is equal, for W = 2 ranks each embedding its own rows with shared parameters theta:
+    (a) mean over ranks of the returned loss == the one-process loss on the concatenated batch (and with
+        local_loss=False every rank returns that loss itself);
+    (b) mean over ranks of d(loss_r)/d(theta) -- what DDP applies -- == the one-process d(loss)/d(theta), for the
+        projections and for logit_scale;
+    (c) the gradient reaching rank r's local embeddings == W * the one-process gradient of those rows (the
+        all-gather backward sums every rank's contribution; DDP's averaging divides the W back out).
+    Tolerance 1e-6 (float64)."""
+    cases = _cases()
+    cases_file = tmp_path / "cases.pt"
+    torch.save(cases, cases_file)
+    worker = Path(__file__).with_name("_dist_loss_worker.py")
+    # loopback only: gloo binds to the interface named here
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    world = 2
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(r), str(world), str(tmp_path / "init"), str(cases_file)]
+            + [str(tmp_path / f"rank{r}.pt")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed worker timed out")
+        assert p.returncode == 0, out.decode(errors="replace")[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+    tol = {"rtol": 0.0, "atol": 1e-6}
+    for i, case in enumerate(cases):
+        ref = _single_process(case)
+        per_rank = [ranks[r][i] for r in range(world)]
+        mean_loss = sum(r["loss"] for r in per_rank) / world
+        torch.testing.assert_close(mean_loss, ref["loss"], **tol)
+        if not case["local_loss"]:
+            for r in per_rank:
+                torch.testing.assert_close(r["loss"], ref["loss"], **tol)
+        for name in ("proj_img", "proj_txt", "log_scale"):
+            ddp_grad = sum(r[name] for r in per_rank) / world
+            torch.testing.assert_close(ddp_grad, ref[name], **tol, msg=lambda m, i=i, n=name: f"case {i} {n}: {m}")
+        start = 0
+        for r, size in enumerate(case["sizes"]):
+            for name in ("img", "txt"):
+                torch.testing.assert_close(per_rank[r][name], world * ref[name][start : start + size], **tol)
+            start += size
+        # the identity is not vacuous: the ranks' own losses and gradients differ from each other
+        assert not torch.allclose(per_rank[0]["proj_img"], per_rank[1]["proj_img"])
+
+
+# ----------------------------------------------------------------------------------------------------- caption
+
+
+def _caption_batch(pad_id=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, t, v = 3, 7, 11
+    logits = torch.randn(b, t, v, generator=g)
+    labels = torch.randint(1, v, (b, t), generator=g)
+    labels[0, 4:] = pad_id
+    labels[2, 2:] = pad_id
+    return logits, labels
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_caption_loss_matches_cross_entropy_with_ignore_index(smoothing):
+    logits, labels = _caption_batch(pad_id=5)
+    got = CaptionLoss(pad_id=5, label_smoothing=smoothing)(logits, labels)
+    ref = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=5, label_smoothing=smoothing)
+    torch.testing.assert_close(got, ref)
+    # explicit mean over the non-pad tokens
+    keep = labels != 5
+    manual = F.cross_entropy(logits[keep], labels[keep], label_smoothing=smoothing)
+    torch.testing.assert_close(got, manual)
+
+
+def test_caption_loss_ignores_pad_positions():
+    logits, labels = _caption_batch()
+    loss_fn = CaptionLoss(pad_id=0)
+    before = loss_fn(logits, labels)
+    changed = logits.clone()
+    changed[labels == 0] = torch.randn_like(changed[labels == 0]) * 100
+    torch.testing.assert_close(loss_fn(changed, labels), before)
+    logits.requires_grad_(True)
+    loss_fn(logits, labels).backward()
+    assert logits.grad[labels == 0].abs().max() == 0
+    assert logits.grad[labels != 0].abs().sum() > 0
+
+
+def test_caption_loss_all_pad_is_zero_not_nan():
+    logits, labels = _caption_batch()
+    loss = CaptionLoss(pad_id=0)(logits.requires_grad_(True), torch.zeros_like(labels))
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_caption_loss_shape_error_names_both():
+    logits, labels = _caption_batch()
+    with pytest.raises(ValueError, match=r"\(3, 7, 11\).*\(3, 6\)"):
+        CaptionLoss(pad_id=0)(logits, labels[:, :6])
+
+
+# ----------------------------------------------------------------------------------------------------- ITM
+
+
+def test_itm_loss_is_binary_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 2, generator=g)
+    labels = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0])
+    torch.testing.assert_close(ITMLoss()(logits, labels), F.cross_entropy(logits, labels))
+    with pytest.raises(ValueError, match=r"\(8, 3\)"):
+        ITMLoss()(torch.randn(8, 3), labels)
+
+
+def test_hard_negatives_never_pick_positives_and_follow_similarity():
+    b = 6
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randn(b, b, generator=g) * 3
+    pos_ids = torch.tensor([0, 0, 1, 2, 2, 2])
+    positive = pos_ids[:, None] == pos_ids[None, :]
+    counts = torch.zeros(b, b)
+    for _ in range(300):
+        neg_txt, neg_img = sample_hard_negatives(sim, generator=g, pos_ids=pos_ids)
+        assert not positive[torch.arange(b), neg_txt].any()  # image i -> text neg_txt[i]
+        assert not positive[neg_img, torch.arange(b)].any()  # text j -> image neg_img[j]
+        counts[torch.arange(b), neg_txt] += 1
+    # row 0's negatives are texts 2..5 drawn proportionally to softmax(sim[0, 2:])
+    expected = sim[0, 2:].softmax(0) * 300
+    assert (counts[0, 2:] - expected).abs().max() < 40
+    # without pos_ids only the diagonal is excluded
+    for _ in range(50):
+        neg_txt, _ = sample_hard_negatives(sim, generator=g)
+        assert (neg_txt != torch.arange(b)).all()
+
+
+def test_hard_negatives_rows_without_negatives_are_minus_one():
+    sim = torch.randn(3, 3)
+    neg_txt, neg_img = sample_hard_negatives(sim, pos_ids=torch.tensor([4, 4, 4]))
+    assert neg_txt.tolist() == [-1, -1, -1] and neg_img.tolist() == [-1, -1, -1]
+    neg_txt, neg_img = sample_hard_negatives(sim, pos_ids=torch.tensor([4, 4, 5]))
+    assert neg_txt.tolist() == [2, 2, 0] or neg_txt.tolist() == [2, 2, 1]
+    assert sample_hard_negatives(torch.randn(1, 1))[0].tolist() == [-1]
+    with pytest.raises(ValueError, match="square"):
+        sample_hard_negatives(torch.randn(3, 4))
+
+
+def test_combined_loss_weights_terms():
+    img, txt = _embeds()
+    logits, labels = _caption_batch()
+    out = MMXAttnLoss(pad_id=0, contrastive_weight=1.0, caption_weight=2.0)(img, txt, 10.0, logits, labels)
+    ref = ContrastiveLoss()(img, txt, 10.0) + 2.0 * CaptionLoss(0)(logits, labels)
+    torch.testing.assert_close(out["loss"], ref)
+    assert set(out) == {"loss", "contrastive_loss", "caption_loss"}

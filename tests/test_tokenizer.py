@@ -1,0 +1,202 @@
+"""Tokenizers: id layout, truncation, round trips, serialisation, word positions, errors."""
+
+import json
+import pickle
+import warnings
+
+import pytest
+import torch
+
+from mmxattn.text.tokenizer import (
+    OpenCLIPTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    load_tokenizer,
+    tokenizer_from_dict,
+)
+
+CORPUS = ["A red square above a blue circle.", "a green triangle left of a red square", "Two circles!", "a ! mark"]
+
+
+@pytest.fixture(scope="module")
+def bpe() -> OpenCLIPTokenizer:
+    return OpenCLIPTokenizer(context_length=16)
+
+
+@pytest.fixture()
+def word() -> WordTokenizer:
+    return WordTokenizer.build(CORPUS, context_length=8)
+
+
+def _layout_ok(tok, ids: torch.Tensor, n_content: int) -> None:
+    assert ids[0] == tok.bos_id
+    assert ids[n_content + 1] == tok.eos_id
+    assert (ids[n_content + 2 :] == tok.pad_id).all()
+    content = ids[1 : n_content + 1]
+    assert not torch.isin(content, torch.tensor([tok.bos_id, tok.eos_id, tok.pad_id])).any()
+
+
+# ----------------------------------------------------------------------------------------------------- BPE
+
+
+def test_bpe_ids_match_open_clip_and_pad_is_its_own_id(bpe):
+    import open_clip
+
+    assert isinstance(bpe, Tokenizer)
+    assert (bpe.bos_id, bpe.eos_id, bpe.pad_id, bpe.vocab_size) == (49406, 49407, 49408, 49409)
+    texts = ["a photo of a cat", "two dogs playing in the snow"]
+    ours = bpe(texts)
+    ref = open_clip.tokenize(texts, context_length=16)  # outside reference: same ids, but pads with 0
+    assert ours.shape == (2, 16) and ours.dtype == torch.long
+    not_pad = ref != 0
+    assert torch.equal(ours[not_pad], ref[not_pad])
+    assert (ours[~not_pad] == bpe.pad_id).all()
+    _layout_ok(bpe, ours[0], n_content=5)
+
+
+def test_bpe_exclamation_token_zero_survives(bpe):
+    # "!~" encodes with BPE id 0 ("!"), the id open_clip also uses for padding
+    ids = bpe("wow !~")[0]
+    assert 0 in ids[1:-1].tolist()
+    assert bpe.decode(ids) == "wow !~"
+    assert bpe.batch_decode(bpe(["hello!", "!"])) == ["hello !", "!"]
+
+
+def test_bpe_round_trip(bpe):
+    for text in ["a photo of a cat", "the dog's ball, red and blue.", "", "x!x", "café au lait"]:
+        ids = bpe(text)
+        decoded = bpe.decode(ids[0])
+        assert torch.equal(bpe(decoded), ids), (text, decoded)  # id-level round trip
+    assert bpe.decode(bpe("A Photo OF a Cat")[0]) == "a photo of a cat"  # "lower" cleaning
+
+
+def test_bpe_empty_string_and_eos_stop(bpe):
+    ids = bpe("")[0]
+    assert ids[:2].tolist() == [bpe.bos_id, bpe.eos_id] and (ids[2:] == bpe.pad_id).all()
+    assert bpe.decode(ids) == ""
+    seq = bpe("a cat")[0].tolist()
+    # content after the first eos is ignored; a leading bos and pads are dropped
+    assert bpe.decode(seq[:4] + bpe("dog")[0].tolist()[1:3]) == "a cat"
+
+
+def test_bpe_serialisation_round_trip(tmp_path, bpe):
+    d = bpe.to_dict()
+    assert d["type"] == "open_clip_bpe" and d["context_length"] == 16 and "open_clip_version" in d
+    assert len(json.dumps(d)) < 1000  # settings, not the 49k vocabulary
+    path = bpe.save(tmp_path / "tok")
+    assert path.name == "tokenizer.json"
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert isinstance(loaded, OpenCLIPTokenizer)
+    texts = ["a photo of a cat!", "wow !~", "a " * 30]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(loaded(texts), bpe(texts))
+    assert loaded.batch_decode(bpe(texts)) == bpe.batch_decode(bpe(texts))
+    # a vocabulary fingerprint mismatch warns
+    with pytest.warns(UserWarning, match="BPE vocabulary"):
+        tokenizer_from_dict({**d, "bpe_sha256": "0" * 64})
+    assert pickle.loads(pickle.dumps(bpe)).to_dict() == d
+
+
+# ----------------------------------------------------------------------------------------------------- word
+
+
+def test_word_vocab_layout_and_build(word):
+    assert word.vocab[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    assert (word.pad_id, word.bos_id, word.eos_id, word.unk_id) == (0, 1, 2, 3)
+    assert word.vocab[4] == "a"  # most frequent first
+    assert "square" in word.vocab and "square." not in word.vocab and "!" in word.vocab
+    assert word.vocab_size == len(word.vocab)
+    assert WordTokenizer.build(CORPUS, min_freq=2).vocab[4:] == ["a", "red", "square"]
+    assert WordTokenizer.build(CORPUS, max_size=2).vocab[4:] == ["a", "red"]
+    assert isinstance(word, Tokenizer)
+
+
+def test_word_round_trip_and_layout(word):
+    ids = word("A red square!")
+    assert ids.shape == (1, 8)
+    _layout_ok(word, ids[0], n_content=3)
+    assert word.decode(ids[0]) == "a red square"
+    assert word.batch_decode(word(["a ! mark", "Two circles"])) == ["a ! mark", "two circles"]
+    assert word.batch_decode([[1, 4, 2], torch.tensor([1, 2, 0])]) == ["a", ""]
+    empty = word("")[0]
+    assert empty[:2].tolist() == [1, 2] and (empty[2:] == 0).all()
+
+
+def test_word_unknown_words(word):
+    ids = word("a purple square")[0]
+    assert ids[2] == word.unk_id
+    assert word.decode(ids) == "a <unk> square"
+
+
+def test_word_positions_match_split(word):
+    text = "A red square above a blue circle."
+    ids = word(text, context_length=12)[0]
+    positions = word.word_token_positions(text, context_length=12)
+    assert positions == list(range(1, 8))
+    for w, p in zip(text.split(), positions):
+        assert word.vocab[ids[p]] == WordTokenizer.normalize_word(w)
+    # words cut off by truncation get -1 (context 8 -> 6 words fit)
+    assert word.word_token_positions(text) == [1, 2, 3, 4, 5, 6, -1]
+    # punctuation-only words are kept as their own token, so positions never shift
+    assert word.word_token_positions("a ! mark") == [1, 2, 3] and word("a ! mark")[0, 2] == word.vocab.index("!")
+
+
+def test_word_serialisation_round_trip(tmp_path, word):
+    word.save(tmp_path)
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert loaded.vocab == word.vocab and loaded.context_length == word.context_length
+    texts = CORPUS + ["unknown words here"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(loaded(texts), word(texts))
+    assert tokenizer_from_dict(json.loads(json.dumps(word.to_dict()))).vocab == word.vocab
+
+
+# ----------------------------------------------------------------------------------------------------- shared
+
+
+@pytest.mark.parametrize("which", ["word", "bpe"])
+def test_truncation_keeps_bos_eos_and_warns_once(which, word):
+    tok = word if which == "word" else OpenCLIPTokenizer(context_length=8)
+    long_text = " ".join(["a"] * 10)  # 10 tokens in both, 6 fit
+    with pytest.warns(UserWarning, match=r"context_length=8.*lost 4 token"):
+        ids = tok(long_text)[0]
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and (ids != tok.pad_id).all()
+    assert tok.decode(ids) == " ".join(["a"] * (tok.context_length - 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second truncation by the same instance is silent
+        tok([long_text, long_text])
+    assert tok("a", context_length=4).shape == (1, 4)  # per-call context length
+
+
+@pytest.mark.parametrize("which", ["word", "bpe"])
+def test_errors(which, word, bpe):
+    tok = word if which == "word" else bpe
+    with pytest.raises(TypeError, match="texts\\[1\\] must be a str, got int"):
+        tok(["ok", 3])
+    with pytest.raises(TypeError, match="must be a str or a list of str"):
+        tok(None)
+    with pytest.raises(ValueError, match=f"token id {tok.vocab_size} .*\\[0, {tok.vocab_size}\\)"):
+        tok.decode([tok.bos_id, tok.vocab_size])
+    with pytest.raises(ValueError, match="token id -1"):
+        tok.batch_decode(torch.tensor([[tok.bos_id, -1]]))
+    with pytest.raises(ValueError, match="batch_decode"):
+        tok.decode(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="context_length"):
+        tok("a", context_length=1)
+
+
+def test_bad_dicts_and_vocab():
+    with pytest.raises(ValueError, match="unknown tokenizer type 'nope'"):
+        tokenizer_from_dict({"type": "nope"})
+    with pytest.raises(ValueError, match="'type' key"):
+        tokenizer_from_dict({"vocab": []})
+    with pytest.raises(ValueError, match="must start with the specials"):
+        WordTokenizer(["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="duplicate"):
+        WordTokenizer(["<pad>", "<bos>", "<eos>", "<unk>", "a", "a"])
+    with pytest.raises(TypeError, match="single str"):
+        WordTokenizer.build("a red square")
+    with pytest.raises(ValueError, match="clean"):
+        OpenCLIPTokenizer(clean="nope")
