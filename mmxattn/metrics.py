@@ -1,0 +1,196 @@
+"""Evaluation metrics, computed on a whole evaluation set (never in-batch).
+
+* retrieval recall@K both ways over the full gallery: a text query set holds every caption of every image, and an
+  image counts as found for a text when it is that text's image (the COCO / Flickr protocol of Karpathy & Fei-Fei);
+* captioning BLEU-1..4, CIDEr-D, ROUGE-L and METEOR through pycocoevalcap (the COCO caption evaluation code),
+  with its Java PTB tokenizer; without Java a plain tokenizer is used, METEOR is reported as ``None`` and a
+  warning says so;
+* grounding accuracy: the peak of a word's cross-attention heatmap falls inside the box of the object it names.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "caption_metrics",
+    "grounding_hits",
+    "java_available",
+    "recall_from_rankings",
+    "retrieval_metrics",
+    "token_heatmap",
+]
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+def retrieval_metrics(
+    image_embeds: Tensor, text_embeds: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024
+) -> dict[str, float]:
+    """Recall@K of cosine retrieval over the full gallery.
+
+    Args:
+        image_embeds: (N_img, E) L2-normalised.
+        text_embeds: (N_txt, E) L2-normalised.
+        text_to_image: (N_txt,) index of each text's image.
+    Returns:
+        ``i2t_r{k}``, ``t2i_r{k}`` for every k, and ``rsum`` (their sum, the usual model-selection number).
+    """
+    text_to_image = text_to_image.to(image_embeds.device).long()
+    n_img, n_txt = image_embeds.shape[0], text_embeds.shape[0]
+    if text_to_image.shape != (n_txt,) or (n_txt and int(text_to_image.max()) >= n_img):
+        raise ValueError(f"text_to_image must be ({n_txt},) indices into {n_img} images")
+    kmax = max(ks)
+    # i2t: rank of the best-ranked text of each image
+    i2t_rank = torch.empty(n_img, dtype=torch.long, device=image_embeds.device)
+    for s in range(0, n_img, chunk):
+        sim = image_embeds[s : s + chunk] @ text_embeds.T  # (c, N_txt)
+        own = text_to_image[None, :] == torch.arange(s, s + sim.shape[0], device=sim.device)[:, None]
+        best_own = sim.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (c, 1)
+        i2t_rank[s : s + chunk] = (sim > best_own).sum(1)  # texts strictly better than its best own text
+    # t2i: rank of each text's image
+    t2i_rank = torch.empty(n_txt, dtype=torch.long, device=image_embeds.device)
+    for s in range(0, n_txt, chunk):
+        sim = text_embeds[s : s + chunk] @ image_embeds.T  # (c, N_img)
+        own = sim.gather(1, text_to_image[s : s + chunk, None])
+        t2i_rank[s : s + chunk] = (sim > own).sum(1)
+    out = {}
+    for k in ks:
+        if k > kmax:
+            continue
+        out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
+    out["rsum"] = sum(v for key, v in out.items() if key.startswith(("i2t", "t2i")))
+    return out
+
+
+def recall_from_rankings(
+    i2t_ranked: Tensor, t2i_ranked: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@K from explicit top-k lists (e.g. after re-ranking): ``i2t_ranked`` (N_img, k) text indices,
+    ``t2i_ranked`` (N_txt, k) image indices, best first. K larger than the lists' width is not reported."""
+    text_to_image = text_to_image.to(i2t_ranked.device).long()
+    n_img = i2t_ranked.shape[0]
+    out = {}
+    for k in ks:
+        if k > i2t_ranked.shape[1] or k > t2i_ranked.shape[1]:
+            continue
+        hit_i = (text_to_image[i2t_ranked[:, :k]] == torch.arange(n_img, device=i2t_ranked.device)[:, None]).any(1)
+        hit_t = (t2i_ranked[:, :k] == text_to_image[:, None]).any(1)
+        out[f"i2t_r{k}"] = hit_i.float().mean().item()
+        out[f"t2i_r{k}"] = hit_t.float().mean().item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- captions
+def java_available() -> bool:
+    return shutil.which("java") is not None
+
+
+def _plain_tokenize(refs: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
+    # What the PTB tokenizer does to ordinary captions, closely enough to score without Java: lowercase,
+    # punctuation removed, whitespace normalised.
+    strip = re.compile(r"[^\w\s']")
+    return {k: [" ".join(strip.sub(" ", c.lower()).split()) for c in v] for k, v in refs.items()}
+
+
+def caption_metrics(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    *,
+    meteor: bool = True,
+) -> dict[str, float | None]:
+    """BLEU-1..4, CIDEr-D, ROUGE-L and METEOR of ``predictions`` (one caption per key) against ``references``
+    (all reference captions per key), with pycocoevalcap. Keys must match exactly."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if set(predictions) != set(references):
+        missing = set(references) - set(predictions)
+        extra = set(predictions) - set(references)
+        raise ValueError(f"caption_metrics: keys differ (missing predictions: {len(missing)}, extra: {len(extra)})")
+    if not predictions:
+        raise ValueError("caption_metrics: no predictions")
+    empty = [k for k, v in references.items() if not v]
+    if empty:
+        raise ValueError(f"caption_metrics: {len(empty)} images have no reference caption, e.g. {empty[:3]}")
+    keys = list(references)
+    res_raw = {k: [predictions[k]] for k in keys}
+    gts_raw = {k: list(references[k]) for k in keys}
+    have_java = java_available()
+    if have_java:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tok = PTBTokenizer()
+        gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts_raw.items()})
+        res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res_raw.items()})
+    else:
+        warnings.warn("java not found: captions tokenized without the PTB tokenizer; METEOR skipped", stacklevel=2)
+        gts, res = _plain_tokenize(gts_raw), _plain_tokenize(res_raw)
+    # pycocoevalcap's BLEU asserts a non-empty hypothesis; an empty generated caption scores as a lone token
+    res = {k: [v[0] if v and v[0].strip() else "<empty>"] for k, v in res.items()}
+    out: dict[str, float | None] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for i, b in enumerate(bleu, 1):
+        out[f"bleu{i}"] = float(b)
+    out["cider"] = float(Cider().compute_score(gts, res)[0])  # pycocoevalcap's Cider is CIDEr-D
+    out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+    out["meteor"] = None
+    if meteor and have_java:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        scorer = Meteor()  # a Java process; its __del__ ends it, so drop our reference once done
+        try:
+            out["meteor"] = float(scorer.compute_score(gts, res)[0])
+        finally:
+            del scorer
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- grounding
+def token_heatmap(weights: Tensor, grids: Sequence[tuple[int, int]]) -> Tensor:
+    """Spread attention weights over image tokens back onto the image plane.
+
+    ``weights`` (..., L) over the concatenated tokens of several stages with token grids ``grids`` (row-major
+    tokens, stages in order); every stage's map is upsampled (nearest) to the finest grid and the stages summed,
+    so the result (..., H_f, W_f) keeps the total weight of every place whatever stage carried it.
+    """
+    sizes = [h * w for h, w in grids]
+    if weights.shape[-1] != sum(sizes):
+        raise ValueError(f"weights have {weights.shape[-1]} tokens; the grids {list(grids)} hold {sum(sizes)}")
+    Hf = max(h for h, _ in grids)
+    Wf = max(w for _, w in grids)
+    lead = weights.shape[:-1]
+    flat = weights.reshape(-1, weights.shape[-1]).float()
+    out = flat.new_zeros(flat.shape[0], Hf, Wf)
+    for part, (h, w) in zip(flat.split(sizes, dim=-1), grids):
+        m = part.view(-1, 1, h, w)
+        # nearest upsampling, normalised by the area a coarse cell covers so each stage keeps its total mass
+        up = F.interpolate(m, size=(Hf, Wf), mode="nearest")[:, 0] * (h * w) / (Hf * Wf)
+        out += up
+    return out.view(*lead, Hf, Wf)
+
+
+def grounding_hits(heatmaps: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Whether the peak of each heatmap lies inside its box.
+
+    Args:
+        heatmaps: (N, h, w) maps over the image.
+        boxes: (N, 4) ``x0, y0, x1, y1`` in pixels of an image of ``image_size`` = (H, W).
+    Returns:
+        bool (N,): the centre of the peak cell is inside the box (edges included).
+    """
+    N, h, w = heatmaps.shape
+    H, W = image_size
+    idx = heatmaps.reshape(N, -1).argmax(1)
+    cy = ((idx // w).float() + 0.5) * H / h
+    cx = ((idx % w).float() + 0.5) * W / w
+    b = boxes.to(heatmaps.device).float()
+    return (cx >= b[:, 0]) & (cx <= b[:, 2]) & (cy >= b[:, 1]) & (cy <= b[:, 3])

@@ -1,0 +1,120 @@
+"""Metrics: full-gallery recall against a brute-force count, caption scores through pycocoevalcap, heatmaps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmxattn import metrics
+from mmxattn.metrics import caption_metrics, grounding_hits, recall_from_rankings, retrieval_metrics, token_heatmap
+
+
+def _brute(img, txt, t2i, k):
+    sim = img @ txt.T
+    i2t = []
+    for i in range(img.shape[0]):
+        top = sim[i].argsort(descending=True)[:k]
+        i2t.append(any(int(t2i[t]) == i for t in top))
+    t2i_hits = []
+    for t in range(txt.shape[0]):
+        top = sim[:, t].argsort(descending=True)[:k]
+        t2i_hits.append(int(t2i[t]) in top.tolist())
+    return sum(i2t) / len(i2t), sum(t2i_hits) / len(t2i_hits)
+
+
+def test_retrieval_recall_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    t2i = torch.arange(30).repeat_interleave(5)  # 5 captions per image
+    txt = F.normalize(img[t2i] + 0.9 * torch.randn(150, 8, generator=g), dim=-1)
+    m = retrieval_metrics(img, txt, t2i, chunk=7)  # small chunks exercise the chunking
+    for k in (1, 5, 10):
+        bi, bt = _brute(img, txt, t2i, k)
+        assert m[f"i2t_r{k}"] == pytest.approx(bi)
+        assert m[f"t2i_r{k}"] == pytest.approx(bt)
+    assert 0 < m["i2t_r1"] < 1 and 0 < m["t2i_r1"] < 1  # not a degenerate case
+    # the same numbers from explicit rankings
+    sim = img @ txt.T
+    r = recall_from_rankings(sim.topk(10, 1).indices, sim.T.topk(10, 1).indices, t2i)
+    for key in r:
+        assert r[key] == pytest.approx(m[key])
+
+
+def test_retrieval_rejects_bad_mapping():
+    with pytest.raises(ValueError, match="text_to_image"):
+        retrieval_metrics(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 4]))
+
+
+REFS = {
+    1: ["a small red circle left of a blue square", "a red circle and a blue square", "two shapes"],
+    2: ["three green triangles", "green triangles in the top right", "some triangles"],
+}
+
+
+def test_caption_scores_extremes():
+    perfect = caption_metrics({1: REFS[1][0], 2: REFS[2][0]}, REFS, meteor=False)
+    assert perfect["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["rouge_l"] == pytest.approx(1.0, abs=1e-6)
+    wrong = caption_metrics({1: "zebra yak", 2: "quokka"}, REFS, meteor=False)
+    assert wrong["bleu4"] < 1e-6 and wrong["cider"] == 0.0 and wrong["rouge_l"] == 0.0
+    assert perfect["cider"] > 0
+
+
+def test_caption_scores_equal_pycocoevalcap_called_directly():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    preds = {1: "a red circle left of a square", 2: "green triangles"}
+    ours = caption_metrics(preds, REFS, meteor=False)
+    # references are already lowercase without punctuation, which is what the PTB tokenizer produces
+    gts = {k: list(v) for k, v in REFS.items()}
+    res = {k: [v] for k, v in preds.items()}
+    assert ours["bleu4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    assert ours["cider"] == pytest.approx(Cider().compute_score(gts, res)[0])
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="METEOR needs java")
+def test_meteor_runs_with_java():
+    out = caption_metrics({1: "a red circle left of a blue square", 2: "green triangles"}, REFS)
+    assert 0 < out["meteor"] <= 1
+
+
+def test_without_java_falls_back_with_a_warning(monkeypatch):
+    preds = {1: "A red circle, left of a square.", 2: "Green triangles!"}
+    with_java = caption_metrics(preds, REFS, meteor=False) if metrics.java_available() else None
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    with pytest.warns(UserWarning, match="java not found"):
+        out = caption_metrics(preds, REFS)
+    assert out["meteor"] is None
+    if with_java is not None:  # the plain tokenizer agrees with PTB on ordinary captions
+        assert out["bleu4"] == pytest.approx(with_java["bleu4"])
+        assert out["cider"] == pytest.approx(with_java["cider"])
+
+
+def test_caption_metrics_errors():
+    with pytest.raises(ValueError, match="keys differ"):
+        caption_metrics({1: "x"}, REFS)
+    with pytest.raises(ValueError, match="no reference"):
+        caption_metrics({1: "x"}, {1: []})
+
+
+def test_token_heatmap_places_tokens_row_major():
+    grids = [(4, 4), (2, 2)]
+    w = torch.zeros(20)
+    w[1 * 4 + 3] = 1.0  # fine stage: row 1, column 3
+    hm = token_heatmap(w, grids)
+    assert hm.shape == (4, 4)
+    assert hm.argmax().item() == 1 * 4 + 3
+    w = torch.zeros(20)
+    w[16 + 2] = 1.0  # coarse stage: row 1, column 0 -> fine rows 2-3, columns 0-1
+    hm = token_heatmap(w, grids)
+    assert torch.allclose(hm[2:, :2], torch.full((2, 2), 0.25)) and hm.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="grids"):
+        token_heatmap(torch.zeros(19), grids)
+
+
+def test_grounding_hits():
+    hm = torch.zeros(2, 4, 4)
+    hm[0, 0, 3] = 1  # top right cell of a 64 px image: centre (56, 8)
+    hm[1, 3, 0] = 1  # bottom left: centre (8, 56)
+    boxes = torch.tensor([[40.0, 0, 64, 20], [40.0, 0, 64, 20]])
+    assert grounding_hits(hm, boxes, (64, 64)).tolist() == [True, False]
