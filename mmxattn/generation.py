@@ -115,15 +115,24 @@ class _Stepper:
 
 @torch.no_grad()
 def generate(
-    model: Any, images: Any, max_new_tokens: int | None = None, strategy: str = "greedy", **kwargs: Any
+    model: Any,
+    images: Any = None,
+    max_new_tokens: int | None = None,
+    strategy: str = "greedy",
+    *,
+    image_tokens: Tensor | None = None,
+    **kwargs: Any,
 ) -> Tensor:
     """Generate captions for ``images`` (tensors (B,3,H,W), PIL images or paths) with ``model`` (an MMXAttn).
 
     Options: ``strategy`` "greedy" | "beam" | "sample"; ``max_new_tokens`` (default: fill the context);
     ``min_new_tokens``; ``num_beams``, ``length_penalty`` (beam; score / length ** penalty); ``temperature``,
     ``top_k``, ``top_p``, ``generator`` (sample; a seeded ``torch.Generator`` makes it reproducible);
-    ``repetition_penalty``; ``use_cache``.
+    ``repetition_penalty``; ``use_cache``. ``image_tokens`` (B, L, D) from ``model.encode_image_tokens`` may be
+    given instead of ``images`` to reuse an encoder pass.
     """
+    if (images is None) == (image_tokens is None):
+        raise ValueError("generate needs exactly one of images or image_tokens")
     cfg = GenerationConfig(strategy=strategy, max_new_tokens=max_new_tokens, **kwargs)
     t = model.cfg.text
     limit = t.context_length - 1
@@ -132,7 +141,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        image_tokens = model.encode_image_tokens(model.preprocess(images))
+        if image_tokens is None:
+            image_tokens = model.encode_image_tokens(model.preprocess(images))
         if strategy == "beam":
             return _beam(model, image_tokens, n_new, cfg, special)
         return _greedy_or_sample(model, image_tokens, n_new, cfg, special)

@@ -34,6 +34,7 @@ class MMXAttnOutput:
     logit_scale: Tensor  # scalar, exp(learned) clamped to max_logit_scale
     image_tokens: Tensor | None = None  # (B, L, D), for the ITM head and re-ranking
     text_states: Tensor | None = None  # (B, T, W), text encoder token states
+    decoder_states: Tensor | None = None  # (B, T, W), decoder output over the whole caption (ITM reads it)
 
 
 @dataclass
@@ -193,7 +194,10 @@ class MMXAttn(nn.Module):
         image_tokens = self.encode_image_tokens(images)  # (B, L, D)
         image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
         text_x, states = self.text(ids)  # (B, E), (B, T, W)
-        logits = self.decode(image_tokens, states[:, :-1])  # (B, T-1, V) predicts ids[:, 1:]
+        # The decoder runs over the whole caption once: positions :-1 predict ids[:, 1:] (causal, so the last
+        # position changes none of them) and the last real position feeds the matching head.
+        h = self.decoder(states, image_tokens)  # (B, T, W)
+        logits = self.lm_head(h[:, :-1])  # (B, T-1, V)
         return MMXAttnOutput(
             image_embeds=image_embeds,
             text_embeds=F.normalize(text_x, dim=-1),
@@ -201,6 +205,7 @@ class MMXAttn(nn.Module):
             logit_scale=self.get_logit_scale(),
             image_tokens=image_tokens,
             text_states=states,
+            decoder_states=h,
         )
 
     # ------------------------------------------------------------------ matching / re-ranking
@@ -216,9 +221,14 @@ class MMXAttn(nn.Module):
             raise RuntimeError("this model was built with itm_head=False")
         if text_states is None:
             _, text_states = self.text(token_ids)
-        h = self.decoder(text_states, image_tokens)  # (B, T, W)
+        return self.itm_from_decoder(self.decoder(text_states, image_tokens), token_ids)
+
+    def itm_from_decoder(self, decoder_states: Tensor, token_ids: Tensor) -> Tensor:
+        """ITM logits (B, 2) from decoder states (B, T, W) already computed for these ids."""
+        if self.itm_head is None:
+            raise RuntimeError("this model was built with itm_head=False")
         last = self._eos_index(token_ids)
-        return self.itm_head(h[torch.arange(h.shape[0], device=h.device), last])
+        return self.itm_head(decoder_states[torch.arange(decoder_states.shape[0], device=last.device), last])
 
     def caption_logprob(self, image_tokens: Tensor, token_ids: Tensor, text_states: Tensor | None = None) -> Tensor:
         """Length-normalised log-likelihood (B,) of each caption given its image, under the decoder."""
@@ -244,10 +254,12 @@ class MMXAttn(nn.Module):
         return self.lm_head(self.decoder(states, image_tokens, cache.dec_self, cache.dec_cross))
 
     @torch.no_grad()
-    def generate(self, images: Any, max_new_tokens: int | None = None, strategy: str = "greedy", **kwargs: Any) -> Tensor:
+    def generate(
+        self, images: Any = None, max_new_tokens: int | None = None, strategy: str = "greedy", **kwargs: Any
+    ) -> Tensor:
         """Token ids (B, T') starting with BOS; see :func:`mmxattn.generation.generate` for the options
         (``num_beams``, ``length_penalty``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
-        ``min_new_tokens``, ``use_cache``, ``generator``)."""
+        ``min_new_tokens``, ``use_cache``, ``generator``, ``image_tokens`` to reuse an encoder pass)."""
         from .generation import generate
 
         return generate(self, images, max_new_tokens=max_new_tokens, strategy=strategy, **kwargs)

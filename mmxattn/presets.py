@@ -157,10 +157,10 @@ def create_model(name: str | MMXAttnConfig = "mmx_tiny", *, tokenizer: Any = Non
     from .model import MMXAttn
 
     cfg = get_config(name, **overrides)
-    if tokenizer is None and isinstance(name, str) and MODEL_PRESETS[name].get("tokenizer") == "openclip":
+    wants_bpe = isinstance(name, str) and MODEL_PRESETS[name].get("tokenizer") == "openclip"
+    # a vocab_size override means "not this tokenizer": the caller attaches its own
+    if tokenizer is None and wants_bpe and cfg.text.vocab_size == _BPE["vocab_size"]:
         from .text.tokenizer import OpenCLIPTokenizer
 
         tokenizer = OpenCLIPTokenizer(context_length=cfg.text.context_length)
-        if tokenizer.vocab_size != cfg.text.vocab_size:  # a vocab_size override means "not this tokenizer"
-            tokenizer = None
     return MMXAttn(cfg, tokenizer=tokenizer)

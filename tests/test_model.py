@@ -26,7 +26,9 @@ def _small(name):
     # the large presets at a reduced image size keep the contract test fast on a CPU; no drop-path, so that
     # "every parameter gets a gradient" is not left to chance
     if name in ("mmx_cat_t", "mmx_cat_s"):
-        return mmxattn.create_model(name, img_size=112, vocab_size=512, drop_path_rate=0.0)
+        return mmxattn.create_model(
+            name, img_size=112, text=dict(vocab_size=512, pad_id=0, bos_id=1, eos_id=2), drop_path_rate=0.0
+        )
     return mmxattn.create_model(name, drop_path_rate=0.0)
 
 
@@ -105,7 +107,7 @@ def test_decoder_cross_attention_reads_every_image_token():
     L = model.num_image_tokens
     assert L == 8 * 8 + 4 * 4  # stages -2 and -1 of cat_pico (64 px: 16x16, 8x8, 4x4 token grids)
     for w in maps.values():
-        assert w.shape == (2, model.cfg.text.heads, ids.shape[1] - 1, L)
+        assert w.shape == (2, model.cfg.text.heads, ids.shape[1], L)
 
 
 def test_bad_inputs_raise_clear_errors():
