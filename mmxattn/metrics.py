@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "caption_metrics",
     "grounding_hits",
+    "grounding_hits_any",
     "java_available",
     "recall_from_rankings",
     "retrieval_metrics",
@@ -194,3 +195,20 @@ def grounding_hits(heatmaps: Tensor, boxes: Tensor, image_size: tuple[int, int])
     cx = ((idx % w).float() + 0.5) * W / w
     b = boxes.to(heatmaps.device).float()
     return (cx >= b[:, 0]) & (cx <= b[:, 2]) & (cy >= b[:, 1]) & (cy <= b[:, 3])
+
+
+def grounding_hits_any(heatmaps: Tensor, boxes: Sequence[Tensor], image_size: tuple[int, int]) -> Tensor:
+    """Like :func:`grounding_hits`, but heatmap ``i`` scores a hit when its peak lies in ANY of ``boxes[i]``
+    ((k_i, 4) each): a phrase such as "a blue cross" may truthfully refer to several objects."""
+    N, h, w = heatmaps.shape
+    H, W = image_size
+    idx = heatmaps.reshape(N, -1).argmax(1)
+    cy = ((idx // w).float() + 0.5) * H / h
+    cx = ((idx % w).float() + 0.5) * W / w
+    hits = []
+    for i, b in enumerate(boxes):
+        b = torch.as_tensor(b, dtype=torch.float32, device=heatmaps.device).reshape(-1, 4)
+        inside = (cx[i] >= b[:, 0]) & (cx[i] <= b[:, 2]) & (cy[i] >= b[:, 1]) & (cy[i] <= b[:, 3])
+        hits.append(bool(inside.any()))
+    return torch.tensor(hits, dtype=torch.bool)
+

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmxattn import metrics
-from mmxattn.metrics import caption_metrics, grounding_hits, recall_from_rankings, retrieval_metrics, token_heatmap
+from mmxattn.metrics import caption_metrics, grounding_hits, grounding_hits_any, recall_from_rankings, retrieval_metrics, token_heatmap
 
 
 def _brute(img, txt, t2i, k):
@@ -118,3 +118,11 @@ def test_grounding_hits():
     hm[1, 3, 0] = 1  # bottom left: centre (8, 56)
     boxes = torch.tensor([[40.0, 0, 64, 20], [40.0, 0, 64, 20]])
     assert grounding_hits(hm, boxes, (64, 64)).tolist() == [True, False]
+
+
+def test_grounding_hits_any_box():
+    hm = torch.zeros(2, 4, 4)
+    hm[0, 0, 3] = 1
+    hm[1, 3, 0] = 1
+    boxes = [torch.tensor([[0.0, 40, 20, 64], [40.0, 0, 64, 20]]), torch.tensor([[40.0, 0, 64, 20]])]
+    assert grounding_hits_any(hm, boxes, (64, 64)).tolist() == [True, False]

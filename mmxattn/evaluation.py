@@ -1,0 +1,193 @@
+"""Whole-set evaluation of an MMXAttn model: retrieval (with and without decoder re-ranking), captioning and
+grounding. Plain PyTorch (no Lightning): the LightningModule's validation/test and ``python -m mmxattn.evaluate``
+share it.
+
+Feed eval batches (one item per image with all its reference captions; see ``mmxattn.data.datamodule``) to
+:meth:`EvalAccumulator.update`, then :meth:`EvalAccumulator.compute`. Under ``torch.distributed`` every rank's
+results are gathered and de-duplicated by image id (a DistributedSampler repeats images to even out ranks), so
+every rank returns the metrics of the whole set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .capture import capture_attention
+from .metrics import caption_metrics, grounding_hits_any, recall_from_rankings, retrieval_metrics, token_heatmap
+
+__all__ = ["EvalAccumulator", "METRIC_KEYS"]
+
+# Keys `python -m mmxattn.evaluate` always prints (None where a metric does not apply).
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "cider", "bleu4", "grounding_acc", "n_images")
+
+
+class EvalAccumulator:
+    """Collects what the metrics need, batch by batch, and computes them on the whole set.
+
+    Args:
+        model: an :class:`~mmxattn.model.MMXAttn` with ``model.tokenizer`` attached (to decode captions).
+        rerank: re-score the top ``rerank`` candidates of every query with the decoder (0 = off).
+        rerank_with: "itm" (matching head) or "lm" (caption likelihood).
+        captions: generate captions and score them (off: no caption metrics).
+        gen_kwargs: passed to ``model.generate`` (greedy by default).
+        meteor: include METEOR (starts a Java process; slow to start, so off for frequent validation).
+        grounding: score grounding on batches that carry ``boxes``/``groundings``.
+        grounding_layers: decoder layers whose cross-attention is averaged (default: all).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        rerank: int = 10,
+        rerank_with: str = "itm",
+        captions: bool = True,
+        gen_kwargs: Mapping[str, Any] | None = None,
+        meteor: bool = False,
+        grounding: bool = True,
+        grounding_layers: Sequence[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.rerank = rerank if model.itm_head is not None or rerank_with == "lm" else 0
+        self.rerank_with = rerank_with
+        self.captions = captions
+        self.gen_kwargs = dict(gen_kwargs or {"strategy": "greedy"})
+        self.meteor = meteor
+        self.grounding = grounding
+        n = len(model.decoder.blocks)
+        layers = range(n) if grounding_layers is None else [i % n for i in grounding_layers]
+        self.grounding_names = [f"decoder.blocks.{i}.cross_attn" for i in layers]
+        self.reset()
+
+    def reset(self) -> None:
+        self.records: list[dict[str, Any]] = []  # one per image, on the CPU
+
+    # ------------------------------------------------------------------ per batch
+    @torch.no_grad()
+    def update(self, batch: Mapping[str, Any]) -> None:
+        m = self.model
+        images = batch["images"]
+        ref_ids = batch["ref_ids"].to(images.device)
+        ref_img = batch["ref_image_index"].to(images.device)
+        tokens = m.encode_image_tokens(images)  # (B, L, D)
+        img_emb = F.normalize(m.pooler(tokens), dim=-1)
+        txt, states = m.text(ref_ids)
+        txt_emb = F.normalize(txt, dim=-1)
+        preds: list[str | None] = [None] * images.shape[0]
+        if self.captions:
+            preds = m.tokenizer.batch_decode(m.generate(image_tokens=tokens, **self.gen_kwargs))
+        hits = self._grounding(batch, tokens, states, ref_ids, ref_img) if self.grounding else None
+        for i, image_id in enumerate(batch["image_ids"]):
+            sel = ref_img == i
+            self.records.append(
+                {
+                    "image_id": image_id,
+                    "image_embed": img_emb[i].float().cpu(),
+                    "tokens": tokens[i].cpu() if self.rerank else None,
+                    "text_embeds": txt_emb[sel].float().cpu(),
+                    "ref_ids": ref_ids[sel].cpu(),
+                    "references": list(batch["references"][i]),
+                    "prediction": preds[i],
+                    "grounding": hits[i] if hits is not None else None,
+                }
+            )
+
+    def _grounding(self, batch, tokens, states, ref_ids, ref_img) -> list[tuple[int, int]] | None:
+        """Per image (hits, total) over every (reference word, object) pair with a box."""
+        if "groundings" not in batch or "boxes" not in batch:
+            return None
+        m = self.model
+        with capture_attention(m, which=self.grounding_names) as maps:
+            m.decoder(states[:, :-1], tokens[ref_img])  # teacher-forced over every reference
+        # (R, T-1, L): mean over heads and the chosen layers. Query t predicts token t+1, so a word at token
+        # position p is looked for at query p-1: where the model looks when it says that word.
+        att = torch.stack([maps[n].mean(1) for n in self.grounding_names]).mean(0)
+        H, W = batch["images"].shape[-2:]
+        grids = m.visual.grid_sizes(H, W)
+        grids = [grids[s] for s in m.stages]
+        out = []
+        ref_base = 0
+        for i, per_ref in enumerate(batch["groundings"]):
+            boxes_i = torch.as_tensor(batch["boxes"][i], dtype=torch.float32).reshape(-1, 4)
+            rows, boxes = [], []
+            for r, pairs in enumerate(per_ref):
+                # a phrase lists one pair per object it may truthfully name: a hit on any of them counts
+                phrase: dict[tuple[int, ...], list[int]] = {}
+                for positions, obj in pairs:
+                    phrase.setdefault(tuple(positions), []).append(int(obj))
+                for positions, objs in phrase.items():
+                    for p in positions:
+                        if 1 <= p <= att.shape[1]:
+                            rows.append(att[ref_base + r, p - 1])
+                            boxes.append(boxes_i[objs])
+            ref_base += len(per_ref)
+            if rows:
+                hit = grounding_hits_any(token_heatmap(torch.stack(rows), grids), boxes, (H, W))
+                out.append((int(hit.sum()), len(rows)))
+            else:
+                out.append((0, 0))
+        return out
+
+    # ------------------------------------------------------------------ whole set
+    def _gathered(self) -> list[dict[str, Any]]:
+        records = self.records
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, records)
+            records = [r for part in parts for r in part]
+        seen, unique = set(), []
+        for r in records:  # DistributedSampler pads ranks with repeated images
+            if r["image_id"] not in seen:
+                seen.add(r["image_id"])
+                unique.append(r)
+        return unique
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, float | int | None]:
+        recs = self._gathered()
+        if not recs:
+            raise RuntimeError("EvalAccumulator.compute: no evaluation batches were seen")
+        img = torch.stack([r["image_embed"] for r in recs])
+        txt = torch.cat([r["text_embeds"] for r in recs])
+        t2i = torch.cat([torch.full((len(r["text_embeds"]),), i, dtype=torch.long) for i, r in enumerate(recs)])
+        out: dict[str, float | int | None] = {"n_images": len(recs), "n_texts": int(txt.shape[0])}
+        out.update(retrieval_metrics(img, txt, t2i))
+        if self.rerank:
+            out.update({f"{k}_rerank": v for k, v in self._reranked(recs, img, txt, t2i).items()})
+        for k in ("cider", "bleu4", "bleu1", "rouge_l", "meteor"):
+            out[k] = None
+        if self.captions:
+            preds = {i: r["prediction"] for i, r in enumerate(recs)}
+            refs = {i: r["references"] for i, r in enumerate(recs)}
+            out.update(caption_metrics(preds, refs, meteor=self.meteor))
+        g = [r["grounding"] for r in recs if r["grounding"] is not None]
+        total = sum(n for _, n in g)
+        out["grounding_acc"] = sum(h for h, _ in g) / total if total else None
+        out["grounding_n"] = total
+        return out
+
+    def _reranked(self, recs, img: Tensor, txt: Tensor, t2i: Tensor) -> dict[str, float]:
+        m = self.model
+        dev = m.logit_scale.device
+        tokens = torch.stack([r["tokens"] for r in recs])  # (N_img, L, D)
+        ids = torch.cat([r["ref_ids"] for r in recs])  # (N_txt, T)
+        sim = img @ txt.T
+        n = min(self.rerank, sim.shape[1], sim.shape[0])
+        ranked = []
+        for scores, query_is_image in ((sim, True), (sim.T, False)):
+            top = scores.topk(min(self.rerank, scores.shape[1]), dim=1).indices  # (Q, n)
+            q = torch.arange(scores.shape[0])[:, None].expand_as(top).reshape(-1)
+            c = top.reshape(-1)
+            im, tx = (q, c) if query_is_image else (c, q)
+            new = []
+            for a, b in zip(im.split(512), tx.split(512)):
+                new.append(m._pair_score(tokens[a].to(dev), ids[b].to(dev), m.text(ids[b].to(dev))[1], self.rerank_with))
+            new = torch.cat(new).cpu().view_as(top)
+            ranked.append(top.gather(1, new.argsort(dim=1, descending=True)))
+        return recall_from_rankings(ranked[0], ranked[1], t2i, ks=[k for k in (1, 5, 10) if k <= n])
