@@ -1,0 +1,153 @@
+"""Loading and exporting trained models without executing code from files.
+
+* ``mmxattn.load(path)`` reads a Lightning checkpoint (``torch.load(weights_only=True)``: tensors and plain data
+  only) or an exported directory (``model.safetensors`` + ``config.json`` + ``tokenizer.json`` +
+  ``preprocess.json``), and returns the model in eval mode with its tokenizer and eval transform attached.
+* ``mmxattn.export(model, directory)`` writes that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import config_from_dict, config_to_dict
+
+__all__ = ["CheckpointError", "export", "load", "read_checkpoint"]
+
+EXPORT_FILES = ("config.json", "model.safetensors")
+
+
+class CheckpointError(ValueError):
+    """The file is not an mmxattn checkpoint, or its weights do not fit its config."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` with ``weights_only=True`` and an error that says what the file is when it is not a
+    checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is an empty file, not a checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a loadable checkpoint (torch.load with weights_only=True refused it: "
+            f"{str(e).splitlines()[0][:200]})"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    if "mmxattn_config" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not an mmxattn checkpoint: it has no 'mmxattn_config'/'state_dict' "
+            f"(top-level keys: {sorted(ckpt)[:10]})"
+        )
+    sd = ckpt["state_dict"]
+    return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"weights in {source} do not fit the model its config describes: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong)} with other shapes (e.g. {wrong[:3]})"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _attach(model: Any, tokenizer_dict: dict | None, preprocess: dict | None) -> None:
+    from .data.transforms import build_transforms
+
+    if tokenizer_dict is not None:
+        from .text.tokenizer import tokenizer_from_dict
+
+        model.tokenizer = tokenizer_from_dict(tokenizer_dict)
+    pre = preprocess or {}
+    kwargs = {k: tuple(pre[k]) for k in ("mean", "std") if k in pre}
+    model.transform = build_transforms(int(pre.get("img_size", model.cfg.vision.img_size)), train=False, **kwargs)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
+    """An :class:`~mmxattn.model.MMXAttn` in eval mode, with ``tokenizer`` and ``transform`` attached, from a
+    Lightning checkpoint (``.ckpt``) or a directory written by :func:`export`."""
+    from .model import MMXAttn
+
+    path = Path(path)
+    if path.is_dir():
+        missing = [f for f in EXPORT_FILES if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{path} is not an exported mmxattn model: missing {missing}")
+        from safetensors.torch import load_file
+
+        cfg = config_from_dict(json.loads((path / "config.json").read_text()))
+        model = MMXAttn(cfg)
+        state = load_file(str(path / "model.safetensors"))
+        if model.cfg.text.tie_embeddings and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["text.token_embedding.weight"]  # tied: stored once
+        _load_weights(model, state, path / "model.safetensors")
+        tok = path / "tokenizer.json"
+        pre = path / "preprocess.json"
+        _attach(
+            model,
+            json.loads(tok.read_text()) if tok.exists() else None,
+            json.loads(pre.read_text()) if pre.exists() else None,
+        )
+    else:
+        ckpt = read_checkpoint(path)
+        state = _model_state(ckpt, path)
+        try:
+            cfg = config_from_dict(ckpt["mmxattn_config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its mmxattn_config is invalid: {e}") from e
+        model = MMXAttn(cfg)
+        _load_weights(model, state, path)
+        _attach(model, ckpt.get("mmxattn_tokenizer"), ckpt.get("mmxattn_preprocess"))
+    return model.to(device).eval()
+
+
+def export(model: Any, directory: str | Path) -> Path:
+    """Write ``model.safetensors``, ``config.json``, ``tokenizer.json`` (if the model has a tokenizer) and
+    ``preprocess.json`` to ``directory``; :func:`load` reads it back."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.text.tie_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors stores no aliases; load() re-ties it
+    save_file(state, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(config_to_dict(model.cfg), indent=2))
+    if model.tokenizer is not None:
+        (d / "tokenizer.json").write_text(json.dumps(model.tokenizer.to_dict()))
+    (d / "preprocess.json").write_text(json.dumps(preprocess_info(model)))
+    return d
+
+
+def preprocess_info(model: Any) -> dict[str, Any]:
+    """Image size and normalisation the model expects (stored with checkpoints and exports)."""
+    from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    visual = model.visual
+    return {
+        "img_size": int(model.cfg.vision.img_size),
+        "mean": list(getattr(visual, "mean", IMAGENET_MEAN)),
+        "std": list(getattr(visual, "std", IMAGENET_STD)),
+    }

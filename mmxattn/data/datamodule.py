@@ -1,0 +1,417 @@
+"""LightningDataModules: the embedded shapes data (default) and real image-caption formats (CSV, COCO, WebDataset).
+
+Both build their tokenizer at construction (LightningCLI links ``data.vocab_size`` & co. into the model before
+``fit`` starts) and expose ``tokenizer``, ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``, ``context_length``.
+Batches follow the contract in :mod:`mmxattn.data.batching` (train: one caption per image; val/test: one image
+with all its captions).
+
+Broken samples: every batch carries ``batch["skipped"]`` (``[(source, reason), ...]``). The LightningModule reports
+each training batch with ``self.trainer.datamodule.skip_tracker.update_from_batch(batch)`` (before returning None
+for an all-broken batch, which has no ``images``), and logs ``skip_tracker.end_epoch()`` in
+``on_train_epoch_end``; the tracker raises ``BadDataError`` once more than ``max_broken_fraction`` of the epoch
+was broken. Under DDP each rank tracks its own share.
+
+Exact resume (map-style data: shapes, CSV, COCO): the train order is a function of (seed, epoch, rank, world size)
+and each sample of (seed, epoch, index); ``train_dataloader`` reads the restored loop position from the trainer and
+starts the sampler after the batches already trained (see :mod:`mmxattn.data.batching`). WebDataset streams
+restart the interrupted epoch from its beginning (shard order is a function of seed and epoch).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..text.tokenizer import OpenCLIPTokenizer, WordTokenizer, load_tokenizer
+from .batching import EpochIndexed, EvalCollate, ResumableLoader, ResumableSampler, TrainCollate, resume_position
+from .formats import CocoCaptionsDataset, CsvDataset, DatasetFormatError, WebDatasetCaptions
+from .robust import SkipTracker, caption_problem
+from .shapes import ShapesDataset, most_frequent_caption, retrieval_ceilings
+from .shapes_captions import MAX_CAPTION_WORDS, vocabulary
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_transforms
+
+__all__ = ["ImageTextDataModule", "ShapesDataModule"]
+
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "openai": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}
+
+
+class _CaptionDataModule(pl.LightningDataModule):
+    """Loaders, tokenizer properties and the skip tracker shared by both data modules."""
+
+    _tokenizer: Any
+    batch_size: int
+    num_workers: int
+    seed: int
+
+    def _init_loading(self, batch_size: int, num_workers: int, seed: int, max_broken_fraction: float) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
+        self.skip_tracker = SkipTracker(max_fraction=max_broken_fraction)
+        self._sampler: ResumableSampler | None = None
+
+    # --- tokenizer
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self._tokenizer.pad_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._tokenizer.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._tokenizer.eos_id
+
+    @property
+    def context_length(self) -> int:
+        return self._tokenizer.context_length
+
+    # --- loaders
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return dict(
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _replicas(self) -> tuple[int, int]:
+        """(world size, rank) of data parallelism: the trainer's, else torch.distributed's, else (1, 0)."""
+        trainer = self._trainer_or_none()
+        kw = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        if kw:
+            return int(kw["num_replicas"]), int(kw["rank"])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def _trainer_or_none(self) -> Any:
+        return getattr(self, "trainer", None)  # None until a Trainer attaches this module
+
+    def _map_train_loader(self, dataset: Dataset) -> DataLoader:
+        """Shuffled, resumable loader over a map-style train set (see the module docstring)."""
+        world, rank = self._replicas()
+        sampler = ResumableSampler(EpochIndexed(dataset, self.seed), world, rank, shuffle=True, seed=self.seed)
+        trainer = self._trainer_or_none()
+        position = resume_position(trainer) if trainer is not None else None
+        if position is not None:
+            epoch, batches_done = position
+            sampler.resume(epoch, batches_done * self.batch_size)
+        elif trainer is not None:
+            sampler.set_epoch(trainer.current_epoch)
+        self._sampler = sampler
+        return ResumableLoader(
+            sampler.dataset,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=TrainCollate(self._tokenizer),
+            # seeds the workers' base seed: nothing of ours draws from it (augmentations are seeded per sample)
+            generator=torch.Generator().manual_seed(self.seed),
+            **self._loader_kwargs(),
+        )
+
+    def _eval_loader(self, dataset: Dataset, collate: EvalCollate) -> DataLoader:
+        # Lightning shards this with a padded DistributedSampler under DDP: gather and dedupe by image_ids
+        return DataLoader(dataset, shuffle=False, drop_last=False, collate_fn=collate, **self._loader_kwargs())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the train sampler's epoch (Lightning does this itself; for use without a Trainer)."""
+        if self._sampler is not None:
+            self._sampler.set_epoch(epoch)
+
+
+# ---------------------------------------------------------------------------------------------------- shapes
+
+
+def _holdout_pairs(holdout: list[str] | None) -> list[tuple[str, str]]:
+    pairs = []
+    for h in holdout or []:
+        words = h.split() if isinstance(h, str) else list(h)
+        if len(words) != 2:
+            raise ValueError(f"holdout: entries are 'colour shape' strings like 'red circle', got {h!r}")
+        pairs.append((words[0], words[1]))
+    return pairs
+
+
+class ShapesDataModule(_CaptionDataModule):
+    """The embedded grounded shapes data (:class:`mmxattn.data.shapes.ShapesDataset`), generated on the fly.
+
+    Train: one item per image, its caption drawn per (seed, epoch, index). Val/test: every caption of every image,
+    plus ``boxes`` and token-level ``groundings``. The word tokenizer's vocabulary is everything the caption
+    templates can produce, so it is the same for every split, seed and run.
+
+    Args:
+        img_size: image side in pixels (generated at this size).
+        train_size, val_size, test_size: images per split.
+        captions_per_image: distinct captions generated per image.
+        batch_size, num_workers: DataLoader settings (val/test use the same batch size).
+        seed: generation seed (splits are disjoint streams of it) and train shuffle seed.
+        holdout: "colour shape" pairs (e.g. "red circle") never shown in training; val/test keep them.
+        cache_dir: generate images once into memory-mapped files there (built by ``prepare_data``).
+        context_length: tokens per caption including bos/eos (the longest caption has 19 words).
+        flip: paired horizontal flip in training (image, boxes and left/right in captions flip together).
+        min_objects, max_objects: objects per image (1..4).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 64,
+        train_size: int = 20000,
+        val_size: int = 500,
+        test_size: int = 1000,
+        captions_per_image: int = 5,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        seed: int = 0,
+        holdout: list[str] | None = None,
+        cache_dir: str | None = None,
+        context_length: int = 24,
+        flip: bool = False,
+        min_objects: int = 1,
+        max_objects: int = 4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if context_length < MAX_CAPTION_WORDS + 2:
+            raise ValueError(
+                f"context_length={context_length} cannot hold the longest shapes caption "
+                f"({MAX_CAPTION_WORDS} words + bos + eos = {MAX_CAPTION_WORDS + 2})"
+            )
+        self._init_loading(batch_size, num_workers, seed, max_broken_fraction=0.0)  # a broken shape is a bug
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.img_size, self.flip = img_size, flip
+        self._common = dict(
+            img_size=img_size,
+            seed=seed,
+            captions_per_image=captions_per_image,
+            holdout=_holdout_pairs(holdout),
+            cache_dir=cache_dir,
+            min_objects=min_objects,
+            max_objects=max_objects,
+        )
+        self._tokenizer = WordTokenizer([*WordTokenizer.SPECIALS, *vocabulary()], context_length=context_length)
+        self._datasets: dict[str, ShapesDataset] = {}
+        self.dataset("val")  # argument errors (holdout names, sizes) now, not when fit starts
+
+    def dataset(self, split: str, transform: Any = None) -> ShapesDataset:
+        """A ShapesDataset of ``split`` with this module's settings (``transform=None``: raw uint8 images)."""
+        return ShapesDataset(split, size=self.sizes[split], transform=transform, **self._common)
+
+    def prepare_data(self) -> None:
+        if self._common["cache_dir"] is not None:  # rank 0 only: write the caches once
+            for split in self.sizes:
+                self.dataset(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._datasets["train"] = self.dataset("train", build_transforms(self.img_size, True, flip=self.flip))
+        for split, stages in (("val", (None, "fit", "validate")), ("test", (None, "test"))):
+            if stage in stages:
+                self._datasets[split] = self.dataset(split, build_transforms(self.img_size, False))
+
+    def _get(self, split: str) -> ShapesDataset:
+        if split not in self._datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return self._datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._map_train_loader(self._get("train"))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._get("val"), EvalCollate(self._tokenizer, grounding=True))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._get("test"), EvalCollate(self._tokenizer, grounding=True))
+
+    # --- for evaluation code
+    def ceilings(self, split: str = "test") -> dict[str, float]:
+        """Retrieval recall a "perfect meaning" model can expect on ``split`` (see ``shapes.retrieval_ceilings``)."""
+        return retrieval_ceilings(self.dataset(split))
+
+    def constant_caption(self) -> str:
+        """The most frequent training caption: the constant-caption baseline for caption metrics."""
+        return most_frequent_caption(self.dataset("train"))
+
+
+# ------------------------------------------------------------------------------------------------ real formats
+
+FORMATS = ("csv", "coco", "wds")
+
+
+class ImageTextDataModule(_CaptionDataModule):
+    """Image-caption data in the formats of :mod:`mmxattn.data.formats`.
+
+    Args:
+        format: "csv" (CSV/TSV with image-path and caption columns), "coco" (official captions JSON or a Karpathy
+            split file) or "wds" (WebDataset tar shards: brace notation, a directory, or "::"-joined lists).
+        train_path, val_path, test_path: the file (or shards) of each split; None = no such split. For one
+            Karpathy file holding every split, pass it as each path (``train_split``... pick the split).
+        image_root: directory image paths are relative to (csv/coco; default: the file's directory).
+        img_key, caption_key, csv_separator: CSV columns and separator (default: tab for .tsv, else comma).
+        train_split, val_split, test_split: split names inside a Karpathy file ("train" includes "restval").
+        tokenizer: "openclip" (CLIP BPE), "word" (word vocabulary built from the train captions; csv/coco), or
+            the path of a saved ``tokenizer.json`` (or its directory).
+        context_length: tokens per caption including bos/eos.
+        img_size: output side; normalization: "imagenet" or "openai" (CLIP) mean/std.
+        train_augment: RandomResizedCrop over 80-100% of the area in training (no flip, no colour jitter).
+        max_broken_fraction: share of broken training samples per epoch above which the run stops.
+        shuffle_buffer: wds only, samples shuffled within each reader.
+
+    WebDataset eval: one sample = one image; its references are the ``captions`` (or ``caption``/``text``) list of
+    its ``.json``, or its single ``.txt``. Captions of one image spread over several samples are not grouped, so
+    such shards give one gallery entry per sample (retrieval then counts the other copies as misses).
+    """
+
+    def __init__(
+        self,
+        format: str = "csv",
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        image_root: str | None = None,
+        img_key: str = "filepath",
+        caption_key: str = "title",
+        csv_separator: str | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        tokenizer: str = "openclip",
+        context_length: int = 32,
+        img_size: int = 224,
+        normalization: str = "imagenet",
+        train_augment: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        seed: int = 0,
+        max_broken_fraction: float = 0.05,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}")
+        self.format = format
+        self.paths = {"train": train_path, "val": val_path, "test": test_path}
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        for split, p in self.paths.items():  # missing files fail now; format problems in setup (or now, for "word")
+            if p is not None and format != "wds" and not os.path.isfile(p):
+                raise FileNotFoundError(f"ImageTextDataModule: {split}_path {p!r} does not exist")
+        self.image_root, self.img_key, self.caption_key, self.csv_separator = (
+            image_root,
+            img_key,
+            caption_key,
+            csv_separator,
+        )
+        self.img_size, self.train_augment, self.shuffle_buffer = img_size, train_augment, shuffle_buffer
+        self.mean, self.std = NORMALIZATIONS[normalization]
+        self._init_loading(batch_size, num_workers, seed, max_broken_fraction)
+        self._datasets: dict[str, Dataset] = {}
+        self._tokenizer = self._build_tokenizer(tokenizer, context_length)
+
+    def _build_tokenizer(self, spec: str, context_length: int) -> Any:
+        if spec == "openclip":
+            return OpenCLIPTokenizer(context_length=context_length)
+        if spec == "word":
+            if self.format == "wds" or self.paths["train"] is None:
+                raise ValueError(
+                    "tokenizer='word' builds its vocabulary from a csv/coco train_path; for WebDataset shards save a "
+                    "tokenizer (WordTokenizer.build(captions).save(dir)) and pass its path"
+                )
+            train = self._make("train", "train", transform=None)  # also validates the train file now
+            captions = [c for r in train.records for c in r.captions if caption_problem(c) is None]
+            train.transform = self._transform(True)
+            self._datasets["train"] = train  # read once
+            return WordTokenizer.build(captions, context_length=context_length)
+        if os.path.exists(spec):
+            tok = load_tokenizer(spec)
+            if tok.context_length != context_length:
+                tok = type(tok).from_dict({**tok.to_dict(), "context_length": context_length})
+            return tok
+        raise ValueError(f"tokenizer must be 'openclip', 'word' or the path of a tokenizer.json, got {spec!r}")
+
+    def _transform(self, train: bool) -> Any:
+        crop = (0.8, 1.0) if (train and self.train_augment) else None
+        return build_transforms(self.img_size, train, mean=self.mean, std=self.std, crop_scale=crop)
+
+    def _make(self, split: str, mode: str, transform: Any) -> Dataset:
+        path = self.paths[split]
+        try:
+            if self.format == "csv":
+                return CsvDataset(
+                    path,
+                    self.image_root,
+                    mode=mode,
+                    transform=transform,
+                    img_key=self.img_key,
+                    caption_key=self.caption_key,
+                    sep=self.csv_separator,
+                )
+            if self.format == "coco":
+                return CocoCaptionsDataset(
+                    path, self.image_root, split=self.splits[split], mode=mode, transform=transform
+                )
+            return WebDatasetCaptions(
+                path,
+                mode=mode,
+                transform=transform,
+                json_caption_fields=("captions", "caption", "text"),
+                shuffle_shards=mode == "train",
+                shuffle_buffer=self.shuffle_buffer if mode == "train" else 0,
+                seed=self.seed,
+            )
+        except (DatasetFormatError, FileNotFoundError) as e:  # say which argument of ours it was
+            raise type(e)(f"ImageTextDataModule {split}_path ({self.format}): {e}") from None
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {None: ("train", "val", "test"), "fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for split in wanted.get(stage, ()):
+            if self.paths[split] is None:
+                if split == "train":
+                    raise ValueError("ImageTextDataModule: fitting needs train_path")
+                continue
+            if split not in self._datasets:
+                mode = "train" if split == "train" else "eval"
+                self._datasets[split] = self._make(split, mode, self._transform(split == "train"))
+
+    def _get(self, split: str) -> Dataset | None:
+        if self.paths[split] is None:
+            return None
+        if split not in self._datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return self._datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self._get("train")
+        if ds is None:
+            raise ValueError("ImageTextDataModule: train_dataloader needs train_path")
+        if isinstance(ds, WebDatasetCaptions):
+            # a stream: order from (seed, epoch) shard shuffling, per-reader sample shuffling; no sampler
+            return DataLoader(ds, drop_last=True, collate_fn=TrainCollate(self._tokenizer), **self._loader_kwargs())
+        return self._map_train_loader(ds)
+
+    def val_dataloader(self) -> DataLoader | list:
+        ds = self._get("val")
+        return [] if ds is None else self._eval_loader(ds, EvalCollate(self._tokenizer))
+
+    def test_dataloader(self) -> DataLoader | list:
+        ds = self._get("test")
+        if ds is None:
+            raise ValueError("ImageTextDataModule: testing needs test_path")
+        return self._eval_loader(ds, EvalCollate(self._tokenizer))

@@ -1,0 +1,331 @@
+"""Data modules: the batch contract, tokenisation and grounding positions, determinism per (seed, epoch), exact
+resume through a real Trainer, and real formats (CSV, COCO, WebDataset) with setup errors and skipped samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from mmxattn.data.batching import EpochIndexed, ResumableSampler
+from mmxattn.data.datamodule import ImageTextDataModule, ShapesDataModule
+from mmxattn.data.formats import DatasetFormatError
+from mmxattn.data.shapes_render import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
+from mmxattn.losses import text_pos_ids
+
+TRAIN_KEYS = {"images", "ids", "pos_ids", "image_ids", "captions", "skipped"}
+EVAL_KEYS = {"images", "image_ids", "references", "ref_ids", "ref_image_index", "skipped"}
+
+
+def _shapes(**kw) -> ShapesDataModule:
+    args = dict(train_size=48, val_size=12, test_size=12, batch_size=8, num_workers=0)
+    return ShapesDataModule(**{**args, **kw})
+
+
+def _train_batches(dm, epoch: int = 0) -> list[dict]:
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def _check_eval_contract(b: dict, tok) -> None:
+    assert EVAL_KEYS <= set(b)
+    n = len(b["image_ids"])
+    assert b["images"].dtype == torch.float32 and b["images"].shape[0] == n
+    flat = [c for refs in b["references"] for c in refs]
+    assert b["ref_ids"].dtype == torch.long and torch.equal(b["ref_ids"], tok(flat))
+    expected = [i for i, refs in enumerate(b["references"]) for _ in refs]
+    assert b["ref_image_index"].dtype == torch.long and b["ref_image_index"].tolist() == expected
+
+
+# ---------------------------------------------------------------------------------------------------- shapes
+
+
+def test_shapes_train_batch_contract_and_tokenizer_round_trip():
+    dm = _shapes()
+    b = next(iter(dm.train_dataloader()))
+    assert set(b) == TRAIN_KEYS and b["skipped"] == []
+    assert b["images"].shape == (8, 3, 64, 64) and b["images"].dtype == torch.float32
+    assert b["ids"].shape == (8, dm.context_length) and b["ids"].dtype == torch.long
+    assert torch.equal(b["pos_ids"], text_pos_ids(b["captions"]))
+    assert dm.tokenizer.batch_decode(b["ids"]) == b["captions"]  # lowercase words: decoding is exact
+    assert (b["ids"] < dm.vocab_size).all() and (b["ids"][:, 0] == dm.bos_id).all()
+    assert dm.pad_id == 0 and dm.eos_id in b["ids"][0].tolist()
+    ds = dm.dataset("train")
+    for image_id, caption in zip(b["image_ids"], b["captions"]):  # each caption is one of its image's captions
+        assert caption in ds[image_id]["captions"]
+    # the vocabulary is the generator's, whatever the seed or size: a resumed run gets the same ids
+    assert _shapes(seed=5, train_size=100).tokenizer.vocab == dm.tokenizer.vocab
+
+
+def test_shapes_eval_batches_hold_all_references_and_grounded_token_positions():
+    dm = _shapes(captions_per_image=3)
+    batches = list(dm.val_dataloader())
+    assert sum(len(b["image_ids"]) for b in batches) == 12  # every val image, none dropped
+    raw = dm.dataset("val")
+    n_grounded = 0
+    for b in batches:
+        _check_eval_contract(b, dm.tokenizer)
+        assert all(len(refs) == 3 for refs in b["references"])
+        for k, image_id in enumerate(b["image_ids"]):
+            sample = raw[image_id]
+            assert b["references"][k] == sample["captions"]
+            assert torch.allclose(b["boxes"][k], torch.as_tensor(sample["boxes"]))  # eval: no resize, same pixels
+            labels = sample["labels"]
+            for caption, ground, ids in zip(
+                b["references"][k], b["groundings"][k], b["ref_ids"][b["ref_image_index"] == k]
+            ):
+                words = caption.split()
+                for positions, obj in ground:
+                    for p in positions:
+                        word = dm.tokenizer.vocab[ids[p]]
+                        assert word == words[p - 1]  # token position p holds word p - 1
+                        shape, colour, size = labels[obj]
+                        assert word in (SHAPES[shape], SHAPE_PLURALS[shape], COLOURS[colour], SIZES[size])
+                        n_grounded += 1
+    assert n_grounded > 20
+
+
+def test_shapes_same_seed_same_batches_and_captions_change_with_epoch():
+    a, b = _train_batches(_shapes()), _train_batches(_shapes())
+    assert [x["image_ids"] for x in a] == [x["image_ids"] for x in b]
+    assert all(torch.equal(x["images"], y["images"]) and torch.equal(x["ids"], y["ids"]) for x, y in zip(a, b))
+    other = _train_batches(_shapes(seed=1))
+    assert [x["captions"] for x in other] != [x["captions"] for x in a]
+
+    def captions_by_image(batches):
+        return {i: c for x in batches for i, c in zip(x["image_ids"], x["captions"])}
+
+    e0, e1 = captions_by_image(a), captions_by_image(_train_batches(_shapes(), epoch=1))
+    assert len(e0) == 48 and set(e0) == set(e1)  # drop_last with 48 = 6 x 8: every image once per epoch
+    assert sum(e0[i] != e1[i] for i in e0) >= 24  # 5 captions per image: most change between epochs
+
+
+def test_shapes_persistent_workers_see_the_epoch():
+    """Workers keep their copy of the data set across epochs; the epoch must reach them through the indices."""
+    dm = _shapes(num_workers=2)
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+    epochs = []
+    for epoch in range(2):
+        dm.set_epoch(epoch)
+        epochs.append({i: c for x in loader for i, c in zip(x["image_ids"], x["captions"])})
+    reference = [_train_batches(_shapes(), epoch=e) for e in range(2)]
+    for got, ref in zip(epochs, reference):
+        assert got == {i: c for x in ref for i, c in zip(x["image_ids"], x["captions"])}  # same as num_workers=0
+
+
+def test_flip_augmentation_is_a_function_of_seed_epoch_and_index():
+    def flips(num_workers):
+        dm = _shapes(flip=True, num_workers=num_workers)
+        return [c for x in _train_batches(dm) for c in x["captions"]]
+
+    assert flips(0) == flips(0)
+    assert flips(0) == flips(2)  # not of the worker that loads the sample
+
+
+def test_resumable_sampler_partitions_ranks_and_skips():
+    ds = EpochIndexed(list(range(20)))
+    shares = [list(ResumableSampler(ds, 2, r, seed=3)) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(20)) and len(shares[0]) == 10
+    s = ResumableSampler(ds, 2, 0, seed=3)
+    s.set_epoch(4)
+    full = list(s)
+    assert all(c // 20 == 4 for c in full) and [c % 20 for c in full] != [c % 20 for c in shares[0]]
+    s.resume(4, 6)
+    assert list(s) == full[6:] and list(s) == full  # the skip applies to one pass only
+    assert len(s) == 10
+
+
+def test_shapes_setup_errors():
+    with pytest.raises(ValueError, match="holdout"):
+        _shapes(holdout=["red"])
+    with pytest.raises(ValueError, match="holdout"):
+        _shapes(holdout=["pink circle"])
+    with pytest.raises(ValueError, match="context_length"):
+        _shapes(context_length=10)
+    dm = _shapes(holdout=["red circle"])
+    assert dm.dataset("train").holdout == (("red", "circle"),)
+
+
+# -------------------------------------------------------------------------------------------- exact resume
+
+
+class _Recorder(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, list, list]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.trainer.datamodule.skip_tracker.update_from_batch(batch)
+        self.seen.append((self.current_epoch, list(batch["image_ids"]), list(batch["captions"])))
+        return (self.w - batch["images"].mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(tmp_path: Path, ckpt: str | None = None, callbacks=(), num_workers: int = 0) -> list:
+    model = _Recorder()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=_shapes(train_size=32, num_workers=num_workers), ckpt_path=ckpt)
+    return model.seen
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::pytorch_lightning.utilities.warnings.PossibleUserWarning")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_mid_epoch_and_epoch_end_sees_the_same_batches(tmp_path, num_workers):
+    """Lightning creates the resumed run's first iterator before it calls set_epoch (and workers fetch at once):
+    the position must come from the restored loop progress. Step 4 is the last batch of epoch 0, "ends/epoch=0"
+    is saved in on_train_epoch_end (epoch already counted as processed)."""
+    every_step = ModelCheckpoint(tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    epoch_end = ModelCheckpoint(tmp_path / "ends", save_on_train_epoch_end=True, save_top_k=-1, filename="{epoch}")
+    full = _fit(tmp_path, callbacks=[every_step, epoch_end], num_workers=num_workers)
+    assert len(full) == 8 and [e for e, _, _ in full] == [0] * 4 + [1] * 4
+    cases = [("steps/step=2.ckpt", 2), ("steps/step=4.ckpt", 4), ("steps/step=5.ckpt", 5), ("ends/epoch=0.ckpt", 4)]
+    for ckpt, done in cases if num_workers == 0 else cases[:1]:
+        assert _fit(tmp_path, ckpt=str(tmp_path / ckpt), num_workers=num_workers) == full[done:], ckpt
+
+
+# ---------------------------------------------------------------------------------------------- real formats
+
+
+def _jpeg(path: Path, colour=(200, 40, 40)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path, format="JPEG")
+
+
+@pytest.fixture
+def csv_data(tmp_path: Path) -> Path:
+    for k in range(6):
+        _jpeg(tmp_path / "imgs" / f"{k}.jpg", (40 * k, 100, 50))
+    rows = [f"{k}.jpg,a photo number {k}" for k in range(6)] + ["0.jpg,another photo of zero", "missing.jpg,gone"]
+    (tmp_path / "train.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    return tmp_path
+
+
+def test_csv_datamodule_batches_and_skipped_rows(csv_data):
+    dm = ImageTextDataModule(
+        train_path=str(csv_data / "train.csv"),
+        val_path=str(csv_data / "train.csv"),
+        image_root=str(csv_data / "imgs"),
+        tokenizer="word",
+        img_size=32,
+        batch_size=8,
+        num_workers=0,
+        context_length=12,
+    )
+    assert dm.vocab_size == len(dm.tokenizer.vocab) and "photo" in dm.tokenizer.vocab
+    b = next(iter(dm.train_dataloader()))  # 8 pairs, one of them a missing file
+    assert set(b) == TRAIN_KEYS and b["images"].shape == (7, 3, 32, 32) and b["ids"].shape == (7, 12)
+    assert [reason for _, reason in b["skipped"]] == ["file not found"] and "missing.jpg" in b["skipped"][0][0]
+    assert dm.tokenizer.batch_decode(b["ids"]) == b["captions"]
+    dm.skip_tracker.update_from_batch(b)
+    assert dm.skip_tracker.summary()["n_skipped"] == 1
+    v = list(dm.val_dataloader())
+    refs = {i: r for x in v for i, r in zip(x["image_ids"], x["references"])}
+    assert refs["0.jpg"] == ["a photo number 0", "another photo of zero"] and len(refs) == 6
+    for x in v:
+        _check_eval_contract(x, dm.tokenizer)
+
+
+def test_csv_setup_errors_name_the_file(csv_data):
+    (csv_data / "bad.csv").write_text("path,title\n0.jpg,x\n")
+    with pytest.raises(DatasetFormatError, match=r"bad\.csv.*missing column.*'filepath'"):
+        ImageTextDataModule(train_path=str(csv_data / "bad.csv"), image_root=str(csv_data / "imgs")).setup("fit")
+    dm = ImageTextDataModule(train_path=str(csv_data / "train.csv"), image_root=str(csv_data))  # wrong root
+    with pytest.raises(FileNotFoundError, match=r"train_path.*train\.csv.*image_root"):
+        dm.setup("fit")
+    with pytest.raises(FileNotFoundError, match="val_path 'nope.csv'"):
+        ImageTextDataModule(train_path=str(csv_data / "train.csv"), val_path="nope.csv")
+    with pytest.raises(DatasetFormatError, match=r"bad\.csv"):  # the word tokenizer reads the file at construction
+        ImageTextDataModule(train_path=str(csv_data / "bad.csv"), tokenizer="word")
+    with pytest.raises(ValueError, match="format"):
+        ImageTextDataModule(format="parquet")
+
+
+def test_coco_datamodule_with_openclip_tokenizer(tmp_path):
+    for k in range(3):
+        _jpeg(tmp_path / "val2014" / f"{k}.jpg")
+    ann = {
+        "images": [{"id": 10 + k, "file_name": f"{k}.jpg"} for k in range(3)],
+        "annotations": [{"id": n, "image_id": 10 + n % 3, "caption": f"A red square, take {n}."} for n in range(7)],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(ann))
+    dm = ImageTextDataModule(
+        format="coco",
+        train_path=str(tmp_path / "captions.json"),
+        test_path=str(tmp_path / "captions.json"),
+        image_root=str(tmp_path / "val2014"),
+        img_size=32,
+        batch_size=4,
+        num_workers=0,
+        normalization="openai",
+    )
+    assert dm.vocab_size == 49409 and dm.pad_id == 49408 and dm.context_length == 32
+    b = next(iter(dm.train_dataloader()))
+    assert set(b) == TRAIN_KEYS and b["ids"].shape == (4, 32) and (b["ids"][:, 0] == dm.bos_id).all()
+    (t,) = list(dm.test_dataloader())
+    _check_eval_contract(t, dm.tokenizer)
+    assert t["image_ids"] == [10, 11, 12] and [len(r) for r in t["references"]] == [3, 2, 2]
+
+
+def _shard(path: Path, samples: list[tuple[str, bytes | None, dict]]) -> None:
+    with tarfile.open(path, "w") as tf:
+        for key, jpg, meta in samples:
+            for ext, data in (("jpg", jpg), ("json", json.dumps(meta).encode())):
+                if data is None:
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_wds_datamodule_train_and_eval(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), (10, 200, 10)).save(buf, format="JPEG")
+    jpg = buf.getvalue()
+    for s in range(2):
+        samples = [(f"s{s}_bad", b"not a jpeg", {"captions": ["broken"]})]  # first: never in the dropped tail
+        samples += [(f"s{s}_{k}", jpg, {"captions": [f"green {s} {k}", f"a green tile {k}"]}) for k in range(4)]
+        _shard(tmp_path / f"shard-{s}.tar", samples)
+    dm = ImageTextDataModule(
+        format="wds",
+        train_path=str(tmp_path / "shard-{0..1}.tar"),
+        val_path=str(tmp_path),
+        tokenizer="openclip",
+        img_size=32,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=0,
+    )
+    batches = list(dm.train_dataloader())
+    assert all(set(b) == TRAIN_KEYS for b in batches)
+    assert sum(len(b.get("captions", [])) + len(b["skipped"]) for b in batches) == 16  # 18 entries, drop_last
+    assert sum(len(b["skipped"]) for b in batches) == 2  # the two undecodable images, once each
+    v = list(dm.val_dataloader())
+    refs = [r for x in v for r in x["references"]]
+    assert len(refs) == 8 and all(len(r) == 2 for r in refs)
+    for x in v:
+        _check_eval_contract(x, dm.tokenizer)
