@@ -1,0 +1,100 @@
+"""LightningCLI entry point: ``python train.py fit|validate|test|predict --config configs/<x>.yaml``.
+
+The data module is chosen in the config (``data.class_path``: ShapesDataModule or ImageTextDataModule); its
+tokenizer properties (vocab size, special ids, context length) and image size are linked into the model, so a
+config never states them twice. After ``fit`` the best checkpoint is tested (``--test_after_fit false`` skips
+it), the test metrics are printed as one JSON object, and the folder of attention-map PNGs is named.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from .checkpoint_io import AtomicCheckpointIO
+from .module import MMXAttnModule
+
+__all__ = ["MMXAttnCLI", "main"]
+
+_LINKS = ("vocab_size", "pad_id", "bos_id", "eos_id", "context_length", "img_size")
+
+
+class MMXAttnCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in _LINKS:
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit")
+        parser.add_argument(
+            "--metrics_file", type=str | None, default=None, help="also write the final test metrics JSON here"
+        )
+
+    def _sub(self) -> Any:
+        return self.config.get(self.config.get("subcommand")) or self.config
+
+    def after_fit(self) -> None:
+        cfg = self._sub()
+        if getattr(self.trainer, "interrupted", False):
+            return
+        if not cfg.get("test_after_fit", True) or self.datamodule is None:
+            return
+        if not hasattr(self.datamodule, "test_dataloader"):
+            return
+        ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        self._report(cfg)
+
+    after_test = None  # set below: the same report after a stand-alone `test`
+
+    def _report(self, cfg: Any) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k.split("/", 1)[1]: v for k, v in self.model.last_metrics.items() if k.startswith("test/")}
+        ceilings = getattr(self.datamodule, "ceilings", None)
+        if callable(ceilings):
+            metrics["ceilings"] = ceilings("test")
+        if hasattr(self.datamodule, "constant_caption"):
+            metrics["constant_caption"] = self.datamodule.constant_caption()
+        out = json.dumps(metrics, sort_keys=True)
+        print("\nTEST METRICS " + out, flush=True)
+        path = cfg.get("metrics_file")
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        for cb in self.trainer.callbacks:
+            paths = getattr(cb, "last_paths", None)
+            if paths:
+                print(f"attention maps: {Path(paths[0]).parent}", flush=True)
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+        if best:
+            print(f"best checkpoint: {best}", flush=True)
+
+
+def _after_test(self: MMXAttnCLI) -> None:
+    self._report(self._sub())
+
+
+MMXAttnCLI.after_test = _after_test
+
+
+def main(args: list[str] | None = None) -> MMXAttnCLI:
+    return MMXAttnCLI(
+        MMXAttnModule,
+        None,  # the data module class comes from the config (class_path)
+        subclass_mode_data=True,
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+        args=args if args is not None else sys.argv[1:],
+    )
+
+
+def _has_omegaconf() -> bool:
+    try:
+        import omegaconf  # noqa: F401
+    except ImportError:
+        return False
+    return True
