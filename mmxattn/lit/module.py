@@ -246,6 +246,21 @@ class MMXAttnModule(pl.LightningModule):
         checkpoint["mmxattn_config"] = config_to_dict(self.model.cfg)
         if self.model.tokenizer is not None:
             checkpoint["mmxattn_tokenizer"] = self.model.tokenizer.to_dict()
+        from ..checkpoint import preprocess_info
+
+        pre = preprocess_info(self.model)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None:
+            for key in ("mean", "std"):
+                if getattr(dm, key, None) is not None:
+                    pre[key] = [float(v) for v in getattr(dm, key)]
+            hp = getattr(dm, "hparams", None)
+            if hp:  # how to rebuild the evaluation data (python -m mmxattn.evaluate without --config)
+                checkpoint["mmxattn_data"] = {
+                    "class_path": f"{type(dm).__module__}.{type(dm).__name__}",
+                    "init_args": {k: v for k, v in dict(hp).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+                }
+        checkpoint["mmxattn_preprocess"] = pre
         np_state = np.random.get_state()
         checkpoint["mmxattn_rng"] = {
             "torch": torch.get_rng_state(),

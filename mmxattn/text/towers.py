@@ -97,9 +97,13 @@ class DecodingCache:
     def length(self) -> int:
         return self.text[0].length if self.text else 0
 
-    def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search); ``index`` is (B',) into the current batch."""
-        for c in (*self.text, *self.dec_self, *self.dec_cross):
+    def reorder(self, index: Tensor, same_image: bool = True) -> None:
+        """Select batch rows (beam search); ``index`` is (B',) into the current batch.
+
+        Beam search only ever moves a row to another beam of the SAME image, whose cross-attention keys/values
+        are identical, so those are left in place unless ``same_image=False``."""
+        caches = (*self.text, *self.dec_self) if same_image else (*self.text, *self.dec_self, *self.dec_cross)
+        for c in caches:
             c.reorder(index)
 
 

@@ -1,0 +1,148 @@
+"""``python -m mmxattn.evaluate --ckpt PATH [--config CONFIG.yaml] [--split test]``
+
+Prints ONE JSON object: retrieval recall (with ``*_rerank`` after decoder re-ranking), caption metrics,
+grounding accuracy and ``n_images`` (``null`` where a metric does not apply). On the shapes data it adds the data
+set's ceilings (best achievable retrieval, a held-out reference caption's scores, a constant caption's scores) so
+the model's numbers can be read against them.
+
+The data come from ``--config`` (a training config's ``data:`` section) or, without one, from the data-module
+settings saved in the checkpoint. Nothing in the checkpoint is executed: it is read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, load, read_checkpoint
+from .evaluation import METRIC_KEYS, EvalAccumulator
+
+__all__ = ["build_datamodule", "evaluate", "main", "shapes_reference_scores"]
+
+_ALLOWED_DATA = {
+    "mmxattn.data.datamodule.ShapesDataModule",
+    "mmxattn.data.datamodule.ImageTextDataModule",
+    "ShapesDataModule",
+    "ImageTextDataModule",
+}
+
+
+def _data_section(config: str | None, ckpt: dict[str, Any]) -> dict[str, Any]:
+    if config is not None:
+        import yaml
+
+        path = Path(config)
+        if not path.exists():
+            raise FileNotFoundError(f"--config {path} does not exist")
+        cfg = yaml.safe_load(path.read_text()) or {}
+        data = cfg.get("data")
+        if not data:
+            raise ValueError(f"{path} has no 'data:' section")
+        return data
+    data = ckpt.get("mmxattn_data")
+    if not data:
+        raise ValueError("the checkpoint stores no data-module settings; pass --config with a 'data:' section")
+    return data
+
+def build_datamodule(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Any:
+    """Instantiate a data module from a config's ``data:`` section (only the project's own classes)."""
+    class_path = data.get("class_path", "mmxattn.data.datamodule.ShapesDataModule")
+    if class_path not in _ALLOWED_DATA:
+        raise ValueError(f"data.class_path {class_path!r} is not one of {sorted(_ALLOWED_DATA)}")
+    name = class_path.rsplit(".", 1)[-1]
+    cls = getattr(importlib.import_module("mmxattn.data.datamodule"), name)
+    kwargs = {**dict(data.get("init_args") or {}), **(overrides or {})}
+    return cls(**kwargs)
+
+
+def shapes_reference_scores(dm: Any, split: str) -> dict[str, Any]:
+    """Caption-metric ceilings of the shapes data: one held-out reference per image scored against the others,
+    and the constant (most frequent training) caption scored against all but that held-out one."""
+    from .metrics import caption_metrics
+
+    ds = dm.dataset(split)
+    refs = {i: list(c) for i, c in enumerate(ds.reference_captions())}
+    held = {i: c[0] for i, c in refs.items()}
+    rest = {i: c[1:] for i, c in refs.items()}
+    const = dm.constant_caption()
+    heldout_scores = caption_metrics(held, rest, meteor=False)
+    constant_scores = caption_metrics({i: const for i in refs}, rest, meteor=False)
+    return {
+        "heldout_reference": {k: heldout_scores[k] for k in ("cider", "bleu4")},
+        "constant_caption": {"caption": const, **{k: constant_scores[k] for k in ("cider", "bleu4")}},
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    dm: Any,
+    split: str = "test",
+    *,
+    rerank: int = 10,
+    meteor: bool = True,
+    gen_kwargs: dict[str, Any] | None = None,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    if split not in ("val", "test"):
+        raise ValueError(f"--split must be 'val' or 'test', got {split!r}")
+    dm.setup("validate" if split == "val" else "test")
+    loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
+    if isinstance(loader, list) and not loader:
+        raise ValueError(f"the data module has no {split} split configured")
+    if getattr(model, "tokenizer", None) is None and getattr(dm, "tokenizer", None) is not None:
+        model.tokenizer = dm.tokenizer
+    acc = EvalAccumulator(model, rerank=rerank, meteor=meteor, gen_kwargs=gen_kwargs)
+    device = model.logit_scale.device
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        if "images" not in batch:
+            continue
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        acc.update(batch)
+    out: dict[str, Any] = {k: None for k in METRIC_KEYS}
+    out.update(acc.compute())
+    if hasattr(dm, "ceilings"):
+        out["ceilings"] = {**dm.ceilings(split), **shapes_reference_scores(dm, split)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmxattn.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by train.py")
+    p.add_argument("--config", default=None, help="training config whose data: section to evaluate on")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--rerank", type=int, default=10, help="decoder re-ranking of the top N candidates (0 = off)")
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam"], help="caption generation")
+    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves starting Java)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate on the first N batches only")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    try:
+        ckpt = read_checkpoint(a.ckpt)
+        data = _data_section(a.config, ckpt)
+        model = load(a.ckpt, device=a.device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    overrides = {"num_workers": 0} | ({"batch_size": a.batch_size} if a.batch_size else {})
+    dm = build_datamodule(data, overrides)
+    gen = {"strategy": a.strategy} | ({"num_beams": a.num_beams} if a.strategy == "beam" else {})
+    metrics = evaluate(
+        model, dm, a.split, rerank=a.rerank, meteor=not a.no_meteor, gen_kwargs=gen, max_batches=a.max_batches
+    )
+    print(json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
