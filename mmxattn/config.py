@@ -57,6 +57,8 @@ class CATConfig:
         for name in ("embed_dim", "img_size", "patch_size", "window", "in_chans"):
             if getattr(self, name) < 1:
                 raise _err(n, f"{name} must be positive, got {getattr(self, name)}")
+        if self.img_size % self.patch_size:
+            raise _err(n, f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size} (ape grid)")
         if self.num_classes < 0:
             raise _err(n, f"num_classes must be >= 0 (0 = no head), got {self.num_classes}")
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):

@@ -1,0 +1,237 @@
+"""CAT-T against timm's ViT-S/16 and ViT-Ti/16 (random weights, ``img_size`` set to the input size), same run.
+
+Per input size and batch, for each model:
+
+* eval forward latency (``torch.inference_mode``), median over ``--repeats`` timed calls after one warm-up call;
+* one training step (forward, backward, AdamW step), median the same way. Calls longer than ``--budget`` seconds
+  are not repeated: the warm-up call is then the sample (its one-off costs are small at that scale);
+* FLOPs of one forward (and of forward + backward) counted with ``torch.utils.flop_counter.FlopCounterMode``
+  (matmuls, convolutions, SDPA; CAT counted with its oneDNN fast path off so every matmul is seen), and the
+  achieved GFLOP/s, next to the machine's fp32 matmul GFLOP/s (``torch.mm`` of 2048 x 2048, measured here);
+* peak memory: each (model, size, batch, mode) runs once more in a fresh subprocess that builds the model and
+  input, resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- 5, Linux), and reports the peak RSS
+  (``VmHWM``) of one eval forward / one training step minus the RSS just before it: the peak extra memory of that
+  call (activations, autograd buffers, gradients, AdamW state, allocator overheads), untouched by model
+  construction or by other measurements.
+
+Timings are interleaved model by model and repeated, and medians reported, because the CPU may be shared.
+By default the training step at 896 px with batch 8 is skipped (ViT-S needs about a minute per step on 2 cores);
+``--full`` includes it.
+
+    .venv/bin/python benchmarks/encoder_speed.py [--sizes 224,448,896] [--batches 1,8] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+MODELS = ("cat_t", "vit_s", "vit_ti")
+
+
+def build(name: str, size: int) -> torch.nn.Module:
+    if name == "cat_t":
+        from mmxattn.presets import create_encoder
+
+        return create_encoder("cat_t")  # any input size; 1000-class head like the ViTs
+    import timm
+
+    arch = {"vit_s": "vit_small_patch16_224", "vit_ti": "vit_tiny_patch16_224"}[name]
+    return timm.create_model(arch, pretrained=False, img_size=size)
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    if mode == "eval":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode():
+                model(x)
+
+        return step
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randint(0, 1000, (x.shape[0],))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+
+    return step
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmxattn.vision import windows
+
+    previous = windows._ONEDNN
+    windows.set_onednn_linear(False)  # the fused oneDNN op has no FLOP formula
+    try:
+        with FlopCounterMode(display=False) as fc:
+            if mode == "eval":
+                with torch.no_grad():
+                    model.eval()(x)
+            else:
+                model.train()(x).sum().backward()
+                model.zero_grad(set_to_none=True)
+    finally:
+        windows.set_onednn_linear(previous)
+    return fc.get_total_flops()
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def measure_peak(name: str, size: int, batch: int, mode: str) -> float:
+    """In a fresh interpreter: peak RSS increase (MB) of one call, from a peak reset just before it."""
+    torch.manual_seed(0)
+    step = make_step(build(name, size), torch.randn(batch, 3, size, size), mode)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    base = _status_kb("VmRSS")
+    step()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def peak_memory_mb(name: str, size: int, batch: int, mode: str) -> float:
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import encoder_speed as b; "
+        f"print(b.measure_peak({name!r}, {size}, {batch}, {mode!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def timed(step: Callable[[], None], repeats: int, budget: float) -> list[float]:
+    t0 = time.perf_counter()
+    step()  # warm-up: first-call allocations, oneDNN kernel generation
+    first = time.perf_counter() - t0
+    if first > budget:
+        return [first]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="224,448,896")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=10.0, help="seconds above which a call is not repeated")
+    ap.add_argument("--modes", default="eval,train")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--full", action="store_true", help="include the training step at 896 px, batch 8")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    modes = args.modes.split(",")
+
+    mm = matmul_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul {mm:.1f} GFLOP/s")
+    rows = []
+    for size in sizes:
+        models = {}
+        for name in MODELS:
+            torch.manual_seed(0)
+            models[name] = build(name, size)
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size)
+            for mode in modes:
+                if mode == "train" and size >= 896 and batch >= 8 and not args.full:
+                    print(f"skip train {size}px batch {batch} (--full runs it)")
+                    continue
+                steps = {n: make_step(m, x, mode) for n, m in models.items()}
+                samples: dict[str, list[float]] = {n: [] for n in MODELS}
+                for _ in range(2):  # two interleaved rounds: CAT, ViT-S, ViT-Ti, CAT, ...
+                    for n in MODELS:
+                        samples[n] += timed(steps[n], max(1, args.repeats // 2 + args.repeats % 2), args.budget)
+                for n in MODELS:
+                    t = statistics.median(samples[n])
+                    flops = count_flops(models[n], x, mode)
+                    mem = None if args.no_memory else peak_memory_mb(n, size, batch, mode)
+                    rows.append(
+                        dict(
+                            model=n,
+                            size=size,
+                            batch=batch,
+                            mode=mode,
+                            ms=t * 1e3,
+                            samples=len(samples[n]),
+                            gflop=flops / 1e9,
+                            gflops_per_s=flops / t / 1e9,
+                            peak_mb=mem,
+                        )
+                    )
+                    r = rows[-1]
+                    mem_s = "-" if mem is None else f"{mem:8.0f}"
+                    print(
+                        f"{mode:5s} {size:4d}px b{batch:<2d} {n:7s} {r['ms']:10.1f} ms  {r['gflop']:8.1f} GFLOP  "
+                        f"{r['gflops_per_s']:6.1f} GFLOP/s ({r['gflops_per_s'] / mm:4.0%} of mm)  peak {mem_s} MB",
+                        flush=True,
+                    )
+
+    print("\nratios CAT-T / ViT (time; peak memory)")
+    ratios = []
+    for r in rows:
+        if r["model"] != "cat_t":
+            continue
+        key = (r["size"], r["batch"], r["mode"])
+        peers = {p["model"]: p for p in rows if (p["size"], p["batch"], p["mode"]) == key}
+        entry = dict(size=r["size"], batch=r["batch"], mode=r["mode"])
+        for peer in ("vit_s", "vit_ti"):
+            entry[f"time_vs_{peer}"] = r["ms"] / peers[peer]["ms"]
+            if r["peak_mb"] is not None and peers[peer]["peak_mb"]:
+                entry[f"mem_vs_{peer}"] = r["peak_mb"] / peers[peer]["peak_mb"]
+        ratios.append(entry)
+        mem = ""
+        if "mem_vs_vit_s" in entry:
+            mem = f"   memory: /ViT-S {entry['mem_vs_vit_s']:.2f}  /ViT-Ti {entry['mem_vs_vit_ti']:.2f}"
+        print(
+            f"{r['mode']:5s} {r['size']:4d}px b{r['batch']:<2d} time: /ViT-S {entry['time_vs_vit_s']:.2f}  "
+            f"/ViT-Ti {entry['time_vs_vit_ti']:.2f}{mem}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                dict(
+                    torch=torch.__version__, threads=torch.get_num_threads(), matmul_gflops=mm, rows=rows, ratios=ratios
+                ),
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""CAT: Cross Attention in Vision Transformer (Lin et al. 2021, arXiv 2106.05786), the project's image encoder.
+
+A hierarchical transformer: a 4x4 patch stem, then stages of Cross Attention Blocks (CAB = IPSA -> CPSA -> IPSA)
+separated by patch merging. IPSA is multi-head attention inside p x p windows with a Swin relative position bias;
+CPSA treats each p x p window of ONE channel as a token of dimension p*p and attends across windows (one head,
+shared by all channels). Module and parameter names reproduce the official state-dict keys, so official
+checkpoints load with ``strict=True`` (see :meth:`CATEncoder.load_pretrained`).
+
+Any input size works, with the official dense-prediction rules: the image is padded to a multiple of the stem
+patch, ``ape`` is resized bicubically when the stem grid differs from ``img_size``'s, LayerNorm outputs are
+zero-padded to a multiple of the window before windowing (cropped after), odd grids are padded before merging. A
+stage's window is fixed when the model is built (the official rule: ``p_i = min(window, grid_i)`` on the
+``img_size`` grid, so the weights have the official shapes); at run time a stage grid smaller than its window is
+padded up to one window. The smallest accepted image gives a stem grid of at least one stage-0 window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..attention import Attention
+from ..config import CATConfig
+from .windows import (
+    FastLinear,
+    KeyMap,
+    Mlp,
+    WindowGrid,
+    apply_key_map,
+    read_state_dict,
+    relative_position_index,
+    stage_grid_sizes,
+)
+
+__all__ = ["CATEncoder", "CATStage", "CPSABlock", "IPSABlock", "PatchEmbed", "PatchMerging", "WindowAttention"]
+
+
+class PatchEmbed(nn.Module):
+    """Stem: Conv2d(kernel = stride = patch) -> LayerNorm. Pads the image right/bottom to a multiple of the patch."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, h, w, C)
+        ps = self.patch_size
+        pad_h, pad_w = -x.shape[2] % ps, -x.shape[3] % ps
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.proj(x)  # (B, C, h, w)
+        B, C, h, w = x.shape
+        return self.norm(x.flatten(2).transpose(1, 2)).view(B, h, w, C)
+
+
+class WindowAttention(Attention):
+    """IPSA's attention: :class:`Attention` plus Swin's relative position bias ``(nh, p*p, p*p)``.
+
+    The bias is gathered from the table once per call while it can receive gradients, and cached otherwise
+    (eval / no-grad), keyed on the table's storage and version so loading or optimiser steps invalidate it.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        _fast_projections(self)
+        self.window = window
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=True)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._bias: Tensor | None = None
+        self._bias_key: tuple | None = None
+
+    def _gather_bias(self) -> Tensor:
+        N = self.window * self.window
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, nh)
+        return bias.view(N, N, -1).permute(2, 0, 1).contiguous().unsqueeze(0)  # (1, nh, N, N)
+
+    def relative_position_bias(self) -> Tensor:
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        if torch.is_grad_enabled() and table.requires_grad:
+            return self._gather_bias()
+        key = (table.data_ptr(), table._version, table.dtype, table.device, index.data_ptr(), index._version)
+        if key != self._bias_key:
+            self._bias, self._bias_key = self._gather_bias(), key
+        return self._bias
+
+    def forward(self, x: Tensor) -> Tensor:  # (B*nW, N, C) -> (B*nW, N, C)
+        return super().forward(x, attn_bias=self.relative_position_bias())
+
+
+class _PreNormBlock(nn.Module):
+    """``x = x + DropPath(mix(LN1(x)))``, ``x = x + DropPath(MLP(LN2(x)))`` on a stream in window order.
+
+    ``x`` is ``(B, nW * N, C)``; subclasses define ``mix`` (the attention with its window reshapes).
+    """
+
+    def __init__(self, dim: int, attn: Attention, mlp_ratio: float, drop: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def mix(self, y: Tensor, grid: WindowGrid) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, grid: WindowGrid, valid: Tensor | None = None) -> Tensor:
+        y = self.norm1(x)
+        if valid is not None:
+            y = y.masked_fill(~valid, 0.0)  # the official model zero-pads the LN1 output, not the stream
+        x = _residual_add(x, self.mix(y, grid))
+        return _residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
+
+
+class IPSABlock(_PreNormBlock):
+    """Inner-patch self-attention: multi-head attention among the p*p tokens of each window."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, *, qkv_bias: bool, attn_drop: float, **kw) -> None:
+        attn = WindowAttention(
+            dim, num_heads, window, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=kw.get("drop", 0.0)
+        )
+        super().__init__(dim, attn, **kw)
+
+    def mix(self, y: Tensor, grid: WindowGrid) -> Tensor:
+        B, L, C = y.shape
+        y = self.attn(y.view(B * grid.num_windows, grid.tokens, C))  # (B*nW, N, C), windows are contiguous
+        return self.drop_path(y.view(B, L, C))
+
+
+class CPSABlock(_PreNormBlock):
+    """Cross-patch self-attention: per (image, channel), one token per window with the window's p*p values as
+    features; one head of width p*p shared by all channels, no position bias."""
+
+    def __init__(self, dim: int, window: int, *, qkv_bias: bool, attn_drop: float, **kw) -> None:
+        n = window * window
+        attn = Attention(n, num_heads=1, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=kw.get("drop", 0.0))
+        super().__init__(dim, _fast_projections(attn), **kw)
+
+    def mix(self, y: Tensor, grid: WindowGrid) -> Tensor:
+        B, L, C = y.shape
+        nW, N = grid.num_windows, grid.tokens
+        y = y.view(B, nW, N, C).permute(0, 3, 1, 2).reshape(B * C, nW, N)  # one copy: (B*C, nW, N)
+        y = self.drop_path(self.attn(y).view(B, C, nW, N))  # per-image drop-path works in this layout too
+        return y.permute(0, 2, 3, 1)  # (B, nW, N, C) view in window order; the residual add does the copy
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood -> channels (official order) -> LayerNorm(4C) -> Linear(4C, 2C). Odd grids are padded."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = FastLinear(4 * dim, 2 * dim, bias=False)  # registered first: the official key order
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)
+        H, W = x.shape[1:3]
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class CATStage(nn.Module):
+    """``depth`` CABs (IPSA -> CPSA -> IPSA) at one resolution, then (except the last stage) patch merging.
+
+    :meth:`forward` returns the stage's tokens before merging; the encoder calls :attr:`downsample` itself.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        drop_path: list[float],
+        downsample: bool,
+        *,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop: float,
+        attn_drop: float,
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self.grad_checkpointing = False
+        kw = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop)
+        # One drop-path rate per CAB, shared by its three blocks (official).
+        self.pre_ipsa_blocks = nn.ModuleList(IPSABlock(dim, num_heads, window, drop_path=r, **kw) for r in drop_path)
+        self.cpsa_blocks = nn.ModuleList(CPSABlock(dim, window, drop_path=r, **kw) for r in drop_path)
+        self.post_ipsa_blocks = nn.ModuleList(IPSABlock(dim, num_heads, window, drop_path=r, **kw) for r in drop_path)
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def _run(self, block: nn.Module, x: Tensor, grid: WindowGrid, valid: Tensor | None) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, grid, valid, use_reentrant=False)
+        return block(x, grid, valid)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        grid = WindowGrid(x.shape[1], x.shape[2], self.window)
+        valid = grid.valid(x.device)
+        stream = grid.partition(x)  # (B, nW*N, C) for the whole stage
+        if not torch.is_grad_enabled() and stream.data_ptr() == x.data_ptr():
+            stream = stream.clone()  # inference adds in place: never into the caller's tensor
+        x = stream
+        for pre, cpsa, post in zip(self.pre_ipsa_blocks, self.cpsa_blocks, self.post_ipsa_blocks):
+            for block in (pre, cpsa, post):
+                x = self._run(block, x, grid, valid)
+        return grid.reverse(x)
+
+
+class CATEncoder(nn.Module):
+    """The CAT image encoder with an optional classification head (LayerNorm -> mean over tokens -> Linear).
+
+    ``forward_features(x)`` gives each stage's tokens ``(B, h_i * w_i, C_i)`` (row-major over the grid of
+    :meth:`grid_sizes`), ``forward(x)`` the logits (``num_classes > 0``) or the pooled last-stage features.
+    """
+
+    def __init__(self, cfg: CATConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.embed_dim
+        self.patch_grid = cfg.img_size // cfg.patch_size  # ape grid side (img_size is a multiple of the patch)
+        # Official rule, applied on the img_size grid: a stage no larger than the window uses its whole grid.
+        sizes = stage_grid_sizes(cfg.img_size, cfg.img_size, cfg.patch_size, cfg.num_stages)
+        self.windows = tuple(min(cfg.window, h, w) for h, w in sizes)
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, C)
+        if cfg.ape:
+            self.ape = nn.Parameter(torch.zeros(1, self.patch_grid**2, C))  # (1, L, C)
+            trunc_normal_(self.ape, std=0.02)
+        else:
+            self.register_parameter("ape", None)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # one per CAB
+        self.layers = nn.ModuleList()
+        for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+            start = sum(cfg.depths[:i])
+            stage = CATStage(
+                cfg.stage_dims[i],
+                depth,
+                heads,
+                self.windows[i],
+                rates[start : start + depth],
+                downsample=i < cfg.num_stages - 1,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                drop=cfg.drop_rate,
+                attn_drop=cfg.attn_drop_rate,
+            )
+            self.layers.append(stage)
+        self.norm = nn.LayerNorm(self.stage_dims[-1])
+        self.head = FastLinear(self.stage_dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    # ---- description -------------------------------------------------------------------------------------
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        return self.cfg.stage_dims
+
+    @property
+    def num_stages(self) -> int:
+        return self.cfg.num_stages
+
+    @property
+    def num_features(self) -> int:  # width of the pooled features (timm's name)
+        return self.stage_dims[-1]
+
+    def grid_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Token grid ``(h_i, w_i)`` of every stage for a ``height x width`` image."""
+        return stage_grid_sizes(height, width, self.cfg.patch_size, self.num_stages)
+
+    def min_input_size(self) -> int:
+        """Smallest accepted height/width in pixels: a stem grid of at least one stage-0 window."""
+        return self.cfg.patch_size * (self.windows[0] - 1) + 1
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay (the optimiser also skips every 1-D parameter)."""
+        names = {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+        return names | ({"ape"} if self.ape is not None else set())
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (non-reentrant) to save activation memory."""
+        for stage in self.layers:
+            stage.grad_checkpointing = bool(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return self.layers[0].grad_checkpointing
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"CATEncoder: expected images of shape (B, {self.cfg.in_chans}, H, W), got {shape}")
+        if x.shape[1] != self.cfg.in_chans:
+            raise ValueError(
+                f"CATEncoder: expected {self.cfg.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
+        m = self.min_input_size()
+        if min(x.shape[2:]) < m:
+            raise ValueError(
+                f"CATEncoder: image {tuple(x.shape[2:])} is too small; height and width must be >= {m} px "
+                f"(a {self.cfg.patch_size}x stem grid of at least one {self.windows[0]}x{self.windows[0]} window)"
+            )
+
+    def _resolve_stages(self, stages: Iterable[int] | None) -> list[int]:
+        n = self.num_stages
+        if stages is None:
+            return list(range(n))
+        wanted = [int(s) for s in stages]
+        bad = [s for s in wanted if not -n <= s < n]
+        if not wanted or bad:
+            raise ValueError(f"CATEncoder: stages must be indices in [-{n}, {n}), got {list(wanted)}")
+        resolved = [s % n for s in wanted]
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"CATEncoder: stages {wanted} name a stage twice")
+        return resolved
+
+    def position_embedding(self, h: int, w: int) -> Tensor:
+        """``ape`` for an ``h x w`` stem grid, ``(1, h, w, C)``; resized bicubically when the grid differs."""
+        g, C = self.patch_grid, self.ape.shape[-1]
+        pe = self.ape.view(1, g, g, C)
+        if (h, w) != (g, g):
+            pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
+            pe = pe.permute(0, 2, 3, 1)
+        return pe
+
+    def forward_features(self, x: Tensor, stages: Iterable[int] | None = None) -> list[Tensor]:
+        """Tokens of each requested stage (default: all), ``(B, h_i * w_i, C_i)``, after its last CAB and before
+        patch merging, in the order requested. Stops after the last requested stage."""
+        self._check_input(x)
+        wanted = self._resolve_stages(stages)
+        last = max(wanted)
+        x = self.patch_embed(x)  # (B, h, w, C)
+        if self.ape is not None:
+            x = x + self.position_embedding(x.shape[1], x.shape[2])
+        x = self.pos_drop(x)
+        outs: dict[int, Tensor] = {}
+        for i in range(last + 1):
+            stage = self.layers[i]
+            x = stage(x)  # (B, h_i, w_i, C_i)
+            if i in wanted:
+                outs[i] = x.flatten(1, 2)
+            if i < last:
+                x = stage.downsample(x)
+        return [outs[i] for i in wanted]
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = False) -> Tensor:
+        """Last-stage tokens ``(B, L, C)`` -> LayerNorm -> mean -> logits ``(B, classes)`` (or pooled ``(B, C)``)."""
+        pooled = self.norm(tokens).mean(dim=1)
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x, stages=[-1])[0])
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def load_pretrained(
+        self,
+        path_or_state_dict: str | Path | Mapping[str, Tensor],
+        key_map: KeyMap | None = None,
+        strict: bool = True,
+    ) -> nn.modules.module._IncompatibleKeys:
+        """Load an official (or this project's) CAT checkpoint.
+
+        Accepts a ``.safetensors`` file, a ``.pth``/``.pt``/``.bin`` file (read with ``weights_only=True``) or a
+        state dict. A top-level ``"model"``/``"state_dict"`` entry is unwrapped; if keys start with ``"model."``,
+        only those are kept, without the prefix (other entries, e.g. fixtures' inputs, are ignored). ``key_map``
+        renames keys of older releases: a dict of ``old prefix -> new prefix`` (``None`` drops the key) or a
+        callable ``key -> new key`` (``None`` drops it). With ``num_classes=0`` a checkpoint's ``head.*`` is
+        dropped silently. ``relative_position_index`` buffers missing from the file are kept (they are constants).
+
+        Raises ``ValueError`` listing missing / unexpected keys (when ``strict``) and shape mismatches (always),
+        with expected vs given shapes.
+        """
+        sd = read_state_dict(path_or_state_dict)
+        if key_map is not None:
+            sd = apply_key_map(sd, key_map)
+        if self.cfg.num_classes == 0:
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        own = self.state_dict()
+        for k in own:
+            if k.endswith("relative_position_index") and k not in sd:
+                sd[k] = own[k]
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        mismatched = [
+            (k, tuple(own[k].shape), tuple(sd[k].shape)) for k in own if k in sd and own[k].shape != sd[k].shape
+        ]
+        problems = []
+        if mismatched:
+            shown = ", ".join(f"{k}: expected {e}, given {g}" for k, e, g in mismatched[:5])
+            problems.append(
+                f"{len(mismatched)} with mismatched shapes ({shown}{', ...' if len(mismatched) > 5 else ''})"
+            )
+        if strict and missing:
+            problems.append(f"{len(missing)} missing ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        if strict and unexpected:
+            problems.append(
+                f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})"
+            )
+        if problems:
+            hint = " (pass key_map= to rename keys of other releases)" if missing or unexpected else ""
+            raise ValueError(
+                f"CATEncoder.load_pretrained: checkpoint keys do not fit this model: {'; '.join(problems)}{hint}"
+            )
+        return self.load_state_dict(sd, strict=strict)
+
+
+def _fast_projections(attn: Attention) -> Attention:
+    # Attention builds plain nn.Linear projections; FastLinear is a subclass with the same parameters (and keys)
+    # that takes the oneDNN path in CPU inference.
+    for name in ("qkv", "proj"):
+        if type(getattr(attn, name, None)) is nn.Linear:
+            getattr(attn, name).__class__ = FastLinear
+    return attn
+
+
+def _residual_add(x: Tensor, update: Tensor) -> Tensor:
+    """``x + update`` for the stream ``x`` (B, L, C); ``update`` may be a strided (B, nW, N, C) view in the same
+    token order (CPSA), so the add doubles as its layout copy. Without autograd the add is in place (no new
+    buffer per block: large fresh CPU allocations cost page faults)."""
+    x4 = x.view(update.shape)
+    if torch.is_grad_enabled():
+        return (x4 + update).view(x.shape)
+    return x4.add_(update).view(x.shape)
+
+
+def _init_weights(m: nn.Module) -> None:
+    # Official init: Linear trunc-normal(0.02) / zero bias, LayerNorm 1 / 0; the stem conv keeps PyTorch's default.
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,246 @@
+"""Helpers of CAT's blocks: window bookkeeping, the CPU fast path of its linear layers, checkpoint reading.
+
+Windows: Swin-style p x p window partition of a (zero-padded) token grid.
+
+CAT's blocks all work on windows: IPSA attends inside each window, CPSA treats each window of one channel as a
+token. Every other op of a block (LayerNorm, MLP, residual adds, drop-path per image) is per token, so a stage keeps
+its residual stream in *window order* ``(B, nW * p * p, C)`` from its first block to its last and partitions /
+reverses once per stage instead of twice per block. Window order is the official one: windows row-major over the
+window grid, tokens row-major inside a window (Swin's ``window_partition``).
+
+Grids that are not multiples of ``p`` follow the official dense-prediction backbone: the LayerNorm output is
+zero-padded on the right/bottom before windowing and the attention output is cropped after. In window order the
+padded tokens simply stay in the stream; :attr:`WindowGrid.valid` zeroes them at every LayerNorm output, and their
+values never reach a real token (attention reads the zeros, everything else is per token), so real tokens see
+exactly what the official model computes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "KeyMap",
+    "apply_key_map",
+    "read_state_dict",
+    "FastLinear",
+    "Mlp",
+    "WindowGrid",
+    "linear",
+    "relative_position_index",
+    "set_onednn_linear",
+    "stage_grid_sizes",
+]
+
+
+def stage_grid_sizes(height: int, width: int, patch_size: int, num_stages: int) -> list[tuple[int, int]]:
+    """Token grid ``(h_i, w_i)`` of every stage for an input of ``height x width`` pixels.
+
+    The stem pads the image to a multiple of ``patch_size``; patch merging pads odd grids by one row/column.
+    """
+    h, w = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    sizes = [(h, w)]
+    for _ in range(num_stages - 1):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        sizes.append((h, w))
+    return sizes
+
+
+def relative_position_index(window: int) -> Tensor:
+    """Swin's relative position index ``(p*p, p*p)``: ``(dr + p - 1) * (2p - 1) + (dc + p - 1)`` with
+    ``(dr, dc) = coord(query) - coord(key)`` and coords from an 'ij' meshgrid."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    return (rel[0] + window - 1) * (2 * window - 1) + (rel[1] + window - 1)
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """How one stage's ``height x width`` token grid is cut into ``window x window`` windows."""
+
+    height: int
+    width: int
+    window: int
+
+    @property
+    def rows(self) -> int:  # windows per column of the padded grid
+        return -(-self.height // self.window)
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.window)
+
+    @property
+    def num_windows(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def tokens(self) -> int:  # tokens per window, N = p * p
+        return self.window * self.window
+
+    @property
+    def padded(self) -> bool:
+        return self.rows * self.window != self.height or self.cols * self.window != self.width
+
+    def partition(self, x: Tensor) -> Tensor:
+        """``(B, H, W, C)`` -> window order ``(B, nW * N, C)`` (zero-padded right/bottom when needed)."""
+        B, H, W, C = x.shape
+        p = self.window
+        if self.padded:
+            x = F.pad(x, (0, 0, 0, self.cols * p - W, 0, self.rows * p - H))
+        x = x.view(B, self.rows, p, self.cols, p, C).transpose(2, 3)  # (B, rows, cols, p, p, C)
+        return x.reshape(B, self.num_windows * self.tokens, C)
+
+    def reverse(self, x: Tensor) -> Tensor:
+        """Window order ``(B, nW * N, C)`` -> ``(B, H, W, C)``, padding cropped."""
+        B, _, C = x.shape
+        p = self.window
+        x = x.view(B, self.rows, self.cols, p, p, C).transpose(2, 3)  # (B, rows, p, cols, p, C)
+        x = x.reshape(B, self.rows * p, self.cols * p, C)
+        if self.padded:
+            x = x[:, : self.height, : self.width].contiguous()
+        return x
+
+    def valid(self, device: torch.device) -> Tensor | None:
+        """Bool ``(1, nW * N, 1)``, ``False`` on padding tokens; ``None`` when the grid needs no padding."""
+        if not self.padded:
+            return None
+        ones = torch.ones(1, self.height, self.width, 1, device=device)
+        return self.partition(ones) > 0
+
+
+# ---- CPU fast path for CAT's linear layers -------------------------------------------------------------------------
+# CAT's early stages are GEMMs with small K (64-256 channels over 25k+ tokens). On CPUs where PyTorch's BLAS (MKL)
+# is slow for such shapes (AMD EPYC here: 2-3x) oneDNN's matmul is much faster and gives the same fp32 results. In
+# inference the bias and the exact (erf) GELU are fused into it; with autograd, _OneDNNLinear runs the forward and
+# both backward matmuls through oneDNN. Off on other devices/dtypes; MMXATTN_CAT_ONEDNN=0 turns it off everywhere.
+_ONEDNN_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_ONEDNN = os.environ.get("MMXATTN_CAT_ONEDNN", "1").lower() not in ("0", "false", "no") and _ONEDNN_OP is not None
+_ONEDNN = _ONEDNN and torch.backends.mkldnn.is_available()
+
+
+def set_onednn_linear(enabled: bool) -> None:
+    """Use oneDNN for CAT's CPU fp32 linear layers (the default where available) or plain ``F.linear``."""
+    global _ONEDNN
+    _ONEDNN = bool(enabled) and _ONEDNN_OP is not None and torch.backends.mkldnn.is_available()
+
+
+def _mm(a: Tensor, b_t: Tensor) -> Tensor:  # a @ b_t.T through oneDNN; a (M, K), b_t (N, K)
+    return _ONEDNN_OP(a, b_t, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN_OP(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm(g, weight.t().contiguous()).view(x.shape)  # (M, K) = g @ W
+        if ctx.needs_input_grad[1]:
+            gw = _mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # (N, K) = g^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    """``F.linear`` (then exact GELU if ``gelu``), through oneDNN on CPU fp32."""
+    if _onednn_ok(x, weight):
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return _ONEDNN_OP(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        y = _OneDNNLinear.apply(x, weight, bias)
+    else:
+        y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+class FastLinear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict keys) that takes the oneDNN path on CPU fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class Mlp(nn.Module):
+    """Linear -> exact GELU -> Linear (timm's ``Mlp`` keys ``fc1``/``fc2``), with GELU fused into fc1 on the fast
+    path."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = FastLinear(dim, hidden)
+        self.fc2 = FastLinear(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(linear(x, self.fc1.weight, self.fc1.bias, gelu=True))
+        return self.drop(self.fc2(x))
+
+
+# ---- checkpoint files ------------------------------------------------------------------------------------------------
+KeyMap = Mapping[str, str | None] | Callable[[str], str | None]
+
+
+def read_state_dict(src: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Tensors of a checkpoint file (safetensors, or torch with ``weights_only=True``) or state dict, unwrapped."""
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise FileNotFoundError(f"CATEncoder.load_pretrained: no checkpoint file at {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        obj = src
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"CATEncoder.load_pretrained: expected a state dict (str -> Tensor), got {type(obj).__name__}")
+    sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if any(k.startswith("model.") for k in sd):
+        sd = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    return sd
+
+
+def apply_key_map(sd: dict[str, Tensor], key_map: KeyMap) -> dict[str, Tensor]:
+    if callable(key_map):
+        rename = key_map
+    else:
+        prefixes = sorted(key_map.items(), key=lambda kv: -len(kv[0]))  # longest prefix wins
+
+        def rename(key: str) -> str | None:
+            for old, new in prefixes:
+                if key.startswith(old):
+                    return None if new is None else new + key[len(old) :]
+            return key
+
+    out = {}
+    for k, v in sd.items():
+        new = rename(k)
+        if new is not None:
+            out[new] = v
+    return out

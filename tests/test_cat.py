@@ -1,0 +1,256 @@
+"""CAT encoder against the official model: fixture outputs, official key names and parameter counts, the
+dense-prediction (any size) rules against a straightforward re-implementation, attention capture, bad input and
+checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmxattn
+from mmxattn.presets import create_encoder
+from mmxattn.vision import windows
+from mmxattn.vision.cat import CATEncoder
+
+REF = Path(__file__).resolve().parents[1].parent / "shared" / "cat_reference"
+needs_ref = pytest.mark.skipif(not (REF / "cat_micro.safetensors").is_file(), reason=f"CAT fixture absent: {REF}")
+
+
+@pytest.fixture(scope="module")
+def fixture() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(REF / "cat_micro.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def micro(fixture) -> CATEncoder:
+    enc = create_encoder("cat_micro").eval()
+    enc.load_state_dict({k[len("model.") :]: v for k, v in fixture.items() if k.startswith("model.")}, strict=True)
+    return enc
+
+
+# ---- the official model ------------------------------------------------------------------------------------------
+@needs_ref
+@pytest.mark.parametrize("path", ["fused", "eager", "no_onednn"])
+def test_matches_official_fixture(micro, fixture, path, monkeypatch):
+    if path == "no_onednn":
+        monkeypatch.setattr(windows, "_ONEDNN", False)
+    x = fixture["input"]
+    with torch.no_grad():
+        if path == "eager":
+            with mmxattn.eager_attention():
+                stages, logits = micro.forward_features(x), micro(x)
+        else:
+            stages, logits = micro.forward_features(x), micro(x)
+    for i, out in enumerate(stages):
+        torch.testing.assert_close(out, fixture[f"stage{i}"], rtol=0, atol=1e-5, msg=f"stage {i} ({path})")
+    torch.testing.assert_close(logits, fixture["logits"], rtol=0, atol=1e-5)
+
+
+@needs_ref
+def test_autograd_path_matches_fixture(micro, fixture):
+    # with gradients on, the residual adds are out of place and the linears go through F.linear
+    out = micro.forward_features(fixture["input"][:1].requires_grad_(True), stages=[-1])[0]
+    torch.testing.assert_close(out.detach(), fixture["stage3"][:1], rtol=0, atol=1e-5)
+
+
+def test_official_keys_and_param_counts():
+    official = json.loads((REF / "cat_tiny_official_keys.json").read_text()) if REF.is_dir() else None
+    counts = {"cat_t": 16_870_996, "cat_s": 37_294_258, "cat_b": 51_531_922}
+    for name, n in counts.items():
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            enc = create_encoder(name)
+        assert sum(p.numel() for p in enc.parameters()) == n, name
+        if name == "cat_t" and official is not None:
+            assert {k: list(v.shape) for k, v in enc.state_dict().items()} == official
+
+
+def test_init_and_no_weight_decay():
+    enc = create_encoder("cat_pico")
+    blk = enc.layers[0].pre_ipsa_blocks[0]
+    assert blk.attn.qkv.bias.abs().max() == 0 and blk.norm1.weight.eq(1).all()
+    assert 0.01 < blk.mlp.fc1.weight.std() < 0.03 and blk.mlp.fc1.weight.abs().max() <= 2.0
+    nwd = enc.no_weight_decay()
+    assert "ape" in nwd and "layers.0.pre_ipsa_blocks.0.attn.relative_position_bias_table" in nwd
+    assert all(n == "ape" or n.endswith("relative_position_bias_table") for n in nwd)
+    assert not enc.grad_checkpointing
+
+
+# ---- any input size: the official dense-prediction rules, written out directly ------------------------------------
+def _ref_block(block, x, p, cpsa):  # x (B, H, W, C), straight from SPEC.md
+    B, H, W, C = x.shape
+    Hp, Wp = math.ceil(H / p) * p, math.ceil(W / p) * p
+    y = F.pad(block.norm1(x), (0, 0, 0, Wp - W, 0, Hp - H))
+    win = y.view(B, Hp // p, p, Wp // p, p, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, p * p, C)
+    if cpsa:
+        nW = win.shape[0] // B
+        t = block.attn(win.view(B, nW, p * p, C).permute(0, 3, 1, 2).reshape(B * C, nW, p * p))
+        win = t.view(B, C, nW, p * p).permute(0, 2, 3, 1).reshape(-1, p * p, C)
+    else:
+        win = block.attn(win)
+    y = win.view(B, Hp // p, Wp // p, p, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)[:, :H, :W]
+    x = x + y
+    return x + block.mlp(block.norm2(x))
+
+
+def _ref_forward(enc, img):
+    ps = enc.cfg.patch_size
+    img = F.pad(img, (0, -img.shape[3] % ps, 0, -img.shape[2] % ps))
+    x = enc.patch_embed.proj(img)
+    B, C, h, w = x.shape
+    x = enc.patch_embed.norm(x.flatten(2).transpose(1, 2))
+    g = enc.patch_grid
+    ape = F.interpolate(enc.ape.reshape(1, g, g, C).permute(0, 3, 1, 2), size=(h, w), mode="bicubic")
+    x = (x + ape.flatten(2).transpose(1, 2)).view(B, h, w, C)
+    outs = []
+    for i, stage in enumerate(enc.layers):
+        p = enc.windows[i]
+        for blocks in zip(stage.pre_ipsa_blocks, stage.cpsa_blocks, stage.post_ipsa_blocks):
+            for j, block in enumerate(blocks):
+                x = _ref_block(block, x, p, cpsa=j == 1)
+        outs.append(x.flatten(1, 2))
+        if stage.downsample is not None:
+            x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
+            x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+            x = stage.downsample.reduction(stage.downsample.norm(x))
+    return outs
+
+
+@pytest.mark.parametrize("size", [(200, 260), (448, 448)])
+def test_any_size_follows_dense_rules(size):
+    torch.manual_seed(0)
+    enc = create_encoder("cat_micro").eval()
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        outs, ref = enc.forward_features(x), _ref_forward(enc, x)
+    grids = enc.grid_sizes(*size)
+    assert grids == (
+        [(50, 65), (25, 33), (13, 17), (7, 9)] if size == (200, 260) else [(112, 112), (56, 56), (28, 28), (14, 14)]
+    )
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        assert o.shape == (1, grids[i][0] * grids[i][1], enc.stage_dims[i])
+        torch.testing.assert_close(o, r, rtol=0, atol=2e-5, msg=f"stage {i} at {size}")
+    if size == (448, 448):  # the ape used is the bicubic resize of the 56x56 table, not the table itself
+        pe = enc.position_embedding(112, 112)
+        assert pe.shape == (1, 112, 112, 32) and not torch.equal(pe[:, :56, :56], enc.ape.view(1, 56, 56, 32))
+
+
+def test_stages_argument_stops_early():
+    enc = create_encoder("cat_pico").eval()
+    x = torch.randn(2, 3, 64, 64)
+    calls = []
+    enc.layers[2].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        full = enc.forward_features(x)
+        picked = enc.forward_features(x, stages=[1, 0])
+        last = enc.forward_features(x, stages=[-1])
+    assert len(calls) == 2  # full and stages=[-1] reach the last stage; stages=[1, 0] does not
+    assert torch.equal(picked[0], full[1]) and torch.equal(picked[1], full[0]) and torch.equal(last[0], full[2])
+    with pytest.raises(ValueError, match=r"stages must be indices in \[-3, 3\)"):
+        enc.forward_features(x, stages=[3])
+
+
+def test_bias_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    enc = create_encoder("cat_pico").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = enc(x)
+        enc.load_state_dict({k: v + 0.5 if "bias_table" in k else v for k, v in enc.state_dict().items()})
+        after = enc(x)
+    fresh = create_encoder("cat_pico").eval()
+    fresh.load_state_dict(enc.state_dict())
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh(x).detach(), rtol=0, atol=1e-6)
+
+
+# ---- attention maps ----------------------------------------------------------------------------------------------
+def test_capture_records_ipsa_and_cpsa():
+    enc = create_encoder("cat_micro").eval()
+    with torch.no_grad(), mmxattn.capture_attention(enc) as maps:
+        enc.forward_features(torch.randn(1, 3, 224, 224), stages=[0])
+    ipsa, cpsa = maps["layers.0.pre_ipsa_blocks.0.attn"], maps["layers.0.cpsa_blocks.0.attn"]
+    assert ipsa.shape == (64, 1, 49, 49)  # (B * windows, heads, p*p, p*p)
+    assert cpsa.shape == (32, 1, 64, 64)  # (B * C, 1, windows, windows)
+    for w in (ipsa, cpsa):
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_informative_errors():
+    enc = create_encoder("cat_micro").eval()
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\), got \(3, 224, 224\)"):
+        enc(torch.randn(3, 224, 224))
+    with pytest.raises(ValueError, match="expected 3 input channels, got 1"):
+        enc(torch.randn(1, 1, 224, 224))
+    assert enc.min_input_size() == 25
+    with pytest.raises(ValueError, match=r"too small; height and width must be >= 25 px"):
+        enc(torch.randn(1, 3, 24, 100))
+    with torch.no_grad():  # one stage-0 window is enough; later stages pad up to one window
+        assert enc(torch.randn(1, 3, 25, 25)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        create_encoder("cat_micro", img_size=222)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+@needs_ref
+def test_load_pretrained_file_and_wrappers(fixture, tmp_path):
+    enc = create_encoder("cat_micro").eval()
+    enc.load_pretrained(REF / "cat_micro.safetensors")  # model.* kept and stripped, fixture tensors ignored
+    with torch.no_grad():
+        torch.testing.assert_close(enc(fixture["input"]), fixture["logits"], rtol=0, atol=1e-5)
+    sd = {k[len("model.") :]: v for k, v in fixture.items() if k.startswith("model.")}
+    torch.save({"model": sd}, tmp_path / "ckpt.pth")
+    headless = create_encoder("cat_micro", num_classes=0)
+    headless.load_pretrained(tmp_path / "ckpt.pth")  # head.* dropped silently
+    assert torch.equal(headless.ape, sd["ape"])
+
+
+def test_load_pretrained_errors_and_key_map():
+    src = create_encoder("cat_pico")
+    sd = src.state_dict()
+    enc = create_encoder("cat_pico")
+    missing = {k: v for k, v in sd.items() if k != "norm.weight"}
+    with pytest.raises(ValueError, match=r"1 missing \(norm.weight\)"):
+        enc.load_pretrained(missing)
+    bad = dict(sd, **{"layers.0.downsample.reduction.weight": torch.zeros(64, 64)})
+    with pytest.raises(
+        ValueError, match=r"layers.0.downsample.reduction.weight: expected \(64, 128\), given \(64, 64\)"
+    ):
+        enc.load_pretrained(bad)
+    with pytest.raises(ValueError, match=r"1 unexpected \(extra.weight\)"):
+        enc.load_pretrained(dict(sd, **{"extra.weight": torch.zeros(1)}))
+    enc.load_pretrained(dict(sd, **{"extra.weight": torch.zeros(1)}), strict=False)
+    # an "older release" naming: stages.* instead of layers.*, and no relative_position_index buffers
+    old = {k.replace("layers.", "stages."): v for k, v in sd.items() if "relative_position_index" not in k}
+    with pytest.raises(ValueError, match="key_map"):
+        enc.load_pretrained(old)
+    enc.load_pretrained(old, key_map={"stages.": "layers."})
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in sd.items())
+    create_encoder("cat_pico").load_pretrained(old, key_map=lambda k: k.replace("stages.", "layers."))
+
+
+def test_onednn_training_path_matches_f_linear(monkeypatch):
+    enc = create_encoder("cat_pico").train()
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+
+    def run():
+        enc.zero_grad(set_to_none=True)
+        x.grad = None
+        out = enc(x)
+        out.square().sum().backward()
+        return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in enc.named_parameters()}
+
+    fast = run()
+    monkeypatch.setattr(windows, "_ONEDNN", False)
+    plain = run()
+    torch.testing.assert_close(fast[0], plain[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-6)
+    for n, g in plain[2].items():
+        torch.testing.assert_close(fast[2][n], g, rtol=1e-4, atol=1e-5, msg=n)
