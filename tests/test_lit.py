@@ -1,0 +1,174 @@
+"""The Lightning layer: every shipped config runs, checkpoints load safely, export/load round-trips, the evaluate
+command prints its JSON, and a non-finite loss stops (or skips) with a clear message."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import mmxattn
+from mmxattn.checkpoint import CheckpointError, export, load, read_checkpoint
+from mmxattn.data.datamodule import ShapesDataModule
+from mmxattn.lit.cli import main as cli_main
+from mmxattn.lit.module import MMXAttnModule, NonFiniteLossError
+
+from lit_helpers import CONFIGS, REPO, make_coco, make_csv, make_wds, smoke_args
+
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "shapes_tensorboard.yaml")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", SHIPPED)
+def test_every_shipped_config_runs(config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # relative run folders of the configs land here
+    data = {
+        "coco.yaml": lambda: make_coco(tmp_path / "coco"),
+        "finetune_csv.yaml": lambda: make_csv(tmp_path / "csv"),
+        "wds.yaml": lambda: make_wds(tmp_path / "wds"),
+    }.get(config, lambda: None)()
+    cli = cli_main(smoke_args(config, tmp_path, data))
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 2
+    out = capsys.readouterr().out
+    if config != "wds.yaml":  # wds.yaml has no test split
+        line = next(s for s in out.splitlines() if s.startswith("TEST METRICS "))
+        metrics = json.loads(line[len("TEST METRICS ") :])
+        for key in ("i2t_r1", "t2i_r1", "cider", "bleu4", "n_images"):
+            assert key in metrics
+        assert metrics["n_images"] > 0
+
+
+def test_tensorboard_config_composes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=1)
+    args[3:3] = ["--config", str(CONFIGS / "shapes_tensorboard.yaml")]
+    cli = cli_main(args + ["--test_after_fit=false"])
+    assert type(cli.trainer.logger).__name__ in ("TensorBoardLogger", "DummyLogger")
+
+
+def _tiny_fit(tmp_path: Path, steps: int = 4, **module_kw) -> tuple[pl.Trainer, MMXAttnModule, ShapesDataModule]:
+    dm = ShapesDataModule(train_size=32, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp_path))
+    mod = MMXAttnModule(
+        preset="mmx_tiny", vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
+        context_length=dm.context_length, img_size=64, rerank=4, warmup_steps=2, **module_kw,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        default_root_dir=tmp_path, limit_val_batches=1, enable_model_summary=False,
+        plugins=[mmxattn.lit.checkpoint_io.AtomicCheckpointIO()],
+    )
+    return trainer, mod, dm
+
+
+def test_checkpoint_is_plain_data_and_loads_everywhere(tmp_path):
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=3)
+    trainer.fit(mod, datamodule=dm)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)  # no pickled objects anywhere
+    assert {"mmxattn_config", "mmxattn_tokenizer", "mmxattn_preprocess", "mmxattn_data", "state_dict"} <= set(ckpt)
+    model = load(path)
+    assert not model.training and model.tokenizer.vocab_size == dm.vocab_size
+    from PIL import Image
+
+    pil = [Image.fromarray(dm.dataset("test", None)[i]["image"]) for i in range(2)]  # uint8 HWC arrays
+    caps = model.caption(pil, max_new_tokens=5)
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    # export -> load gives the same outputs, tokenizer and preprocessing
+    exported = export(model, tmp_path / "export")
+    again = load(exported)
+    x = model.preprocess(pil)
+    ids = model.tokenizer(["a red circle", "two squares"])
+    torch.testing.assert_close(again(x, ids).logits, model(x, ids).logits)
+    assert again.tokenizer.to_dict() == model.tokenizer.to_dict()
+    assert again.caption(pil, max_new_tokens=5) == caps
+
+
+def test_load_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load(tmp_path / "nope.ckpt")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty file"):
+        load(tmp_path / "empty.ckpt")
+    (tmp_path / "text.ckpt").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+        load(tmp_path / "text.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not an mmxattn checkpoint"):
+        load(tmp_path / "other.ckpt")
+    # a pickle that would run code is refused, and the code never runs
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError):
+        read_checkpoint(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    # weights that do not fit the config
+    model = mmxattn.create_model("mmx_tiny")
+    d = export(model, tmp_path / "exp")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text"]["width"] = 32
+    cfg["text"]["heads"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load(d)
+    with pytest.raises(CheckpointError, match="missing"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss(policy, tmp_path, monkeypatch):
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=5, nonfinite=policy)
+    real = mod.contrastive.forward
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(mod.contrastive, "forward", poisoned)
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match=r"step 2, epoch 0, batch 2"):
+            trainer.fit(mod, datamodule=dm)
+        saved = tmp_path / "nonfinite-last-good.ckpt"
+        state = torch.load(saved, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+        assert torch.load(saved, weights_only=True)["global_step"] == 2
+    else:
+        trainer.fit(mod, datamodule=dm)
+        # 5 batches; the poisoned one returned no loss, so its optimizer call had no gradient to apply
+        assert trainer.global_step == 5 and calls["n"] == 5
+        assert all(torch.isfinite(p).all() for p in mod.parameters())
+
+
+def test_evaluate_command_prints_one_json_object(tmp_path):
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=2)
+    trainer.fit(mod, datamodule=dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    cmd = [sys.executable, "-m", "mmxattn.evaluate", "--ckpt", str(path), "--no-meteor", "--rerank", "4"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [s for s in res.stdout.strip().splitlines() if s.startswith("{")]
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "cider", "bleu4", "grounding_acc", "n_images"):
+        assert key in out
+    assert out["n_images"] == 8 and out["meteor"] is None
+    assert out["ceilings"]["t2i_r1"] <= 1 and "heldout_reference" in out["ceilings"]
+    assert all(math.isfinite(out[k]) for k in ("i2t_r1", "t2i_r1", "cider"))
+    bad = subprocess.run([sys.executable, "-m", "mmxattn.evaluate", "--ckpt", str(tmp_path / "x.ckpt")],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "not found" in bad.stderr
