@@ -129,6 +129,11 @@ class _CaptionDataModule(pl.LightningDataModule):
         # Lightning shards this with a padded DistributedSampler under DDP: gather and dedupe by image_ids
         return DataLoader(dataset, shuffle=False, drop_last=False, collate_fn=collate, **self._loader_kwargs())
 
+    def has_split(self, split: str) -> bool:
+        """Whether the data module can serve ``split`` ("train" | "val" | "test")."""
+        paths = getattr(self, "paths", None)
+        return True if paths is None else paths.get(split) is not None
+
     def set_epoch(self, epoch: int) -> None:
         """Set the train sampler's epoch (Lightning does this itself; for use without a Trainer)."""
         if self._sampler is not None:

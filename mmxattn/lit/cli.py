@@ -41,7 +41,9 @@ class MMXAttnCLI(LightningCLI):
             return
         if not cfg.get("test_after_fit", True) or self.datamodule is None:
             return
-        if not hasattr(self.datamodule, "test_dataloader"):
+        has_split = getattr(self.datamodule, "has_split", None)
+        if not hasattr(self.datamodule, "test_dataloader") or (has_split is not None and not has_split("test")):
+            print("no test split configured: skipping the test after fit", flush=True)
             return
         ckpt = "best" if getattr(self.trainer.checkpoint_callback, "best_model_path", "") else None
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
