@@ -236,8 +236,13 @@ class MMXAttnModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         opt = build_optimizer(self.model, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = warmup_cosine(opt, warmup_steps=min(h.warmup_steps, total // 2), total_steps=total, min_ratio=h.min_lr_ratio)
+        # the total is read lazily (see warmup_cosine): asking now would build the train loader before a resume
+        sched = warmup_cosine(
+            opt,
+            warmup_steps=h.warmup_steps,
+            total_steps=lambda: max(h.warmup_steps + 1, int(self.trainer.estimated_stepping_batches)),
+            min_ratio=h.min_lr_ratio,
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,15 +41,26 @@ def build_optimizer(
 
 
 def warmup_cosine(
-    opt: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0
+    opt: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int | Callable[[], int],
+    min_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` of the peak at
-    ``total_steps`` (stepped once per optimizer step)."""
+    ``total_steps`` (stepped once per optimizer step).
+
+    ``total_steps`` may be a callable, asked once when warmup ends. The LightningModule passes
+    ``trainer.estimated_stepping_batches`` that way: asking for it inside ``configure_optimizers`` builds the train
+    DataLoader before a checkpoint is restored, which would start a resumed epoch from its beginning.
+    """
+    total: list[int] = []
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if not total:
+            total.append(int(total_steps() if callable(total_steps) else total_steps))
+        progress = min(1.0, (step - warmup_steps) / max(1, total[0] - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
