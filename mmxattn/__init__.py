@@ -2,6 +2,7 @@
 
 from .attention import Attention, eager_attention, set_fused_attention
 from .capture import capture_attention
+from .checkpoint import export, load
 from .config import CATConfig, MMXAttnConfig, TextConfig
 from .presets import create_encoder, create_model, list_encoder_presets, list_presets
 
@@ -16,7 +17,9 @@ __all__ = [
     "create_encoder",
     "create_model",
     "eager_attention",
+    "export",
     "list_encoder_presets",
     "list_presets",
+    "load",
     "set_fused_attention",
 ]
