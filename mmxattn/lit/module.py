@@ -91,6 +91,9 @@ class MMXAttnModule(pl.LightningModule):
         rest = {k: v for k, v in (overrides or {}).items() if k not in ("text", "vision")}
         self.model = create_model(preset, text=text, vision=vision, **rest)
         t = self.model.cfg.text
+        if itm_weight <= 0 and self.model.itm_head is not None:
+            # an untrained matching head would re-rank at random, and DDP would wait for its gradients
+            self.model.itm_head.requires_grad_(False)
         self.contrastive = ContrastiveLoss()
         self.caption_loss = CaptionLoss(pad_id=t.pad_id, label_smoothing=label_smoothing)
         self.itm_loss = ITMLoss()
@@ -194,10 +197,11 @@ class MMXAttnModule(pl.LightningModule):
         if h.gen_strategy == "beam":
             gen["num_beams"] = h.gen_num_beams
         captions = (test or h.val_captions) and self.model.tokenizer is not None
+        rerank_with = "lm" if h.rerank_with == "itm" and h.itm_weight <= 0 else h.rerank_with
         return EvalAccumulator(
             self.model,
             rerank=h.rerank,
-            rerank_with=h.rerank_with,
+            rerank_with=rerank_with,
             captions=captions,
             gen_kwargs=gen,
             meteor=test,
