@@ -60,8 +60,11 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}" for k in own
-             if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"weights in {source} do not fit the model its config describes: "

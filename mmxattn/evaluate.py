@@ -50,6 +50,7 @@ def _data_section(config: str | None, ckpt: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("the checkpoint stores no data-module settings; pass --config with a 'data:' section")
     return data
 
+
 def build_datamodule(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Any:
     """Instantiate a data module from a config's ``data:`` section (only the project's own classes)."""
     class_path = data.get("class_path", "mmxattn.data.datamodule.ShapesDataModule")

@@ -187,7 +187,9 @@ class EvalAccumulator:
             im, tx = (q, c) if query_is_image else (c, q)
             new = []
             for a, b in zip(im.split(512), tx.split(512)):
-                new.append(m._pair_score(tokens[a].to(dev), ids[b].to(dev), m.text(ids[b].to(dev))[1], self.rerank_with))
+                new.append(
+                    m._pair_score(tokens[a].to(dev), ids[b].to(dev), m.text(ids[b].to(dev))[1], self.rerank_with)
+                )
             new = torch.cat(new).cpu().view_as(top)
             ranked.append(top.gather(1, new.argsort(dim=1, descending=True)))
         return recall_from_rankings(ranked[0], ranked[1], t2i, ks=[k for k in (1, 5, 10) if k <= n])

@@ -208,8 +208,8 @@ def _beam(model, image_tokens, n_new, cfg, special) -> Tensor:
                     break
             # stop this image once K hypotheses ended and no live beam can still beat the worst of them
             if len(finished[b]) >= K:
-                best_live = norm(float(next_score[b].max()), n_new) if cfg.length_penalty > 0 else float(
-                    next_score[b].max()
+                best_live = (
+                    norm(float(next_score[b].max()), n_new) if cfg.length_penalty > 0 else float(next_score[b].max())
                 )
                 worst = sorted(h[0] for h in finished[b])[-K]
                 closed[b] = best_live <= worst

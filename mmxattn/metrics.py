@@ -211,4 +211,3 @@ def grounding_hits_any(heatmaps: Tensor, boxes: Sequence[Tensor], image_size: tu
         inside = (cx[i] >= b[:, 0]) & (cx[i] <= b[:, 2]) & (cy[i] >= b[:, 1]) & (cy[i] <= b[:, 3])
         hits.append(bool(inside.any()))
     return torch.tensor(hits, dtype=torch.bool)
-

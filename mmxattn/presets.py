@@ -8,8 +8,16 @@ from typing import Any
 
 from .config import CATConfig, MMXAttnConfig, TextConfig
 
-__all__ = ["ENCODER_PRESETS", "MODEL_PRESETS", "list_presets", "list_encoder_presets", "get_config", "create_encoder",
-           "create_model", "get_encoder_config"]
+__all__ = [
+    "ENCODER_PRESETS",
+    "MODEL_PRESETS",
+    "list_presets",
+    "list_encoder_presets",
+    "get_config",
+    "create_encoder",
+    "create_model",
+    "get_encoder_config",
+]
 
 # CAT image encoders. cat_t/s/b are the official ImageNet sizes (SPEC.md); the rest are small CPU sizes.
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {
@@ -140,7 +148,9 @@ def get_config(name: str | MMXAttnConfig, **overrides: Any) -> MMXAttnConfig:
         elif key in _TOP:
             base[key] = value
         elif key in _TEXT and key in _VISION:
-            raise ValueError(f"override {key!r} exists in both vision and text configs; pass vision={{...}} or text={{...}}")
+            raise ValueError(
+                f"override {key!r} exists in both vision and text configs; pass vision={{...}} or text={{...}}"
+            )
         elif key in _TEXT:
             text[key] = value
         elif key in _VISION:

@@ -32,8 +32,14 @@ class GlobalBatchProbe(pl.Callback):
         labels = torch.arange(logits.shape[0])
         ref = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         self.records.append(
-            {"rank": dist.get_rank(), "local": out.image_embeds.shape[0], "global": logits.shape[0],
-             "mean_loss": mean.item(), "reference": ref.item(), "local_only": _local(out).item()}
+            {
+                "rank": dist.get_rank(),
+                "local": out.image_embeds.shape[0],
+                "global": logits.shape[0],
+                "mean_loss": mean.item(),
+                "reference": ref.item(),
+                "local_only": _local(out).item(),
+            }
         )
 
     def on_train_end(self, trainer, pl_module) -> None:

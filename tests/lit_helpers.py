@@ -67,7 +67,7 @@ def make_wds(root: Path, n_shards: int = 2, per_shard: int = 8) -> dict[str, str
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    pattern = str(root / ("train-{000..%03d}.tar" % (n_shards - 1)))
+    pattern = str(root / f"train-{{000..{n_shards - 1:03d}}}.tar")
     return {"train_path": pattern, "val_path": pattern, "test_path": None, "image_root": None}
 
 
@@ -97,5 +97,8 @@ def smoke_args(config: str, tmp: Path, data_paths: dict | None = None, fast_dev_
             f"--data.init_args.cache_dir={tmp / 'cache'}",
         ]
     else:
-        args += [f"--data.init_args.{k}={v}" if v is not None else f"--data.init_args.{k}=null" for k, v in data_paths.items()]
+        args += [
+            f"--data.init_args.{k}={v}" if v is not None else f"--data.init_args.{k}=null"
+            for k, v in data_paths.items()
+        ]
     return args

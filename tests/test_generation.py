@@ -128,7 +128,9 @@ def test_repetition_penalty_discourages_repeats(model, images):
 
 def test_image_keys_values_projected_once_per_image(model, images):
     calls = []
-    hooks = [b.cross_attn.kv.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0])) for b in model.decoder.blocks]
+    hooks = [
+        b.cross_attn.kv.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0])) for b in model.decoder.blocks
+    ]
     try:
         model.generate(images, strategy="beam", num_beams=3, max_new_tokens=6)
     finally:

@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from lit_helpers import CONFIGS, REPO, make_coco, make_csv, make_wds, smoke_args
 
 import mmxattn
 from mmxattn.checkpoint import CheckpointError, export, load, read_checkpoint
 from mmxattn.data.datamodule import ShapesDataModule
 from mmxattn.lit.cli import main as cli_main
 from mmxattn.lit.module import MMXAttnModule, NonFiniteLossError
-
-from lit_helpers import CONFIGS, REPO, make_coco, make_csv, make_wds, smoke_args
 
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "shapes_tensorboard.yaml")
 
@@ -56,12 +55,26 @@ def test_tensorboard_config_composes(tmp_path, monkeypatch):
 def _tiny_fit(tmp_path: Path, steps: int = 4, **module_kw) -> tuple[pl.Trainer, MMXAttnModule, ShapesDataModule]:
     dm = ShapesDataModule(train_size=32, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp_path))
     mod = MMXAttnModule(
-        preset="mmx_tiny", vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
-        context_length=dm.context_length, img_size=64, rerank=4, warmup_steps=2, **module_kw,
+        preset="mmx_tiny",
+        vocab_size=dm.vocab_size,
+        pad_id=dm.pad_id,
+        bos_id=dm.bos_id,
+        eos_id=dm.eos_id,
+        context_length=dm.context_length,
+        img_size=64,
+        rerank=4,
+        warmup_steps=2,
+        **module_kw,
     )
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
-        default_root_dir=tmp_path, limit_val_batches=1, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        limit_val_batches=1,
+        enable_model_summary=False,
         plugins=[mmxattn.lit.checkpoint_io.AtomicCheckpointIO()],
     )
     return trainer, mod, dm
@@ -169,6 +182,11 @@ def test_evaluate_command_prints_one_json_object(tmp_path):
     assert out["n_images"] == 8 and out["meteor"] is None
     assert out["ceilings"]["t2i_r1"] <= 1 and "heldout_reference" in out["ceilings"]
     assert all(math.isfinite(out[k]) for k in ("i2t_r1", "t2i_r1", "cider"))
-    bad = subprocess.run([sys.executable, "-m", "mmxattn.evaluate", "--ckpt", str(tmp_path / "x.ckpt")],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mmxattn.evaluate", "--ckpt", str(tmp_path / "x.ckpt")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "not found" in bad.stderr

@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from mmxattn import metrics
-from mmxattn.metrics import caption_metrics, grounding_hits, grounding_hits_any, recall_from_rankings, retrieval_metrics, token_heatmap
+from mmxattn.metrics import (
+    caption_metrics,
+    grounding_hits,
+    grounding_hits_any,
+    recall_from_rankings,
+    retrieval_metrics,
+    token_heatmap,
+)
 
 
 def _brute(img, txt, t2i, k):

@@ -48,7 +48,9 @@ def test_preset_contract(name):
     itm = model.itm_logits(out.image_tokens, ids, out.text_states)
     loss = (out.image_embeds @ out.text_embeds.T).sum() * out.logit_scale + out.logits.square().mean() + itm.sum()
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, f"parameters without gradient: {missing[:10]}"
     # state dict round trip
     clone = _small(name)

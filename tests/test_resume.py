@@ -30,8 +30,12 @@ def _config(tmp: Path, name: str, extra_callbacks: list[dict]) -> Path:
             "callbacks": [
                 {
                     "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run / "ckpt"), "save_last": True, "save_top_k": 0,
-                                  "every_n_train_steps": 3},
+                    "init_args": {
+                        "dirpath": str(run / "ckpt"),
+                        "save_last": True,
+                        "save_top_k": 0,
+                        "every_n_train_steps": 3,
+                    },
                 },
                 *extra_callbacks,
             ],
@@ -39,8 +43,14 @@ def _config(tmp: Path, name: str, extra_callbacks: list[dict]) -> Path:
         "model": {"preset": "mmx_tiny", "warmup_steps": 2, "lr": 0.002},
         "data": {
             "class_path": "mmxattn.data.datamodule.ShapesDataModule",
-            "init_args": {"train_size": 32, "val_size": 8, "test_size": 8, "batch_size": 8, "num_workers": 0,
-                          "cache_dir": str(tmp / "cache")},
+            "init_args": {
+                "train_size": 32,
+                "val_size": 8,
+                "test_size": 8,
+                "batch_size": 8,
+                "num_workers": 0,
+                "cache_dir": str(tmp / "cache"),
+            },
         },
     }
     path = tmp / f"{name}.yaml"
@@ -58,7 +68,10 @@ def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     final = {"class_path": "resume_helpers.SaveFinalWeights"}
     log = {"class_path": "resume_helpers.LogBatches"}
-    ref_log, cut_log = {**log, "init_args": {"path": str(tmp_path / "ref.txt")}}, {**log, "init_args": {"path": str(tmp_path / "cut.txt")}}
+    ref_log, cut_log = (
+        {**log, "init_args": {"path": str(tmp_path / "ref.txt")}},
+        {**log, "init_args": {"path": str(tmp_path / "cut.txt")}},
+    )
     ref_cfg = _config(tmp_path, "ref", [ref_log, {**final, "init_args": {"path": str(tmp_path / "ref.pt")}}])
     res = _fit(ref_cfg)
     assert res.returncode == 0, res.stderr[-3000:]
