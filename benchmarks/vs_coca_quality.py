@@ -1,0 +1,481 @@
+"""Quality at an equal training budget: MMXAttn vs open_clip's CoCa on the embedded shapes data, one process.
+
+    .venv/bin/python benchmarks/vs_coca_quality.py --minutes 10 --json     # mmx_shapes vs a matched CoCa
+    .venv/bin/python benchmarks/vs_coca_quality.py --quick --json          # tiny sizes, seconds (the smoke test)
+
+Data: one :class:`~mmxattn.data.datamodule.ShapesDataModule` (configs/shapes.yaml's settings: 64 px, batch 64,
+20000/1000 train/test images, 5 captions each, seed 0, the word tokenizer, context length 24) serves both models:
+each run gets a fresh train loader with the same seed, so both see the same batches in the same order, and both
+are evaluated on the same (pre-loaded) test batches.
+
+Budget: each model trains for ``--minutes`` of wall-clock COMPUTE time, one after the other (ours first, see
+``--order``): the clock runs only around a step (forward, losses, backward, clipping, optimizer and scheduler
+step); fetching a batch (generation / memory-mapped reads, augmentation, tokenisation) and model building are
+outside it. Both use the same plain loop (no Lightning Trainer): ours calls ``MMXAttnModule.training_step`` (its
+own losses: contrastive with duplicate-caption positives + 2 x caption + 0.5 x ITM on hard negatives), CoCa
+calls ``open_clip.loss.CoCaLoss(caption_loss_weight=2, clip_loss_weight=1)``.
+
+Threads: 1 by default. On a shared CPU (load above the core count) an OpenMP worker that the kernel deschedules
+stalls every op it takes part in: at load ~4 on 2 cores a step took 2.5-3x LONGER with 2 threads than with 1.
+
+Optimisation, identical for both (configs/shapes.yaml's recipe): AdamW from :func:`mmxattn.lit.optim.build_optimizer`
+(peak lr 1e-3, betas (0.9, 0.98), weight decay 0.05 on matrices only; norms, biases, position tables, CLS and
+temperature not decayed), gradient-norm clipping at 1.0, :func:`mmxattn.lit.optim.warmup_cosine` down to 5% of the
+peak. The number of steps the budget allows is estimated per model from ``--probe-steps`` timed steps (the first
+not counted) taken before its budget starts, outside it, after which its initial weights are restored and a fresh
+optimizer is built; the schedule's length is that estimate and its warmup ``min(200, 20%)`` of it (shapes.yaml warms up 200 of ~940 steps). A run that goes past its
+estimate continues at the final learning rate. CoCa additionally gets open_clip's training-loop clamp of its logit
+scale to ``[0, ln 100]`` after every step (ours clamps inside its forward).
+
+The peer (open_clip 3.x ``CoCa``, random init, no network), configured by ``vs_coca.coca_config_for`` plus:
+
+* text tower and multimodal decoder with our widths, depths, heads, vocabulary, context length and embedding size;
+  pad/sot/eot ids are our tokenizer's (0/1/2): ``CoCa(pad_id=)`` is its caption loss's ignore index and its text
+  tower's ``text_cfg.pad_id`` drives the tower's key-padding mask (every CoCa text tower appends a CLS token and
+  masks pads). open_clip 3.3.0 builds that mask one position off (its "legacy" CLS mask; ``TextTransformer`` has a
+  ``correct_cls_mask`` switch that ``CLIPTextCfg`` cannot reach): we switch the fix on, so the peer's CLS sees
+  exactly the caption (``--coca-legacy-cls-mask`` keeps open_clip's default). Its multimodal decoder is
+  initialised by :func:`init_coca_decoder` (open_clip 3.3.0 leaves its LM head at ``torch.empty``). Both are the
+  issues open_clip PR #551 ("CoCa: fix MultimodalTransformer init + Mask CLS token at end of seq") was about.
+  CoCa's decoder has more parameters than ours (0.80M vs 0.54M): each cross-attention block has its own MLP and
+  its LM head is not tied to the token embedding;
+* ViT: patch 8 at 64 px, an 8x8 token grid: the finest grid our decoder reads (CAT stage 2 of mmx_shapes), width =
+  our text width (128) with 4 heads of 32 like both text towers, depth chosen so that its trunk (no attentional
+  pooler / ln_post / projection) has the parameter count closest to our CAT encoder: 8 layers, 1.61M vs 1.67M
+  (widths 192x4 and 256x2 come as close; ``--vit-width``/``--vit-depth`` override). Its attentional pooler has
+  ``our image token count + 1`` queries (open_clip's original CoCa setup: query 0 is the pooled embedding, the rest
+  feed the decoder), so both decoders read 80 image tokens.
+
+Evaluation (:func:`evaluate_pair`, the same code for both): full-gallery recall i2t/t2i R@1/5/10 with
+:func:`mmxattn.metrics.retrieval_metrics` (text_to_image from the eval batches) of cosine similarity, and greedy
+captions (EOS stops a row; up to ``context_length - 1`` new tokens; ours with its KV cache, CoCa with open_clip's
+prefix-recomputing loop, reproduced here without ``transformers``) scored by :func:`mmxattn.metrics.caption_metrics`
+(CIDEr-D, BLEU-4, ROUGE-L; METEOR with ``--meteor``). Ours only: grounding accuracy and decoder-re-ranked recall
+(``EvalAccumulator``; CoCa's decoder reads pooled queries, not image positions, so it has no grounding). Ceilings:
+``dm.ceilings("test")`` and the held-out-reference / constant-caption scores (:func:`shapes_reference_scores`: one
+reference scored against the OTHER four, while the models are scored against all five, so a model's BLEU-4 can
+exceed that "ceiling").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_coca import _vit_trunk_params, build_coca, coca_config_for, coca_special, n_params  # noqa: E402
+
+from mmxattn.config import config_to_dict  # noqa: E402
+from mmxattn.data.datamodule import ShapesDataModule  # noqa: E402
+from mmxattn.evaluate import shapes_reference_scores  # noqa: E402
+from mmxattn.evaluation import EvalAccumulator  # noqa: E402
+from mmxattn.lit.module import MMXAttnModule  # noqa: E402
+from mmxattn.lit.optim import build_optimizer, warmup_cosine  # noqa: E402
+from mmxattn.metrics import caption_metrics, retrieval_metrics  # noqa: E402
+
+RECIPE = dict(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98), min_lr_ratio=0.05, max_warmup=200, warmup_frac=0.2)
+CLIP_NORM = 1.0
+FULL = dict(preset="mmx_shapes", train_size=20000, test_size=1000, batch_size=64, rerank=10, probe=5)
+QUICK = dict(preset="mmx_tiny", train_size=96, test_size=12, batch_size=8, rerank=3, probe=3, minutes=0.04)
+ROW_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "cider", "bleu4", "rouge_l")
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build_ours(args: argparse.Namespace, dm: ShapesDataModule) -> MMXAttnModule:
+    torch.manual_seed(args.seed)
+    module = MMXAttnModule(
+        preset=args.preset,
+        vocab_size=dm.vocab_size,
+        pad_id=dm.pad_id,
+        bos_id=dm.bos_id,
+        eos_id=dm.eos_id,
+        context_length=dm.context_length,
+        img_size=dm.img_size,
+        lr=RECIPE["lr"],
+        weight_decay=RECIPE["weight_decay"],
+        betas=RECIPE["betas"],
+        min_lr_ratio=RECIPE["min_lr_ratio"],
+    )  # loss weights: the module's defaults = configs/shapes.yaml (1, 2, ITM 0.5)
+    module.model.tokenizer = dm.tokenizer
+    return module
+
+
+def peer_config(ours: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """vs_coca's matched CoCa config with the ViT re-sized (module docstring) and our eos id in the text tower."""
+    cfg = coca_config_for(ours)
+    t = ours.cfg.text
+    width = args.vit_width or t.width
+    target = n_params(ours.visual) - (n_params(ours.visual.head) if getattr(ours.visual, "head", None) else 0)
+    p2, p3 = _vit_trunk_params(width, 2, cfg), _vit_trunk_params(width, 3, cfg)  # trunk params are affine in depth
+    depth = args.vit_depth or min(range(1, 25), key=lambda d: abs(p2 + (d - 2) * (p3 - p2) - target))
+    heads = t.heads if width % t.heads == 0 else max(1, width // 64)
+    cfg["vision_cfg"].update(width=width, layers=depth, head_width=width // heads)
+    cfg["text_cfg"]["eos_id"] = t.eos_id
+    return cfg
+
+
+def init_coca_decoder(decoder: torch.nn.Module) -> None:
+    """What open_clip's ``MultimodalTransformer.init_parameters`` means to do (CLIP's stds: attention in ``w**-.5``,
+    outputs ``w**-.5 (2L)**-.5``, MLP in ``(2w)**-.5``, projection ``w**-.5``). open_clip 3.3.0 never calls it,
+    and it would fail if called (it reads ``self.transformer``, which the class does not have), so the decoder's
+    ``text_projection`` -- its LM head -- stays ``torch.empty`` memory: losses of 1e28 or NaN from step 0."""
+    w, n = decoder.width, decoder.layers
+    proj_std, attn_std, fc_std = w**-0.5 * (2 * n) ** -0.5, w**-0.5, (2 * w) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        torch.nn.init.normal_(decoder.text_projection, std=w**-0.5)
+
+
+def build_peer(cfg: dict[str, Any], args: argparse.Namespace) -> torch.nn.Module:
+    coca = build_coca(cfg)
+    torch.manual_seed(args.seed)
+    init_coca_decoder(coca.text_decoder)
+    coca.text.correct_cls_mask = not args.coca_legacy_cls_mask  # see the module docstring
+    return coca
+
+
+def param_counts(ours: Any, coca: torch.nn.Module) -> dict[str, dict[str, int]]:
+    v = coca.visual
+    return {
+        "ours": {
+            "total": n_params(ours),
+            "vision_encoder": n_params(ours.visual),
+            "text_encoder": n_params(ours.text),
+            "decoder_with_lm_head": n_params(ours.decoder) + ours.lm_head.weight.numel(),
+        },
+        "coca": {
+            "total": n_params(coca),
+            "vision_encoder": n_params(v),
+            "vision_trunk": n_params(v) - n_params(v.attn_pool) - n_params(v.ln_post) - v.proj.numel(),
+            "text_encoder": n_params(coca.text),
+            "decoder_with_lm_head": n_params(coca.text_decoder),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------- training
+def coca_loss_fn(coca: torch.nn.Module, pad_id: int) -> Callable[[dict[str, Any], int], Tensor]:
+    import open_clip.loss
+
+    loss = open_clip.loss.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=pad_id)
+
+    def step(batch: dict[str, Any], i: int) -> Tensor:
+        out = coca(batch["images"], batch["ids"])
+        clip, cap = loss(out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+        return clip + cap
+
+    return step
+
+
+def _batches(dm: ShapesDataModule):
+    """Endless train batches, epoch after epoch, in the data module's seeded order; yields (batch, fetch seconds)."""
+    loader = dm.train_dataloader()  # a fresh sampler: every model starts at epoch 0, batch 0
+    epoch = 0
+    while True:
+        dm.set_epoch(epoch)
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                break
+            yield batch, time.perf_counter() - t0
+        epoch += 1
+
+
+def _one_step(model, loss_fn, opt, sched, batch, i, after_step) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(batch, i)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], CLIP_NORM)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    after_step()
+    return float(loss.detach())
+
+
+def train_for(
+    name: str,
+    model: torch.nn.Module,
+    loss_fn: Callable[[dict[str, Any], int], Tensor],
+    dm: ShapesDataModule,
+    budget_s: float,
+    probe_steps: int,
+    seed: int,
+    after_step: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Train ``model`` for ``budget_s`` seconds of step compute (batch fetching excluded); see the module docstring."""
+    model.train()
+
+    def optimizer():
+        return build_optimizer(model, RECIPE["lr"], RECIPE["weight_decay"], RECIPE["betas"])
+
+    # Probe: a few steps from the initial weights to time a step, then the weights are put back.
+    init = copy.deepcopy(model.state_dict())
+    opt = optimizer()
+    probe = []
+    for i, (batch, _) in zip(range(max(2, probe_steps)), _batches(dm)):
+        t0 = time.perf_counter()
+        _one_step(model, loss_fn, opt, None, batch, i, after_step)
+        probe.append(time.perf_counter() - t0)
+    model.load_state_dict(init)
+    del opt, init
+    step_s = statistics.median(probe[1:])  # the first step pays lazy initialisation
+    est = max(2, int(budget_s / step_s))
+    warm = max(1, min(RECIPE["max_warmup"], round(RECIPE["warmup_frac"] * est)))
+    opt = optimizer()
+    sched = warmup_cosine(opt, warm, est, min_ratio=RECIPE["min_lr_ratio"])
+
+    torch.manual_seed(seed)
+    load_before = os.getloadavg()[0]
+    compute = fetch = 0.0
+    steps, losses = 0, []
+    for batch, fetch_s in _batches(dm):
+        if compute >= budget_s:
+            break
+        fetch += fetch_s
+        t0 = time.perf_counter()
+        losses.append(_one_step(model, loss_fn, opt, sched, batch, steps, after_step))
+        compute += time.perf_counter() - t0
+        steps += 1
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10) :]
+    out = {
+        "steps": steps,
+        "estimated_steps": est,
+        "warmup_steps": warm,
+        "probe_step_s": step_s,
+        "compute_s": compute,
+        "fetch_s": fetch,
+        "images_seen": steps * dm.batch_size,
+        "final_loss": statistics.mean(tail),  # mean over the last 10% of steps (losses differ between models)
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
+    }
+    print(
+        f"  {name}: {steps} steps in {compute:.1f} s compute (+{fetch:.1f} s data), estimated {est}, warmup {warm}, "
+        f"loss {losses[0]:.3f} -> {out['final_loss']:.3f}, load {out['loadavg_1min'][0]:.2f}->"
+        f"{out['loadavg_1min'][1]:.2f}",
+        flush=True,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def coca_greedy(coca: torch.nn.Module, images: Tensor, max_new: int, sot: int, eos: int, pad: int) -> Tensor:
+    """Greedy captions (B, 1 + n) the way open_clip's ``CoCa.generate`` decodes: the image is encoded once, every
+    step re-runs text tower + decoder on the whole prefix and takes the last position; finished rows get pad."""
+    latent, embs = coca._encode_image(images)  # (B, E), (B, L, D)
+    ids = torch.full((images.shape[0], 1), sot, dtype=torch.long, device=images.device)
+    done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+    for _ in range(max_new):
+        logits = coca(None, ids, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
+        nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), logits.argmax(-1))  # (B,)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+    return ids
+
+
+@torch.no_grad()
+def evaluate_pair(
+    batches: list[dict[str, Any]],
+    encode_image: Callable[[Tensor], Tensor],
+    encode_text: Callable[[Tensor], Tensor],
+    generate: Callable[[Tensor], Tensor],
+    tokenizer: Any,
+    meteor: bool,
+) -> dict[str, Any]:
+    """Retrieval recall and caption metrics of one model on the eval batches (the same code for both models)."""
+    img, txt, t2i, preds, refs = [], [], [], {}, {}
+    for batch in batches:
+        base = sum(x.shape[0] for x in img)
+        img.append(encode_image(batch["images"]).float())  # (B, E), L2-normalised
+        txt.append(encode_text(batch["ref_ids"]).float())  # (R, E)
+        t2i.append(batch["ref_image_index"] + base)  # (R,)
+        for j, caption in enumerate(tokenizer.batch_decode(generate(batch["images"]))):
+            preds[base + j], refs[base + j] = caption, list(batch["references"][j])
+    out: dict[str, Any] = {"n_images": len(preds), "n_texts": int(sum(x.shape[0] for x in txt))}
+    out.update(retrieval_metrics(torch.cat(img), torch.cat(txt), torch.cat(t2i)))
+    out.update(caption_metrics(preds, refs, meteor=meteor))
+    out["examples"] = [preds[i] for i in range(min(3, len(preds)))]
+    return out
+
+
+def ours_extras(ours: Any, batches: list[dict[str, Any]], rerank: int) -> dict[str, Any]:
+    """Grounding accuracy and decoder-re-ranked recall: ours only (EvalAccumulator, no captions)."""
+    acc = EvalAccumulator(ours, rerank=rerank, captions=False, grounding=True)
+    for batch in batches:
+        acc.update(batch)
+    m = acc.compute()
+    return {k: v for k, v in m.items() if k.endswith("_rerank") or k.startswith("grounding") or k == "i2t_r1"}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _fmt(v: Any) -> str:
+    return "   -  " if v is None else f"{v:6.3f}"
+
+
+def print_table(out: dict[str, Any]) -> None:
+    ours, coca, ceil = out["ours"], out["coca"], out["ceilings"]
+    held, const = ceil["heldout_reference"], ceil["constant_caption"]
+    rows = [(k, ceil.get(k)) for k in ROW_KEYS[:7]]
+    rows += [(k, held.get(k)) for k in ("cider", "bleu4")] + [("rouge_l", None), ("meteor", None)]
+    print(f"\n{'metric':16s} {'ours':>7s} {'coca':>7s} {'ours-coca':>9s} {'ceiling':>8s} {'constant':>8s}")
+    for k, c in rows:
+        a, b = ours.get(k), coca.get(k)
+        d = _fmt(a - b) if a is not None and b is not None else "   -  "
+        const_v = _fmt(const.get(k)) if k in ("cider", "bleu4") else "   -  "
+        print(f"{k:16s} {_fmt(a):>7s} {_fmt(b):>7s} {d:>9s} {_fmt(c):>8s} {const_v:>8s}")
+    for k in sorted(k for k in ours if k.endswith("_rerank") or k == "grounding_acc"):
+        print(f"{k + ' (ours)':16s} {_fmt(ours[k]):>7s}")
+    print(f"steps: ours {out['steps']['ours']}, coca {out['steps']['coca']} ({out['budget_minutes']} min each)")
+    print("ceiling: retrieval = dm.ceilings('test'); captions = a held-out reference vs the other four")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--minutes", type=float, default=None, help="training budget per model (default 10; quick 0.04)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for the smoke test (mmx_tiny, 96 images)")
+    p.add_argument("--preset", default=None, help="our model preset (default mmx_shapes; quick mmx_tiny)")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="shapes image cache (default data_cache/shapes; quick: none)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: see the docstring)")
+    p.add_argument("--order", default="ours,coca", choices=["ours,coca", "coca,ours"], help="training order")
+    p.add_argument("--probe-steps", type=int, default=None, help="timed steps to size the schedule (5; quick 3)")
+    p.add_argument("--rerank", type=int, default=None, help="ours' re-ranking depth for the extra rows (10; quick 3)")
+    p.add_argument("--meteor", action="store_true", help="also METEOR (starts Java)")
+    p.add_argument("--vit-width", type=int, default=None, help="CoCa ViT width (default: our text width)")
+    p.add_argument("--vit-depth", type=int, default=None, help="CoCa ViT depth (default: params matched)")
+    p.add_argument("--coca-legacy-cls-mask", action="store_true", help="keep open_clip's off-by-one CLS pad mask")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    a = p.parse_args(argv)
+    base = {**FULL, "minutes": 10.0} if not a.quick else {**FULL, **QUICK}
+    for key, dest in (("preset", "preset"), ("train_size", "train_size"), ("test_size", "test_size")):
+        setattr(a, dest, getattr(a, dest) or base[key])
+    a.batch_size = a.batch_size or base["batch_size"]
+    a.minutes = base["minutes"] if a.minutes is None else a.minutes
+    a.probe_steps = a.probe_steps or base["probe"]
+    a.rerank = base["rerank"] if a.rerank is None else a.rerank
+    a.cache_dir = a.cache_dir or (None if a.quick else "data_cache/shapes")
+    if a.minutes <= 0:
+        raise SystemExit(f"--minutes must be > 0, got {a.minutes}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; there is no Trainer here
+    warnings.filterwarnings("ignore", message="java not found.*")
+    budget = 60.0 * args.minutes
+    dm = ShapesDataModule(
+        img_size=64,
+        train_size=args.train_size,
+        val_size=max(8, args.test_size // 2),
+        test_size=args.test_size,
+        batch_size=args.batch_size,
+        num_workers=0,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
+    t0 = time.perf_counter()
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    test_batches = list(dm.test_dataloader())  # the same tensors for both models
+    print(f"data ready in {time.perf_counter() - t0:.1f} s (not in the budget); loadavg {os.getloadavg()}")
+    module = build_ours(args, dm)
+    ours = module.model
+    coca_cfg = peer_config(ours, args)
+    coca = build_peer(coca_cfg, args)
+    sot, eos, pad = coca_special(coca_cfg)
+    if (sot, eos, pad) != (dm.bos_id, dm.eos_id, dm.pad_id):
+        raise RuntimeError(f"CoCa special ids {(sot, eos, pad)} != tokenizer's {(dm.bos_id, dm.eos_id, dm.pad_id)}")
+    params = param_counts(ours, coca)
+    print(f"torch threads {torch.get_num_threads()}, budget {args.minutes} min per model")
+    print(f"ours ({args.preset}): {json.dumps(config_to_dict(ours.cfg))}")
+    print(f"coca (open_clip.CoCa): {json.dumps(coca_cfg)}")
+    for name, p in params.items():
+        print(f"  {name:4s} params: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in p.items()))
+
+    def clamp_coca() -> None:
+        with torch.no_grad():  # open_clip's training loop: logit_scale.clamp_(0, ln 100) after each step
+            coca.logit_scale.clamp_(0, 4.6052)
+
+    runs = {
+        "ours": lambda: train_for("ours", module, module.training_step, dm, budget, args.probe_steps, args.seed),
+        "coca": lambda: train_for(
+            "coca", coca, coca_loss_fn(coca, pad), dm, budget, args.probe_steps, args.seed, clamp_coca
+        ),
+    }
+    train = {name: runs[name]() for name in args.order.split(",")}
+
+    max_new = dm.context_length - 1
+    gens = {
+        "ours": lambda im: ours.generate(im, max_new_tokens=max_new, strategy="greedy"),
+        "coca": lambda im: coca_greedy(coca, im, max_new, sot, eos, pad),
+    }
+    encoders = {"ours": (ours.encode_image, ours.encode_text), "coca": (coca.encode_image, coca.encode_text)}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in ("ours", "coca"):
+        t1 = time.perf_counter()
+        rows[name] = evaluate_pair(test_batches, *encoders[name], gens[name], dm.tokenizer, args.meteor)
+        rows[name]["eval_s"] = time.perf_counter() - t1
+        rows[name]["final_loss"] = train[name]["final_loss"]
+        print(f"  {name}: evaluated in {rows[name]['eval_s']:.1f} s", flush=True)
+    t1 = time.perf_counter()
+    extra = ours_extras(ours, test_batches, args.rerank)
+    print(f"  ours: grounding and re-ranking in {time.perf_counter() - t1:.1f} s", flush=True)
+    if abs(extra.pop("i2t_r1") - rows["ours"]["i2t_r1"]) > 1e-6:  # the two evaluation paths must agree
+        raise RuntimeError("EvalAccumulator and evaluate_pair disagree on ours' i2t_r1")
+    rows["ours"].update(extra)
+    rows["coca"]["grounding_acc"] = None
+    ceilings = {**dm.ceilings("test"), **shapes_reference_scores(dm, "test")}
+    out: dict[str, Any] = {
+        "budget_minutes": args.minutes,
+        "ours": rows["ours"],
+        "coca": rows["coca"],
+        "ceilings": ceilings,
+        "configs": {
+            "ours": config_to_dict(ours.cfg),
+            "coca": coca_cfg,
+            "coca_correct_cls_mask": not args.coca_legacy_cls_mask,
+            "recipe": {**RECIPE, "clip_grad_norm": CLIP_NORM, "ours_loss": "contrastive + 2 caption + 0.5 itm"},
+            "data": {"preset": args.preset, "img_size": 64, "batch_size": args.batch_size, "seed": args.seed}
+            | {"train_size": args.train_size, "test_size": args.test_size, "context_length": dm.context_length},
+        },
+        "params": params,
+        "steps": {name: train[name]["steps"] for name in ("ours", "coca")},
+        "train": train,
+        "threads": torch.get_num_threads(),
+        "order": args.order,
+    }
+    print_table(out)
+    if args.json:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Smoke test of benchmarks/vs_coca_quality.py: at tiny sizes (``--quick``: mmx_tiny and a matched CoCa, 96 shapes
+images, ~2 s of training each) the script trains both models, evaluates both, and reports as its last stdout line
+a JSON object with both rows, the data set's ceilings, configs, parameter counts and step counts. No timing or
+quality is asserted (the CPU is shared, and a few steps learn little): only that every metric is a number in its
+range, that both models trained, and that both were configured alike and evaluated on the same set."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "vs_coca_quality.py"
+RECALL = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
+CAPTION = ["cider", "bleu4", "rouge_l"]
+
+pytestmark = pytest.mark.slow  # ~15-30 s on 2 shared cores (two short trainings, Java for the PTB tokenizer)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", "--minutes", "0.03", "--probe-steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, f"vs_coca_quality.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert lines, "vs_coca_quality.py printed nothing"
+    return json.loads(lines[-1])
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_report_has_every_section(report):
+    for key in ("budget_minutes", "ours", "coca", "ceilings", "configs", "params", "steps"):
+        assert key in report, f"missing {key}; keys: {sorted(report)}"
+    assert report["budget_minutes"] == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("name", ["ours", "coca"])
+def test_rows_hold_every_metric_in_range(report, name):
+    row = report[name]
+    for key in [*RECALL, *CAPTION]:
+        assert _number(row[key]), f"{name}.{key} = {row.get(key)!r}"
+    for key in RECALL:
+        assert 0.0 <= row[key] <= 1.0, f"{name}.{key} = {row[key]}"
+    for d in ("i2t", "t2i"):  # recall can only grow with K
+        assert row[f"{d}_r1"] <= row[f"{d}_r5"] <= row[f"{d}_r10"], d
+    assert row["rsum"] == pytest.approx(sum(row[k] for k in RECALL), abs=1e-5)
+    assert 0.0 <= row["bleu4"] <= 1.0 and 0.0 <= row["rouge_l"] <= 1.0 and row["cider"] >= 0.0
+    assert _number(row["final_loss"]) and row["final_loss"] > 0
+
+
+def test_both_models_trained_and_were_evaluated_on_the_same_set(report):
+    for name in ("ours", "coca"):
+        assert isinstance(report["steps"][name], int) and report["steps"][name] >= 1
+    assert report["ours"]["n_images"] == report["coca"]["n_images"] == report["ceilings"]["n_images"]
+    assert report["ours"]["n_texts"] == report["coca"]["n_texts"] == report["ceilings"]["n_captions"]
+
+
+def test_grounding_is_ours_only(report):
+    assert report["coca"]["grounding_acc"] is None
+    assert _number(report["ours"]["grounding_acc"]) and 0.0 <= report["ours"]["grounding_acc"] <= 1.0
+
+
+def test_ceilings_are_reported(report):
+    c = report["ceilings"]
+    for key in ("i2t_r1", "t2i_r1", "t2i_r5"):
+        assert _number(c[key]) and 0.0 < c[key] <= 1.0, key
+    for key in ("heldout_reference", "constant_caption"):
+        assert _number(c[key]["cider"]) and _number(c[key]["bleu4"]), key
+
+
+def test_peer_is_configured_like_ours(report):
+    ours, coca = report["configs"]["ours"], report["configs"]["coca"]
+    t, tc, mm = ours["text"], coca["text_cfg"], coca["multimodal_cfg"]
+    assert coca["embed_dim"] == ours["embed_dim"]
+    assert coca["vision_cfg"]["image_size"] == ours["vision"]["img_size"]
+    for k in ("vocab_size", "context_length", "width", "heads"):
+        assert tc[k] == t[k] and mm[k] == t[k], k
+    assert tc["layers"] == t["layers"] and mm["layers"] == t["decoder_layers"]
+    # the same special ids as our tokenizer, so both models read and write the same token ids
+    assert coca["special_ids"] == {"bos": t["bos_id"], "eos": t["eos_id"], "pad": t["pad_id"]}
+    assert tc["pad_id"] == t["pad_id"]
+    p = report["params"]
+    assert 0.75 < p["coca"]["vision_trunk"] / p["ours"]["vision_encoder"] < 1.25
