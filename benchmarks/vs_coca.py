@@ -141,7 +141,25 @@ def build_coca(coca_cfg: dict[str, Any]) -> torch.nn.Module:
     torch.manual_seed(0)
     c = coca_cfg
     pad = coca_special(c)[2]
-    return open_clip.CoCa(c["embed_dim"], c["multimodal_cfg"], c["text_cfg"], c["vision_cfg"], pad_id=pad)
+    coca = open_clip.CoCa(c["embed_dim"], c["multimodal_cfg"], c["text_cfg"], c["vision_cfg"], pad_id=pad)
+    init_coca_decoder(coca.text_decoder)
+    return coca
+
+
+def init_coca_decoder(decoder: torch.nn.Module) -> None:
+    """What open_clip's ``MultimodalTransformer.init_parameters`` means to do (CLIP's stds: attention in ``w**-.5``,
+    outputs ``w**-.5 (2L)**-.5``, MLP in ``(2w)**-.5``, projection ``w**-.5``). open_clip 3.3.0 never calls it,
+    and it would fail if called (it reads ``self.transformer``, which the class does not have), so the decoder's
+    ``text_projection`` -- its LM head -- stays ``torch.empty`` memory: losses of 1e28 or NaN from step 0."""
+    w, n = decoder.width, decoder.layers
+    proj_std, attn_std, fc_std = w**-0.5 * (2 * n) ** -0.5, w**-0.5, (2 * w) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        torch.nn.init.normal_(decoder.text_projection, std=w**-0.5)
 
 
 def coca_special(coca_cfg: dict[str, Any]) -> tuple[int, int, int]:

@@ -125,26 +125,9 @@ def peer_config(ours: Any, args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def init_coca_decoder(decoder: torch.nn.Module) -> None:
-    """What open_clip's ``MultimodalTransformer.init_parameters`` means to do (CLIP's stds: attention in ``w**-.5``,
-    outputs ``w**-.5 (2L)**-.5``, MLP in ``(2w)**-.5``, projection ``w**-.5``). open_clip 3.3.0 never calls it,
-    and it would fail if called (it reads ``self.transformer``, which the class does not have), so the decoder's
-    ``text_projection`` -- its LM head -- stays ``torch.empty`` memory: losses of 1e28 or NaN from step 0."""
-    w, n = decoder.width, decoder.layers
-    proj_std, attn_std, fc_std = w**-0.5 * (2 * n) ** -0.5, w**-0.5, (2 * w) ** -0.5
-    with torch.no_grad():
-        for block in [*decoder.resblocks, *decoder.cross_attn]:
-            torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
-            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        torch.nn.init.normal_(decoder.text_projection, std=w**-0.5)
-
-
 def build_peer(cfg: dict[str, Any], args: argparse.Namespace) -> torch.nn.Module:
-    coca = build_coca(cfg)
     torch.manual_seed(args.seed)
-    init_coca_decoder(coca.text_decoder)
+    coca = build_coca(cfg)  # includes init_coca_decoder
     coca.text.correct_cls_mask = not args.coca_legacy_cls_mask  # see the module docstring
     return coca
 
