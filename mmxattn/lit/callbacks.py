@@ -138,7 +138,8 @@ class AttentionMapLogger(pl.Callback):
 
     # ------------------------------------------------------------------ drawing
     def _model(self, pl_module: pl.LightningModule) -> Any:
-        model = getattr(pl_module, "model", pl_module)
+        # the weights evaluation uses (the EMA copy when the module keeps one)
+        model = getattr(pl_module, "eval_model", None) or getattr(pl_module, "model", pl_module)
         if not (hasattr(model, "generate") and hasattr(model, "decoder") and hasattr(model, "visual")):
             raise TypeError(f"expected an MMXAttn model (pl_module.model), got {type(model).__name__}")
         return model

@@ -6,7 +6,10 @@ properties are linked into ``vocab_size`` / ``pad_id`` / ... by :mod:`mmxattn.li
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from ..config import config_to_dict
 from ..evaluation import EvalAccumulator
 from ..losses import CaptionLoss, ContrastiveLoss, ITMLoss, sample_hard_negatives
 from ..presets import create_model
+from .ema import ModelEMA
 from .optim import build_optimizer, warmup_cosine
 
 __all__ = ["MMXAttnModule", "NonFiniteLossError"]
@@ -33,7 +37,8 @@ class MMXAttnModule(pl.LightningModule):
 
     Args:
         preset: model preset (``mmxattn.list_presets()``).
-        overrides: preset overrides, e.g. ``{"text": {"width": 256}, "image_stages": [-1]}``.
+        overrides: preset overrides, e.g. ``{"text": {"width": 256}, "image_stages": [-1]}``; a pretrained encoder
+            is ``{"vision_pretrained": "cat_t.safetensors"}`` (or ``vision_backend`` for timm / open_clip towers).
         vocab_size, pad_id, bos_id, eos_id, context_length, img_size: normally linked from the data module.
         lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warmup then cosine decay to
             ``lr * min_lr_ratio`` over the run's optimizer steps.
@@ -45,6 +50,48 @@ class MMXAttnModule(pl.LightningModule):
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
         val_captions: generate and score captions at validation (test always does).
         grounding_layers: decoder layers averaged for grounding accuracy (default all).
+
+    Fine-tuning controls (all default to plain joint training):
+        encoder_lr, text_lr, decoder_lr: peak learning rates of the three components (None = ``lr``):
+            encoder = ``visual.*``; text = ``text.*`` (with the token embedding, which is also the LM head when
+            tied), ``pooler.*``, ``image_proj.*``, ``logit_scale``; decoder = ``decoder.*``, ``lm_head.*`` (untied),
+            ``itm_head.*`` (see :mod:`mmxattn.lit.optim`). The warmup + cosine schedule scales all of them alike.
+        layer_decay: layer-wise LR decay over the encoder's ``layer_groups()`` (stem, then blocks, input to
+            output): group ``i`` of ``n`` gets ``encoder_lr * layer_decay ** (n - 1 - i)``; 1 = off.
+        freeze_encoder_steps: the encoder does not change during the first K optimizer steps (global steps
+            0 .. K-1), then trains. The optimizer holds every parameter from the start; during the freeze the
+            frozen parameters' gradients are dropped (``grad = None``) just before each optimizer step, so AdamW
+            skips them entirely: no update, no weight decay, no moment or step-count update (their Adam state
+            starts fresh at the unfreeze). On one process they also get ``requires_grad=False`` for the freeze,
+            so no backward runs through them (less compute and activation memory); under DDP they keep
+            ``requires_grad`` (DDP's reducer expects a fixed set of gradients) and the backward still runs.
+            Whether the encoder is frozen is a function of the global step alone, so resuming mid-freeze works.
+        freeze_encoder_trainable_last: while frozen, the last N encoder layer groups still train (0 = all frozen).
+        ema_decay: > 0 keeps an EMA of the weights (:class:`~mmxattn.lit.ema.ModelEMA`, updated after every
+            optimizer step); validation and test evaluate the EMA weights. Checkpoints store the EMA weights as
+            the model's ``state_dict`` (so ``mmxattn.load`` / ``mmxattn.evaluate`` get them) and the training
+            weights under ``mmxattn_ema["training_weights"]`` (plain tensors; resume restores both).
+        ema_warmup: ramp the EMA decay up as ``min(ema_decay, (1 + t) / (10 + t))`` (for short runs).
+        grad_checkpointing: recompute encoder, text and decoder blocks in the backward pass (less activation
+            memory, about a third more compute).
+        compile: ``torch.compile`` the model's forward for training (evaluation runs eager). The compiled
+            function is kept outside the module tree, so checkpoint keys do not change (no ``_orig_mod.``). Where
+            it cannot work (no C++ compiler for the CPU backend, no Triton on CUDA, an unsupported Python) or its
+            first call fails, training warns and runs eager.
+
+    Precision: ``bf16-mixed`` / ``16-mixed`` come from the Trainer's ``precision``; the module computes the losses
+    in fp32 from the (autocast) half-precision outputs (embeddings, caption / ITM logits are upcast), and forces
+    nothing else to fp32.
+
+    Gradient accumulation (the Trainer's ``accumulate_grad_batches``) sums the gradients of K micro-batch losses,
+    which is right for the caption and ITM losses but does NOT enlarge the contrastive loss's negatives: each
+    micro-batch's InfoNCE sees only its own B texts, and the sum of K losses over B-sized sets is not the
+    gradient of one loss over K*B. open_clip's ``accum_freq`` gets the large-batch loss by caching the features
+    of K micro-batches and re-forwarding each with gradients against the cache; that needs all K micro-batches
+    inside one optimizer step and K backward calls, i.e. Lightning's manual optimization, which would give up
+    Trainer-level gradient clipping, ``accumulate_grad_batches``, the non-finite skip and a second code path for
+    freezing, EMA and compile. It is not implemented: for more negatives use more devices (the loss gathers
+    embeddings across ranks with gradients) or a larger per-device batch (``bf16-mixed``, grad checkpointing).
     """
 
     def __init__(
@@ -74,10 +121,23 @@ class MMXAttnModule(pl.LightningModule):
         gen_num_beams: int = 3,
         val_captions: bool = True,
         grounding_layers: list[int] | None = None,
+        encoder_lr: float | None = None,
+        text_lr: float | None = None,
+        decoder_lr: float | None = None,
+        layer_decay: float = 1.0,
+        freeze_encoder_steps: int = 0,
+        freeze_encoder_trainable_last: int = 0,
+        ema_decay: float = 0.0,
+        ema_warmup: bool = True,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        _check_finetune_args(
+            encoder_lr, text_lr, decoder_lr, layer_decay, freeze_encoder_steps, freeze_encoder_trainable_last, ema_decay
+        )
         self.save_hyperparameters()
         text = dict((overrides or {}).get("text", {}))
         for key, value in (("vocab_size", vocab_size), ("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
@@ -99,6 +159,16 @@ class MMXAttnModule(pl.LightningModule):
         self.itm_loss = ITMLoss()
         self._evaluator: EvalAccumulator | None = None
         self.last_metrics: dict[str, Any] = {}
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        # encoder parameters frozen for the first freeze_encoder_steps (those MMXAttn froze for good stay out)
+        self._freezable = _freezable_params(self.model, freeze_encoder_trainable_last) if freeze_encoder_steps else []
+        self._frozen = False
+        # EMA copy, built before any compile (a plain object: nothing registered, see mmxattn.lit.ema)
+        self._ema = ModelEMA(self.model, ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
+        self._ema_step = 0
+        self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
+        self._compiled_ok = False
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -110,6 +180,20 @@ class MMXAttnModule(pl.LightningModule):
                     f"data tokenizer vocab_size {tok.vocab_size} != model vocab_size {self.model.cfg.text.vocab_size}"
                 )
             self.model.tokenizer = tok
+        if stage == "fit" and self.hparams.compile and self._compiled is None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            reason = compile_unsupported_reason(device)
+            if reason:
+                warnings.warn(f"compile=True ignored: {reason}; training runs eager", stacklevel=2)
+            else:
+                if device.type == "cpu":
+                    # CAT's oneDNN linear (a custom op with weights as inputs) cannot be lowered by inductor in
+                    # training graphs; plain F.linear can. A process-wide switch: eager CPU runs lose it too.
+                    from ..vision.windows import set_onednn_linear
+
+                    set_onednn_linear(False)
+                # the bound forward, not the module: nothing new is registered, so state-dict keys are unchanged
+                self._compiled = torch.compile(self.model.forward)
 
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -117,25 +201,53 @@ class MMXAttnModule(pl.LightningModule):
             dm.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ training
+    def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], Any]:
+        """(weighted total, unweighted terms, model output) of one training batch, in fp32 under autocast."""
+        images, ids = batch["images"], batch["ids"]
+        pos_ids = batch.get("pos_ids")
+        out = self._train_forward(images, ids)
+        # Under bf16/fp16 autocast the embeddings and logits come out in half precision: the softmax
+        # cross-entropies are taken in fp32 (a no-op copy-free .float() when they already are).
+        losses = {
+            "contrastive": self.contrastive(
+                out.image_embeds.float(), out.text_embeds.float(), out.logit_scale.float(), pos_ids=pos_ids
+            ),
+            "caption": self.caption_loss(out.logits.float(), ids[:, 1:]),
+        }
+        loss = self.hparams.contrastive_weight * losses["contrastive"] + self.hparams.caption_weight * losses["caption"]
+        if self.hparams.itm_weight > 0 and self.model.itm_head is not None:
+            losses["itm"] = self._itm(out, ids, pos_ids)
+            loss = loss + self.hparams.itm_weight * losses["itm"]
+        return loss, losses, out
+
+    def _train_forward(self, images: Tensor, ids: Tensor) -> Any:
+        if self._compiled is None or not self.training:
+            return self.model(images, ids)
+        try:
+            out = self._compiled(images, ids)
+        except Exception as e:  # noqa: BLE001 -- the compiler's failures have many types; see below
+            # Before the first compiled step succeeded anything may be the compiler's fault; afterwards only
+            # dynamo's own errors (a recompilation) are, and the rest (bad input, OOM) must surface.
+            from torch._dynamo.exc import TorchDynamoException
+
+            if self._compiled_ok and not isinstance(e, TorchDynamoException):
+                raise
+            warnings.warn(
+                f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training continues eager", stacklevel=2
+            )
+            self._compiled = None
+            return self.model(images, ids)
+        self._compiled_ok = True
+        return out
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self._track_skipped(batch)
         if "images" not in batch:  # every sample of this batch was broken (skipped and counted)
             return None
-        images, ids = batch["images"], batch["ids"]
-        pos_ids = batch.get("pos_ids")
-        m = self.model
-        out = m(images, ids)
-        losses = {
-            "contrastive": self.contrastive(out.image_embeds, out.text_embeds, out.logit_scale, pos_ids=pos_ids),
-            "caption": self.caption_loss(out.logits, ids[:, 1:]),
-        }
-        loss = self.hparams.contrastive_weight * losses["contrastive"] + self.hparams.caption_weight * losses["caption"]
-        if self.hparams.itm_weight > 0 and m.itm_head is not None:
-            losses["itm"] = self._itm(out, ids, pos_ids)
-            loss = loss + self.hparams.itm_weight * losses["itm"]
+        loss, losses, out = self.compute_losses(batch)
         if not self._all_finite(loss):
             return self._nonfinite(loss, batch_idx)
-        bs = images.shape[0]
+        bs = batch["images"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in losses.items():
             self.log(f"train/{k}", v, batch_size=bs)
@@ -155,7 +267,7 @@ class MMXAttnModule(pl.LightningModule):
         txt_idx = torch.cat([neg_t[vt], rows[vi]])
         pos_logits = m.itm_from_decoder(out.decoder_states, ids)
         neg_logits = m.itm_logits(out.image_tokens[img_idx], ids[txt_idx], out.text_states[txt_idx])
-        logits = torch.cat([pos_logits, neg_logits])
+        logits = torch.cat([pos_logits, neg_logits]).float()  # (N, 2), fp32 under autocast
         labels = torch.cat([torch.ones_like(rows), torch.zeros_like(txt_idx)])
         return self.itm_loss(logits, labels)
 
@@ -180,14 +292,62 @@ class MMXAttnModule(pl.LightningModule):
         if tracker is not None and hasattr(tracker, "update_from_batch"):
             tracker.update_from_batch(batch)
 
+    # ------------------------------------------------------------------ freezing / EMA
+    def encoder_frozen(self, step: int | None = None) -> bool:
+        """Whether the encoder is frozen at optimizer step ``step`` (default: the current global step)."""
+        step = self.global_step if step is None else step
+        return bool(self._freezable) and step < self.hparams.freeze_encoder_steps
+
+    def _set_frozen(self, frozen: bool) -> None:
+        if frozen == self._frozen:
+            return
+        for p in self._freezable:
+            p.requires_grad_(not frozen)
+        self._frozen = frozen
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step  # after a resume, no extra EMA update before the next optimizer step
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._freezable:
+            # requires_grad toggling only on one process: DDP's reducer needs a fixed set of gradients
+            distributed = self._trainer is not None and self.trainer.world_size > 1
+            self._set_frozen(self.encoder_frozen() and not distributed)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Runs before gradient clipping and the step: dropped gradients make AdamW skip the parameter (no update,
+        # no weight decay, no moments), and the clipping norm covers only what is trained.
+        if self.encoder_frozen():
+            for p in self._freezable:
+                p.grad = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._ema is not None and self.global_step > self._ema_step:  # once per optimizer step
+            self._ema.to(self.device).update(self.model)
+            self._ema_step = self.global_step
+
+    def on_train_end(self) -> None:
+        self._set_frozen(False)
+
+    @property
+    def eval_model(self) -> Any:
+        """The model that validation and test evaluate: the EMA copy once it has been updated, else the model."""
+        if self._ema is None or self._ema.num_updates == 0:
+            return self.model
+        ema = self._ema.to(self.device).module
+        ema.tokenizer, ema.transform = self.model.tokenizer, self.model.transform
+        return ema
+
     def on_train_epoch_end(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         tracker = getattr(dm, "skip_tracker", None)
         if tracker is not None and hasattr(tracker, "end_epoch"):
             summary = tracker.end_epoch()
             if summary.get("n_skipped"):
-                self.print(f"epoch {self.current_epoch}: skipped {summary['n_skipped']} broken samples, e.g. "
-                           f"{summary.get('examples', [])[:3]}")
+                self.print(
+                    f"epoch {self.current_epoch}: skipped {summary['n_skipped']} broken samples, e.g. "
+                    f"{summary.get('examples', [])[:3]}"
+                )
             self.log("data/skipped", float(summary.get("n_skipped", 0)), sync_dist=True, reduce_fx="sum")
 
     # ------------------------------------------------------------------ evaluation
@@ -199,7 +359,7 @@ class MMXAttnModule(pl.LightningModule):
         captions = (test or h.val_captions) and self.model.tokenizer is not None
         rerank_with = "lm" if h.rerank_with == "itm" and h.itm_weight <= 0 else h.rerank_with
         return EvalAccumulator(
-            self.model,
+            self.eval_model,
             rerank=h.rerank,
             rerank_with=rerank_with,
             captions=captions,
@@ -239,7 +399,17 @@ class MMXAttnModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         h = self.hparams
-        opt = build_optimizer(self.model, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
+        self._set_frozen(False)  # the optimizer holds every trainable parameter, frozen or not
+        opt = build_optimizer(
+            self.model,
+            lr=h.lr,
+            weight_decay=h.weight_decay,
+            betas=tuple(h.betas),
+            encoder_lr=h.get("encoder_lr"),
+            text_lr=h.get("text_lr"),
+            decoder_lr=h.get("decoder_lr"),
+            layer_decay=h.get("layer_decay", 1.0),
+        )
         # the total is read lazily (see warmup_cosine): asking now would build the train loader before a resume
         sched = warmup_cosine(
             opt,
@@ -252,6 +422,17 @@ class MMXAttnModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only, so the file loads with torch.load(weights_only=True).
+        if self._ema is not None and self._ema.num_updates > 0:
+            # The EMA weights are what the run evaluates: they go where every reader looks (state_dict "model.*");
+            # the training weights, needed to resume, go aside (on_load_checkpoint swaps them back).
+            sd = checkpoint["state_dict"]
+            ema = self._ema.state_dict()
+            checkpoint["mmxattn_ema"] = {
+                "training_weights": {k: sd[f"model.{k}"] for k in ema},
+                "num_updates": self._ema.num_updates,
+                "decay": self._ema.decay,
+            }
+            sd.update({f"model.{k}": v for k, v in ema.items()})
         checkpoint["mmxattn_config"] = config_to_dict(self.model.cfg)
         if self.model.tokenizer is not None:
             checkpoint["mmxattn_tokenizer"] = self.model.tokenizer.to_dict()
@@ -267,7 +448,9 @@ class MMXAttnModule(pl.LightningModule):
             if hp:  # how to rebuild the evaluation data (python -m mmxattn.evaluate without --config)
                 checkpoint["mmxattn_data"] = {
                     "class_path": f"{type(dm).__module__}.{type(dm).__name__}",
-                    "init_args": {k: v for k, v in dict(hp).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+                    "init_args": {
+                        k: v for k, v in dict(hp).items() if isinstance(v, (int, float, str, bool, list, type(None)))
+                    },
                 }
         checkpoint["mmxattn_preprocess"] = pre
         np_state = np.random.get_state()
@@ -278,6 +461,13 @@ class MMXAttnModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ema = checkpoint.get("mmxattn_ema")
+        if ema is not None:  # runs before Lightning loads state_dict: give it the training weights back
+            sd = checkpoint["state_dict"]
+            averaged = {k: sd[f"model.{k}"] for k in ema["training_weights"]}
+            sd.update({f"model.{k}": v for k, v in ema["training_weights"].items()})
+            if self._ema is not None:
+                self._ema.load_state_dict(averaged, ema["num_updates"])
         tok = checkpoint.get("mmxattn_tokenizer")
         if tok is not None and self.model.tokenizer is None:
             from ..text.tokenizer import tokenizer_from_dict
@@ -289,6 +479,69 @@ class MMXAttnModule(pl.LightningModule):
             random.setstate(_to_tuple(rng["python"]))
             name, keys, *rest = rng["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def _check_finetune_args(
+    encoder_lr: float | None,
+    text_lr: float | None,
+    decoder_lr: float | None,
+    layer_decay: float,
+    freeze_steps: int,
+    trainable_last: int,
+    ema_decay: float,
+) -> None:
+    for name, value in (("encoder_lr", encoder_lr), ("text_lr", text_lr), ("decoder_lr", decoder_lr)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0 or None (= lr), got {value}")
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1] (1 = off), got {layer_decay}")
+    if freeze_steps < 0 or trainable_last < 0:
+        raise ValueError(
+            f"freeze_encoder_steps and freeze_encoder_trainable_last must be >= 0, got {freeze_steps}, {trainable_last}"
+        )
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {ema_decay}")
+
+
+def _freezable_params(model: Any, trainable_last: int) -> list[torch.nn.Parameter]:
+    """Encoder parameters to freeze: all but the last ``trainable_last`` layer groups, minus those already frozen."""
+    visual = model.visual
+    named = dict(visual.named_parameters())
+    if trainable_last == 0:
+        names = list(named)
+    else:
+        if not callable(getattr(visual, "layer_groups", None)):
+            raise ValueError(
+                f"freeze_encoder_trainable_last={trainable_last} needs an encoder with layer_groups(); "
+                f"{type(visual).__name__} has none"
+            )
+        groups = visual.layer_groups()
+        if trainable_last >= len(groups):
+            raise ValueError(
+                f"freeze_encoder_trainable_last={trainable_last} keeps every one of the encoder's {len(groups)} "
+                "layer groups trainable: nothing would be frozen"
+            )
+        names = [n for g in groups[: len(groups) - trainable_last] for n in g]
+    return [named[n] for n in names if named[n].requires_grad]
+
+
+def compile_unsupported_reason(device: torch.device | str) -> str | None:
+    """Why ``torch.compile`` cannot run on ``device`` here (None: it should)."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile (dynamo) is not supported on this Python / platform"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed (inductor's CUDA backend needs it)"
+    elif kind == "cpu":
+        cxx = os.environ.get("CXX")
+        if not any(shutil.which(c) for c in ([cxx] if cxx else ["g++", "clang++", "c++"])):
+            return "no C++ compiler found (inductor's CPU backend needs g++ or clang++; set CXX)"
+    return None
 
 
 def _to_plain(x: Any) -> Any:

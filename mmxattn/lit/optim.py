@@ -1,4 +1,16 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule.
+
+Fine-tuning groups (:func:`finetune_param_groups`): every parameter of an :class:`~mmxattn.model.MMXAttn` belongs
+to one of three components, each with its own learning rate:
+
+* ``encoder``: ``visual.*`` (the image encoder), optionally with layer-wise LR decay over its layer groups;
+* ``text``: ``text.*`` (text encoder, token embedding -- also the LM head's weight when tied), ``pooler.*``,
+  ``image_proj.*`` (stage tokens -> width D) and ``logit_scale``: the new retrieval side between the encoder and
+  the embeddings;
+* ``decoder``: ``decoder.*`` (multimodal decoder), ``lm_head.*`` (when untied) and ``itm_head.*``.
+
+A parameter outside these prefixes (none today) gets the base ``lr`` in an ``other`` component.
+"""
 
 from __future__ import annotations
 
@@ -8,36 +20,126 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "param_groups", "warmup_cosine"]
+__all__ = ["COMPONENTS", "build_optimizer", "component_of", "finetune_param_groups", "param_groups", "warmup_cosine"]
+
+# name prefixes of each component (see the module docstring)
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "encoder": ("visual.",),
+    "text": ("text.", "pooler.", "image_proj.", "logit_scale"),
+    "decoder": ("decoder.", "lm_head.", "itm_head."),
+}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed weights, and everything that must not decay: 1-D tensors (norms, biases, scales),
     position tables, embeddings-like tokens and the temperature (``model.no_weight_decay()`` names them)."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    skip = _no_decay_names(model)
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        short = name.split(".")[-1]
-        if p.ndim <= 1 or name in skip or short in ("relative_position_bias_table", "ape", "positional_embedding"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        (decay if _decays(name, p, skip) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 
+def _no_decay_names(model: nn.Module) -> set[str]:
+    return set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+
+
+def _decays(name: str, p: nn.Parameter, skip: set[str]) -> bool:
+    short = name.split(".")[-1]
+    return not (p.ndim <= 1 or name in skip or short in ("relative_position_bias_table", "ape", "positional_embedding"))
+
+
+def component_of(name: str) -> str:
+    """``"encoder"``, ``"text"``, ``"decoder"`` or ``"other"`` for a parameter name of MMXAttn."""
+    return next((c for c, prefixes in COMPONENTS.items() if name.startswith(prefixes)), "other")
+
+
+def finetune_param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    encoder_lr: float | None = None,
+    text_lr: float | None = None,
+    decoder_lr: float | None = None,
+    layer_decay: float = 1.0,
+) -> list[dict]:
+    """AdamW groups with one learning rate per component (``None`` = ``lr``) and, for the encoder, layer-wise LR
+    decay (BEiT, Bao et al. 2021): encoder layer group ``i`` of ``n`` (``model.visual.layer_groups()``, input to
+    output) gets ``encoder_lr * layer_decay ** (n - 1 - i)``. Each group is split into decayed / not decayed
+    parameters as in :func:`param_groups`. Groups carry ``name`` (``"encoder.3.decay"``), ``component`` and
+    ``layer`` (encoder layer index, -1 elsewhere). Frozen (``requires_grad=False``) parameters are left out."""
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    lrs = {"encoder": encoder_lr, "text": text_lr, "decoder": decoder_lr, "other": None}
+    for comp, value in lrs.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{comp}_lr must be >= 0, got {value}")
+    layer_of: dict[str, int] = {}
+    n_layers = 1
+    if layer_decay != 1.0:
+        visual = getattr(model, "visual", None)
+        if not callable(getattr(visual, "layer_groups", None)):
+            raise ValueError(
+                f"layer_decay={layer_decay} needs an encoder with layer_groups(); {type(visual).__name__} has none"
+            )
+        groups = visual.layer_groups()
+        n_layers = len(groups)
+        layer_of = {f"visual.{n}": i for i, g in enumerate(groups) for n in g}
+    skip = _no_decay_names(model)
+    buckets: dict[tuple[str, int, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once (under their first name)
+            continue
+        seen.add(id(p))
+        comp = component_of(name)
+        layer = layer_of.get(name, n_layers - 1) if comp == "encoder" else -1
+        buckets.setdefault((comp, layer, _decays(name, p, skip)), []).append(p)
+    out = []
+    for (comp, layer, decays), params in buckets.items():
+        base = lrs[comp] if lrs[comp] is not None else lr
+        scale = layer_decay ** (n_layers - 1 - layer) if comp == "encoder" else 1.0
+        tag = f"{comp}.{layer}" if comp == "encoder" else comp
+        out.append(
+            {
+                "params": params,
+                "lr": base * scale,
+                "weight_decay": weight_decay if decays else 0.0,
+                "name": f"{tag}.{'decay' if decays else 'no_decay'}",
+                "component": comp,
+                "layer": layer,
+            }
+        )
+    return out
+
+
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.98)
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.98),
+    *,
+    encoder_lr: float | None = None,
+    text_lr: float | None = None,
+    decoder_lr: float | None = None,
+    layer_decay: float = 1.0,
 ) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (two groups), or over :func:`finetune_param_groups` when any per-component
+    lr or a layer decay is given (the two-group layout is kept otherwise, so older checkpoints still resume)."""
+    if encoder_lr is None and text_lr is None and decoder_lr is None and layer_decay == 1.0:
+        groups = param_groups(model, weight_decay)
+    else:
+        groups = finetune_param_groups(model, lr, weight_decay, encoder_lr, text_lr, decoder_lr, layer_decay)
     # fused AdamW where the device supports it (CUDA); foreach on the CPU
     fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def warmup_cosine(

@@ -16,6 +16,7 @@ padded up to one window. The smallest accepted image gives a stem grid of at lea
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -223,6 +224,10 @@ class CATEncoder(nn.Module):
     :meth:`grid_sizes`), ``forward(x)`` the logits (``num_classes > 0``) or the pooled last-stage features.
     """
 
+    # The normalisation the official ImageNet weights were trained with (the data transforms read it).
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
     def __init__(self, cfg: CATConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -295,6 +300,33 @@ class CATEncoder(nn.Module):
     @property
     def grad_checkpointing(self) -> bool:
         return self.layers[0].grad_checkpointing
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names (as in ``named_parameters()``) grouped from input to output, for layer-wise LR decay
+        and partial freezing (:func:`~mmxattn.vision.adapters.layer_decay_scales`, ``freeze_layer_groups``).
+
+        ``groups[0]`` is the stem (``patch_embed.*``, ``ape``), then one group per CAB (its IPSA, CPSA and IPSA
+        blocks) in forward order; a stage's patch merging joins the group of that stage's last CAB, and the final
+        ``norm`` / ``head`` join the last group. Every parameter is in exactly one group.
+        """
+        starts = [1 + sum(self.cfg.depths[:s]) for s in range(self.num_stages)]  # group of each stage's first CAB
+        n_groups = 1 + sum(self.cfg.depths)
+        groups: list[list[str]] = [[] for _ in range(n_groups)]
+        block = re.compile(r"layers\.(\d+)\.(?:pre_ipsa|cpsa|post_ipsa)_blocks\.(\d+)\.")
+        merge = re.compile(r"layers\.(\d+)\.downsample\.")
+        for name, _ in self.named_parameters():
+            if name == "ape" or name.startswith("patch_embed."):
+                g = 0
+            elif m := block.match(name):
+                g = starts[int(m[1])] + int(m[2])
+            elif m := merge.match(name):
+                g = starts[int(m[1])] + self.cfg.depths[int(m[1])] - 1
+            elif name.startswith(("norm.", "head.")):
+                g = n_groups - 1
+            else:  # a parameter this grouping does not know would silently escape decay and freezing
+                raise RuntimeError(f"CATEncoder.layer_groups: no group for parameter {name!r}")
+            groups[g].append(name)
+        return groups
 
     # ---- forward -----------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:

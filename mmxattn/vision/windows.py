@@ -160,6 +160,9 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
+    # torch.compile cannot trace the private oneDNN op with a trainable weight: compiled code takes F.linear
+    if torch.compiler.is_compiling():
+        return False
     return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
 
 
