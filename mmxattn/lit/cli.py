@@ -9,7 +9,6 @@ it), the test metrics are printed as one JSON object, and the folder of attentio
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,7 @@ def main(args: list[str] | None = None) -> MMXAttnCLI:
         trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
-        args=args if args is not None else sys.argv[1:],
+        args=args,  # None: LightningCLI reads sys.argv itself
     )
 
 
