@@ -376,24 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     coca_cfg = coca_config_for(ours)
     coca = build_coca(coca_cfg)
     ours_cfg = config_to_dict(ours.cfg)
-    params = {
-        "ours": {
-            "total": n_params(ours),
-            "vision_encoder": n_params(ours.visual),
-            "text_encoder": n_params(ours.text),
-            "decoder_with_lm_head": n_params(ours.decoder) + ours.lm_head.weight.numel(),
-        },
-        "coca": {
-            "total": n_params(coca),
-            "vision_encoder": n_params(coca.visual),
-            "vision_trunk": n_params(coca.visual)
-            - n_params(coca.visual.attn_pool)
-            - n_params(coca.visual.ln_post)
-            - coca.visual.proj.numel(),
-            "text_encoder": n_params(coca.text),
-            "decoder_with_lm_head": n_params(coca.text_decoder),
-        },
-    }
+    params = param_counts(ours, coca)
     print(f"device {args.device}, {threads} threads, repeats {args.repeats} (median), warmup {args.warmup}")
     print(f"ours ({args.preset}): {json.dumps(ours_cfg)}")
     print(f"coca (open_clip.CoCa): {json.dumps(coca_cfg)}")
@@ -470,6 +453,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.json:
         print(json.dumps(out))
     return out
+
+
+def param_counts(ours: Any, coca: torch.nn.Module) -> dict[str, dict[str, int]]:
+    v = coca.visual
+    return {
+        "ours": {
+            "total": n_params(ours),
+            "vision_encoder": n_params(ours.visual),
+            "text_encoder": n_params(ours.text),
+            "decoder_with_lm_head": n_params(ours.decoder) + ours.lm_head.weight.numel(),
+        },
+        "coca": {
+            "total": n_params(coca),
+            "vision_encoder": n_params(v),
+            "vision_trunk": n_params(v) - n_params(v.attn_pool) - n_params(v.ln_post) - v.proj.numel(),
+            "text_encoder": n_params(coca.text),
+            "decoder_with_lm_head": n_params(coca.text_decoder),
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vs_coca import _vit_trunk_params, build_coca, coca_config_for, coca_special, n_params  # noqa: E402
+from vs_coca import _vit_trunk_params, build_coca, coca_config_for, coca_special, n_params, param_counts  # noqa: E402
 
 from mmxattn.config import config_to_dict  # noqa: E402
 from mmxattn.data.datamodule import ShapesDataModule  # noqa: E402
@@ -130,25 +130,6 @@ def build_peer(cfg: dict[str, Any], args: argparse.Namespace) -> torch.nn.Module
     coca = build_coca(cfg)  # includes init_coca_decoder
     coca.text.correct_cls_mask = not args.coca_legacy_cls_mask  # see the module docstring
     return coca
-
-
-def param_counts(ours: Any, coca: torch.nn.Module) -> dict[str, dict[str, int]]:
-    v = coca.visual
-    return {
-        "ours": {
-            "total": n_params(ours),
-            "vision_encoder": n_params(ours.visual),
-            "text_encoder": n_params(ours.text),
-            "decoder_with_lm_head": n_params(ours.decoder) + ours.lm_head.weight.numel(),
-        },
-        "coca": {
-            "total": n_params(coca),
-            "vision_encoder": n_params(v),
-            "vision_trunk": n_params(v) - n_params(v.attn_pool) - n_params(v.ln_post) - v.proj.numel(),
-            "text_encoder": n_params(coca.text),
-            "decoder_with_lm_head": n_params(coca.text_decoder),
-        },
-    }
 
 
 # ---------------------------------------------------------------------------------------------- training
