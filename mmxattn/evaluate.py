@@ -58,7 +58,9 @@ def build_datamodule(data: dict[str, Any], overrides: dict[str, Any] | None = No
         raise ValueError(f"data.class_path {class_path!r} is not one of {sorted(_ALLOWED_DATA)}")
     name = class_path.rsplit(".", 1)[-1]
     cls = getattr(importlib.import_module("mmxattn.data.datamodule"), name)
-    kwargs = {**dict(data.get("init_args") or {}), **(overrides or {})}
+    # private keys ("_class_path", written by LightningCLI into older checkpoints' data settings) are not init args
+    init = {k: v for k, v in dict(data.get("init_args") or {}).items() if not str(k).startswith("_")}
+    kwargs = {**init, **(overrides or {})}
     return cls(**kwargs)
 
 

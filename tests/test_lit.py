@@ -190,3 +190,22 @@ def test_evaluate_command_prints_one_json_object(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_data_settings_from_a_cli_checkpoint_rebuild_the_data_module(tmp_path):
+    """LightningCLI puts "_class_path" into the data module's hparams; the checkpoint's data settings must still
+    rebuild the data module (python -m mmxattn.evaluate --ckpt without --config)."""
+    from mmxattn.evaluate import build_datamodule
+
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=1)
+    dm.hparams["_class_path"] = f"{type(dm).__module__}.{type(dm).__name__}"  # what LightningCLI adds
+    trainer.fit(mod, datamodule=dm)
+    path = tmp_path / "cli.ckpt"
+    trainer.save_checkpoint(path)
+    data = torch.load(path, weights_only=True)["mmxattn_data"]
+    assert not any(k.startswith("_") for k in data["init_args"])
+    again = build_datamodule(data)
+    assert type(again) is type(dm) and again.hparams["batch_size"] == dm.hparams["batch_size"]
+    # checkpoints written before the filter carried the key: they load too
+    old = {**data, "init_args": {**data["init_args"], "_class_path": "x"}}
+    assert type(build_datamodule(old)) is type(dm)

@@ -449,7 +449,10 @@ class MMXAttnModule(pl.LightningModule):
                 checkpoint["mmxattn_data"] = {
                     "class_path": f"{type(dm).__module__}.{type(dm).__name__}",
                     "init_args": {
-                        k: v for k, v in dict(hp).items() if isinstance(v, (int, float, str, bool, list, type(None)))
+                        k: v
+                        for k, v in dict(hp).items()
+                        # LightningCLI adds "_class_path" (and similar private keys) to the hparams: not init args
+                        if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, type(None)))
                     },
                 }
         checkpoint["mmxattn_preprocess"] = pre
