@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import CheckpointError, load, read_checkpoint
 from .evaluation import METRIC_KEYS, EvalAccumulator
+from .model import RERANK_METHODS
 
 __all__ = ["build_datamodule", "evaluate", "main", "shapes_reference_scores"]
 
@@ -89,6 +90,7 @@ def evaluate(
     split: str = "test",
     *,
     rerank: int = 10,
+    rerank_with: str = "itm",
     meteor: bool = True,
     gen_kwargs: dict[str, Any] | None = None,
     max_batches: int | None = None,
@@ -101,7 +103,7 @@ def evaluate(
         raise ValueError(f"the data module has no {split} split configured")
     if getattr(model, "tokenizer", None) is None and getattr(dm, "tokenizer", None) is not None:
         model.tokenizer = dm.tokenizer
-    acc = EvalAccumulator(model, rerank=rerank, meteor=meteor, gen_kwargs=gen_kwargs)
+    acc = EvalAccumulator(model, rerank=rerank, rerank_with=rerank_with, meteor=meteor, gen_kwargs=gen_kwargs)
     device = model.logit_scale.device
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -117,12 +119,27 @@ def evaluate(
     return out
 
 
+def _trained_rerank_with(ckpt: dict[str, Any]) -> str:
+    """The re-ranking score the training run evaluated with ("lm" when its matching head was not trained)."""
+    hp = ckpt.get("hyper_parameters") or {}
+    how = hp.get("rerank_with", "itm")
+    if how == "itm" and float(hp.get("itm_weight", 0.5)) <= 0:
+        how = "lm"
+    return how if how in RERANK_METHODS else "itm"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmxattn.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by train.py")
     p.add_argument("--config", default=None, help="training config whose data: section to evaluate on")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--rerank", type=int, default=10, help="decoder re-ranking of the top N candidates (0 = off)")
+    p.add_argument(
+        "--rerank-with",
+        default=None,
+        choices=list(RERANK_METHODS),
+        help="re-ranking score (default: the one the checkpoint's training run evaluated with, else itm)",
+    )
     p.add_argument("--strategy", default="greedy", choices=["greedy", "beam"], help="caption generation")
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves starting Java)")
@@ -141,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     dm = build_datamodule(data, overrides)
     gen = {"strategy": a.strategy} | ({"num_beams": a.num_beams} if a.strategy == "beam" else {})
     metrics = evaluate(
-        model, dm, a.split, rerank=a.rerank, meteor=not a.no_meteor, gen_kwargs=gen, max_batches=a.max_batches
+        model,
+        dm,
+        a.split,
+        rerank=a.rerank,
+        rerank_with=a.rerank_with or _trained_rerank_with(ckpt),
+        meteor=not a.no_meteor,
+        gen_kwargs=gen,
+        max_batches=a.max_batches,
     )
     print(json.dumps(metrics, sort_keys=True))
     return 0

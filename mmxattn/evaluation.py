@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .capture import capture_attention
 from .metrics import caption_metrics, grounding_hits_any, recall_from_rankings, retrieval_metrics, token_heatmap
+from .model import RERANK_METHODS
 
 __all__ = ["EvalAccumulator", "METRIC_KEYS"]
 
@@ -33,7 +34,9 @@ class EvalAccumulator:
     Args:
         model: an :class:`~mmxattn.model.MMXAttn` with ``model.tokenizer`` attached (to decode captions).
         rerank: re-score the top ``rerank`` candidates of every query with the decoder (0 = off).
-        rerank_with: "itm" (matching head) or "lm" (caption likelihood).
+        rerank_with: "itm" (matching head), "lm" (caption likelihood) or "pmi" (caption likelihood over its prior
+            for captions ranked for an image; see :meth:`mmxattn.model.MMXAttn.retrieve`).
+        prior_images: images (evenly spaced over the set) that estimate the caption prior for "pmi".
         captions: generate captions and score them (off: no caption metrics).
         gen_kwargs: passed to ``model.generate`` (greedy by default).
         meteor: include METEOR (starts a Java process; slow to start, so off for frequent validation).
@@ -52,9 +55,13 @@ class EvalAccumulator:
         meteor: bool = False,
         grounding: bool = True,
         grounding_layers: Sequence[int] | None = None,
+        prior_images: int = 8,
     ) -> None:
+        if rerank_with not in RERANK_METHODS:
+            raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {rerank_with!r}")
         self.model = model
-        self.rerank = rerank if model.itm_head is not None or rerank_with == "lm" else 0
+        self.rerank = rerank if model.itm_head is not None or rerank_with != "itm" else 0
+        self.prior_images = prior_images
         self.rerank_with = rerank_with
         self.captions = captions
         self.gen_kwargs = dict(gen_kwargs or {"strategy": "greedy"})
@@ -179,6 +186,10 @@ class EvalAccumulator:
         ids = torch.cat([r["ref_ids"] for r in recs])  # (N_txt, T)
         sim = img @ txt.T
         n = min(self.rerank, sim.shape[1], sim.shape[0])
+        prior = None
+        if self.rerank_with == "pmi":
+            ref = torch.linspace(0, tokens.shape[0] - 1, min(self.prior_images, tokens.shape[0])).round().long()
+            prior = torch.cat([m.caption_log_prior(tokens[ref].to(dev), b.to(dev)).cpu() for b in ids.split(512)])
         ranked = []
         for scores, query_is_image in ((sim, True), (sim.T, False)):
             top = scores.topk(min(self.rerank, scores.shape[1]), dim=1).indices  # (Q, n)
@@ -191,5 +202,7 @@ class EvalAccumulator:
                     m._pair_score(tokens[a].to(dev), ids[b].to(dev), m.text(ids[b].to(dev))[1], self.rerank_with)
                 )
             new = torch.cat(new).cpu().view_as(top)
+            if prior is not None and query_is_image:
+                new = new - prior[top]
             ranked.append(top.gather(1, new.argsort(dim=1, descending=True)))
         return recall_from_rankings(ranked[0], ranked[1], t2i, ks=[k for k in (1, 5, 10) if k <= n])

@@ -12,6 +12,7 @@ The model knows nothing of Lightning; losses live in :mod:`mmxattn.losses`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,11 @@ from torch import Tensor, nn
 from .config import MMXAttnConfig
 from .text.towers import AttentionalPooler, DecodingCache, ImageTokenProjector, MultimodalDecoder, TextEncoder
 
-__all__ = ["MMXAttn", "MMXAttnOutput", "RetrievalResult"]
+__all__ = ["MMXAttn", "MMXAttnOutput", "RetrievalResult", "RERANK_METHODS"]
+
+# Decoder re-ranking scores: the matching head, the caption's per-token log-likelihood, or (for captions ranked
+# for an image) its pointwise mutual information with the image, log p(c | I) - log p(c).
+RERANK_METHODS = ("itm", "lm", "pmi")
 
 
 @dataclass
@@ -230,15 +235,37 @@ class MMXAttn(nn.Module):
         last = self._eos_index(token_ids)
         return self.itm_head(decoder_states[torch.arange(decoder_states.shape[0], device=last.device), last])
 
-    def caption_logprob(self, image_tokens: Tensor, token_ids: Tensor, text_states: Tensor | None = None) -> Tensor:
-        """Length-normalised log-likelihood (B,) of each caption given its image, under the decoder."""
+    def caption_logprob(
+        self, image_tokens: Tensor, token_ids: Tensor, text_states: Tensor | None = None, normalize: bool = True
+    ) -> Tensor:
+        """Log-likelihood (B,) of each caption given its image under the decoder: per token (length-normalised)
+        by default, summed over the caption with ``normalize=False``."""
         if text_states is None:
             _, text_states = self.text(token_ids)
         logp = self.decode(image_tokens, text_states[:, :-1]).log_softmax(-1)  # (B, T-1, V)
         target = token_ids[:, 1:]
         tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         mask = (target != self.cfg.text.pad_id).float()
-        return (tok * mask).sum(1) / mask.sum(1).clamp_min(1)
+        total = (tok * mask).sum(1)
+        return total / mask.sum(1).clamp_min(1) if normalize else total
+
+    @torch.no_grad()
+    def caption_log_prior(
+        self, ref_image_tokens: Tensor, token_ids: Tensor, text_states: Tensor | None = None, batch_size: int = 512
+    ) -> Tensor:
+        """log p(caption) (B,), estimated as the mean over ``ref_image_tokens`` (M, L, D), a sample of images,
+        of p(caption | image): the marginal that turns caption likelihood into pointwise mutual information
+        log p(c | I) - log p(c) for ranking captions for an image ("pmi" re-ranking)."""
+        if text_states is None:
+            _, text_states = self.text(token_ids)
+        M, C = ref_image_tokens.shape[0], token_ids.shape[0]
+        img = torch.arange(M, device=token_ids.device).repeat_interleave(C)
+        cap = torch.arange(C, device=token_ids.device).repeat(M)
+        out = [
+            self.caption_logprob(ref_image_tokens[a], token_ids[b], text_states[b], normalize=False)
+            for a, b in zip(img.split(batch_size), cap.split(batch_size))
+        ]
+        return torch.cat(out).view(M, C).logsumexp(0) - math.log(M)
 
     # ------------------------------------------------------------------ generation
     def new_cache(self) -> DecodingCache:
@@ -286,14 +313,20 @@ class MMXAttn(nn.Module):
         rerank: int = 0,
         rerank_with: str = "itm",
         batch_size: int = 256,
+        prior_images: int = 8,
     ) -> RetrievalResult:
         """Rank texts for every image and images for every text.
 
         First by embedding cosine; with ``rerank=N`` the top N candidates of each query are re-scored by the
         multimodal decoder (the text's queries cross-attending to the image): ``rerank_with="itm"`` uses the
-        image-text matching head (BLIP's re-ranking), ``"lm"`` the caption's length-normalised log-likelihood.
-        Re-ranked candidates keep their order above the un-re-ranked rest.
+        image-text matching head (BLIP's re-ranking), ``"lm"`` the caption's length-normalised log-likelihood,
+        ``"pmi"`` the caption's log-likelihood minus its log prior (estimated over ``prior_images`` of the
+        images, evenly spaced) when captions are ranked for an image, so that a specific caption that fits the
+        image beats a generic one that fits every image; images ranked for a caption use the log-likelihood (the
+        prior is the same for all of them). Re-ranked candidates keep their order above the un-re-ranked rest.
         """
+        if rerank > 0 and rerank_with not in RERANK_METHODS:
+            raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {rerank_with!r}")
         imgs = self.preprocess(images)
         ids = self._check_ids(texts)
         img_tokens = torch.cat([self.encode_image_tokens(b) for b in imgs.split(batch_size)])
@@ -305,6 +338,10 @@ class MMXAttn(nn.Module):
             states.append(s)
         sim = img_emb @ torch.cat(txt_emb).T  # (N_img, N_txt)
         states_all = torch.cat(states)
+        prior = None
+        if rerank > 0 and rerank_with == "pmi":
+            ref = torch.linspace(0, img_tokens.shape[0] - 1, min(prior_images, img_tokens.shape[0])).round().long()
+            prior = self.caption_log_prior(img_tokens[ref], ids, states_all, batch_size)
         out = []
         for scores, query_is_image in ((sim, True), (sim.T, False)):
             kk = min(k, scores.shape[1])
@@ -320,6 +357,8 @@ class MMXAttn(nn.Module):
                         for a, b in zip(im.split(batch_size), tx.split(batch_size))
                     ]
                 ).view_as(top_s)
+                if prior is not None and query_is_image:
+                    new = new - prior[top_i]
                 order = new.argsort(dim=1, descending=True)[:, :kk]
                 out += [top_i.gather(1, order), new.gather(1, order)]
             else:
@@ -332,7 +371,9 @@ class MMXAttn(nn.Module):
             return self.itm_logits(image_tokens, ids, states).log_softmax(-1)[:, 1]
         if how == "lm":
             return self.caption_logprob(image_tokens, ids, states)
-        raise ValueError(f"rerank_with must be 'itm' or 'lm', got {how!r}")
+        if how == "pmi":  # the caller subtracts the caption's log prior where the candidates are captions
+            return self.caption_logprob(image_tokens, ids, states, normalize=False)
+        raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {how!r}")
 
     # ------------------------------------------------------------------ training helpers
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -151,3 +151,54 @@ def test_retrieve_and_rerank():
     assert itm.i2t_indices.shape == (5, 2)
     with pytest.raises(ValueError, match="rerank_with"):
         model.retrieve(images, ids, k=2, rerank=2, rerank_with="bleu")
+
+
+def test_pmi_rerank_subtracts_the_caption_prior_for_image_queries_only():
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=6, seed=3)
+    with torch.no_grad():
+        tokens = model.encode_image_tokens(images)
+        # (image, caption) total log-likelihoods by brute force, one image at a time
+        total = torch.stack(
+            [model.caption_logprob(tokens[i : i + 1].expand(6, -1, -1), ids, normalize=False) for i in range(6)]
+        )
+        norm = torch.stack([model.caption_logprob(tokens[i : i + 1].expand(6, -1, -1), ids) for i in range(6)])
+    lengths = (ids[:, 1:] != model.cfg.text.pad_id).sum(1)
+    torch.testing.assert_close(norm * lengths, total, atol=1e-4, rtol=1e-5)
+    # the prior is the mean likelihood over the reference images (evenly spaced: 0, 2.5 -> 2 or 3 ..., 5)
+    ref = torch.linspace(0, 5, 3).round().long()
+    prior = torch.logsumexp(total[ref], 0) - torch.log(torch.tensor(3.0))
+    torch.testing.assert_close(model.caption_log_prior(tokens[ref], ids), prior, atol=1e-4, rtol=1e-5)
+    r = model.retrieve(images, ids, k=6, rerank=6, rerank_with="pmi", prior_images=3)
+    pmi = total - prior  # (image, caption)
+    torch.testing.assert_close(r.i2t_scores, pmi.sort(dim=1, descending=True).values, atol=1e-4, rtol=1e-5)
+    assert torch.equal(r.i2t_indices, pmi.argsort(dim=1, descending=True))
+    # images ranked for a caption: the prior is common to all of them, so the order is the likelihood's
+    assert torch.equal(r.t2i_indices, total.T.argsort(dim=1, descending=True))
+
+
+def test_evaluator_pmi_rerank_matches_retrieve():
+    from mmxattn.evaluation import EvalAccumulator
+
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=8, seed=5)
+    acc = EvalAccumulator(model, rerank=8, rerank_with="pmi", captions=False, grounding=False, prior_images=3)
+    acc.update(
+        {
+            "images": images,
+            "ref_ids": ids,
+            "ref_image_index": torch.arange(8),
+            "image_ids": list(range(8)),
+            "references": [["x"]] * 8,
+        }
+    )
+    out = acc.compute()
+    r = model.retrieve(images, ids, k=8, rerank=8, rerank_with="pmi", prior_images=3)
+    truth = torch.arange(8)[:, None]
+    for k in (1, 5):  # every candidate re-ranked: the evaluator's recall is the one of retrieve's full order
+        assert out[f"i2t_r{k}_rerank"] == pytest.approx((r.i2t_indices[:, :k] == truth).any(1).float().mean().item())
+        assert out[f"t2i_r{k}_rerank"] == pytest.approx((r.t2i_indices[:, :k] == truth).any(1).float().mean().item())
+    with pytest.raises(ValueError, match="rerank_with"):
+        EvalAccumulator(model, rerank_with="bleu")
