@@ -12,7 +12,8 @@ Budget: each model trains for ``--minutes`` of wall-clock COMPUTE time, one afte
 ``--order``): the clock runs only around a step (forward, losses, backward, clipping, optimizer and scheduler
 step); fetching a batch (generation / memory-mapped reads, augmentation, tokenisation) and model building are
 outside it. Both use the same plain loop (no Lightning Trainer): ours calls ``MMXAttnModule.training_step`` (its
-own losses: contrastive with duplicate-caption positives + 2 x caption + 0.5 x ITM on hard negatives), CoCa
+own losses, weighted as configs/shapes.yaml weighs them, which this script reads: contrastive with
+duplicate-caption positives, caption, ITM on hard negatives when its weight is above 0), CoCa
 calls ``open_clip.loss.CoCaLoss(caption_loss_weight=2, clip_loss_weight=1)``.
 
 Threads: 1 by default. On a shared CPU (load above the core count) an OpenMP worker that the kernel deschedules
@@ -88,6 +89,19 @@ RECIPE = dict(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98), min_lr_ratio=0.05, 
 CLIP_NORM = 1.0
 FULL = dict(preset="mmx_shapes", train_size=20000, test_size=1000, batch_size=64, rerank=10, probe=5)
 QUICK = dict(preset="mmx_tiny", train_size=96, test_size=12, batch_size=8, rerank=3, probe=3, minutes=0.04)
+# The main job's loss weights and re-ranking score (configs/shapes.yaml), so this comparison trains what it runs.
+_SHAPES_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.yaml")
+_LOSS_KEYS = ("contrastive_weight", "caption_weight", "itm_weight", "rerank_with")
+
+
+def main_job_losses(path: str = _SHAPES_YAML) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as f:
+        model = (yaml.safe_load(f) or {}).get("model") or {}
+    return {k: model[k] for k in _LOSS_KEYS if k in model}
+
+
 ROW_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "cider", "bleu4", "rouge_l")
 
 
@@ -106,7 +120,8 @@ def build_ours(args: argparse.Namespace, dm: ShapesDataModule) -> MMXAttnModule:
         weight_decay=RECIPE["weight_decay"],
         betas=RECIPE["betas"],
         min_lr_ratio=RECIPE["min_lr_ratio"],
-    )  # loss weights: the module's defaults = configs/shapes.yaml (1, 2, ITM 0.5)
+        **main_job_losses(),
+    )
     module.model.tokenizer = dm.tokenizer
     return module
 
@@ -285,7 +300,10 @@ def evaluate_pair(
 
 def ours_extras(ours: Any, batches: list[dict[str, Any]], rerank: int) -> dict[str, Any]:
     """Grounding accuracy and decoder-re-ranked recall: ours only (EvalAccumulator, no captions)."""
-    acc = EvalAccumulator(ours, rerank=rerank, captions=False, grounding=True)
+    how = main_job_losses().get("rerank_with", "itm")
+    if how == "itm" and ours.itm_head is None:
+        how = "lm"
+    acc = EvalAccumulator(ours, rerank=rerank, rerank_with=how, captions=False, grounding=True)
     for batch in batches:
         acc.update(batch)
     m = acc.compute()
@@ -425,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ours": config_to_dict(ours.cfg),
             "coca": coca_cfg,
             "coca_correct_cls_mask": not args.coca_legacy_cls_mask,
-            "recipe": {**RECIPE, "clip_grad_norm": CLIP_NORM, "ours_loss": "contrastive + 2 caption + 0.5 itm"},
+            "recipe": {**RECIPE, "clip_grad_norm": CLIP_NORM, "ours_loss": main_job_losses()},
             "data": {"preset": args.preset, "img_size": 64, "batch_size": args.batch_size, "seed": args.seed}
             | {"train_size": args.train_size, "test_size": args.test_size, "context_length": dm.context_length},
         },

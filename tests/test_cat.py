@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import mmxattn
 from mmxattn.presets import create_encoder
+from mmxattn.vision import cat as cat_module
 from mmxattn.vision import windows
 from mmxattn.vision.cat import CATEncoder
 
@@ -37,10 +38,12 @@ def micro(fixture) -> CATEncoder:
 
 # ---- the official model ------------------------------------------------------------------------------------------
 @needs_ref
-@pytest.mark.parametrize("path", ["fused", "eager", "no_onednn"])
+@pytest.mark.parametrize("path", ["fused", "eager", "no_onednn", "sliced"])
 def test_matches_official_fixture(micro, fixture, path, monkeypatch):
     if path == "no_onednn":
         monkeypatch.setattr(windows, "_ONEDNN", False)
+    if path == "sliced":  # memory-saving inference: every block of every stage runs slice by slice
+        monkeypatch.setattr(cat_module, "_INFER_CHUNK_TOKENS", 100)
     x = fixture["input"]
     with torch.no_grad():
         if path == "eager":
@@ -254,3 +257,25 @@ def test_onednn_training_path_matches_f_linear(monkeypatch):
     torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-6)
     for n, g in plain[2].items():
         torch.testing.assert_close(fast[2][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_sliced_inference_pads_like_the_whole_stream_and_keeps_capture_whole(monkeypatch):
+    """A size that needs padding (valid mask) gives the same stages sliced or not; capture_attention turns
+    slicing off so that every recorded map covers the whole input."""
+    torch.manual_seed(0)
+    enc = create_encoder("cat_micro", num_classes=0).eval()
+    x = torch.randn(2, 3, 200, 264)
+    with torch.no_grad():
+        whole = enc.forward_features(x)
+        old = cat_module.set_inference_chunk_tokens(50)
+        try:
+            sliced = enc.forward_features(x)
+            with mmxattn.capture_attention(enc, which="layers.0.cpsa_blocks.0.attn") as maps:
+                enc.forward_features(x, stages=[0])
+        finally:
+            assert cat_module.set_inference_chunk_tokens(old) == 50
+    for a, b in zip(whole, sliced):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert maps["layers.0.cpsa_blocks.0.attn"].shape[0] == 2 * 32  # (B * C, ...): one map for the whole batch
+    with pytest.raises(ValueError, match="chunk"):
+        cat_module.set_inference_chunk_tokens(-1)

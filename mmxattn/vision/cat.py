@@ -39,7 +39,16 @@ from .windows import (
     stage_grid_sizes,
 )
 
-__all__ = ["CATEncoder", "CATStage", "CPSABlock", "IPSABlock", "PatchEmbed", "PatchMerging", "WindowAttention"]
+__all__ = [
+    "CATEncoder",
+    "CATStage",
+    "CPSABlock",
+    "IPSABlock",
+    "PatchEmbed",
+    "PatchMerging",
+    "WindowAttention",
+    "set_inference_chunk_tokens",
+]
 
 
 class PatchEmbed(nn.Module):
@@ -96,10 +105,36 @@ class WindowAttention(Attention):
         return super().forward(x, attn_bias=self.relative_position_bias())
 
 
+# Inference at high resolution (no autograd, eval mode): a block's attention and MLP run over slices of at most
+# this many tokens (IPSA: whole windows; CPSA: whole (image, channel) rows; MLP: tokens), adding into the stream in
+# place, so the large intermediates (qkv, the MLP's 4x hidden layer) exist one slice at a time. The result is the
+# same computation; only streams longer than this are sliced (CAT-T at 224 px never is; at 896 px stage 1 is).
+_INFER_CHUNK_TOKENS = 8192
+
+
+def set_inference_chunk_tokens(n: int) -> int:
+    """Set the slice size (tokens) of memory-saving no-grad inference; 0 turns slicing off. Returns the old value."""
+    global _INFER_CHUNK_TOKENS
+    if n < 0:
+        raise ValueError(f"inference chunk size must be >= 0 tokens, got {n}")
+    old, _INFER_CHUNK_TOKENS = _INFER_CHUNK_TOKENS, int(n)
+    return old
+
+
+def _sliced(block: nn.Module, x: Tensor) -> bool:
+    return (
+        0 < _INFER_CHUNK_TOKENS < x.shape[0] * x.shape[1]
+        and not block.training
+        and not torch.is_grad_enabled()
+        and block.attn._recorder is None  # capture_attention records one map per call: never slice then
+    )
+
+
 class _PreNormBlock(nn.Module):
     """``x = x + DropPath(mix(LN1(x)))``, ``x = x + DropPath(MLP(LN2(x)))`` on a stream in window order.
 
-    ``x`` is ``(B, nW * N, C)``; subclasses define ``mix`` (the attention with its window reshapes).
+    ``x`` is ``(B, nW * N, C)``; subclasses define ``mix`` (the attention with its window reshapes) and
+    ``mix_sliced`` (the same, a slice at a time, for no-grad inference on long streams).
     """
 
     def __init__(self, dim: int, attn: Attention, mlp_ratio: float, drop: float, drop_path: float) -> None:
@@ -113,12 +148,21 @@ class _PreNormBlock(nn.Module):
     def mix(self, y: Tensor, grid: WindowGrid) -> Tensor:
         raise NotImplementedError
 
+    def mix_sliced(self, y: Tensor, grid: WindowGrid, rows: int) -> Tensor:
+        raise NotImplementedError
+
     def forward(self, x: Tensor, grid: WindowGrid, valid: Tensor | None = None) -> Tensor:
+        sliced = _sliced(self, x)
         y = self.norm1(x)
         if valid is not None:
             y = y.masked_fill(~valid, 0.0)  # the official model zero-pads the LN1 output, not the stream
-        x = _residual_add(x, self.mix(y, grid))
-        return _residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
+        x = _residual_add(x, self.mix_sliced(y, grid, _INFER_CHUNK_TOKENS) if sliced else self.mix(y, grid))
+        del y
+        if not sliced:
+            return _residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
+        for part in x.view(-1, x.shape[-1]).split(_INFER_CHUNK_TOKENS):  # views of x: added in place
+            part.add_(self.mlp(self.norm2(part)))
+        return x
 
 
 class IPSABlock(_PreNormBlock):
@@ -134,6 +178,15 @@ class IPSABlock(_PreNormBlock):
         B, L, C = y.shape
         y = self.attn(y.view(B * grid.num_windows, grid.tokens, C))  # (B*nW, N, C), windows are contiguous
         return self.drop_path(y.view(B, L, C))
+
+    def mix_sliced(self, y: Tensor, grid: WindowGrid, rows: int) -> Tensor:
+        B, L, C = y.shape
+        y = y.view(B * grid.num_windows, grid.tokens, C)
+        out = torch.empty_like(y)
+        step = max(1, rows // grid.tokens)  # whole windows per slice
+        for i in range(0, y.shape[0], step):
+            out[i : i + step] = self.attn(y[i : i + step])
+        return out.view(B, L, C)
 
 
 class CPSABlock(_PreNormBlock):
@@ -151,6 +204,16 @@ class CPSABlock(_PreNormBlock):
         y = y.view(B, nW, N, C).permute(0, 3, 1, 2).reshape(B * C, nW, N)  # one copy: (B*C, nW, N)
         y = self.drop_path(self.attn(y).view(B, C, nW, N))  # per-image drop-path works in this layout too
         return y.permute(0, 2, 3, 1)  # (B, nW, N, C) view in window order; the residual add does the copy
+
+    def mix_sliced(self, y: Tensor, grid: WindowGrid, rows: int) -> Tensor:
+        B, L, C = y.shape
+        nW, N = grid.num_windows, grid.tokens
+        y = y.view(B, nW, N, C).permute(0, 3, 1, 2).reshape(B * C, nW, N)
+        out = torch.empty_like(y)
+        step = max(1, rows // nW)  # whole (image, channel) rows per slice: CPSA attends across all windows
+        for i in range(0, y.shape[0], step):
+            out[i : i + step] = self.attn(y[i : i + step])
+        return out.view(B, C, nW, N).permute(0, 2, 3, 1)
 
 
 class PatchMerging(nn.Module):
