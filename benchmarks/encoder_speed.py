@@ -12,7 +12,10 @@ Per input size and batch, for each model:
   input, resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- 5, Linux), and reports the peak RSS
   (``VmHWM``) of one eval forward / one training step minus the RSS just before it: the peak extra memory of that
   call (activations, autograd buffers, gradients, AdamW state, allocator overheads), untouched by model
-  construction or by other measurements.
+  construction or by other measurements; the subprocess runs with ``MALLOC_MMAP_THRESHOLD_`` fixed (see
+  ``_common.py``) so that freed tensors leave the RSS;
+* CAT-T's eval forward on long streams (above 8192 tokens, e.g. 896 px) runs block by block in slices that add
+  into the stream in place (``mmxattn.vision.cat.set_inference_chunk_tokens``; 0 turns it off).
 
 Timings are interleaved model by model and repeated, and medians reported, because the CPU may be shared.
 By default the training step at 896 px with batch 8 is skipped (ViT-S needs about a minute per step on 2 cores);
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -125,7 +129,11 @@ def peak_memory_mb(name: str, size: int, batch: int, mode: str) -> float:
         "import sys; sys.path.insert(0, 'benchmarks'); import encoder_speed as b; "
         f"print(b.measure_peak({name!r}, {size}, {batch}, {mode!r}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # glibc's dynamic mmap threshold keeps freed large blocks in the heap, so the peak RSS would follow the
+    # allocator's history rather than the tensors held; a fixed threshold (as _common.peak_memory uses) maps every
+    # large tensor separately and returns it to the kernel when freed.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -134,7 +134,7 @@ class _PreNormBlock(nn.Module):
     """``x = x + DropPath(mix(LN1(x)))``, ``x = x + DropPath(MLP(LN2(x)))`` on a stream in window order.
 
     ``x`` is ``(B, nW * N, C)``; subclasses define ``mix`` (the attention with its window reshapes) and
-    ``mix_sliced`` (the same, a slice at a time, for no-grad inference on long streams).
+    ``add_mix_sliced`` (the same added into ``x``, a slice at a time, for no-grad inference on long streams).
     """
 
     def __init__(self, dim: int, attn: Attention, mlp_ratio: float, drop: float, drop_path: float) -> None:
@@ -148,19 +148,28 @@ class _PreNormBlock(nn.Module):
     def mix(self, y: Tensor, grid: WindowGrid) -> Tensor:
         raise NotImplementedError
 
-    def mix_sliced(self, y: Tensor, grid: WindowGrid, rows: int) -> Tensor:
+    def add_mix_sliced(self, x: Tensor, y: Tensor, grid: WindowGrid, rows: int) -> None:
+        """``x += mix(y)`` in place, a slice of about ``rows`` tokens at a time (no-grad inference only)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, grid: WindowGrid, valid: Tensor | None = None) -> Tensor:
-        sliced = _sliced(self, x)
+        if _sliced(self, x):
+            return self._forward_sliced(x, grid, valid, _INFER_CHUNK_TOKENS)
         y = self.norm1(x)
         if valid is not None:
             y = y.masked_fill(~valid, 0.0)  # the official model zero-pads the LN1 output, not the stream
-        x = _residual_add(x, self.mix_sliced(y, grid, _INFER_CHUNK_TOKENS) if sliced else self.mix(y, grid))
+        x = _residual_add(x, self.mix(y, grid))
+        return _residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
+
+    def _forward_sliced(self, x: Tensor, grid: WindowGrid, valid: Tensor | None, rows: int) -> Tensor:
+        # Eval, no autograd: dropout and drop-path are identities and x is this stage's own stream (CATStage),
+        # so both residual branches add into it in place; only LN1's output is held at full size.
+        y = self.norm1(x)
+        if valid is not None:
+            y.masked_fill_(~valid, 0.0)
+        self.add_mix_sliced(x, y, grid, rows)
         del y
-        if not sliced:
-            return _residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
-        for part in x.view(-1, x.shape[-1]).split(_INFER_CHUNK_TOKENS):  # views of x: added in place
+        for part in x.view(-1, x.shape[-1]).split(rows):  # views of x
             part.add_(self.mlp(self.norm2(part)))
         return x
 
@@ -179,14 +188,13 @@ class IPSABlock(_PreNormBlock):
         y = self.attn(y.view(B * grid.num_windows, grid.tokens, C))  # (B*nW, N, C), windows are contiguous
         return self.drop_path(y.view(B, L, C))
 
-    def mix_sliced(self, y: Tensor, grid: WindowGrid, rows: int) -> Tensor:
+    def add_mix_sliced(self, x: Tensor, y: Tensor, grid: WindowGrid, rows: int) -> None:
         B, L, C = y.shape
-        y = y.view(B * grid.num_windows, grid.tokens, C)
-        out = torch.empty_like(y)
+        xw = x.view(B * grid.num_windows, grid.tokens, C)
+        yw = y.view(B * grid.num_windows, grid.tokens, C)
         step = max(1, rows // grid.tokens)  # whole windows per slice
-        for i in range(0, y.shape[0], step):
-            out[i : i + step] = self.attn(y[i : i + step])
-        return out.view(B, L, C)
+        for i in range(0, yw.shape[0], step):
+            xw[i : i + step].add_(self.attn(yw[i : i + step]))
 
 
 class CPSABlock(_PreNormBlock):
@@ -205,15 +213,15 @@ class CPSABlock(_PreNormBlock):
         y = self.drop_path(self.attn(y).view(B, C, nW, N))  # per-image drop-path works in this layout too
         return y.permute(0, 2, 3, 1)  # (B, nW, N, C) view in window order; the residual add does the copy
 
-    def mix_sliced(self, y: Tensor, grid: WindowGrid, rows: int) -> Tensor:
+    def add_mix_sliced(self, x: Tensor, y: Tensor, grid: WindowGrid, rows: int) -> None:
         B, L, C = y.shape
         nW, N = grid.num_windows, grid.tokens
-        y = y.view(B, nW, N, C).permute(0, 3, 1, 2).reshape(B * C, nW, N)
-        out = torch.empty_like(y)
-        step = max(1, rows // nW)  # whole (image, channel) rows per slice: CPSA attends across all windows
-        for i in range(0, y.shape[0], step):
-            out[i : i + step] = self.attn(y[i : i + step])
-        return out.view(B, C, nW, N).permute(0, 2, 3, 1)
+        xv, yv = x.view(B, nW, N, C), y.view(B, nW, N, C)
+        step = max(1, rows * C // L)  # whole channels of one image (about rows*C values): CPSA spans all windows
+        for b in range(B):
+            for c in range(0, C, step):
+                part = yv[b, :, :, c : c + step].permute(2, 0, 1).contiguous()  # (channels, nW, N)
+                xv[b, :, :, c : c + step].add_(self.attn(part).permute(1, 2, 0))
 
 
 class PatchMerging(nn.Module):
@@ -435,9 +443,12 @@ class CATEncoder(nn.Module):
         self._check_input(x)
         wanted = self._resolve_stages(stages)
         last = max(wanted)
-        x = self.patch_embed(x)  # (B, h, w, C)
+        x = self.patch_embed(x)  # (B, h, w, C), a fresh tensor
+        inference = not torch.is_grad_enabled() and not self.training
         if self.ape is not None:
-            x = x + self.position_embedding(x.shape[1], x.shape[2])
+            pe = self.position_embedding(x.shape[1], x.shape[2])
+            x = x.add_(pe) if inference else x + pe
+            del pe
         x = self.pos_drop(x)
         outs: dict[int, Tensor] = {}
         for i in range(last + 1):
