@@ -58,14 +58,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # the official CAT-T encoder at 224 px with a CoCa-tiny-like text side (open_clip BPE vocabulary)
     "mmx_cat_t": dict(
-        vision=dict(preset="cat_t", num_classes=0),
+        vision=dict(preset="cat_t", num_classes=0, checkpoint_stages=(0,)),
         text=dict(context_length=32, width=256, heads=4, layers=4, decoder_layers=4, **_BPE),
         embed_dim=256,
         image_stages=(-2, -1),
         tokenizer="openclip",
     ),
     "mmx_cat_s": dict(
-        vision=dict(preset="cat_s", num_classes=0),
+        vision=dict(preset="cat_s", num_classes=0, checkpoint_stages=(0,)),
         text=dict(context_length=64, width=512, heads=8, layers=6, decoder_layers=6, **_BPE),
         embed_dim=512,
         image_stages=(-2, -1),

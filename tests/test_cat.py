@@ -4,6 +4,7 @@ checkpoint loading."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -279,3 +280,117 @@ def test_sliced_inference_pads_like_the_whole_stream_and_keeps_capture_whole(mon
     assert maps["layers.0.cpsa_blocks.0.attn"].shape[0] == 2 * 32  # (B * C, ...): one map for the whole batch
     with pytest.raises(ValueError, match="chunk"):
         cat_module.set_inference_chunk_tokens(-1)
+
+
+# ---- training memory: the lean LayerNorm -> MLP and per-stage checkpointing --------------------------------------
+def _grads(enc, x):
+    enc.zero_grad(set_to_none=True)
+    x.grad = None
+    out = enc(x)
+    out.square().sum().backward()
+    return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in enc.named_parameters()}
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_lean_mlp_gives_the_plain_modules_results_and_gradients(monkeypatch, onednn):
+    monkeypatch.setattr(windows, "_ONEDNN", onednn and windows._ONEDNN)
+    torch.manual_seed(0)
+    enc = create_encoder("cat_pico").eval()  # eval: no drop-path randomness; autograd still on
+    x = torch.randn(2, 3, 60, 68, requires_grad=True)  # padded windows in every stage
+    blk = enc.layers[0].pre_ipsa_blocks[0]
+    out = blk.mlp.forward_normed(torch.randn(2, 5, 32, requires_grad=True), blk.norm2)
+    assert type(out.grad_fn).__name__ == "_LeanLnMlpBackward"
+    lean = _grads(enc, x)
+    monkeypatch.setattr(windows, "_LEAN_MLP", False)
+    plain = _grads(enc, x)
+    torch.testing.assert_close(lean[0], plain[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(lean[1], plain[1], rtol=1e-5, atol=1e-7)
+    for n, g in plain[2].items():
+        torch.testing.assert_close(lean[2][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_lean_mlp_keeps_half_the_mlp_activations(monkeypatch):
+    torch.manual_seed(0)
+    blk = create_encoder("cat_pico").layers[0].pre_ipsa_blocks[0]
+    C, hidden = blk.mlp.fc1.in_features, blk.mlp.fc1.out_features
+    x = torch.randn(4, 256, C, requires_grad=True)
+    lean = _saved_bytes(lambda: blk.mlp.forward_normed(x, blk.norm2))
+    monkeypatch.setattr(windows, "_LEAN_MLP", False)
+    plain = _saved_bytes(lambda: blk.mlp.forward_normed(x, blk.norm2))
+    per_value = x.numel() // C * 4  # bytes of one fp32 channel over all tokens
+    # plain keeps LN2's input and output, fc1's output (GELU's input) and GELU's output; lean only x and fc1's output
+    assert plain - lean >= (C + hidden) * per_value, (plain, lean)
+    assert lean <= (C + hidden) * per_value + 4 * sum(
+        p.numel() for p in (*blk.mlp.parameters(), *blk.norm2.parameters())
+    )
+
+
+def test_lean_mlp_under_bf16_autocast_follows_autocast(monkeypatch):
+    monkeypatch.setattr(windows, "_ONEDNN", False)  # the plain path honours CPU autocast only through F.linear
+    torch.manual_seed(0)
+    blk = create_encoder("cat_pico").layers[0].pre_ipsa_blocks[0]
+    x = torch.randn(2, 64, blk.mlp.fc1.in_features, requires_grad=True)
+    params = [x, *blk.norm2.parameters(), *blk.mlp.parameters()]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = blk.mlp.forward_normed(x, blk.norm2)
+        return out, torch.autograd.grad(out.float().square().sum(), params)
+
+    lean_out, lean = run()
+    monkeypatch.setattr(windows, "_LEAN_MLP", False)
+    plain_out, plain = run()
+    assert lean_out.dtype == plain_out.dtype == torch.bfloat16
+    torch.testing.assert_close(lean_out, plain_out, rtol=0, atol=0)
+    for a, b, p in zip(lean, plain, params):
+        assert a.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * b.abs().max().item())
+
+
+def test_checkpoint_stages_recompute_only_those_stages():
+    from mmxattn.config import CATConfig
+
+    with pytest.raises(ValueError, match="checkpoint_stages"):
+        CATConfig(depths=(1, 1), num_heads=(1, 2), checkpoint_stages=(2,))
+    cfg = CATConfig(
+        embed_dim=16,
+        depths=(1, 1, 1),
+        num_heads=(1, 2, 4),
+        img_size=64,
+        window=4,
+        num_classes=0,
+        drop_path_rate=0.0,
+        checkpoint_stages=[-3],
+    )
+    assert cfg.checkpoint_stages == (0,)
+    torch.manual_seed(0)
+    ck = CATEncoder(cfg)
+    plain = CATEncoder(dataclasses.replace(cfg, checkpoint_stages=()))
+    plain.load_state_dict(ck.state_dict())
+    assert [s.grad_checkpointing for s in ck.layers] == [True, False, False] and not ck.grad_checkpointing
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    a, b = _grads(ck, x), _grads(plain, x)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-6, atol=1e-8)
+    for n, g in b[2].items():
+        torch.testing.assert_close(a[2][n], g, rtol=1e-6, atol=1e-8, msg=n)
+    xs = torch.randn(2, 3, 64, 64, requires_grad=True)
+    assert _saved_bytes(lambda: ck(xs)) < 0.7 * _saved_bytes(lambda: plain(xs))
+    ck.set_grad_checkpointing(True)
+    assert ck.grad_checkpointing
+    ck.set_grad_checkpointing(False)
+    assert not any(s.grad_checkpointing for s in ck.layers)
+    assert mmxattn.create_model("mmx_cat_t").visual.layers[0].grad_checkpointing  # the preset's default

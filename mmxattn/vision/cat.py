@@ -159,7 +159,7 @@ class _PreNormBlock(nn.Module):
         if valid is not None:
             y = y.masked_fill(~valid, 0.0)  # the official model zero-pads the LN1 output, not the stream
         x = _residual_add(x, self.mix(y, grid))
-        return _residual_add(x, self.drop_path(self.mlp(self.norm2(x))))
+        return _residual_add(x, self.drop_path(self.mlp.forward_normed(x, self.norm2)))
 
     def _forward_sliced(self, x: Tensor, grid: WindowGrid, valid: Tensor | None, rows: int) -> Tensor:
         # Eval, no autograd: dropout and drop-path are identities and x is this stage's own stream (CATStage),
@@ -336,6 +336,8 @@ class CATEncoder(nn.Module):
         self.head = FastLinear(self.stage_dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
+        for i in cfg.checkpoint_stages:
+            self.layers[i].grad_checkpointing = True
 
     # ---- description -------------------------------------------------------------------------------------
     @property
@@ -364,13 +366,15 @@ class CATEncoder(nn.Module):
         return names | ({"ape"} if self.ape is not None else set())
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass (non-reentrant) to save activation memory."""
+        """Recompute each block of every stage in the backward pass (non-reentrant) to save activation memory;
+        ``False`` turns it off in every stage, ``cfg.checkpoint_stages`` included."""
         for stage in self.layers:
             stage.grad_checkpointing = bool(enable)
 
     @property
     def grad_checkpointing(self) -> bool:
-        return self.layers[0].grad_checkpointing
+        """Whether every stage recomputes its blocks in backward."""
+        return all(stage.grad_checkpointing for stage in self.layers)
 
     def layer_groups(self) -> list[list[str]]:
         """Parameter names (as in ``named_parameters()``) grouped from input to output, for layer-wise LR decay

@@ -36,6 +36,7 @@ __all__ = [
     "WindowGrid",
     "linear",
     "relative_position_index",
+    "set_lean_mlp",
     "set_onednn_linear",
     "stage_grid_sizes",
 ]
@@ -121,7 +122,9 @@ class WindowGrid:
 # CAT's early stages are GEMMs with small K (64-256 channels over 25k+ tokens). On CPUs where PyTorch's BLAS (MKL)
 # is slow for such shapes (AMD EPYC here: 2-3x) oneDNN's matmul is much faster and gives the same fp32 results. In
 # inference the bias and the exact (erf) GELU are fused into it; with autograd, _OneDNNLinear runs the forward and
-# both backward matmuls through oneDNN. Off on other devices/dtypes; MMXATTN_CAT_ONEDNN=0 turns it off everywhere.
+# the input gradient through oneDNN and the weight gradient g^T @ x (a long reduction over tokens, where oneDNN
+# would first copy both transposed operands) through torch.mm: 2-4x faster than oneDNN there on this CPU.
+# Off on other devices/dtypes; MMXATTN_CAT_ONEDNN=0 turns it off everywhere.
 _ONEDNN_OP = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 _ONEDNN = os.environ.get("MMXATTN_CAT_ONEDNN", "1").lower() not in ("0", "false", "no") and _ONEDNN_OP is not None
 _ONEDNN = _ONEDNN and torch.backends.mkldnn.is_available()
@@ -153,7 +156,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _mm(g, weight.t().contiguous()).view(x.shape)  # (M, K) = g @ W
         if ctx.needs_input_grad[1]:
-            gw = _mm(g.t(), x.reshape(-1, x.shape[-1]).t())  # (N, K) = g^T @ x
+            gw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))  # (N, K) = g^T @ x (see _OneDNNLinear)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
@@ -197,6 +200,94 @@ class Mlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.drop(linear(x, self.fc1.weight, self.fc1.bias, gelu=True))
         return self.drop(self.fc2(x))
+
+    def forward_normed(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """``self(norm(x))``; in training it keeps only ``x`` and the fc1 output for backward (see
+        :class:`_LeanLnMlp`), the result and the gradients being the same."""
+        if _lean_ok(x, norm, self):
+            return _LeanLnMlp.apply(
+                x, norm.weight, norm.bias, norm.eps, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+            )
+        return self(norm(x))
+
+
+# ---- training memory: LayerNorm -> MLP that saves 5 of the 10 values per token and channel it would keep ---------
+# Autograd keeps, per token and channel C, for LN2 -> fc1 -> GELU -> fc2: LN2's input (1), fc1's input (1), GELU's
+# input (4) and fc2's input (4). The LayerNorm output and the GELU output are cheap elementwise functions of the
+# other two, so _LeanLnMlp saves only the block's stream x and the fc1 output h and recomputes LN2(x) and GELU(h) in
+# backward: half the MLP's activation memory (a third of a CAT block's) for two elementwise passes. Results and
+# gradients are those of the plain modules (fp32: to rounding; under autocast the matmuls run in the autocast dtype
+# as they would in F.linear). MMXATTN_CAT_LEAN_MLP=0 or set_lean_mlp(False) turns it off.
+_LEAN_MLP = os.environ.get("MMXATTN_CAT_LEAN_MLP", "1").lower() not in ("0", "false", "no")
+
+
+def set_lean_mlp(enabled: bool) -> None:
+    """Use the memory-lean LayerNorm -> MLP autograd function in CAT training (the default) or the plain modules."""
+    global _LEAN_MLP
+    _LEAN_MLP = bool(enabled)
+
+
+def _lean_ok(x: Tensor, norm: nn.Module, mlp: Mlp) -> bool:
+    if not (_LEAN_MLP and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return False
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None or mlp.fc1.bias is None:
+        return False
+    if not isinstance(mlp.drop, nn.Identity) or mlp.fc2.bias is None:
+        return False
+    return x.requires_grad or any(p.requires_grad for p in (norm.weight, mlp.fc1.weight, mlp.fc2.weight))
+
+
+def _mm_any(a: Tensor, b_t: Tensor) -> Tensor:  # a @ b_t.T, through oneDNN on CPU fp32
+    if _ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32 and b_t.dtype == torch.float32:
+        return _mm(a, b_t)
+    return a @ b_t.t()
+
+
+class _LeanLnMlp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2):  # noqa: ANN001, ANN205
+        y = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+        h = linear(y, w1, b1)  # autocast (if active) applies to these as it would outside
+        del y
+        out = linear(F.gelu(h), w2, b2)
+        ctx.save_for_backward(x, ln_w, ln_b, w1, w2, h)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # noqa: ANN205
+        x, ln_w, ln_b, w1, w2, h = ctx.saved_tensors
+        need_x, need_lw, need_lb, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        dt = h.dtype  # the matmuls' dtype in forward (the autocast dtype under autocast)
+        C = x.shape[-1]
+        g = grad.reshape(-1, grad.shape[-1]).to(dt)  # (M, C)
+        hh = h.reshape(-1, h.shape[-1])  # (M, 4C)
+        gw2 = gb2 = gw1 = gb1 = gx = glw = glb = None
+        if need_w2:
+            gw2 = torch.mm(g.t(), F.gelu(hh)).to(w2.dtype)  # (C, 4C) = g^T GELU(h)
+        if need_b2:
+            gb2 = g.sum(0).to(w2.dtype)
+        gh = torch.ops.aten.gelu_backward(_mm_any(g, w2.to(dt).t().contiguous()), hh)  # (M, 4C)
+        del g
+        if need_b1:
+            gb1 = gh.sum(0).to(w1.dtype)
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(need_x)
+            lw = ln_w.detach().requires_grad_(need_lw)
+            lb = ln_b.detach().requires_grad_(need_lb)
+            y = F.layer_norm(xd, (C,), lw, lb, ctx.eps)
+        if need_w1:
+            gw1 = torch.mm(gh.t(), y.detach().reshape(-1, C).to(dt)).to(w1.dtype)  # (4C, C) = gh^T y
+        if need_x or need_lw or need_lb:
+            gy = _mm_any(gh, w1.to(dt).t().contiguous()).view(y.shape).to(y.dtype)  # (.., C) = gh @ W1
+            del gh
+            wrt = [t for t, need in ((xd, need_x), (lw, need_lw), (lb, need_lb)) if need]
+            got = iter(torch.autograd.grad(y, wrt, gy))
+            gx = next(got) if need_x else None
+            glw = next(got) if need_lw else None
+            glb = next(got) if need_lb else None
+        return gx, glw, glb, None, gw1, gb1, gw2, gb2
 
 
 # ---- checkpoint files ------------------------------------------------------------------------------------------------
