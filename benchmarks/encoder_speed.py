@@ -8,10 +8,11 @@ Per input size and batch, for each model:
 * FLOPs of one forward (and of forward + backward) counted with ``torch.utils.flop_counter.FlopCounterMode``
   (matmuls, convolutions, SDPA; CAT counted with its oneDNN fast path off so every matmul is seen), and the
   achieved GFLOP/s, next to the machine's fp32 matmul GFLOP/s (``torch.mm`` of 2048 x 2048, measured here);
-* peak memory: each (model, size, batch, mode) runs once more in a fresh subprocess that builds the model and
-  input, resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- 5, Linux), and reports the peak RSS
-  (``VmHWM``) of one eval forward / one training step minus the RSS just before it: the peak extra memory of that
-  call (activations, autograd buffers, gradients, AdamW state, allocator overheads), untouched by model
+* peak memory: each (model, size, batch, mode) runs twice more in a fresh subprocess that builds the model and
+  input, resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- 5, Linux) before each call, and
+  reports the peak RSS (``VmHWM``) of the call minus the RSS just before it, for the first call (one-off costs
+  included: kernel code and caches built on first use, AdamW's state) and for the second (what every further
+  call costs): the peak extra memory of that call (activations, autograd buffers, gradients, AdamW state, allocator overheads), untouched by model
   construction or by other measurements; the subprocess runs with ``MALLOC_MMAP_THRESHOLD_`` fixed (see
   ``_common.py``) so that freed tensors leave the RSS;
 * CAT-T's eval forward on long streams (above 8192 tokens, e.g. 896 px) runs block by block in slices that add
@@ -112,29 +113,36 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def measure_peak(name: str, size: int, batch: int, mode: str) -> float:
-    """In a fresh interpreter: peak RSS increase (MB) of one call, from a peak reset just before it."""
+def measure_peak(name: str, size: int, batch: int, mode: str) -> tuple[float, float]:
+    """In a fresh interpreter: peak RSS increase (MB) of the first call and of the second, each from a peak reset
+    just before it. The first includes one-off costs (kernel code and caches built on first use, AdamW's state);
+    the second is what every further call of a long inference or training run costs."""
     torch.manual_seed(0)
     step = make_step(build(name, size), torch.randn(batch, 3, size, size), mode)
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-    base = _status_kb("VmRSS")
-    step()
-    return (_status_kb("VmHWM") - base) / 1024
+    peaks = []
+    for _ in range(2):
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        base = _status_kb("VmRSS")
+        step()
+        peaks.append((_status_kb("VmHWM") - base) / 1024)
+    return peaks[0], peaks[1]
 
 
-def peak_memory_mb(name: str, size: int, batch: int, mode: str) -> float:
+def peak_memory_mb(name: str, size: int, batch: int, mode: str) -> tuple[float, float]:
+    """(first call, second call) peak MB, measured in a fresh subprocess (:func:`measure_peak`)."""
     code = (
         "import sys; sys.path.insert(0, 'benchmarks'); import encoder_speed as b; "
-        f"print(b.measure_peak({name!r}, {size}, {batch}, {mode!r}))"
+        f"print(*b.measure_peak({name!r}, {size}, {batch}, {mode!r}))"
     )
     # glibc's dynamic mmap threshold keeps freed large blocks in the heap, so the peak RSS would follow the
     # allocator's history rather than the tensors held; a fixed threshold (as _common.peak_memory uses) maps every
     # large tensor separately and returns it to the kernel when freed.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return float(out.stdout.strip().splitlines()[-1])
+    first, second = out.stdout.strip().splitlines()[-1].split()
+    return float(first), float(second)
 
 
 def timed(step: Callable[[], None], repeats: int, budget: float) -> list[float]:
@@ -188,7 +196,7 @@ def main() -> None:
                 for n in MODELS:
                     t = statistics.median(samples[n])
                     flops = count_flops(models[n], x, mode)
-                    mem = None if args.no_memory else peak_memory_mb(n, size, batch, mode)
+                    mem, steady = (None, None) if args.no_memory else peak_memory_mb(n, size, batch, mode)
                     rows.append(
                         dict(
                             model=n,
@@ -200,13 +208,14 @@ def main() -> None:
                             gflop=flops / 1e9,
                             gflops_per_s=flops / t / 1e9,
                             peak_mb=mem,
+                            peak_steady_mb=steady,
                         )
                     )
                     r = rows[-1]
-                    mem_s = "-" if mem is None else f"{mem:8.0f}"
+                    mem_s = "-" if mem is None else f"{mem:6.0f} MB first call, {steady:6.0f} MB after"
                     print(
                         f"{mode:5s} {size:4d}px b{batch:<2d} {n:7s} {r['ms']:10.1f} ms  {r['gflop']:8.1f} GFLOP  "
-                        f"{r['gflops_per_s']:6.1f} GFLOP/s ({r['gflops_per_s'] / mm:4.0%} of mm)  peak {mem_s} MB",
+                        f"{r['gflops_per_s']:6.1f} GFLOP/s ({r['gflops_per_s'] / mm:4.0%} of mm)  peak {mem_s}",
                         flush=True,
                     )
 
@@ -222,10 +231,14 @@ def main() -> None:
             entry[f"time_vs_{peer}"] = r["ms"] / peers[peer]["ms"]
             if r["peak_mb"] is not None and peers[peer]["peak_mb"]:
                 entry[f"mem_vs_{peer}"] = r["peak_mb"] / peers[peer]["peak_mb"]
+            if r["peak_steady_mb"] is not None and peers[peer]["peak_steady_mb"]:
+                entry[f"mem_steady_vs_{peer}"] = r["peak_steady_mb"] / peers[peer]["peak_steady_mb"]
         ratios.append(entry)
         mem = ""
         if "mem_vs_vit_s" in entry:
-            mem = f"   memory: /ViT-S {entry['mem_vs_vit_s']:.2f}  /ViT-Ti {entry['mem_vs_vit_ti']:.2f}"
+            mem = f"   memory first call: /ViT-S {entry['mem_vs_vit_s']:.2f}  /ViT-Ti {entry['mem_vs_vit_ti']:.2f}"
+        if "mem_steady_vs_vit_s" in entry:
+            mem += f"   after: /ViT-S {entry['mem_steady_vs_vit_s']:.2f}  /ViT-Ti {entry['mem_steady_vs_vit_ti']:.2f}"
         print(
             f"{r['mode']:5s} {r['size']:4d}px b{r['batch']:<2d} time: /ViT-S {entry['time_vs_vit_s']:.2f}  "
             f"/ViT-Ti {entry['time_vs_vit_ti']:.2f}{mem}"
