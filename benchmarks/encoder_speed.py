@@ -8,11 +8,11 @@ Per input size and batch, for each model:
 * FLOPs of one forward (and of forward + backward) counted with ``torch.utils.flop_counter.FlopCounterMode``
   (matmuls, convolutions, SDPA; CAT counted with its oneDNN fast path off so every matmul is seen), and the
   achieved GFLOP/s, next to the machine's fp32 matmul GFLOP/s (``torch.mm`` of 2048 x 2048, measured here);
-* peak memory: each (model, size, batch, mode) runs twice more in a fresh subprocess that builds the model and
-  input, resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- 5, Linux) before each call, and
+* peak memory: each (model, size, batch, mode) runs again in a fresh subprocess that builds the model and
+  input, resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- 5, Linux) before a call, and
   reports the peak RSS (``VmHWM``) of the call minus the RSS just before it, for the first call (one-off costs
-  included: kernel code and caches built on first use, AdamW's state) and for the second (what every further
-  call costs): the peak extra memory of that call (activations, autograd buffers, gradients, AdamW state, allocator overheads), untouched by model
+  included: kernel code and caches built on first use, AdamW's state) and, in eval, for the second (what every
+  further call of an inference run costs): the peak extra memory of that call (activations, autograd buffers, gradients, AdamW state, allocator overheads), untouched by model
   construction or by other measurements; the subprocess runs with ``MALLOC_MMAP_THRESHOLD_`` fixed (see
   ``_common.py``) so that freed tensors leave the RSS;
 * CAT-T's eval forward on long streams (above 8192 tokens, e.g. 896 px) runs block by block in slices that add
@@ -113,25 +113,27 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def measure_peak(name: str, size: int, batch: int, mode: str) -> tuple[float, float]:
-    """In a fresh interpreter: peak RSS increase (MB) of the first call and of the second, each from a peak reset
-    just before it. The first includes one-off costs (kernel code and caches built on first use, AdamW's state);
-    the second is what every further call of a long inference or training run costs."""
+def measure_peak(name: str, size: int, batch: int, mode: str) -> tuple[float, float | None]:
+    """In a fresh interpreter: peak RSS increase (MB) of the first call and, in eval, of the second, each from a
+    peak reset just before it. The first includes one-off costs (kernel code and caches built on first use; in
+    training AdamW's state and the gradients); the second eval call is what every further call of a long inference
+    run costs. (A second training call is not reported: its gradients, held between steps, are freed and
+    re-allocated inside the step, so its peak above the resident set says little.)"""
     torch.manual_seed(0)
     step = make_step(build(name, size), torch.randn(batch, 3, size, size), mode)
-    peaks = []
-    for _ in range(2):
+    peaks: list[float | None] = []
+    for _ in range(2 if mode == "eval" else 1):
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) to the current RSS
             f.write("5")
         base = _status_kb("VmRSS")
         step()
         peaks.append((_status_kb("VmHWM") - base) / 1024)
-    return peaks[0], peaks[1]
+    return peaks[0], (peaks[1] if len(peaks) > 1 else None)
 
 
-def peak_memory_mb(name: str, size: int, batch: int, mode: str) -> tuple[float, float]:
-    """(first call, second call) peak MB, measured in a fresh subprocess (:func:`measure_peak`)."""
+def peak_memory_mb(name: str, size: int, batch: int, mode: str) -> tuple[float, float | None]:
+    """(first call, second call or None) peak MB, measured in a fresh subprocess (:func:`measure_peak`)."""
     code = (
         "import sys; sys.path.insert(0, 'benchmarks'); import encoder_speed as b; "
         f"print(*b.measure_peak({name!r}, {size}, {batch}, {mode!r}))"
@@ -142,7 +144,7 @@ def peak_memory_mb(name: str, size: int, batch: int, mode: str) -> tuple[float, 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     first, second = out.stdout.strip().splitlines()[-1].split()
-    return float(first), float(second)
+    return float(first), (None if second == "None" else float(second))
 
 
 def timed(step: Callable[[], None], repeats: int, budget: float) -> list[float]:
@@ -212,7 +214,9 @@ def main() -> None:
                         )
                     )
                     r = rows[-1]
-                    mem_s = "-" if mem is None else f"{mem:6.0f} MB first call, {steady:6.0f} MB after"
+                    mem_s = "-" if mem is None else f"{mem:6.0f} MB first call"
+                    if steady is not None:
+                        mem_s += f", {steady:6.0f} MB after"
                     print(
                         f"{mode:5s} {size:4d}px b{batch:<2d} {n:7s} {r['ms']:10.1f} ms  {r['gflop']:8.1f} GFLOP  "
                         f"{r['gflops_per_s']:6.1f} GFLOP/s ({r['gflops_per_s'] / mm:4.0%} of mm)  peak {mem_s}",
