@@ -156,7 +156,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = _mm(g, weight.t().contiguous()).view(x.shape)  # (M, K) = g @ W
         if ctx.needs_input_grad[1]:
-            gw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))  # (N, K) = g^T @ x (see _OneDNNLinear)
+            gw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))  # (N, K) = g^T @ x, torch.mm: see the note above
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
@@ -237,10 +237,8 @@ def _lean_ok(x: Tensor, norm: nn.Module, mlp: Mlp) -> bool:
     return x.requires_grad or any(p.requires_grad for p in (norm.weight, mlp.fc1.weight, mlp.fc2.weight))
 
 
-def _mm_any(a: Tensor, b_t: Tensor) -> Tensor:  # a @ b_t.T, through oneDNN on CPU fp32
-    if _ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32 and b_t.dtype == torch.float32:
-        return _mm(a, b_t)
-    return a @ b_t.t()
+def _mm_any(a: Tensor, b_t: Tensor) -> Tensor:  # a @ b_t.T, through oneDNN where linear() would use it
+    return _mm(a, b_t) if _onednn_ok(a, b_t) else a @ b_t.t()
 
 
 class _LeanLnMlp(torch.autograd.Function):
