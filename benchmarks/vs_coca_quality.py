@@ -3,10 +3,13 @@
     .venv/bin/python benchmarks/vs_coca_quality.py --minutes 10 --json     # mmx_shapes vs a matched CoCa
     .venv/bin/python benchmarks/vs_coca_quality.py --quick --json          # tiny sizes, seconds (the smoke test)
 
-Data: one :class:`~mmxattn.data.datamodule.ShapesDataModule` (configs/shapes.yaml's settings: 64 px, batch 64,
-20000/1000 train/test images, 5 captions each, seed 0, the word tokenizer, context length 24) serves both models:
-each run gets a fresh train loader with the same seed, so both see the same batches in the same order, and both
-are evaluated on the same (pre-loaded) test batches.
+Data: :class:`~mmxattn.data.datamodule.ShapesDataModule` with configs/shapes.yaml's settings (64 px, batch 64 images,
+its train size, 1000 test images, 5 captions each, seed 0, the word tokenizer, context length 24) serves both
+models: each run gets a fresh train loader with the same seed, so both see the same images in the same order, and
+both are evaluated on the same (pre-loaded) test batches. Each trains with its own recipe's captions: ours with
+shapes.yaml's ``train_captions_per_image`` (each image encoded once for several of its captions;
+``--captions-per-image 1`` gives ours one caption per image too), CoCa with open_clip's one caption per image
+(its forward pairs every image with one text; the caption is the one ours gets first).
 
 Budget: each model trains for ``--minutes`` of wall-clock COMPUTE time, one after the other (ours first, see
 ``--order``): the clock runs only around a step (forward, losses, backward, clipping, optimizer and scheduler
@@ -48,7 +51,8 @@ The peer (open_clip 3.x ``CoCa``, random init, no network), configured by ``vs_c
   feed the decoder), so both decoders read 80 image tokens.
 
 Evaluation (:func:`evaluate_pair`, the same code for both): full-gallery recall i2t/t2i R@1/5/10 with
-:func:`mmxattn.metrics.retrieval_metrics` (text_to_image from the eval batches) of cosine similarity, and greedy
+:func:`mmxattn.metrics.retrieval_metrics` (text_to_image from the eval batches) of cosine similarity, also
+gallery-normalised (``*_norm``: the inverted softmax at each model's own learned temperature), and greedy
 captions (EOS stops a row; up to ``context_length - 1`` new tokens; ours with its KV cache, CoCa with open_clip's
 prefix-recomputing loop, reproduced here without ``transformers``) scored by :func:`mmxattn.metrics.caption_metrics`
 (CIDEr-D, BLEU-4, ROUGE-L; METEOR with ``--meteor``). Ours only: grounding accuracy and decoder-re-ranked recall
@@ -87,11 +91,22 @@ from mmxattn.metrics import caption_metrics, retrieval_metrics  # noqa: E402
 
 RECIPE = dict(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98), min_lr_ratio=0.05, max_warmup=200, warmup_frac=0.2)
 CLIP_NORM = 1.0
-FULL = dict(preset="mmx_shapes", train_size=20000, test_size=1000, batch_size=64, rerank=10, probe=5)
+FULL = dict(
+    preset="mmx_shapes", train_size=None, test_size=1000, batch_size=64, rerank=10, probe=5
+)  # None: shapes.yaml
 QUICK = dict(preset="mmx_tiny", train_size=96, test_size=12, batch_size=8, rerank=3, probe=3, minutes=0.04)
 # The main job's loss weights and re-ranking score (configs/shapes.yaml), so this comparison trains what it runs.
 _SHAPES_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.yaml")
 _LOSS_KEYS = ("contrastive_weight", "caption_weight", "itm_weight", "rerank_with")
+
+
+def main_job_data(path: str = _SHAPES_YAML) -> dict[str, Any]:
+    """configs/shapes.yaml's data settings (``data.init_args``)."""
+    import yaml
+
+    with open(path) as f:
+        data = (yaml.safe_load(f) or {}).get("data") or {}
+    return dict(data.get("init_args") or {})
 
 
 def main_job_losses(path: str = _SHAPES_YAML) -> dict[str, Any]:
@@ -103,6 +118,7 @@ def main_job_losses(path: str = _SHAPES_YAML) -> dict[str, Any]:
 
 
 ROW_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "cider", "bleu4", "rouge_l")
+NORM_KEYS = ("i2t_r1_norm", "i2t_r5_norm", "t2i_r1_norm", "t2i_r5_norm")  # gallery-normalised recall, both models
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -243,6 +259,7 @@ def train_for(
         "compute_s": compute,
         "fetch_s": fetch,
         "images_seen": steps * dm.batch_size,
+        "captions_per_image": dm.train_captions_per_image,
         "final_loss": statistics.mean(tail),  # mean over the last 10% of steps (losses differ between models)
         "loadavg_1min": [load_before, os.getloadavg()[0]],
     }
@@ -281,8 +298,10 @@ def evaluate_pair(
     generate: Callable[[Tensor], Tensor],
     tokenizer: Any,
     meteor: bool,
+    logit_scale: float | None = None,
 ) -> dict[str, Any]:
-    """Retrieval recall and caption metrics of one model on the eval batches (the same code for both models)."""
+    """Retrieval recall and caption metrics of one model on the eval batches (the same code for both models).
+    ``logit_scale``: the model's learned temperature, for the gallery-normalised recall (``*_norm``)."""
     img, txt, t2i, preds, refs = [], [], [], {}, {}
     for batch in batches:
         base = sum(x.shape[0] for x in img)
@@ -292,7 +311,7 @@ def evaluate_pair(
         for j, caption in enumerate(tokenizer.batch_decode(generate(batch["images"]))):
             preds[base + j], refs[base + j] = caption, list(batch["references"][j])
     out: dict[str, Any] = {"n_images": len(preds), "n_texts": int(sum(x.shape[0] for x in txt))}
-    out.update(retrieval_metrics(torch.cat(img), torch.cat(txt), torch.cat(t2i)))
+    out.update(retrieval_metrics(torch.cat(img), torch.cat(txt), torch.cat(t2i), norm_scale=logit_scale))
     out.update(caption_metrics(preds, refs, meteor=meteor))
     out["examples"] = [preds[i] for i in range(min(3, len(preds)))]
     return out
@@ -318,7 +337,7 @@ def _fmt(v: Any) -> str:
 def print_table(out: dict[str, Any]) -> None:
     ours, coca, ceil = out["ours"], out["coca"], out["ceilings"]
     held, const = ceil["heldout_reference"], ceil["constant_caption"]
-    rows = [(k, ceil.get(k)) for k in ROW_KEYS[:7]]
+    rows = [(k, ceil.get(k)) for k in ROW_KEYS[:7]] + [(k, ceil.get(k[: -len("_norm")])) for k in NORM_KEYS]
     rows += [(k, held.get(k)) for k in ("cider", "bleu4")] + [("rouge_l", None), ("meteor", None)]
     print(f"\n{'metric':16s} {'ours':>7s} {'coca':>7s} {'ours-coca':>9s} {'ceiling':>8s} {'constant':>8s}")
     for k, c in rows:
@@ -340,6 +359,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--captions-per-image",
+        type=int,
+        default=None,
+        help="ours' captions per image in a training batch (default: shapes.yaml's train_captions_per_image)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="shapes image cache (default data_cache/shapes; quick: none)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: see the docstring)")
@@ -356,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, dest in (("preset", "preset"), ("train_size", "train_size"), ("test_size", "test_size")):
         setattr(a, dest, getattr(a, dest) or base[key])
     a.batch_size = a.batch_size or base["batch_size"]
+    a.train_size = a.train_size or int(main_job_data().get("train_size", 18000))
+    if a.captions_per_image is None:
+        a.captions_per_image = 1 if a.quick else int(main_job_data().get("train_captions_per_image", 1))
     a.minutes = base["minutes"] if a.minutes is None else a.minutes
     a.probe_steps = a.probe_steps or base["probe"]
     a.rerank = base["rerank"] if a.rerank is None else a.rerank
@@ -381,6 +409,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         cache_dir=args.cache_dir,
     )
+    # ours trains with the main job's several captions per image (same seed: the same images in the same order);
+    # CoCa with open_clip's recipe, one caption per image (its forward pairs every image with one text)
+    dm_ours = dm
+    if args.captions_per_image > 1:
+        dm_ours = ShapesDataModule(**{**dm.hparams, "train_captions_per_image": args.captions_per_image})
+        dm_ours.setup("fit")
     t0 = time.perf_counter()
     dm.prepare_data()
     dm.setup("fit")
@@ -406,7 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             coca.logit_scale.clamp_(0, 4.6052)
 
     runs = {
-        "ours": lambda: train_for("ours", module, module.training_step, dm, budget, args.probe_steps, args.seed),
+        "ours": lambda: train_for("ours", module, module.training_step, dm_ours, budget, args.probe_steps, args.seed),
         "coca": lambda: train_for(
             "coca", coca, coca_loss_fn(coca, pad), dm, budget, args.probe_steps, args.seed, clamp_coca
         ),
@@ -422,7 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for name in ("ours", "coca"):
         t1 = time.perf_counter()
-        rows[name] = evaluate_pair(test_batches, *encoders[name], gens[name], dm.tokenizer, args.meteor)
+        scale = float((ours.get_logit_scale() if name == "ours" else coca.logit_scale.exp().clamp(max=100)).detach())
+        rows[name] = evaluate_pair(test_batches, *encoders[name], gens[name], dm.tokenizer, args.meteor, scale)
         rows[name]["eval_s"] = time.perf_counter() - t1
         rows[name]["final_loss"] = train[name]["final_loss"]
         print(f"  {name}: evaluated in {rows[name]['eval_s']:.1f} s", flush=True)
@@ -445,6 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "coca_correct_cls_mask": not args.coca_legacy_cls_mask,
             "recipe": {**RECIPE, "clip_grad_norm": CLIP_NORM, "ours_loss": main_job_losses()},
             "data": {"preset": args.preset, "img_size": 64, "batch_size": args.batch_size, "seed": args.seed}
+            | {"ours_captions_per_image": args.captions_per_image, "coca_captions_per_image": 1}
             | {"train_size": args.train_size, "test_size": args.test_size, "context_length": dm.context_length},
         },
         "params": params,

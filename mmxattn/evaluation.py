@@ -164,7 +164,9 @@ class EvalAccumulator:
         txt = torch.cat([r["text_embeds"] for r in recs])
         t2i = torch.cat([torch.full((len(r["text_embeds"]),), i, dtype=torch.long) for i, r in enumerate(recs)])
         out: dict[str, float | int | None] = {"n_images": len(recs), "n_texts": int(txt.shape[0])}
-        out.update(retrieval_metrics(img, txt, t2i))
+        # plain cosine recall, and recall of the gallery-normalised scores (inverted softmax at the model's own
+        # temperature: log p(image | text) ranks texts for an image; see metrics.gallery_normalized_scores)
+        out.update(retrieval_metrics(img, txt, t2i, norm_scale=float(self.model.get_logit_scale())))
         if self.rerank:
             out.update({f"{k}_rerank": v for k, v in self._reranked(recs, img, txt, t2i).items()})
         for k in ("cider", "bleu4", "bleu1", "rouge_l", "meteor"):

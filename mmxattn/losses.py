@@ -92,6 +92,30 @@ def text_pos_ids(texts: Sequence[str]) -> Tensor:
     )
 
 
+def positive_mask(text_image_index: Tensor, n_images: int, pos_ids: Tensor | None = None) -> Tensor:
+    """(n_images, T) bool: text t is a positive of image i when i is its image, or (with ``pos_ids`` (T,)) when
+    its id equals the id of one of image i's texts (the same caption string on another image fits it too)."""
+    owner = text_image_index[None, :] == torch.arange(n_images, device=text_image_index.device)[:, None]  # (N, T)
+    if pos_ids is None:
+        return owner
+    _, group = torch.unique(pos_ids, return_inverse=True)  # (T,) dense group of every text
+    has = torch.zeros(n_images, int(group.max()) + 1, dtype=torch.bool, device=owner.device)
+    has[text_image_index, group] = True  # (N, G): image i owns a text of group g
+    return has[:, group]
+
+
+def _check_text_image_index(text_image_index: Tensor, n_images: int, n_texts: int) -> None:
+    t = text_image_index
+    if not isinstance(t, Tensor) or t.shape != (n_texts,) or t.is_floating_point():
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"text_image_index must be an integer tensor of shape ({n_texts},), got {got}")
+    if n_texts and (int(t.min()) < 0 or int(t.max()) >= n_images):
+        lo, hi = int(t.min()), int(t.max())
+        raise ValueError(f"text_image_index must index the {n_images} images, got values in [{lo}, {hi}]")
+    if n_images and int(torch.bincount(t.long(), minlength=n_images).min()) == 0:
+        raise ValueError("text_image_index: every image needs at least one text (its image->text target is empty)")
+
+
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE (CLIP): mean of image->text and text->image cross-entropy.
 
@@ -99,6 +123,11 @@ class ContrastiveLoss(nn.Module):
     CLIP clamps at 100). ``pos_ids`` (B,) marks positives: samples with equal ids are positives of each other (the
     same caption string, captions of one image) and the targets become uniform over them; ids must be global
     (e.g. dataset image indices or ``text_pos_ids``), since they are compared across ranks. None = the diagonal.
+
+    Several texts per image: pass ``text_embeds`` (T, E) with ``text_image_index`` (T,), the image row of every
+    text (each image needs at least one). Image i's positives are its own texts and, with ``pos_ids`` (T,), every
+    text whose id equals one of its texts' ids; image->text cross-entropy is averaged over the B images,
+    text->image over the T texts, and the loss is their mean (with one text per image, the plain loss).
 
     Under torch.distributed (``gather=True`` and world size > 1) the embeddings and ``pos_ids`` of all ranks are
     gathered, embeddings with gradients; see the module docstring for the exact gradient identity with DDP.
@@ -112,8 +141,16 @@ class ContrastiveLoss(nn.Module):
         self.local_loss = local_loss
 
     def forward(
-        self, image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor | float, *, pos_ids: Tensor | None = None
+        self,
+        image_embeds: Tensor,
+        text_embeds: Tensor,
+        logit_scale: Tensor | float,
+        *,
+        pos_ids: Tensor | None = None,
+        text_image_index: Tensor | None = None,
     ) -> Tensor:
+        if text_image_index is not None:
+            return self._many_texts(image_embeds, text_embeds, logit_scale, pos_ids, text_image_index)
         _check_embeds(image_embeds, text_embeds)
         b = image_embeds.shape[0]
         _check_pos_ids(pos_ids, b)
@@ -148,6 +185,57 @@ class ContrastiveLoss(nn.Module):
             logits_t2i, target, reduction="sum"
         )
         return total / (2 * denom)
+
+    def _many_texts(
+        self, image_embeds: Tensor, text_embeds: Tensor, logit_scale, pos_ids: Tensor | None, text_image_index: Tensor
+    ) -> Tensor:
+        if image_embeds.dim() != 2 or text_embeds.dim() != 2 or image_embeds.shape[1] != text_embeds.shape[1]:
+            raise ValueError(
+                "image_embeds (B, E) and text_embeds (T, E) must share E, got "
+                f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+            )
+        b, t = image_embeds.shape[0], text_embeds.shape[0]
+        _check_text_image_index(text_image_index, b, t)
+        _check_pos_ids(pos_ids, t)
+        if isinstance(logit_scale, Tensor):
+            if logit_scale.numel() != 1:
+                raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+            logit_scale = logit_scale.reshape(())
+        rank, world = _world() if self.gather else (0, 1)
+        if world > 1:
+            sizes_i = _gather_sizes(b, image_embeds.device, world)
+            sizes_t = _gather_sizes(t, image_embeds.device, world)
+            off_i, off_t = sum(sizes_i[:rank]), sum(sizes_t[:rank])
+            all_img = _all_gather_rows(image_embeds, sizes_i, with_grad=True)  # (N_i, E)
+            all_txt = _all_gather_rows(text_embeds, sizes_t, with_grad=True)  # (N_t, E)
+            owner = _all_gather_rows(text_image_index.long() + off_i, sizes_t, with_grad=False)  # global image rows
+            all_pos = None if pos_ids is None else _all_gather_rows(pos_ids, sizes_t, with_grad=False)
+            n_i, n_t = sum(sizes_i), sum(sizes_t)
+        else:
+            all_img, all_txt, owner, all_pos, n_i, n_t = (
+                image_embeds,
+                text_embeds,
+                text_image_index.long(),
+                pos_ids,
+                b,
+                t,
+            )
+            off_i = off_t = 0
+        pos = positive_mask(owner, n_i, all_pos).float()  # (N_i, N_t)
+        if world > 1 and self.local_loss:
+            img_rows, txt_rows = image_embeds, text_embeds
+            rows_i = slice(off_i, off_i + b)
+            rows_t = slice(off_t, off_t + t)
+            den_i, den_t = n_i / world, n_t / world
+        else:
+            img_rows, txt_rows, rows_i, rows_t, den_i, den_t = all_img, all_txt, slice(None), slice(None), n_i, n_t
+        logits_i2t = logit_scale * img_rows @ all_txt.T  # (R_i, N_t)
+        logits_t2i = logit_scale * txt_rows @ all_img.T  # (R_t, N_i)
+        tgt_i2t = pos[rows_i]
+        tgt_t2i = pos.T[rows_t]
+        i2t = F.cross_entropy(logits_i2t, tgt_i2t / tgt_i2t.sum(1, keepdim=True), reduction="sum")
+        t2i = F.cross_entropy(logits_t2i, tgt_t2i / tgt_t2i.sum(1, keepdim=True), reduction="sum")
+        return (i2t / den_i + t2i / den_t) / 2
 
 
 class CaptionLoss(nn.Module):
@@ -196,15 +284,19 @@ class ITMLoss(nn.Module):
 
 @torch.no_grad()
 def sample_hard_negatives(
-    sim: Tensor, generator: torch.Generator | None = None, pos_ids: Tensor | None = None
+    sim: Tensor,
+    generator: torch.Generator | None = None,
+    pos_ids: Tensor | None = None,
+    pos_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """In-batch hard negatives for ITM (ALBEF/BLIP scheme): for each image a text drawn with probability
     softmax(sim[i]) over its non-positives, and for each text an image drawn from softmax(sim[:, j]).
 
     ``sim`` (B, B) holds image-text similarities, temperature included (e.g. the contrastive logits). Positives are
-    the diagonal and, with ``pos_ids`` (B,), every pair with equal ids; they are never drawn. A row with no
-    negative at all (B == 1, or all ids equal) gets -1: callers drop those pairs rather than train on a false
-    negative. Returns (negative text index per image (B,), negative image index per text (B,)).
+    the diagonal and, with ``pos_ids`` (B,), every pair with equal ids, and with ``pos_mask`` (B, B) bool, every
+    pair (image row i, text column j) it marks; they are never drawn. A row with no negative at all (B == 1, or
+    all ids equal) gets -1: callers drop those pairs rather than train on a false negative. Returns (negative text
+    index per image (B,), negative image index per text (B,)).
     """
     if sim.dim() != 2 or sim.shape[0] != sim.shape[1]:
         raise ValueError(f"sim must be a square (B, B) similarity matrix, got shape {tuple(sim.shape)}")
@@ -213,15 +305,19 @@ def sample_hard_negatives(
     pos = torch.eye(b, dtype=torch.bool, device=sim.device)  # (B, B)
     if pos_ids is not None:
         pos |= pos_ids[:, None] == pos_ids[None, :]
-    valid = ~pos.all(dim=1)  # (B,) rows with at least one negative; pos is symmetric, so rows == columns
+    if pos_mask is not None:
+        if pos_mask.shape != (b, b) or pos_mask.dtype != torch.bool:
+            raise ValueError(f"pos_mask must be a ({b}, {b}) bool tensor, got {pos_mask.dtype} {tuple(pos_mask.shape)}")
+        pos |= pos_mask
 
-    def draw(s: Tensor) -> Tensor:
-        w = s.float().masked_fill(pos, float("-inf")).softmax(dim=1)  # (B, B); all-positive rows are NaN
+    def draw(s: Tensor, p: Tensor) -> Tensor:
+        valid = ~p.all(dim=1)  # rows with at least one negative
+        w = s.float().masked_fill(p, float("-inf")).softmax(dim=1)  # (B, B); all-positive rows are NaN
         w = torch.where(valid[:, None], w, torch.ones_like(w))  # placeholder weights, result replaced below
         idx = torch.multinomial(w, 1, generator=generator).squeeze(1)  # (B,)
         return idx.masked_fill(~valid, -1)
 
-    return draw(sim), draw(sim.T)
+    return draw(sim, pos), draw(sim.T, pos.T)
 
 
 class MMXAttnLoss(nn.Module):
@@ -256,10 +352,13 @@ class MMXAttnLoss(nn.Module):
         pos_ids: Tensor | None = None,
         itm_logits: Tensor | None = None,
         itm_labels: Tensor | None = None,
+        text_image_index: Tensor | None = None,
     ) -> dict[str, Tensor]:
         terms = {}
         if self.weights["contrastive_loss"]:
-            terms["contrastive_loss"] = self.contrastive(image_embeds, text_embeds, logit_scale, pos_ids=pos_ids)
+            terms["contrastive_loss"] = self.contrastive(
+                image_embeds, text_embeds, logit_scale, pos_ids=pos_ids, text_image_index=text_image_index
+            )
         if self.weights["caption_loss"]:
             terms["caption_loss"] = self.caption(logits, labels)
         if itm_logits is not None and self.weights["itm_loss"]:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "caption_metrics",
+    "gallery_normalized_scores",
     "grounding_hits",
     "grounding_hits_any",
     "java_available",
@@ -32,7 +33,12 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------- retrieval
 def retrieval_metrics(
-    image_embeds: Tensor, text_embeds: Tensor, text_to_image: Tensor, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024
+    image_embeds: Tensor,
+    text_embeds: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk: int = 1024,
+    norm_scale: float | None = None,
 ) -> dict[str, float]:
     """Recall@K of cosine retrieval over the full gallery.
 
@@ -40,6 +46,8 @@ def retrieval_metrics(
         image_embeds: (N_img, E) L2-normalised.
         text_embeds: (N_txt, E) L2-normalised.
         text_to_image: (N_txt,) index of each text's image.
+        norm_scale: also report gallery-normalised recall (``i2t_r{k}_norm``, ``t2i_r{k}_norm``) with this logit
+            scale (pass the model's learned one); see :func:`gallery_normalized_scores`.
     Returns:
         ``i2t_r{k}``, ``t2i_r{k}`` for every k, and ``rsum`` (their sum, the usual model-selection number).
     """
@@ -47,28 +55,77 @@ def retrieval_metrics(
     n_img, n_txt = image_embeds.shape[0], text_embeds.shape[0]
     if text_to_image.shape != (n_txt,) or (n_txt and int(text_to_image.max()) >= n_img):
         raise ValueError(f"text_to_image must be ({n_txt},) indices into {n_img} images")
-    kmax = max(ks)
-    # i2t: rank of the best-ranked text of each image
-    i2t_rank = torch.empty(n_img, dtype=torch.long, device=image_embeds.device)
+    out = _recall(lambda a, b: image_embeds[a:b] @ text_embeds.T, n_img, n_txt, text_to_image, ks, chunk)
+    out["rsum"] = sum(v for key, v in out.items() if key.startswith(("i2t", "t2i")))
+    if norm_scale is not None:
+        lse_i2t, lse_t2i = _gallery_lse(image_embeds, text_embeds, float(norm_scale), chunk)
+
+        def normed(a: int, b: int) -> Tensor:  # image rows a:b against every text; see gallery_normalized_scores
+            return float(norm_scale) * (image_embeds[a:b] @ text_embeds.T) - lse_i2t[None, :]
+
+        def normed_t2i(a: int, b: int) -> Tensor:
+            return float(norm_scale) * (image_embeds[a:b] @ text_embeds.T) - lse_t2i[a:b, None]
+
+        i2t = _recall(normed, n_img, n_txt, text_to_image, ks, chunk, which="i2t")
+        t2i = _recall(normed_t2i, n_img, n_txt, text_to_image, ks, chunk, which="t2i")
+        out.update({f"{k}_norm": v for k, v in {**i2t, **t2i}.items()})
+    return out
+
+
+def _recall(scores, n_img: int, n_txt: int, text_to_image: Tensor, ks, chunk: int, which: str = "both"):
+    """Recall@K from ``scores(a, b)`` -> (b - a, N_txt), the scores of image rows a:b against every text (higher
+    is better): i2t counts the rank of an image's best own text, t2i the rank of a text's image."""
+    device = text_to_image.device
+    i2t_rank = torch.empty(n_img, dtype=torch.long, device=device)
+    t2i_rank = torch.zeros(n_txt, dtype=torch.long, device=device)
+    # own score of every text (its image's row), for t2i ranks accumulated over image chunks
+    own_score = torch.empty(n_txt, device=device)
     for s in range(0, n_img, chunk):
-        sim = image_embeds[s : s + chunk] @ text_embeds.T  # (c, N_txt)
-        own = text_to_image[None, :] == torch.arange(s, s + sim.shape[0], device=sim.device)[:, None]
+        sim = scores(s, min(s + chunk, n_img))  # (c, N_txt)
+        rows = torch.arange(s, s + sim.shape[0], device=device)
+        own = text_to_image[None, :] == rows[:, None]
         best_own = sim.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (c, 1)
-        i2t_rank[s : s + chunk] = (sim > best_own).sum(1)  # texts strictly better than its best own text
-    # t2i: rank of each text's image
-    t2i_rank = torch.empty(n_txt, dtype=torch.long, device=image_embeds.device)
-    for s in range(0, n_txt, chunk):
-        sim = text_embeds[s : s + chunk] @ image_embeds.T  # (c, N_img)
-        own = sim.gather(1, text_to_image[s : s + chunk, None])
-        t2i_rank[s : s + chunk] = (sim > own).sum(1)
+        i2t_rank[s : s + sim.shape[0]] = (sim > best_own).sum(1)  # texts strictly better than its best own text
+        mine = (text_to_image >= s) & (text_to_image < s + sim.shape[0])
+        own_score[mine] = sim[text_to_image[mine] - s, mine.nonzero().squeeze(1)]
+    for s in range(0, n_img, chunk):  # t2i: images strictly better than the text's own image
+        sim = scores(s, min(s + chunk, n_img))
+        t2i_rank += (sim > own_score[None, :]).sum(0)
     out = {}
     for k in ks:
-        if k > kmax:
-            continue
-        out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
-        out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
-    out["rsum"] = sum(v for key, v in out.items() if key.startswith(("i2t", "t2i")))
+        if which in ("both", "i2t"):
+            out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
+        if which in ("both", "t2i"):
+            out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
     return out
+
+
+def _gallery_lse(image_embeds: Tensor, text_embeds: Tensor, scale: float, chunk: int) -> tuple[Tensor, Tensor]:
+    """(N_txt,) logsumexp over images of each text's scaled scores, (N_img,) logsumexp over texts of each image's."""
+    lse_t = torch.empty(text_embeds.shape[0], device=image_embeds.device)
+    lse_i = torch.full((image_embeds.shape[0],), float("-inf"), device=image_embeds.device)
+    for s in range(0, text_embeds.shape[0], chunk):
+        sim = scale * (image_embeds @ text_embeds[s : s + chunk].T)  # (N_img, c)
+        lse_t[s : s + sim.shape[1]] = sim.logsumexp(0)
+        lse_i = torch.logaddexp(lse_i, sim.logsumexp(1))
+    return lse_t, lse_i
+
+
+def gallery_normalized_scores(image_embeds: Tensor, text_embeds: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Scores (N_img, N_txt) for ranking texts for an image and images for a text, each normalised over the
+    gallery of the other side ("inverted softmax", Smith et al. 2017; CAMoE's dual softmax at inference):
+
+    * i2t: ``log softmax`` over IMAGES of every text's scaled cosine, i.e. the contrastive model's estimate of
+      log p(image | text). Ranking a query image's texts by it prefers a text that fits this image and few others
+      over a generic text that fits every image, which plain cosine cannot tell apart; it is the Bayes rule the
+      shapes data's ``i2t_r1`` ceiling assumes (pick the fitting caption that fits the fewest gallery images).
+    * t2i: ``log softmax`` over TEXTS of every image's scaled cosine (log p(text | image)), which discounts "hub"
+      images that are close to every text.
+
+    ``scale`` is the model's learned logit scale (the temperature its InfoNCE calibrated). Needs the whole gallery.
+    """
+    sim = scale * (image_embeds @ text_embeds.T)
+    return sim.log_softmax(0), sim.log_softmax(1)
 
 
 def recall_from_rankings(

@@ -34,12 +34,12 @@ RERANK_METHODS = ("itm", "lm", "pmi")
 @dataclass
 class MMXAttnOutput:
     image_embeds: Tensor  # (B, E), L2-normalised
-    text_embeds: Tensor  # (B, E), L2-normalised
-    logits: Tensor  # (B, T-1, V): position t predicts token t+1
+    text_embeds: Tensor  # (B, E), L2-normalised; (R, E) with several captions per image (text_image_index)
+    logits: Tensor  # (B or R, T-1, V): position t predicts token t+1
     logit_scale: Tensor  # scalar, exp(learned) clamped to max_logit_scale
     image_tokens: Tensor | None = None  # (B, L, D), for the ITM head and re-ranking
-    text_states: Tensor | None = None  # (B, T, W), text encoder token states
-    decoder_states: Tensor | None = None  # (B, T, W), decoder output over the whole caption (ITM reads it)
+    text_states: Tensor | None = None  # (B or R, T, W), text encoder token states
+    decoder_states: Tensor | None = None  # (B or R, T, W), decoder output over the whole caption (ITM reads it)
 
 
 @dataclass
@@ -191,17 +191,31 @@ class MMXAttn(nn.Module):
         """Teacher-forced decoder: text states (B, T, W), image tokens (B, L, D) -> vocabulary logits (B, T, V)."""
         return self.lm_head(self.decoder(text_states, image_tokens))
 
-    def forward(self, images: Tensor, token_ids: Tensor) -> MMXAttnOutput:
+    def forward(self, images: Tensor, token_ids: Tensor, text_image_index: Tensor | None = None) -> MMXAttnOutput:
+        """Training forward. One caption per image (``token_ids`` (B, T)), or several: ``token_ids`` (R, T) with
+        ``text_image_index`` (R,), the image of every caption; the image is encoded once and its tokens feed the
+        decoder for each of its captions. ``image_embeds`` is (B, E), ``text_embeds``/``logits`` have R rows."""
         images = self._check_images(images)
         ids = self._check_ids(token_ids)
-        if images.shape[0] != ids.shape[0]:
-            raise ValueError(f"batch sizes differ: {images.shape[0]} images, {ids.shape[0]} token rows")
+        if text_image_index is None:
+            if images.shape[0] != ids.shape[0]:
+                raise ValueError(f"batch sizes differ: {images.shape[0]} images, {ids.shape[0]} token rows")
+        else:
+            tii = text_image_index
+            if tii.shape != (ids.shape[0],) or tii.is_floating_point():
+                raise ValueError(
+                    f"text_image_index must be an integer tensor of shape ({ids.shape[0]},) (one image index per "
+                    f"token row), got {tii.dtype} {tuple(tii.shape)}"
+                )
+            if ids.shape[0] and (int(tii.min()) < 0 or int(tii.max()) >= images.shape[0]):
+                raise ValueError(f"text_image_index values must index the {images.shape[0]} images")
         image_tokens = self.encode_image_tokens(images)  # (B, L, D)
         image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
-        text_x, states = self.text(ids)  # (B, E), (B, T, W)
+        text_x, states = self.text(ids)  # (R, E), (R, T, W)
         # The decoder runs over the whole caption once: positions :-1 predict ids[:, 1:] (causal, so the last
         # position changes none of them) and the last real position feeds the matching head.
-        h = self.decoder(states, image_tokens)  # (B, T, W)
+        per_text = image_tokens if text_image_index is None else image_tokens[text_image_index]  # (R, L, D)
+        h = self.decoder(states, per_text)  # (R, T, W)
         logits = self.lm_head(h[:, :-1])  # (B, T-1, V)
         return MMXAttnOutput(
             image_embeds=image_embeds,
@@ -314,10 +328,15 @@ class MMXAttn(nn.Module):
         rerank_with: str = "itm",
         batch_size: int = 256,
         prior_images: int = 8,
+        gallery_norm: bool = False,
     ) -> RetrievalResult:
         """Rank texts for every image and images for every text.
 
-        First by embedding cosine; with ``rerank=N`` the top N candidates of each query are re-scored by the
+        First by embedding cosine, or with ``gallery_norm=True`` by the gallery-normalised scores of
+        :func:`mmxattn.metrics.gallery_normalized_scores` (texts for an image by log p(image | text), a softmax over
+        the given images at the model's learned temperature, so a caption that fits this image and few others beats
+        a generic one; images for a text by log p(text | image)); the scores returned are then those log-probabilities.
+        With ``rerank=N`` the top N candidates of each query are re-scored by the
         multimodal decoder (the text's queries cross-attending to the image): ``rerank_with="itm"`` uses the
         image-text matching head (BLIP's re-ranking), ``"lm"`` the caption's length-normalised log-likelihood,
         ``"pmi"`` the caption's log-likelihood minus its log prior (estimated over ``prior_images`` of the
@@ -337,13 +356,19 @@ class MMXAttn(nn.Module):
             txt_emb.append(F.normalize(e, dim=-1))
             states.append(s)
         sim = img_emb @ torch.cat(txt_emb).T  # (N_img, N_txt)
+        by_image, by_text = sim, sim.T
+        if gallery_norm:
+            from .metrics import gallery_normalized_scores
+
+            i2t_s, t2i_s = gallery_normalized_scores(img_emb, torch.cat(txt_emb), float(self.get_logit_scale()))
+            by_image, by_text = i2t_s, t2i_s.T
         states_all = torch.cat(states)
         prior = None
         if rerank > 0 and rerank_with == "pmi":
             ref = torch.linspace(0, img_tokens.shape[0] - 1, min(prior_images, img_tokens.shape[0])).round().long()
             prior = self.caption_log_prior(img_tokens[ref], ids, states_all, batch_size)
         out = []
-        for scores, query_is_image in ((sim, True), (sim.T, False)):
+        for scores, query_is_image in ((by_image, True), (by_text, False)):
             kk = min(k, scores.shape[1])
             if rerank > 0:
                 n = min(max(rerank, kk), scores.shape[1])

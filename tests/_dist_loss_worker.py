@@ -3,7 +3,8 @@
 Usage: python _dist_loss_worker.py RANK WORLD INIT_FILE CASES_FILE OUT_FILE
 
 CASES_FILE (torch.save'd list of dicts) holds, per case, the FULL batch (raw_img (N, Di), raw_txt (N, Dt)), the
-shared parameters (proj_img (Di, E), proj_txt (Dt, E), log_scale ()), the per-rank row counts and the loss options.
+shared parameters (proj_img (Di, E), proj_txt (Dt, E), log_scale ()), the per-rank image and text row counts, the
+texts' image index (or None: one text per image) and the loss options.
 Each rank embeds its own rows with the shared parameters, computes the loss, backpropagates, and saves its loss and
 the gradients of the parameters and of its local embeddings, for the test to compare with one process.
 """
@@ -25,16 +26,19 @@ def main() -> None:
     for case in torch.load(cases_file, weights_only=True):
         start = sum(case["sizes"][:rank])
         rows = slice(start, start + case["sizes"][rank])
+        tstart = sum(case["tsizes"][:rank])
+        trows = slice(tstart, tstart + case["tsizes"][rank])
+        tii = None if case["tii"] is None else case["tii"][trows] - start  # local image rows of the local texts
         p_img = case["proj_img"].clone().requires_grad_(True)
         p_txt = case["proj_txt"].clone().requires_grad_(True)
         log_scale = case["log_scale"].clone().requires_grad_(True)
         img = F.normalize(case["raw_img"][rows] @ p_img, dim=-1)  # (b, E)
-        txt = F.normalize(case["raw_txt"][rows] @ p_txt, dim=-1)  # (b, E)
+        txt = F.normalize(case["raw_txt"][trows] @ p_txt, dim=-1)  # (t, E)
         img.retain_grad()
         txt.retain_grad()
-        pos_ids = None if case["pos_ids"] is None else case["pos_ids"][rows]
+        pos_ids = None if case["pos_ids"] is None else case["pos_ids"][trows]
         loss_fn = ContrastiveLoss(gather=True, local_loss=case["local_loss"])
-        loss = loss_fn(img, txt, log_scale.exp(), pos_ids=pos_ids)
+        loss = loss_fn(img, txt, log_scale.exp(), pos_ids=pos_ids, text_image_index=tii)
         loss.backward()
         results.append(
             {

@@ -65,6 +65,32 @@ def test_shapes_train_batch_contract_and_tokenizer_round_trip():
     assert _shapes(seed=5, train_size=100).tokenizer.vocab == dm.tokenizer.vocab
 
 
+def test_shapes_several_captions_per_image_in_a_train_batch():
+    """train_captions_per_image=3: every image brings its drawn caption and the next two of its captions, the
+    image is in the batch once, and text_image_index maps each caption row to it."""
+    dm = _shapes(train_captions_per_image=3)
+    one = _shapes()
+    b, b1 = next(iter(dm.train_dataloader())), next(iter(one.train_dataloader()))
+    assert set(b) == TRAIN_KEYS | {"text_image_index"}
+    assert b["images"].shape == (8, 3, 64, 64) and b["ids"].shape == (24, dm.context_length)
+    assert b["text_image_index"].tolist() == [i for i in range(8) for _ in range(3)]
+    assert torch.equal(b["images"], b1["images"]) and b["image_ids"] == b1["image_ids"]  # same images, same order
+    assert dm.tokenizer.batch_decode(b["ids"]) == b["captions"] and torch.equal(
+        b["pos_ids"], text_pos_ids(b["captions"])
+    )
+    ds = dm.dataset("train")
+    for i, image_id in enumerate(b["image_ids"]):
+        caps = ds[image_id]["captions"]
+        mine = b["captions"][3 * i : 3 * i + 3]
+        assert mine[0] == b1["captions"][i]  # the caption the one-caption batch draws comes first
+        j = caps.index(mine[0])
+        assert mine == [caps[(j + d) % len(caps)] for d in range(3)]  # then the following ones, distinct
+    with pytest.raises(ValueError, match="train_captions_per_image=6 > captions_per_image=5"):
+        _shapes(train_captions_per_image=6)
+    with pytest.raises(ValueError, match="train_captions_per_image must be >= 1"):
+        _shapes(train_captions_per_image=0)
+
+
 def test_shapes_eval_batches_hold_all_references_and_grounded_token_positions():
     dm = _shapes(captions_per_image=3)
     batches = list(dm.val_dataloader())
@@ -241,6 +267,23 @@ def test_csv_datamodule_batches_and_skipped_rows(csv_data):
     assert set(b) == TRAIN_KEYS and b["images"].shape == (7, 3, 32, 32) and b["ids"].shape == (7, 12)
     assert [reason for _, reason in b["skipped"]] == ["file not found"] and "missing.jpg" in b["skipped"][0][0]
     assert dm.tokenizer.batch_decode(b["ids"]) == b["captions"]
+    # several captions per pair: an image with two captions brings both (the drawn one first), others their one
+    dm2 = ImageTextDataModule(
+        train_path=str(csv_data / "train.csv"),
+        image_root=str(csv_data / "imgs"),
+        tokenizer="word",
+        img_size=32,
+        batch_size=8,
+        num_workers=0,
+        context_length=12,
+        train_captions_per_image=2,
+    )
+    b2 = next(iter(dm2.train_dataloader()))
+    assert b2["image_ids"] == b["image_ids"] and b2["text_image_index"].shape == (b2["ids"].shape[0],)
+    for i, image_id in enumerate(b2["image_ids"]):
+        mine = [c for c, k in zip(b2["captions"], b2["text_image_index"].tolist()) if k == i]
+        assert mine[0] == b["captions"][i]
+        assert len(mine) == (2 if image_id == "0.jpg" else 1), (image_id, mine)
     dm.skip_tracker.update_from_batch(b)
     assert dm.skip_tracker.summary()["n_skipped"] == 1
     v = list(dm.val_dataloader())

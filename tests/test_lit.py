@@ -52,8 +52,12 @@ def test_tensorboard_config_composes(tmp_path, monkeypatch):
     assert type(cli.trainer.logger).__name__ in ("TensorBoardLogger", "DummyLogger")
 
 
-def _tiny_fit(tmp_path: Path, steps: int = 4, **module_kw) -> tuple[pl.Trainer, MMXAttnModule, ShapesDataModule]:
-    dm = ShapesDataModule(train_size=32, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp_path))
+def _tiny_fit(
+    tmp_path: Path, steps: int = 4, data_kw: dict | None = None, **module_kw
+) -> tuple[pl.Trainer, MMXAttnModule, ShapesDataModule]:
+    dm = ShapesDataModule(
+        train_size=32, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp_path), **(data_kw or {})
+    )
     mod = MMXAttnModule(
         preset="mmx_tiny",
         vocab_size=dm.vocab_size,
@@ -138,6 +142,33 @@ def test_load_errors_say_what_is_wrong(tmp_path):
         load(d)
     with pytest.raises(CheckpointError, match="missing"):
         load(tmp_path)
+
+
+def test_several_captions_per_image_train_with_every_loss(tmp_path, monkeypatch):
+    """train_captions_per_image=3 through the Trainer, ITM on: the losses see 8 images and 24 captions, the
+    matching head's hard negatives never pair an image with one of its own captions, and training runs."""
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=2, data_kw={"train_captions_per_image": 3}, itm_weight=0.5)
+    seen = []
+    real_c, real_s = mod.contrastive.forward, mmxattn.lit.module.sample_hard_negatives
+
+    def contrastive(img, txt, scale, **kw):
+        seen.append((img.shape[0], txt.shape[0], kw["text_image_index"].tolist()))
+        return real_c(img, txt, scale, **kw)
+
+    def negatives(sim, **kw):
+        neg_t, neg_i = real_s(sim, **kw)
+        own = kw["pos_mask"]
+        rows = torch.arange(sim.shape[0])
+        assert not own[rows[neg_t >= 0], neg_t[neg_t >= 0]].any() and not own[neg_i[neg_i >= 0], rows[neg_i >= 0]].any()
+        seen.append("itm")
+        return neg_t, neg_i
+
+    monkeypatch.setattr(mod.contrastive, "forward", contrastive)
+    monkeypatch.setattr(mmxattn.lit.module, "sample_hard_negatives", negatives)
+    trainer.fit(mod, datamodule=dm)
+    assert trainer.global_step == 2
+    assert seen[0] == (8, 24, [i for i in range(8) for _ in range(3)]) and "itm" in seen
+    assert all(torch.isfinite(p).all() for p in mod.parameters())
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

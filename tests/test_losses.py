@@ -15,6 +15,7 @@ from mmxattn.losses import (
     ContrastiveLoss,
     ITMLoss,
     MMXAttnLoss,
+    positive_mask,
     sample_hard_negatives,
     text_pos_ids,
 )
@@ -115,6 +116,70 @@ def test_contrastive_bad_inputs():
         ContrastiveLoss()(img, txt, torch.ones(2))
 
 
+def _many_texts_reference(img, txt, scale, tii, pos_ids=None):
+    """Written out: image i's positives are its texts and texts equal (by id) to one of them; soft targets uniform
+    over the positives; i2t averaged over images, t2i over texts."""
+    b, t = img.shape[0], txt.shape[0]
+    pos = torch.zeros(b, t, dtype=torch.bool)
+    for i in range(b):
+        own = [j for j in range(t) if int(tii[j]) == i]
+        for j in range(t):
+            pos[i, j] = j in own or (pos_ids is not None and any(int(pos_ids[j]) == int(pos_ids[o]) for o in own))
+    logits = scale * img @ txt.T
+    i2t = -sum((logits[i].log_softmax(0)[pos[i]]).mean() for i in range(b)) / b
+    t2i = -sum((logits[:, j].log_softmax(0)[pos[:, j]]).mean() for j in range(t)) / t
+    return (i2t + t2i) / 2, pos
+
+
+def test_many_texts_per_image_matches_written_out_reference():
+    g = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(9, 8, generator=g, dtype=torch.float64), dim=-1)
+    tii = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3])
+    ids = torch.tensor([1, 2, 3, 4, 5, 2, 7, 8, 9])  # text 5 (image 2) is the same string as text 1 (image 0)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+    for pos_ids in (None, ids):
+        ref, pos = _many_texts_reference(img, txt, scale, tii, pos_ids)
+        got = ContrastiveLoss()(img, txt, scale, pos_ids=pos_ids, text_image_index=tii)
+        torch.testing.assert_close(got, ref)
+        assert torch.equal(positive_mask(tii, 4, pos_ids), pos)
+    assert positive_mask(tii, 4, ids)[2, 1] and positive_mask(tii, 4, ids)[0, 5]  # the shared string, both ways
+    assert not positive_mask(tii, 4, None)[2, 1]
+
+
+def test_one_text_per_image_index_equals_the_plain_loss():
+    img, txt = _embeds(dtype=torch.float64)
+    scale = torch.tensor(12.0, dtype=torch.float64)
+    ids = torch.tensor([3, 4, 3, 6, 7, 8])
+    for pos_ids in (None, ids):
+        plain = ContrastiveLoss()(img, txt, scale, pos_ids=pos_ids)
+        indexed = ContrastiveLoss()(img, txt, scale, pos_ids=pos_ids, text_image_index=torch.arange(6))
+        torch.testing.assert_close(indexed, plain)
+
+
+def test_many_texts_bad_index():
+    img, txt = _embeds()
+    with pytest.raises(ValueError, match="text_image_index must be an integer tensor of shape \\(6,\\)"):
+        ContrastiveLoss()(img, txt, 1.0, text_image_index=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="must index the 6 images"):
+        ContrastiveLoss()(img, txt, 1.0, text_image_index=torch.tensor([0, 1, 2, 3, 4, 6]))
+    with pytest.raises(ValueError, match="every image needs at least one text"):
+        ContrastiveLoss()(img, txt, 1.0, text_image_index=torch.tensor([0, 0, 1, 2, 3, 4]))
+
+
+def test_hard_negatives_respect_pos_mask():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.zeros(4, 4)
+    sim[0, 1] = 50.0  # by similarity text 1 would be image 0's negative almost surely...
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, 1] = True  # ...but it is a positive of image 0 (e.g. another caption of it)
+    for _ in range(20):
+        neg_t, neg_i = sample_hard_negatives(sim, generator=g, pos_mask=mask)
+        assert neg_t[0] not in (0, 1) and neg_i[1] not in (0, 1)
+    with pytest.raises(ValueError, match="pos_mask"):
+        sample_hard_negatives(sim, pos_mask=mask[:3])
+
+
 # ----------------------------------------------------------------------------------------------------- distributed
 
 
@@ -127,7 +192,7 @@ def _single_process(case):
     txt = F.normalize(case["raw_txt"] @ p_txt, dim=-1)
     img.retain_grad()
     txt.retain_grad()
-    loss = ContrastiveLoss()(img, txt, log_scale.exp(), pos_ids=case["pos_ids"])
+    loss = ContrastiveLoss()(img, txt, log_scale.exp(), pos_ids=case["pos_ids"], text_image_index=case["tii"])
     loss.backward()
     return {
         "loss": loss.detach(),
@@ -143,22 +208,35 @@ def _cases():
     g = torch.Generator().manual_seed(0)
     n, di, dt, e = 6, 5, 7, 4
     dup = torch.tensor([10, 11, 12, 13, 11, 15])  # row 1 (rank 0) and row 4 (rank 1) are positives of each other
+    # several texts per image: counts 2,1,3 | 2,2,1 (rank 0 holds images 0-2 and texts 0-5, rank 1 the rest); text 1
+    # (image 0, rank 0) and text 8 (image 4, rank 1) are the same string
+    tii = torch.tensor([0, 0, 1, 2, 2, 2, 3, 3, 4, 4, 5])
+    tdup = torch.tensor([20, 21, 22, 23, 24, 25, 26, 27, 21, 29, 30])
     out = []
-    for local_loss, pos_ids, sizes in [
-        (True, None, [3, 3]),
-        (True, dup, [3, 3]),
-        (False, dup, [3, 3]),
-        (True, dup, [4, 2]),  # unequal per-rank batches (e.g. a last webdataset batch)
+    for local_loss, pos_ids, sizes, text_index in [
+        (True, None, [3, 3], None),
+        (True, dup, [3, 3], None),
+        (False, dup, [3, 3], None),
+        (True, dup, [4, 2], None),  # unequal per-rank batches (e.g. a last webdataset batch)
+        (True, tdup, [3, 3], tii),
+        (False, tdup, [3, 3], tii),
+        (True, None, [3, 3], tii),
     ]:
+        n_txt = n if text_index is None else len(text_index)
+        tsizes = (
+            sizes if text_index is None else [int((text_index < sizes[0]).sum()), int((text_index >= sizes[0]).sum())]
+        )
         out.append(
             {
                 "raw_img": torch.randn(n, di, generator=g, dtype=torch.float64),
-                "raw_txt": torch.randn(n, dt, generator=g, dtype=torch.float64),
+                "raw_txt": torch.randn(n_txt, dt, generator=g, dtype=torch.float64),
                 "proj_img": torch.randn(di, e, generator=g, dtype=torch.float64),
                 "proj_txt": torch.randn(dt, e, generator=g, dtype=torch.float64),
                 "log_scale": torch.tensor(2.0, dtype=torch.float64),
                 "pos_ids": pos_ids,
                 "sizes": sizes,
+                "tsizes": tsizes,
+                "tii": text_index,
                 "local_loss": local_loss,
             }
         )
@@ -213,11 +291,11 @@ def test_two_process_gloo_matches_one_process(tmp_path: Path):
         for name in ("proj_img", "proj_txt", "log_scale"):
             ddp_grad = sum(r[name] for r in per_rank) / world
             torch.testing.assert_close(ddp_grad, ref[name], **tol, msg=lambda m, i=i, n=name: f"case {i} {n}: {m}")
-        start = 0
-        for r, size in enumerate(case["sizes"]):
-            for name in ("img", "txt"):
+        for name, sizes in (("img", case["sizes"]), ("txt", case["tsizes"])):
+            start = 0
+            for r, size in enumerate(sizes):
                 torch.testing.assert_close(per_rank[r][name], world * ref[name][start : start + size], **tol)
-            start += size
+                start += size
         # the identity is not vacuous: the ranks' own losses and gradients differ from each other
         assert not torch.allclose(per_rank[0]["proj_img"], per_rank[1]["proj_img"])
 

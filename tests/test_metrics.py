@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mmxattn import metrics
 from mmxattn.metrics import (
     caption_metrics,
+    gallery_normalized_scores,
     grounding_hits,
     grounding_hits_any,
     recall_from_rankings,
@@ -44,6 +45,45 @@ def test_retrieval_recall_matches_brute_force():
     r = recall_from_rankings(sim.topk(10, 1).indices, sim.T.topk(10, 1).indices, t2i)
     for key in r:
         assert r[key] == pytest.approx(m[key])
+
+
+def test_gallery_normalized_recall_matches_brute_force():
+    """``*_norm`` recall ranks by the inverted softmax (log p(image | text) for i2t, log p(text | image) for t2i),
+    computed in chunks; checked against full-matrix scores ranked by argsort."""
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(40, 8, generator=g), dim=-1)
+    t2i = torch.arange(40).repeat_interleave(3)
+    txt = F.normalize(img[t2i] + 0.8 * torch.randn(120, 8, generator=g), dim=-1)
+    scale = 7.0
+    m = retrieval_metrics(img, txt, t2i, chunk=9, norm_scale=scale)
+    s_i2t, s_t2i = gallery_normalized_scores(img, txt, scale)
+    assert torch.allclose(s_i2t.exp().sum(0), torch.ones(120)) and torch.allclose(s_t2i.exp().sum(1), torch.ones(40))
+    for k in (1, 5, 10):
+        hit_i = [any(int(t2i[t]) == i for t in s_i2t[i].argsort(descending=True)[:k]) for i in range(40)]
+        hit_t = [int(t2i[t]) in s_t2i[:, t].argsort(descending=True)[:k].tolist() for t in range(120)]
+        assert m[f"i2t_r{k}_norm"] == pytest.approx(sum(hit_i) / 40)
+        assert m[f"t2i_r{k}_norm"] == pytest.approx(sum(hit_t) / 120)
+    # the plain numbers are unchanged by asking for the normalised ones
+    plain = retrieval_metrics(img, txt, t2i, chunk=9)
+    assert all(m[k] == plain[k] for k in plain)
+
+
+def test_gallery_normalization_prefers_the_specific_caption():
+    """Two images share a generic caption direction; each also has a specific caption. Plain cosine ranks the
+    generic caption first for both images (it is closer to both), the inverted softmax ranks each image's own
+    specific caption first, as the Bayes rule does."""
+    img = F.normalize(torch.tensor([[1.0, 0.6, 0.0], [1.0, 0.0, 0.6]]), dim=-1)
+    generic = F.normalize(torch.tensor([1.0, 0.0, 0.0]), dim=0)
+    txt = torch.stack(
+        [generic, F.normalize(torch.tensor([0.5, 1.0, 0.0]), dim=0), F.normalize(torch.tensor([0.5, 0.0, 1.0]), dim=0)]
+    )
+    t2i = torch.tensor([0, 0, 1])  # the generic caption belongs to image 0
+    sim = img @ txt.T
+    assert (sim.argmax(1) == 0).all()  # plain cosine: the generic caption wins for both images
+    m = retrieval_metrics(img, txt, t2i, ks=(1,), norm_scale=10.0)
+    assert m["i2t_r1"] == 0.5 and m["i2t_r1_norm"] == 1.0
+    s_i2t, _ = gallery_normalized_scores(img, txt, 10.0)
+    assert s_i2t.argmax(1).tolist() == [1, 2]
 
 
 def test_retrieval_rejects_bad_mapping():

@@ -131,6 +131,25 @@ def test_bad_inputs_raise_clear_errors():
         mmxattn.create_model("mmx_tiny", vocab_size=20, tokenizer=type("T", (), {"vocab_size": 21})())
 
 
+def test_several_captions_per_image_forward_equals_repeating_the_images():
+    """forward(images, ids, text_image_index) encodes each image once and decodes every caption against its
+    image: the same embeddings and logits as repeating the images row by row."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=5)
+    tii = torch.tensor([0, 0, 1, 2, 2])  # images 0 and 2 have two captions, image 1 one; 3 images in the batch
+    out = model(images[:3], ids, tii)
+    ref = model(images[:3][tii], ids)
+    assert out.image_embeds.shape == (3, model.cfg.embed_dim) and out.text_embeds.shape[0] == 5
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.text_embeds, ref.text_embeds)
+    torch.testing.assert_close(out.image_embeds, ref.image_embeds[[0, 2, 3]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"text_image_index must be an integer tensor of shape \(5,\)"):
+        model(images[:3], ids, tii[:4])
+    with pytest.raises(ValueError, match="must index the 3 images"):
+        model(images[:3], ids, torch.tensor([0, 1, 2, 3, 0]))
+
+
 def test_retrieve_and_rerank():
     torch.manual_seed(0)
     model = mmxattn.create_model("mmx_tiny").eval()
@@ -151,6 +170,12 @@ def test_retrieve_and_rerank():
     assert itm.i2t_indices.shape == (5, 2)
     with pytest.raises(ValueError, match="rerank_with"):
         model.retrieve(images, ids, k=2, rerank=2, rerank_with="bleu")
+    # gallery-normalised ranking: the inverted softmax at the model's temperature, each way
+    scale = float(model.get_logit_scale())
+    gn = model.retrieve(images, ids, k=3, gallery_norm=True)
+    torch.testing.assert_close(gn.i2t_scores, (scale * sim).log_softmax(0).topk(3, dim=1).values)
+    torch.testing.assert_close(gn.t2i_scores, (scale * sim).log_softmax(1).T.topk(3, dim=1).values)
+    assert torch.equal(gn.i2t_indices, (scale * sim).log_softmax(0).topk(3, dim=1).indices)
 
 
 def test_pmi_rerank_subtracts_the_caption_prior_for_image_queries_only():

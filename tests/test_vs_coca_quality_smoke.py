@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow  # ~15-30 s on 2 shared cores (two short trainings
 def report() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", "--minutes", "0.03", "--probe-steps", "2"],
+        [sys.executable, str(SCRIPT), "--quick", "--json", "--minutes", "0.03", "--probe-steps", "2"]
+        + ["--captions-per-image", "2"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -67,6 +68,14 @@ def test_both_models_trained_and_were_evaluated_on_the_same_set(report):
         assert isinstance(report["steps"][name], int) and report["steps"][name] >= 1
     assert report["ours"]["n_images"] == report["coca"]["n_images"] == report["ceilings"]["n_images"]
     assert report["ours"]["n_texts"] == report["coca"]["n_texts"] == report["ceilings"]["n_captions"]
+
+
+def test_ours_trains_on_several_captions_per_image_and_both_get_normalised_recall(report):
+    assert report["train"]["ours"]["captions_per_image"] == 2 and report["train"]["coca"]["captions_per_image"] == 1
+    assert report["configs"]["data"]["ours_captions_per_image"] == 2
+    for name in ("ours", "coca"):
+        for key in ("i2t_r1_norm", "i2t_r5_norm", "t2i_r1_norm", "t2i_r5_norm"):
+            assert _number(report[name][key]) and 0.0 <= report[name][key] <= 1.0, (name, key)
 
 
 def test_grounding_is_ours_only(report):

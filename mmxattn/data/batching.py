@@ -3,6 +3,8 @@
 Batch contract (what ``mmxattn.lit`` consumes; every batch also carries ``skipped`` from ``collate_skipping``)::
 
     train: images (B, 3, H, W) float, ids (B, T) long, pos_ids (B,) long, image_ids list, captions list[str]
+           (with train_captions_per_image K > 1: ids (R, T), pos_ids (R,), captions R strings, up to K per image,
+           and text_image_index (R,) long, the image row of each caption)
     eval:  images (B, 3, H, W) float, image_ids list, references list[list[str]] (all captions of each image),
            ref_ids (R, T) long (references flattened, R = sum of their counts), ref_image_index (R,) long
            (+ shapes data: boxes list[(N_i, 4) float], groundings list[list[list[(token_positions, object)]]])
@@ -40,6 +42,7 @@ __all__ = [
     "ResumableSampler",
     "TrainCollate",
     "ground_tokens",
+    "sample_captions",
     "resume_position",
 ]
 
@@ -55,25 +58,53 @@ def _stack_images(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
     return torch.stack(images)  # (B, 3, H, W)
 
 
+def sample_captions(sample: dict[str, Any], k: int) -> list[str]:
+    """The sample's drawn ``caption`` followed by up to ``k - 1`` other captions of its image: those after it in
+    ``sample["captions"]`` (cyclically), so the choice is a function of the sample (exact resume) and varies with
+    the caption drawn each epoch. Fewer than ``k`` when the image has fewer captions."""
+    first = sample["caption"]
+    if k <= 1:
+        return [first]
+    caps = list(sample.get("captions") or [first])
+    j = sample.get("caption_index")
+    if not isinstance(j, int) or not 0 <= j < len(caps) or caps[j] != first:
+        j = caps.index(first) if first in caps else None
+    if j is None:  # the drawn caption is not in the list: put it first
+        caps, j = [first, *caps], 0
+    return [caps[(j + d) % len(caps)] for d in range(min(k, len(caps)))]
+
+
 class TrainCollate:
     """One (image, caption) pair per sample -> the train batch. Runs in DataLoader workers (tokenisation included);
-    picklable, as spawn-started workers need."""
+    picklable, as spawn-started workers need.
 
-    def __init__(self, tokenizer: Any) -> None:
+    ``captions_per_image`` > 1: each image brings up to that many of its captions (:func:`sample_captions`); the
+    batch's ``ids``/``pos_ids``/``captions`` then have one row per caption and ``text_image_index`` (R,) gives the
+    image row of each (the image is encoded once for all its captions)."""
+
+    def __init__(self, tokenizer: Any, captions_per_image: int = 1) -> None:
+        if captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
         self.tokenizer = tokenizer
+        self.captions_per_image = int(captions_per_image)
 
     def __call__(self, samples: Sequence[dict[str, Any] | BrokenSample]) -> dict[str, Any]:
         return collate_skipping(samples, base_collate=self._collate)
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        captions = [s["caption"] for s in samples]
-        return {
+        per_image = [sample_captions(s, self.captions_per_image) for s in samples]
+        captions = [c for texts in per_image for c in texts]
+        batch = {
             "images": _stack_images(samples),
-            "ids": self.tokenizer(captions),  # (B, T)
-            "pos_ids": text_pos_ids(captions),  # (B,) equal strings -> equal ids, on every rank
+            "ids": self.tokenizer(captions),  # (R, T); R = B with one caption per image
+            "pos_ids": text_pos_ids(captions),  # (R,) equal strings -> equal ids, on every rank
             "image_ids": [s["image_id"] for s in samples],
             "captions": captions,
         }
+        if self.captions_per_image > 1:
+            counts = torch.tensor([len(t) for t in per_image], dtype=torch.long)
+            batch["text_image_index"] = torch.repeat_interleave(torch.arange(len(per_image)), counts)  # (R,)
+        return batch
 
 
 def ground_tokens(tokenizer: Any, caption: str, grounding: Sequence[tuple[Sequence[int], int]]) -> list:

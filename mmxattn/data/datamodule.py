@@ -47,9 +47,19 @@ class _CaptionDataModule(pl.LightningDataModule):
     num_workers: int
     seed: int
 
-    def _init_loading(self, batch_size: int, num_workers: int, seed: int, max_broken_fraction: float) -> None:
+    def _init_loading(
+        self,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        max_broken_fraction: float,
+        train_captions_per_image: int = 1,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if train_captions_per_image < 1:
+            raise ValueError(f"train_captions_per_image must be >= 1, got {train_captions_per_image}")
+        self.train_captions_per_image = int(train_captions_per_image)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
@@ -119,11 +129,14 @@ class _CaptionDataModule(pl.LightningDataModule):
             sampler.dataset,
             sampler=sampler,
             drop_last=True,
-            collate_fn=TrainCollate(self._tokenizer),
+            collate_fn=self._train_collate(),
             # seeds the workers' base seed: nothing of ours draws from it (augmentations are seeded per sample)
             generator=torch.Generator().manual_seed(self.seed),
             **self._loader_kwargs(),
         )
+
+    def _train_collate(self) -> TrainCollate:
+        return TrainCollate(self._tokenizer, captions_per_image=self.train_captions_per_image)
 
     def _eval_loader(self, dataset: Dataset, collate: EvalCollate) -> DataLoader:
         # Lightning shards this with a padded DistributedSampler under DDP: gather and dedupe by image_ids
@@ -165,6 +178,9 @@ class ShapesDataModule(_CaptionDataModule):
         train_size, val_size, test_size: images per split.
         captions_per_image: distinct captions generated per image.
         batch_size, num_workers: DataLoader settings (val/test use the same batch size).
+        train_captions_per_image: captions of each image in one training batch (1 = one caption drawn per image and
+            epoch). K > 1 encodes each image once for K of its captions: the contrastive loss treats them all as
+            its positives and the decoder learns all K. Text work grows K-fold, image work does not.
         seed: generation seed (splits are disjoint streams of it) and train shuffle seed.
         holdout: "colour shape" pairs (e.g. "red circle") never shown in training; val/test keep them.
         cache_dir: generate images once into memory-mapped files there (built by ``prepare_data``).
@@ -182,6 +198,7 @@ class ShapesDataModule(_CaptionDataModule):
         captions_per_image: int = 5,
         batch_size: int = 64,
         num_workers: int = 2,
+        train_captions_per_image: int = 1,
         seed: int = 0,
         holdout: list[str] | None = None,
         cache_dir: str | None = None,
@@ -197,7 +214,12 @@ class ShapesDataModule(_CaptionDataModule):
                 f"context_length={context_length} cannot hold the longest shapes caption "
                 f"({MAX_CAPTION_WORDS} words + bos + eos = {MAX_CAPTION_WORDS + 2})"
             )
-        self._init_loading(batch_size, num_workers, seed, max_broken_fraction=0.0)  # a broken shape is a bug
+        if train_captions_per_image > captions_per_image:
+            raise ValueError(
+                f"train_captions_per_image={train_captions_per_image} > captions_per_image={captions_per_image}"
+            )
+        # a broken shape is a bug: no skip budget
+        self._init_loading(batch_size, num_workers, seed, 0.0, train_captions_per_image)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.img_size, self.flip = img_size, flip
         self._common = dict(
@@ -276,6 +298,8 @@ class ImageTextDataModule(_CaptionDataModule):
         train_augment: RandomResizedCrop over 80-100% of the area in training (no flip, no colour jitter).
         max_broken_fraction: share of broken training samples per epoch above which the run stops.
         shuffle_buffer: wds only, samples shuffled within each reader.
+        train_captions_per_image: each training pair brings up to this many captions of its image (the drawn one
+            and the next ones of the image; see ``ShapesDataModule``); 1 = one caption per pair.
 
     WebDataset eval: one sample = one image; its references are the ``captions`` (or ``caption``/``text``) list of
     its ``.json``, or its single ``.txt``. Captions of one image spread over several samples are not grouped, so
@@ -305,6 +329,7 @@ class ImageTextDataModule(_CaptionDataModule):
         seed: int = 0,
         max_broken_fraction: float = 0.05,
         shuffle_buffer: int = 1000,
+        train_captions_per_image: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -326,7 +351,7 @@ class ImageTextDataModule(_CaptionDataModule):
         )
         self.img_size, self.train_augment, self.shuffle_buffer = img_size, train_augment, shuffle_buffer
         self.mean, self.std = NORMALIZATIONS[normalization]
-        self._init_loading(batch_size, num_workers, seed, max_broken_fraction)
+        self._init_loading(batch_size, num_workers, seed, max_broken_fraction, train_captions_per_image)
         self._datasets: dict[str, Dataset] = {}
         self._tokenizer = self._build_tokenizer(tokenizer, context_length)
 
@@ -408,7 +433,7 @@ class ImageTextDataModule(_CaptionDataModule):
             raise ValueError("ImageTextDataModule: train_dataloader needs train_path")
         if isinstance(ds, WebDatasetCaptions):
             # a stream: order from (seed, epoch) shard shuffling, per-reader sample shuffling; no sampler
-            return DataLoader(ds, drop_last=True, collate_fn=TrainCollate(self._tokenizer), **self._loader_kwargs())
+            return DataLoader(ds, drop_last=True, collate_fn=self._train_collate(), **self._loader_kwargs())
         return self._map_train_loader(ds)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..config import config_to_dict
 from ..evaluation import EvalAccumulator
-from ..losses import CaptionLoss, ContrastiveLoss, ITMLoss, sample_hard_negatives
+from ..losses import CaptionLoss, ContrastiveLoss, ITMLoss, positive_mask, sample_hard_negatives
 from ..presets import create_model
 from .ema import ModelEMA
 from .optim import build_optimizer, warmup_cosine
@@ -205,26 +205,31 @@ class MMXAttnModule(pl.LightningModule):
         """(weighted total, unweighted terms, model output) of one training batch, in fp32 under autocast."""
         images, ids = batch["images"], batch["ids"]
         pos_ids = batch.get("pos_ids")
-        out = self._train_forward(images, ids)
+        tii = batch.get("text_image_index")  # several captions per image (the data's train_captions_per_image)
+        out = self._train_forward(images, ids, tii)
         # Under bf16/fp16 autocast the embeddings and logits come out in half precision: the softmax
         # cross-entropies are taken in fp32 (a no-op copy-free .float() when they already are).
         losses = {
             "contrastive": self.contrastive(
-                out.image_embeds.float(), out.text_embeds.float(), out.logit_scale.float(), pos_ids=pos_ids
+                out.image_embeds.float(),
+                out.text_embeds.float(),
+                out.logit_scale.float(),
+                pos_ids=pos_ids,
+                text_image_index=tii,
             ),
             "caption": self.caption_loss(out.logits.float(), ids[:, 1:]),
         }
         loss = self.hparams.contrastive_weight * losses["contrastive"] + self.hparams.caption_weight * losses["caption"]
         if self.hparams.itm_weight > 0 and self.model.itm_head is not None:
-            losses["itm"] = self._itm(out, ids, pos_ids)
+            losses["itm"] = self._itm(out, ids, pos_ids, tii)
             loss = loss + self.hparams.itm_weight * losses["itm"]
         return loss, losses, out
 
-    def _train_forward(self, images: Tensor, ids: Tensor) -> Any:
+    def _train_forward(self, images: Tensor, ids: Tensor, text_image_index: Tensor | None = None) -> Any:
         if self._compiled is None or not self.training:
-            return self.model(images, ids)
+            return self.model(images, ids, text_image_index)
         try:
-            out = self._compiled(images, ids)
+            out = self._compiled(images, ids, text_image_index)
         except Exception as e:  # noqa: BLE001 -- the compiler's failures have many types; see below
             # Before the first compiled step succeeded anything may be the compiler's fault; afterwards only
             # dynamo's own errors (a recompilation) are, and the rest (bad input, OOM) must surface.
@@ -236,7 +241,7 @@ class MMXAttnModule(pl.LightningModule):
                 f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training continues eager", stacklevel=2
             )
             self._compiled = None
-            return self.model(images, ids)
+            return self.model(images, ids, text_image_index)
         self._compiled_ok = True
         return out
 
@@ -254,16 +259,20 @@ class MMXAttnModule(pl.LightningModule):
         self.log("train/logit_scale", out.logit_scale, batch_size=bs)
         return loss
 
-    def _itm(self, out, ids: Tensor, pos_ids: Tensor | None) -> Tensor:
+    def _itm(self, out, ids: Tensor, pos_ids: Tensor | None, tii: Tensor | None = None) -> Tensor:
         """Matching loss on the positives plus one hard negative text per image and one hard negative image per
-        text, sampled by similarity (BLIP, Li et al. 2022); the positives reuse the caption pass's decoder."""
+        text, sampled by similarity (BLIP, Li et al. 2022); the positives reuse the caption pass's decoder. With
+        several captions per image, every (image, caption) pair is a row, and no text of an image (nor an equal
+        string) is drawn as that image's negative."""
         m = self.model
-        with torch.no_grad():
-            sim = out.image_embeds @ out.text_embeds.T
-            neg_t, neg_i = sample_hard_negatives(sim, pos_ids=pos_ids)
         rows = torch.arange(ids.shape[0], device=ids.device)
+        img_of = rows if tii is None else tii  # image row of every pair
+        with torch.no_grad():
+            sim = out.image_embeds[img_of] @ out.text_embeds.T
+            mask = None if tii is None else positive_mask(tii, out.image_embeds.shape[0], pos_ids)[tii]
+            neg_t, neg_i = sample_hard_negatives(sim, pos_ids=pos_ids, pos_mask=mask)
         vt, vi = neg_t >= 0, neg_i >= 0
-        img_idx = torch.cat([rows[vt], neg_i[vi]])
+        img_idx = img_of[torch.cat([rows[vt], neg_i[vi]])]
         txt_idx = torch.cat([neg_t[vt], rows[vi]])
         pos_logits = m.itm_from_decoder(out.decoder_states, ids)
         neg_logits = m.itm_logits(out.image_tokens[img_idx], ids[txt_idx], out.text_states[txt_idx])
