@@ -50,6 +50,7 @@ def _config(tmp: Path, name: str, extra_callbacks: list[dict]) -> Path:
                 "batch_size": 8,
                 "num_workers": 0,
                 "cache_dir": str(tmp / "cache"),
+                "train_captions_per_image": 3,  # as configs/shapes.yaml trains
             },
         },
     }
