@@ -78,10 +78,11 @@ def _recall(scores, n_img: int, n_txt: int, text_to_image: Tensor, ks, chunk: in
     device = text_to_image.device
     i2t_rank = torch.empty(n_img, dtype=torch.long, device=device)
     t2i_rank = torch.zeros(n_txt, dtype=torch.long, device=device)
-    # own score of every text (its image's row), for t2i ranks accumulated over image chunks
-    own_score = torch.empty(n_txt, device=device)
+    own_score: Tensor | None = None  # score of every text's own image, for t2i ranks accumulated over image chunks
     for s in range(0, n_img, chunk):
         sim = scores(s, min(s + chunk, n_img))  # (c, N_txt)
+        if own_score is None:
+            own_score = sim.new_empty(n_txt)  # the scores' dtype: a rounded copy could rank a text's image below itself
         rows = torch.arange(s, s + sim.shape[0], device=device)
         own = text_to_image[None, :] == rows[:, None]
         best_own = sim.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (c, 1)
@@ -102,8 +103,9 @@ def _recall(scores, n_img: int, n_txt: int, text_to_image: Tensor, ks, chunk: in
 
 def _gallery_lse(image_embeds: Tensor, text_embeds: Tensor, scale: float, chunk: int) -> tuple[Tensor, Tensor]:
     """(N_txt,) logsumexp over images of each text's scaled scores, (N_img,) logsumexp over texts of each image's."""
-    lse_t = torch.empty(text_embeds.shape[0], device=image_embeds.device)
-    lse_i = torch.full((image_embeds.shape[0],), float("-inf"), device=image_embeds.device)
+    kw = dict(device=image_embeds.device, dtype=torch.promote_types(image_embeds.dtype, text_embeds.dtype))
+    lse_t = torch.empty(text_embeds.shape[0], **kw)
+    lse_i = torch.full((image_embeds.shape[0],), float("-inf"), **kw)
     for s in range(0, text_embeds.shape[0], chunk):
         sim = scale * (image_embeds @ text_embeds[s : s + chunk].T)  # (N_img, c)
         lse_t[s : s + sim.shape[1]] = sim.logsumexp(0)
