@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -91,29 +92,29 @@ from mmxattn.metrics import caption_metrics, retrieval_metrics  # noqa: E402
 
 RECIPE = dict(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98), min_lr_ratio=0.05, max_warmup=200, warmup_frac=0.2)
 CLIP_NORM = 1.0
-FULL = dict(
-    preset="mmx_shapes", train_size=None, test_size=1000, batch_size=64, rerank=10, probe=5
-)  # None: shapes.yaml
+# train_size None: configs/shapes.yaml's
+FULL = dict(preset="mmx_shapes", train_size=None, test_size=1000, batch_size=64, rerank=10, probe=5)
 QUICK = dict(preset="mmx_tiny", train_size=96, test_size=12, batch_size=8, rerank=3, probe=3, minutes=0.04)
 # The main job's loss weights and re-ranking score (configs/shapes.yaml), so this comparison trains what it runs.
 _SHAPES_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.yaml")
 _LOSS_KEYS = ("contrastive_weight", "caption_weight", "itm_weight", "rerank_with")
 
 
-def main_job_data(path: str = _SHAPES_YAML) -> dict[str, Any]:
-    """configs/shapes.yaml's data settings (``data.init_args``)."""
+@functools.cache  # read once; callers copy what they return
+def _main_job_config(path: str = _SHAPES_YAML) -> dict[str, Any]:
     import yaml
 
     with open(path) as f:
-        data = (yaml.safe_load(f) or {}).get("data") or {}
-    return dict(data.get("init_args") or {})
+        return yaml.safe_load(f) or {}
+
+
+def main_job_data(path: str = _SHAPES_YAML) -> dict[str, Any]:
+    """configs/shapes.yaml's data settings (``data.init_args``)."""
+    return dict((_main_job_config(path).get("data") or {}).get("init_args") or {})
 
 
 def main_job_losses(path: str = _SHAPES_YAML) -> dict[str, Any]:
-    import yaml
-
-    with open(path) as f:
-        model = (yaml.safe_load(f) or {}).get("model") or {}
+    model = _main_job_config(path).get("model") or {}
     return {k: model[k] for k in _LOSS_KEYS if k in model}
 
 

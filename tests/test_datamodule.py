@@ -252,9 +252,8 @@ def csv_data(tmp_path: Path) -> Path:
 
 
 def test_csv_datamodule_batches_and_skipped_rows(csv_data):
-    dm = ImageTextDataModule(
+    csv = dict(
         train_path=str(csv_data / "train.csv"),
-        val_path=str(csv_data / "train.csv"),
         image_root=str(csv_data / "imgs"),
         tokenizer="word",
         img_size=32,
@@ -262,22 +261,14 @@ def test_csv_datamodule_batches_and_skipped_rows(csv_data):
         num_workers=0,
         context_length=12,
     )
+    dm = ImageTextDataModule(**csv, val_path=str(csv_data / "train.csv"))
     assert dm.vocab_size == len(dm.tokenizer.vocab) and "photo" in dm.tokenizer.vocab
     b = next(iter(dm.train_dataloader()))  # 8 pairs, one of them a missing file
     assert set(b) == TRAIN_KEYS and b["images"].shape == (7, 3, 32, 32) and b["ids"].shape == (7, 12)
     assert [reason for _, reason in b["skipped"]] == ["file not found"] and "missing.jpg" in b["skipped"][0][0]
     assert dm.tokenizer.batch_decode(b["ids"]) == b["captions"]
     # several captions per pair: an image with two captions brings both (the drawn one first), others their one
-    dm2 = ImageTextDataModule(
-        train_path=str(csv_data / "train.csv"),
-        image_root=str(csv_data / "imgs"),
-        tokenizer="word",
-        img_size=32,
-        batch_size=8,
-        num_workers=0,
-        context_length=12,
-        train_captions_per_image=2,
-    )
+    dm2 = ImageTextDataModule(**csv, train_captions_per_image=2)
     b2 = next(iter(dm2.train_dataloader()))
     assert b2["image_ids"] == b["image_ids"] and b2["text_image_index"].shape == (b2["ids"].shape[0],)
     for i, image_id in enumerate(b2["image_ids"]):
