@@ -141,6 +141,7 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
         cache: KVCache | None = None,
+        context_index: Tensor | None = None,
     ) -> Tensor:
         """Attend.
 
@@ -154,6 +155,9 @@ class Attention(nn.Module):
             attn_mask: bool broadcastable to ``(B, nh, L, S)``, ``True`` where attention is NOT allowed.
             is_causal: query ``i`` sees keys ``<= i`` (offset by the cached length when decoding).
             cache: a :class:`KVCache` to extend (self-attention) or to fill once and reuse (cross-attention).
+            context_index: cross-attention only: long ``(B,)``, query row ``i`` attends to context row
+                ``context_index[i]``. Keys/values are projected once per context row and then gathered, so a context
+                shared by several query rows (one image, several captions) is projected once, not once per row.
         Returns:
             ``(B, L, out_dim)``.
         """
@@ -168,11 +172,18 @@ class Attention(nn.Module):
                 if context is None:
                     raise ValueError("cross-attention needs a context (or a filled cache)")
                 k, v = self.project_kv(context)
+                if context_index is not None:
+                    if context_index.shape != (B,):
+                        raise ValueError(
+                            f"context_index must be ({B},) (one context row per query row), got "
+                            f"{tuple(context_index.shape)}"
+                        )
+                    k, v = k[context_index], v[context_index]
                 if cache is not None:
                     cache.k, cache.v = k, v
             past = 0
         else:
-            if context is not None:
+            if context is not None or context_index is not None:
                 raise ValueError("this Attention is a self-attention (built without kv_dim); got a context")
             q, k, v = self._split_heads(self.qkv(x), 3)
             past = 0

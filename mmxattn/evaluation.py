@@ -111,7 +111,7 @@ class EvalAccumulator:
             return None
         m = self.model
         with capture_attention(m, which=self.grounding_names) as maps:
-            m.decoder(states[:, :-1], tokens[ref_img])  # teacher-forced over every reference
+            m.decoder(states[:, :-1], tokens, image_index=ref_img)  # teacher-forced over every reference
         # (R, T-1, L): mean over heads and the chosen layers. Query t predicts token t+1, so a word at token
         # position p is looked for at query p-1: where the model looks when it says that word.
         att = torch.stack([maps[n].mean(1) for n in self.grounding_names]).mean(0)
@@ -200,9 +200,7 @@ class EvalAccumulator:
             im, tx = (q, c) if query_is_image else (c, q)
             new = []
             for a, b in zip(im.split(512), tx.split(512)):
-                new.append(
-                    m._pair_score(tokens[a].to(dev), ids[b].to(dev), m.text(ids[b].to(dev))[1], self.rerank_with)
-                )
+                new.append(m.pair_scores(tokens, a, ids[b].to(dev), m.text(ids[b].to(dev))[1], self.rerank_with))
             new = torch.cat(new).cpu().view_as(top)
             if prior is not None and query_is_image:
                 new = new - prior[top]

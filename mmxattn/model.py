@@ -187,9 +187,11 @@ class MMXAttn(nn.Module):
         # CLIP's clamp (Radford et al. 2021): the temperature multiplier never exceeds max_logit_scale (100).
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
-    def decode(self, image_tokens: Tensor, text_states: Tensor) -> Tensor:
-        """Teacher-forced decoder: text states (B, T, W), image tokens (B, L, D) -> vocabulary logits (B, T, V)."""
-        return self.lm_head(self.decoder(text_states, image_tokens))
+    def decode(self, image_tokens: Tensor, text_states: Tensor, image_index: Tensor | None = None) -> Tensor:
+        """Teacher-forced decoder: text states (B, T, W), image tokens (B, L, D) -> vocabulary logits (B, T, V).
+        With ``image_index`` (B,), ``image_tokens`` (N, L, D) holds each image once and row ``i`` reads image
+        ``image_index[i]`` (its cross-attention keys/values are projected once, not once per caption)."""
+        return self.lm_head(self.decoder(text_states, image_tokens, image_index=image_index))
 
     def forward(self, images: Tensor, token_ids: Tensor, text_image_index: Tensor | None = None) -> MMXAttnOutput:
         """Training forward. One caption per image (``token_ids`` (B, T)), or several: ``token_ids`` (R, T) with
@@ -214,8 +216,8 @@ class MMXAttn(nn.Module):
         text_x, states = self.text(ids)  # (R, E), (R, T, W)
         # The decoder runs over the whole caption once: positions :-1 predict ids[:, 1:] (causal, so the last
         # position changes none of them) and the last real position feeds the matching head.
-        per_text = image_tokens if text_image_index is None else image_tokens[text_image_index]  # (R, L, D)
-        h = self.decoder(states, per_text)  # (R, T, W)
+        # with several captions per image, each image's cross-attention keys/values are projected once
+        h = self.decoder(states, image_tokens, image_index=text_image_index)  # (R, T, W)
         logits = self.lm_head(h[:, :-1])  # (B, T-1, V)
         return MMXAttnOutput(
             image_embeds=image_embeds,
@@ -233,14 +235,21 @@ class MMXAttn(nn.Module):
         real = (ids != self.cfg.text.pad_id).long()
         return (real.cumsum(1) * real).argmax(1)
 
-    def itm_logits(self, image_tokens: Tensor, token_ids: Tensor, text_states: Tensor | None = None) -> Tensor:
+    def itm_logits(
+        self,
+        image_tokens: Tensor,
+        token_ids: Tensor,
+        text_states: Tensor | None = None,
+        image_index: Tensor | None = None,
+    ) -> Tensor:
         """Image-text matching logits (B, 2) [no-match, match] from the decoder state at each row's last token,
-        which (causally) has read the whole caption while cross-attending to the image."""
+        which (causally) has read the whole caption while cross-attending to the image (``image_index``: as in
+        :meth:`decode`)."""
         if self.itm_head is None:
             raise RuntimeError("this model was built with itm_head=False")
         if text_states is None:
             _, text_states = self.text(token_ids)
-        return self.itm_from_decoder(self.decoder(text_states, image_tokens), token_ids)
+        return self.itm_from_decoder(self.decoder(text_states, image_tokens, image_index=image_index), token_ids)
 
     def itm_from_decoder(self, decoder_states: Tensor, token_ids: Tensor) -> Tensor:
         """ITM logits (B, 2) from decoder states (B, T, W) already computed for these ids."""
@@ -250,13 +259,18 @@ class MMXAttn(nn.Module):
         return self.itm_head(decoder_states[torch.arange(decoder_states.shape[0], device=last.device), last])
 
     def caption_logprob(
-        self, image_tokens: Tensor, token_ids: Tensor, text_states: Tensor | None = None, normalize: bool = True
+        self,
+        image_tokens: Tensor,
+        token_ids: Tensor,
+        text_states: Tensor | None = None,
+        normalize: bool = True,
+        image_index: Tensor | None = None,
     ) -> Tensor:
         """Log-likelihood (B,) of each caption given its image under the decoder: per token (length-normalised)
-        by default, summed over the caption with ``normalize=False``."""
+        by default, summed over the caption with ``normalize=False`` (``image_index``: as in :meth:`decode`)."""
         if text_states is None:
             _, text_states = self.text(token_ids)
-        logp = self.decode(image_tokens, text_states[:, :-1]).log_softmax(-1)  # (B, T-1, V)
+        logp = self.decode(image_tokens, text_states[:, :-1], image_index).log_softmax(-1)  # (B, T-1, V)
         target = token_ids[:, 1:]
         tok = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         mask = (target != self.cfg.text.pad_id).float()
@@ -276,7 +290,7 @@ class MMXAttn(nn.Module):
         img = torch.arange(M, device=token_ids.device).repeat_interleave(C)
         cap = torch.arange(C, device=token_ids.device).repeat(M)
         out = [
-            self.caption_logprob(ref_image_tokens[a], token_ids[b], text_states[b], normalize=False)
+            self.pair_scores(ref_image_tokens, a, token_ids[b], text_states[b], "pmi")
             for a, b in zip(img.split(batch_size), cap.split(batch_size))
         ]
         return torch.cat(out).view(M, C).logsumexp(0) - math.log(M)
@@ -378,7 +392,7 @@ class MMXAttn(nn.Module):
                 im, tx = (q, c) if query_is_image else (c, q)
                 new = torch.cat(
                     [
-                        self._pair_score(img_tokens[a], ids[b], states_all[b], rerank_with)
+                        self.pair_scores(img_tokens, a, ids[b], states_all[b], rerank_with)
                         for a, b in zip(im.split(batch_size), tx.split(batch_size))
                     ]
                 ).view_as(top_s)
@@ -391,14 +405,19 @@ class MMXAttn(nn.Module):
                 out += [i, s]
         return RetrievalResult(i2t_indices=out[0], i2t_scores=out[1], t2i_indices=out[2], t2i_scores=out[3])
 
-    def _pair_score(self, image_tokens: Tensor, ids: Tensor, states: Tensor, how: str) -> Tensor:
+    def pair_scores(self, image_tokens: Tensor, image_rows: Tensor, ids: Tensor, states: Tensor, how: str) -> Tensor:
+        """Decoder score (P,) of P (image, caption) pairs: image ``image_tokens[image_rows[p]]`` with caption
+        ``ids[p]`` (text states ``states[p]``), by ``how`` (see :data:`RERANK_METHODS`). Each distinct image's
+        cross-attention keys/values are projected once for all its pairs."""
+        if how not in RERANK_METHODS:
+            raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {how!r}")
+        uniq, inv = image_rows.unique(return_inverse=True)
+        tokens = image_tokens[uniq.to(image_tokens.device)].to(ids.device)  # the gallery may be held on the CPU
+        inv = inv.to(ids.device)
         if how == "itm":
-            return self.itm_logits(image_tokens, ids, states).log_softmax(-1)[:, 1]
-        if how == "lm":
-            return self.caption_logprob(image_tokens, ids, states)
-        if how == "pmi":  # the caller subtracts the caption's log prior where the candidates are captions
-            return self.caption_logprob(image_tokens, ids, states, normalize=False)
-        raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {how!r}")
+            return self.itm_logits(tokens, ids, states, image_index=inv).log_softmax(-1)[:, 1]
+        # "pmi": the caller subtracts the caption's log prior where the candidates are captions
+        return self.caption_logprob(tokens, ids, states, normalize=how == "lm", image_index=inv)
 
     # ------------------------------------------------------------------ training helpers
     def set_grad_checkpointing(self, enable: bool = True) -> None:

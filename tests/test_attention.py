@@ -108,6 +108,35 @@ def test_cross_attention_cache_projects_context_once():
     torch.testing.assert_close(attn(q, cache=cache), attn(q, ctx))
 
 
+@pytest.mark.parametrize("eager", [False, True])
+def test_context_index_equals_repeated_context_and_projects_once(eager):
+    """Several query rows sharing one context row (one image, several captions): same outputs and gradients as
+    repeating the context, with the key/value projection run over the unrepeated context."""
+    attn = Attention(16, 2, kv_dim=8)
+    ctx = torch.randn(3, 5, 8, requires_grad=True)
+    x = torch.randn(5, 4, 16, requires_grad=True)
+    idx = torch.tensor([0, 0, 2, 1, 2])
+    rows = []
+    attn.kv.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
+    outs, grads = [], []
+    for shared in (False, True):
+        for t in (ctx, x, *attn.parameters()):
+            t.grad = None
+        kw = {"context_index": idx} if shared else {}
+        y = _run(attn, x, ctx if shared else ctx[idx], eager=eager, **kw)
+        y.square().sum().backward()
+        outs.append(y)
+        grads.append([ctx.grad.clone(), x.grad.clone()] + [p.grad.clone() for p in attn.parameters()])
+    assert rows == [5, 3]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"context_index must be \(5,\)"):
+        attn(x, ctx, context_index=idx[:4])
+    with pytest.raises(ValueError, match="self-attention"):
+        Attention(16, 2)(x, context_index=idx)
+
+
 def test_fully_masked_rows_stay_finite_and_paths_agree():
     attn = Attention(16, 2).eval()
     x = torch.randn(1, 4, 16)

@@ -3,9 +3,11 @@ run on a GPU machine with `pytest -m gpu`."""
 
 import pytest
 import torch
+from lit_helpers import smoke_args
 
 import mmxattn
 from mmxattn.attention import Attention, eager_attention
+from mmxattn.lit.cli import main as cli_main
 
 pytestmark = [
     pytest.mark.gpu,
@@ -43,3 +45,19 @@ def test_bf16_autocast_training_step_and_generation():
         b = model.generate(images, max_new_tokens=8, use_cache=False)
     assert a.device.type == "cuda" and a.shape[0] == 4
     assert (a == b).float().mean() > 0.9  # bf16 rounding may flip a near-tie, not whole captions
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lightning_fit_with_bf16_on_one_gpu(strategy, tmp_path, monkeypatch):
+    """The shapes config trains on one GPU with bf16-mixed under Lightning's DDP and FSDP strategies (Lightning's
+    FSDP needs a GPU, so this is the only place it runs), ends with finite weights and prints its test metrics."""
+    monkeypatch.chdir(tmp_path)
+    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=2) + [
+        "--trainer.accelerator=gpu",
+        "--trainer.devices=1",
+        f"--trainer.strategy={strategy}",
+        "--trainer.precision=bf16-mixed",
+    ]
+    cli = cli_main(args)
+    assert cli.trainer.state.finished and cli.trainer.global_step == 2
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())

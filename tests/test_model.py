@@ -144,6 +144,20 @@ def test_several_captions_per_image_forward_equals_repeating_the_images():
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.text_embeds, ref.text_embeds)
     torch.testing.assert_close(out.image_embeds, ref.image_embeds[[0, 2, 3]], rtol=1e-5, atol=1e-6)
+    # training mode with the decoder's gradient checkpointing: each image's cross-attention keys/values are
+    # projected once and shared, and the gradients equal those of the repeated images
+    model.train()
+    model.decoder.grad_checkpointing = True
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        o = model(images[:3], ids, tii) if shared else model(images[:3][tii], ids)
+        (o.logits.square().mean() + o.text_embeds.sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.decoder.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+    model.eval()
     with pytest.raises(ValueError, match=r"text_image_index must be an integer tensor of shape \(5,\)"):
         model(images[:3], ids, tii[:4])
     with pytest.raises(ValueError, match="must index the 3 images"):
@@ -176,6 +190,31 @@ def test_retrieve_and_rerank():
     torch.testing.assert_close(gn.i2t_scores, (scale * sim).log_softmax(0).topk(3, dim=1).values)
     torch.testing.assert_close(gn.t2i_scores, (scale * sim).log_softmax(1).T.topk(3, dim=1).values)
     assert torch.equal(gn.i2t_indices, (scale * sim).log_softmax(0).topk(3, dim=1).indices)
+
+
+@pytest.mark.parametrize("how", ["itm", "lm", "pmi"])
+def test_pair_scores_project_each_image_once_and_equal_the_repeated_images(how):
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=4)
+    rows = torch.tensor([2, 0, 2, 2])  # pair p: image rows[p] with caption p; image 2 in three pairs, 1 and 3 in none
+    with torch.no_grad():
+        tokens = model.encode_image_tokens(images)
+        _, states = model.text(ids)
+        kv_rows = []
+        hook = model.decoder.blocks[0].cross_attn.kv.register_forward_hook(
+            lambda m, i, o: kv_rows.append(i[0].shape[0])
+        )
+        got = model.pair_scores(tokens, rows, ids, states, how)
+        hook.remove()
+        if how == "itm":
+            ref = model.itm_logits(tokens[rows], ids, states).log_softmax(-1)[:, 1]
+        else:
+            ref = model.caption_logprob(tokens[rows], ids, states, normalize=how == "lm")
+    assert kv_rows == [2]  # two distinct images, not four pairs
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rerank_with"):
+        model.pair_scores(tokens, rows, ids, states, "bleu")
 
 
 def test_pmi_rerank_subtracts_the_caption_prior_for_image_queries_only():

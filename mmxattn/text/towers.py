@@ -70,9 +70,10 @@ class DecoderBlock(nn.Module):
         image_tokens: Tensor | None,
         self_cache: KVCache | None = None,
         cross_cache: KVCache | None = None,
+        image_index: Tensor | None = None,
     ) -> Tensor:
         x = x + self.self_attn(self.ln_1(x), is_causal=True, cache=self_cache)
-        x = x + self.cross_attn(self.ln_2(x), image_tokens, cache=cross_cache)
+        x = x + self.cross_attn(self.ln_2(x), image_tokens, cache=cross_cache, context_index=image_index)
         return x + self.mlp(self.ln_3(x))
 
 
@@ -179,15 +180,18 @@ class MultimodalDecoder(nn.Module):
         image_tokens: Tensor | None,
         self_caches: Sequence[KVCache] | None = None,
         cross_caches: Sequence[KVCache] | None = None,
+        image_index: Tensor | None = None,
     ) -> Tensor:
-        """x (B, T, W) text states, image_tokens (B, L, D) -> (B, T, W)."""
+        """x (B, T, W) text states, image_tokens (B, L, D) -> (B, T, W). With ``image_index`` (B,), image_tokens
+        holds fewer rows (N, L, D) and text row ``i`` reads image ``image_index[i]``: every image's keys/values
+        are projected once however many captions read it."""
         for i, blk in enumerate(self.blocks):
             if self_caches is not None:
-                x = blk(x, image_tokens, self_caches[i], cross_caches[i])
+                x = blk(x, image_tokens, self_caches[i], cross_caches[i], image_index)
             elif self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, image_tokens, use_reentrant=False)
+                x = checkpoint(blk, x, image_tokens, None, None, image_index, use_reentrant=False)
             else:
-                x = blk(x, image_tokens)
+                x = blk(x, image_tokens, image_index=image_index)
         return self.ln_final(x)
 
 
