@@ -45,8 +45,8 @@ The peer (open_clip 3.x ``CoCa``, random init, no network), configured by ``vs_c
   its LM head is not tied to the token embedding;
 * ViT: patch 8 at 64 px, an 8x8 token grid: the finest grid our decoder reads (CAT stage 2 of mmx_shapes), width =
   our text width (128) with 4 heads of 32 like both text towers, depth chosen so that its trunk (no attentional
-  pooler / ln_post / projection) has the parameter count closest to our CAT encoder: 10 layers, 2.02M vs 1.97M
-  (``--vit-width``/``--vit-depth`` override). Its attentional pooler has
+  pooler / ln_post / projection) has the parameter count closest to our CAT encoder: 8 layers, 1.61M vs 1.67M
+  (widths 192x4 and 256x2 come as close; ``--vit-width``/``--vit-depth`` override). Its attentional pooler has
   ``our image token count + 1`` queries (open_clip's original CoCa setup: query 0 is the pooled embedding, the rest
   feed the decoder), so both decoders read 80 image tokens.
 

@@ -30,11 +30,9 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "cat_pico": dict(
         embed_dim=32, depths=(1, 1, 1), num_heads=(1, 2, 4), img_size=64, window=4, num_classes=0, drop_path_rate=0.0
     ),
-    # the embedded shapes data set on a CPU budget: 64 px input. Two blocks at the 8x8 stage (the finest grid the
-    # decoder reads): in an equal 4-minute side study (fifth session) this beat (1, 1, 1) and (1, 1, 2) on every
-    # retrieval recall and on grounding at ~5% more time per step; a wider encoder (C=64) lost on steps.
+    # the embedded shapes data set on a CPU budget: 64 px input
     "cat_shapes": dict(
-        embed_dim=48, depths=(1, 2, 1), num_heads=(2, 4, 8), img_size=64, window=4, num_classes=0, drop_path_rate=0.0
+        embed_dim=48, depths=(1, 1, 1), num_heads=(2, 4, 8), img_size=64, window=4, num_classes=0, drop_path_rate=0.0
     ),
 }
 
