@@ -284,6 +284,39 @@ def test_csv_datamodule_batches_and_skipped_rows(csv_data):
         _check_eval_contract(x, dm.tokenizer)
 
 
+def test_csv_datamodule_per_image_items(csv_data):
+    """train_items="images": an epoch is every image once (6, not 7 pairs; the missing file is the 7th image), each
+    with K of its captions; the drawn caption depends on (seed, epoch, index), so a rerun sees the same batches."""
+    kw = dict(
+        train_path=str(csv_data / "train.csv"),
+        image_root=str(csv_data / "imgs"),
+        tokenizer="word",
+        img_size=32,
+        batch_size=7,
+        num_workers=0,
+        context_length=12,
+        train_captions_per_image=2,
+    )
+    dm = ImageTextDataModule(**kw, train_items="images")
+    loader = dm.train_dataloader()
+    assert len(loader.dataset) == 7  # 6 images + the missing one (a counted skip), not 8 pairs
+    epochs, first_of_zero = [], set()
+    for epoch in range(8):
+        dm.set_epoch(epoch)
+        (b,) = list(loader)
+        assert sorted(b["image_ids"]) == [f"{k}.jpg" for k in range(6)] and len(b["skipped"]) == 1
+        zero = [c for c, k in zip(b["captions"], b["text_image_index"].tolist()) if b["image_ids"][k] == "0.jpg"]
+        assert sorted(zero) == ["a photo number 0", "another photo of zero"]  # K = 2: both, the drawn one first
+        epochs.append((b["image_ids"], b["captions"]))
+        first_of_zero.add(zero[0])
+    assert len(first_of_zero) == 2  # the drawn caption changes with the epoch
+    again = ImageTextDataModule(**kw, train_items="images").train_dataloader()
+    (b0,) = list(again)
+    assert (b0["image_ids"], b0["captions"]) == epochs[0]
+    with pytest.raises(ValueError, match="train_items must be 'pairs' or 'images'"):
+        ImageTextDataModule(**kw, train_items="image")
+
+
 def test_csv_setup_errors_name_the_file(csv_data):
     (csv_data / "bad.csv").write_text("path,title\n0.jpg,x\n")
     with pytest.raises(DatasetFormatError, match=r"bad\.csv.*missing column.*'filepath'"):

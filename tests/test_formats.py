@@ -57,6 +57,29 @@ def test_csv_groups_captions_per_image_in_train_and_eval(tmp_path):
     assert ev[0]["image"] == (16, 16)  # transform applied
 
 
+def test_csv_train_images_mode_draws_one_caption_per_image(tmp_path):
+    """mode="train_images": one item per image, its caption drawn from torch's RNG (seeded per sample by the loader)."""
+    import torch
+
+    for name in ("a.png", "b.png"):
+        _img(tmp_path / "imgs" / name)
+    (tmp_path / "d.csv").write_text("filepath,title\na.png,a one\nb.png,b one\na.png,a two\na.png,\na.png,a three\n")
+    with pytest.warns(UserWarning, match="1 unusable caption"):
+        ds = CsvDataset(tmp_path / "d.csv", image_root=tmp_path / "imgs", mode="train_images")
+    assert len(ds) == 2 and [ds[i]["key"] for i in range(2)] == ["a.png", "b.png"]
+    drawn = set()
+    for seed in range(30):
+        torch.manual_seed(seed)
+        x = ds[0]
+        assert x["captions"] == ["a one", "a two", "a three"] and x["caption"] in x["captions"]
+        drawn.add(x["caption"])
+        torch.manual_seed(seed)
+        assert ds[0]["caption"] == x["caption"]  # a function of the RNG state only
+    assert drawn == {"a one", "a two", "a three"}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        CsvDataset(tmp_path / "d.csv", image_root=tmp_path / "imgs", mode="pairs")
+
+
 def test_tsv_separator_columns_and_absolute_paths(tmp_path):
     absolute = _img(tmp_path / "elsewhere" / "x.png")
     _img(tmp_path / "rel.png")
@@ -279,6 +302,30 @@ def test_webdataset_sample_dict_and_modes(tmp_path):
     assert [x.reason for x in train if isinstance(x, BrokenSample)] == ["empty caption"]
     ev = list(WebDatasetCaptions(str(tmp_path / "m.tar"), json_caption_fields=("alt",), mode="eval"))
     assert len(ev) == 1 and ev[0]["captions"] == ["first", "second"]
+
+
+def test_webdataset_train_images_mode_one_sample_per_image_caption_per_epoch(tmp_path):
+    jpg = _encoded("JPEG")
+    caps = [f"caption {j}" for j in range(4)]
+    with tarfile.open(tmp_path / "m.tar", "w") as tf:
+        for k in range(6):
+            _add(tf, f"k{k}.jpg", jpg)
+            _add(tf, f"k{k}.json", json.dumps({"captions": caps}).encode())
+
+    def draw(epoch: int, seed: int = 0) -> dict[str, str]:
+        ds = WebDatasetCaptions(
+            str(tmp_path / "m.tar"), json_caption_fields=("captions",), mode="train_images", seed=seed
+        )
+        ds.set_epoch(epoch)
+        items = _ok(list(ds))
+        assert all(x["captions"] == caps for x in items)
+        return {x["key"]: x["caption"] for x in items}
+
+    e0 = draw(0)
+    assert sorted(e0) == [f"k{k}" for k in range(6)] and set(e0.values()) <= set(caps)  # each image once
+    assert draw(0) == e0  # (seed, epoch, key) decide the caption
+    assert draw(1) != e0 or draw(2) != e0
+    assert len({c for e in range(4) for c in draw(e).values()}) > 1
 
 
 def test_webdataset_broken_samples_and_shards_are_counted(tmp_path):

@@ -298,8 +298,13 @@ class ImageTextDataModule(_CaptionDataModule):
         train_augment: RandomResizedCrop over 80-100% of the area in training (no flip, no colour jitter).
         max_broken_fraction: share of broken training samples per epoch above which the run stops.
         shuffle_buffer: wds only, samples shuffled within each reader.
-        train_captions_per_image: each training pair brings up to this many captions of its image (the drawn one
-            and the next ones of the image; see ``ShapesDataModule``); 1 = one caption per pair.
+        train_captions_per_image: each training item brings up to this many captions of its image (the drawn one
+            and the next ones of the image; see ``ShapesDataModule``); 1 = one caption per item.
+        train_items: what one training item is. "pairs" (default): every (image, caption) pair, so an image with 5
+            captions is seen 5 times per epoch. "images": every image once per epoch with a caption drawn per
+            (seed, epoch, index) -- with ``train_captions_per_image`` > 1 the right choice for COCO-style data, where
+            "pairs" would bring each image's K captions once per pair. With "images", unusable captions are
+            warned about and dropped instead of counted as skipped samples.
 
     WebDataset eval: one sample = one image; its references are the ``captions`` (or ``caption``/``text``) list of
     its ``.json``, or its single ``.txt``. Captions of one image spread over several samples are not grouped, so
@@ -330,6 +335,7 @@ class ImageTextDataModule(_CaptionDataModule):
         max_broken_fraction: float = 0.05,
         shuffle_buffer: int = 1000,
         train_captions_per_image: int = 1,
+        train_items: str = "pairs",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -337,7 +343,10 @@ class ImageTextDataModule(_CaptionDataModule):
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}")
+        if train_items not in ("pairs", "images"):
+            raise ValueError(f"train_items must be 'pairs' or 'images', got {train_items!r}")
         self.format = format
+        self._train_mode = "train" if train_items == "pairs" else "train_images"
         self.paths = {"train": train_path, "val": val_path, "test": test_path}
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         for split, p in self.paths.items():  # missing files fail now; format problems in setup (or now, for "word")
@@ -364,7 +373,7 @@ class ImageTextDataModule(_CaptionDataModule):
                     "tokenizer='word' builds its vocabulary from a csv/coco train_path; for WebDataset shards save a "
                     "tokenizer (WordTokenizer.build(captions).save(dir)) and pass its path"
                 )
-            train = self._make("train", "train", transform=None)  # also validates the train file now
+            train = self._make("train", self._train_mode, transform=None)  # also validates the train file now
             captions = [c for r in train.records for c in r.captions if caption_problem(c) is None]
             train.transform = self._transform(True)
             self._datasets["train"] = train  # read once
@@ -417,7 +426,7 @@ class ImageTextDataModule(_CaptionDataModule):
                     raise ValueError("ImageTextDataModule: fitting needs train_path")
                 continue
             if split not in self._datasets:
-                mode = "train" if split == "train" else "eval"
+                mode = self._train_mode if split == "train" else "eval"
                 self._datasets[split] = self._make(split, mode, self._transform(split == "train"))
 
     def _get(self, split: str) -> Dataset | None:

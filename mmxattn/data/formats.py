@@ -6,6 +6,9 @@ Every data set yields the same sample dict::
      "image_id": str | int, "path": str, "key": str}
 
 ``mode="train"`` gives one item per (image, caption) pair (``captions`` still lists all captions of the image);
+``mode="train_images"`` gives one item per image with one of its captions drawn at random (map-style sets: from
+torch's RNG, which the training loader seeds per (seed, epoch, index); WebDataset: from (seed, epoch, sample key)), so
+an epoch sees every image once however many captions it has (COCO: 5x fewer image decodes per epoch than pairs);
 ``mode="eval"`` gives one item per image with all its captions (``caption`` is the first), as retrieval needs.
 Broken samples come back as ``BrokenSample`` markers (see robust.py) to be dropped and counted by
 ``collate_skipping``; a broken *setup* (missing file or column, wrong image root, empty split, unknown JSON) raises at
@@ -33,7 +36,8 @@ from .robust import BadImageError, BrokenSample, caption_problem, check_image_ro
 
 __all__ = ["CocoCaptionsDataset", "CsvDataset", "DatasetFormatError", "WebDatasetCaptions"]
 
-Mode = Literal["train", "eval"]
+Mode = Literal["train", "train_images", "eval"]
+MODES = ("train", "train_images", "eval")
 Transform = Callable[[Image.Image], Any]
 
 
@@ -53,8 +57,8 @@ class _Record:
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in ("train", "eval"):
-        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def _make_sample(
@@ -71,7 +75,8 @@ def _make_sample(
 
 
 class _MapCaptionDataset(Dataset):
-    """Map-style base: indexes records in train (pairs) or eval (images) mode and decodes images robustly."""
+    """Map-style base: indexes records by (image, caption) pair ("train") or by image ("train_images", "eval") and
+    decodes images robustly."""
 
     def __init__(
         self,
@@ -109,7 +114,7 @@ class _MapCaptionDataset(Dataset):
                     if mode == "train":
                         self.index.append(BrokenSample(origin, why))
             self._valid.append(valid)
-            if mode == "eval":
+            if mode != "train":  # one entry per image (its unusable captions are counted in caption_issues)
                 self.index.append(i if valid else BrokenSample(rec.path, "no valid caption"))
         if self.caption_issues:
             origin, why = self.caption_issues[0]
@@ -127,6 +132,8 @@ class _MapCaptionDataset(Dataset):
             return entry
         i, j = entry if isinstance(entry, tuple) else (entry, 0)
         rec, captions = self.records[i], self._valid[i]
+        if self.mode == "train_images":
+            j = int(torch.randint(len(captions), ()))
         try:
             img = load_image(rec.path, min_size=self.min_size, max_pixels=self.max_pixels)
         except BadImageError as e:
@@ -478,7 +485,7 @@ class WebDatasetCaptions(IterableDataset):
             if isinstance(item, BrokenSample):
                 yield item
             else:
-                yield from self._decode(item)
+                yield from self._decode(item, epoch)
 
     def _captions(self, sample: dict[str, Any]) -> list[Any] | str:
         """The sample's captions, or a reason string when it has none we can read."""
@@ -499,7 +506,7 @@ class WebDatasetCaptions(IterableDataset):
             return f"no caption field {list(self.json_caption_fields)} in .{self.json_key}"
         return f"no caption (expected .{self.text_key} or .{self.json_key})"
 
-    def _decode(self, sample: dict[str, Any]) -> Iterator[dict[str, Any] | BrokenSample]:
+    def _decode(self, sample: dict[str, Any], epoch: int = 0) -> Iterator[dict[str, Any] | BrokenSample]:
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
         source = f"{url}:{key}"
         ext = next((k for k in self.image_keys if k in sample), None)
@@ -525,7 +532,12 @@ class WebDatasetCaptions(IterableDataset):
             for why in problems:
                 if why is not None:
                     yield BrokenSample(source, why)
-        chosen = valid if self.mode == "train" else valid[:1]
+        if self.mode == "train":
+            chosen = valid
+        elif self.mode == "train_images":  # a function of (seed, epoch, key), whichever reader decodes the sample
+            chosen = [valid[random.Random(f"{self.seed}/{epoch}/{key}").randrange(len(valid))]]
+        else:
+            chosen = valid[:1]
         for cap in chosen:
             try:
                 yield _make_sample(img, self.transform, cap, valid, key, url, key)
