@@ -3,8 +3,9 @@
     python benchmarks/data_speed.py [--img-size 64] [--n 1024] [--repeats 3] [--step-ms 20 40 60]
 
 Prints samples/s (median of ``--repeats``) for: scene + captions only, rendering only, a full item (lazy and from
-the .npy cache), a full item + the eval transform, and DataLoader batches of 64 with 0 and 2 workers; then the
-ratio of each to the nominal consumption of a training step (64 samples per ``--step-ms``). A ratio above 1
+the .npy cache), a full item + the eval transform, DataLoader batches of 64 with 0 and 2 workers, and the main
+job's own training loader (``ShapesDataModule.train_dataloader()``: resumable sampler, per-sample seeding, tokenised
+collate with ``--captions-per-image`` captions per image, 3 as in configs/shapes.yaml); then the ratio of each to the nominal consumption of a training step (64 samples per ``--step-ms``). A ratio above 1
 means the data never makes the step wait (with workers; in the main process the data time ADDS to the step).
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from mmxattn.data.datamodule import ShapesDataModule
 from mmxattn.data.shapes import ShapesDataset
 from mmxattn.data.transforms import build_transforms, normalize_batch
 
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--step-ms", type=float, nargs="+", default=[20.0, 40.0, 60.0])
+    ap.add_argument("--captions-per-image", type=int, default=3, help="of the training loader row")
     args = ap.parse_args()
     torch.set_num_threads(1)  # per-sample work is single-threaded; keep torch from oversubscribing 2 cores
     n, s = args.n, args.img_size
@@ -82,6 +85,22 @@ def main() -> None:
             "item + transform, cached": rate(lambda: sum(1 for i in range(n) if cached_tf[i]), args.repeats),
             "cache build (one pass)": build,
         }
+        dm = ShapesDataModule(
+            img_size=s,
+            train_size=n,
+            val_size=8,
+            test_size=8,
+            batch_size=args.batch_size,
+            num_workers=0,
+            cache_dir=cache,
+            train_captions_per_image=args.captions_per_image,
+        )
+        dm.setup("fit")
+
+        def train_loader() -> int:
+            return sum(len(b["images"]) for b in dm.train_dataloader())
+
+        rows["training loader (shapes.yaml), 0 workers"] = rate(train_loader, args.repeats)
         for workers in (0, 2):
             rows[f"DataLoader lazy, {workers} workers"] = rate(loader(lazy_tf, workers), args.repeats)
             rows[f"DataLoader cached, {workers} workers"] = rate(loader(cached_tf, workers), args.repeats)
@@ -94,7 +113,11 @@ def main() -> None:
     print(f"{'training consumes (nominal)':42s}{'':>10s}" + "".join(f"{v:>16.0f}" for v in need))
     for name, r in rows.items():
         print(f"{name:42s}{r:>10.0f}" + "".join(f"{r / v:>15.2f}x" for v in need))
-    for name in ("DataLoader cached, 0 workers", "DataLoader cached, uint8+batch norm, 0 w"):
+    for name in (
+        "DataLoader cached, 0 workers",
+        "DataLoader cached, uint8+batch norm, 0 w",
+        "training loader (shapes.yaml), 0 workers",
+    ):
         print(
             f"main-process data time per batch of {args.batch_size}, {name}: {args.batch_size / rows[name] * 1e3:.1f} ms"
         )

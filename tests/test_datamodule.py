@@ -157,6 +157,27 @@ def test_flip_augmentation_is_a_function_of_seed_epoch_and_index():
     assert flips(0) == flips(2)  # not of the worker that loads the sample
 
 
+def test_epoch_indexed_seeds_the_cpu_generator_only_and_restores_it(monkeypatch):
+    """Each sample's random draws are a function of (seed, epoch, index); the caller's CPU RNG state is restored, and
+    no accelerator generator is reseeded (fork_rng(devices=[]) would not restore it: on a GPU with num_workers=0
+    every batch would reset the training process's CUDA dropout RNG)."""
+    reseeded = []
+    for mod in (torch.cuda, getattr(torch, "xpu", None), getattr(torch, "mtia", None)):
+        if mod is not None and hasattr(mod, "manual_seed_all"):
+            monkeypatch.setattr(mod, "manual_seed_all", lambda *a, **k: reseeded.append(a))
+    ds = EpochIndexed(
+        type("D", (), {"__len__": lambda self: 4, "__getitem__": lambda self, i: torch.rand(3)})(), seed=7
+    )
+    torch.manual_seed(123)
+    reseeded.clear()  # that call was ours
+    before = torch.get_rng_state()
+    first = [ds[code] for code in range(8)]  # epochs 0 and 1
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(first, [ds[code] for code in range(8)]))
+    assert not torch.equal(first[0], first[4]) and not torch.equal(first[0], first[1])
+    assert reseeded == []
+
+
 def test_resumable_sampler_partitions_ranks_and_skips():
     ds = EpochIndexed(list(range(20)))
     shares = [list(ResumableSampler(ds, 2, r, seed=3)) for r in range(2)]
