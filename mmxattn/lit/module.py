@@ -275,7 +275,8 @@ class MMXAttnModule(pl.LightningModule):
         img_idx = img_of[torch.cat([rows[vt], neg_i[vi]])]
         txt_idx = torch.cat([neg_t[vt], rows[vi]])
         pos_logits = m.itm_from_decoder(out.decoder_states, ids)
-        neg_logits = m.itm_logits(out.image_tokens[img_idx], ids[txt_idx], out.text_states[txt_idx])
+        # every image's keys/values projected once for all the pairs it appears in
+        neg_logits = m.itm_logits(out.image_tokens, ids[txt_idx], out.text_states[txt_idx], image_index=img_idx)
         logits = torch.cat([pos_logits, neg_logits]).float()  # (N, 2), fp32 under autocast
         labels = torch.cat([torch.ones_like(rows), torch.zeros_like(txt_idx)])
         return self.itm_loss(logits, labels)
