@@ -272,8 +272,9 @@ def csv_data(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_csv_datamodule_batches_and_skipped_rows(csv_data):
-    csv = dict(
+def _csv_module_kwargs(csv_data: Path, **overrides) -> dict:
+    """ImageTextDataModule arguments over the csv_data fixture: word tokenizer, 32 px, in-process loading."""
+    kw = dict(
         train_path=str(csv_data / "train.csv"),
         image_root=str(csv_data / "imgs"),
         tokenizer="word",
@@ -282,6 +283,11 @@ def test_csv_datamodule_batches_and_skipped_rows(csv_data):
         num_workers=0,
         context_length=12,
     )
+    return {**kw, **overrides}
+
+
+def test_csv_datamodule_batches_and_skipped_rows(csv_data):
+    csv = _csv_module_kwargs(csv_data)
     dm = ImageTextDataModule(**csv, val_path=str(csv_data / "train.csv"))
     assert dm.vocab_size == len(dm.tokenizer.vocab) and "photo" in dm.tokenizer.vocab
     b = next(iter(dm.train_dataloader()))  # 8 pairs, one of them a missing file
@@ -306,18 +312,9 @@ def test_csv_datamodule_batches_and_skipped_rows(csv_data):
 
 
 def test_csv_datamodule_per_image_items(csv_data):
-    """train_items="images": an epoch is every image once (6, not 7 pairs; the missing file is the 7th image), each
+    """train_items="images": an epoch is every image once (7 items: 6 images and the missing file, not 8 pairs), each
     with K of its captions; the drawn caption depends on (seed, epoch, index), so a rerun sees the same batches."""
-    kw = dict(
-        train_path=str(csv_data / "train.csv"),
-        image_root=str(csv_data / "imgs"),
-        tokenizer="word",
-        img_size=32,
-        batch_size=7,
-        num_workers=0,
-        context_length=12,
-        train_captions_per_image=2,
-    )
+    kw = _csv_module_kwargs(csv_data, batch_size=7, train_captions_per_image=2)
     dm = ImageTextDataModule(**kw, train_items="images")
     loader = dm.train_dataloader()
     assert len(loader.dataset) == 7  # 6 images + the missing one (a counted skip), not 8 pairs

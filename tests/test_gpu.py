@@ -50,7 +50,7 @@ def test_bf16_autocast_training_step_and_generation():
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lightning_fit_with_bf16_on_one_gpu(strategy, tmp_path, monkeypatch):
     """The shapes config trains on one GPU with bf16-mixed under Lightning's DDP and FSDP strategies (Lightning's
-    FSDP needs a GPU, so this is the only place it runs), ends with finite weights and prints its test metrics."""
+    FSDP needs a GPU, so this is the only place it runs), and ends with finite weights."""
     monkeypatch.chdir(tmp_path)
     args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=2) + [
         "--trainer.accelerator=gpu",

@@ -144,8 +144,8 @@ def test_several_captions_per_image_forward_equals_repeating_the_images():
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.text_embeds, ref.text_embeds)
     torch.testing.assert_close(out.image_embeds, ref.image_embeds[[0, 2, 3]], rtol=1e-5, atol=1e-6)
-    # training mode with the decoder's gradient checkpointing: each image's cross-attention keys/values are
-    # projected once and shared, and the gradients equal those of the repeated images
+    # training mode with the decoder's gradient checkpointing: the shared-image path (keys/values gathered per
+    # caption, see test_attention) gives the decoder the same gradients as the repeated images
     model.train()
     model.decoder.grad_checkpointing = True
     grads = []
