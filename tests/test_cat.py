@@ -282,6 +282,17 @@ def test_sliced_inference_pads_like_the_whole_stream_and_keeps_capture_whole(mon
         cat_module.set_inference_chunk_tokens(-1)
 
 
+def test_inference_slicing_is_for_the_cpu_only():
+    """Slicing saves CPU RAM; on a GPU it only multiplies kernel launches (measured on an H200: CAT-T's bf16 eval
+    forward at batch 32 took longer than a training step while it sliced), so other devices never slice."""
+    block = create_encoder("cat_micro", num_classes=0).eval().layers[0].pre_ipsa_blocks[0]
+    n = cat_module._INFER_CHUNK_TOKENS
+    with torch.no_grad():
+        assert cat_module._sliced(block, torch.empty(n // 16 + 1, 16, 32))  # a long stream on the CPU
+        assert not cat_module._sliced(block, torch.empty(n // 16 + 1, 16, 32, device="meta"))
+        assert not cat_module._sliced(block, torch.empty(n // 16, 16, 32))  # short enough
+
+
 # ---- training memory: the lean LayerNorm -> MLP and per-stage checkpointing --------------------------------------
 def _grads(enc, x):
     enc.zero_grad(set_to_none=True)
@@ -357,6 +368,41 @@ def test_lean_mlp_under_bf16_autocast_follows_autocast(monkeypatch):
     torch.testing.assert_close(lean_out, plain_out, rtol=0, atol=0)
     for a, b, p in zip(lean, plain, params):
         assert a.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * b.abs().max().item())
+
+
+def test_lean_mlp_backward_recomputes_layer_norm_under_the_forward_autocast(monkeypatch):
+    """autograd runs backward outside autocast, so the LayerNorm that backward recomputes must restore forward's
+    autocast state. On CUDA a bf16 stream (CAT's stream is bf16 after a patch merging under autocast) with fp32
+    LayerNorm weights is only valid under autocast: without it every bf16-mixed CAT training step crashed there."""
+    monkeypatch.setattr(windows, "_ONEDNN", False)
+    torch.manual_seed(0)
+    blk = create_encoder("cat_pico").layers[0].pre_ipsa_blocks[0]
+    x = torch.randn(2, 64, blk.mlp.fc1.in_features).bfloat16().requires_grad_()
+    params = [x, *blk.norm2.parameters(), *blk.mlp.parameters()]
+    seen: list[bool] = []
+    layer_norm = torch.nn.functional.layer_norm
+
+    def spy(*a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return layer_norm(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", spy)
+
+    def run():
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = blk.mlp.forward_normed(x, blk.norm2)
+        return out, torch.autograd.grad(out.float().square().sum(), params)  # backward outside autocast
+
+    lean_out, lean = run()
+    assert seen == [True, True]  # forward, and backward's recomputation
+    monkeypatch.setattr(windows, "_LEAN_MLP", False)
+    plain_out, plain = run()
+    assert seen == [True]
+    torch.testing.assert_close(lean_out, plain_out, rtol=0, atol=0)
+    for a, b, p in zip(lean, plain, params):
+        assert a.dtype == b.dtype == p.dtype
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * b.abs().max().item())
 
 

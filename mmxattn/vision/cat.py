@@ -109,11 +109,14 @@ class WindowAttention(Attention):
 # this many tokens (IPSA: whole windows; CPSA: whole (image, channel) rows; MLP: tokens), adding into the stream in
 # place, so the large intermediates (qkv, the MLP's 4x hidden layer) exist one slice at a time. The result is the
 # same computation; only streams longer than this are sliced (CAT-T at 224 px never is; at 896 px stage 1 is).
+# CPU only: on a GPU each slice is a round of small kernel launches (on an H200 CAT-T's bf16 eval forward at batch
+# 32 took longer than its training step while it sliced), and GPU memory is the caching allocator's to reuse.
 _INFER_CHUNK_TOKENS = 8192
 
 
 def set_inference_chunk_tokens(n: int) -> int:
-    """Set the slice size (tokens) of memory-saving no-grad inference; 0 turns slicing off. Returns the old value."""
+    """Set the slice size (tokens) of memory-saving no-grad inference on the CPU; 0 turns slicing off. Returns the
+    old value."""
     global _INFER_CHUNK_TOKENS
     if n < 0:
         raise ValueError(f"inference chunk size must be >= 0 tokens, got {n}")
@@ -124,6 +127,7 @@ def set_inference_chunk_tokens(n: int) -> int:
 def _sliced(block: nn.Module, x: Tensor) -> bool:
     return (
         0 < _INFER_CHUNK_TOKENS < x.shape[0] * x.shape[1]
+        and x.device.type == "cpu"
         and not block.training
         and not torch.is_grad_enabled()
         and block.attn._recorder is None  # capture_attention records one map per call: never slice then

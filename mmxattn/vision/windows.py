@@ -241,9 +241,23 @@ def _mm_any(a: Tensor, b_t: Tensor) -> Tensor:  # a @ b_t.T, through oneDNN wher
     return _mm(a, b_t) if _onednn_ok(a, b_t) else a @ b_t.t()
 
 
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """(device type, autocast enabled, autocast dtype) of the current thread for ``device_type``."""
+    try:
+        return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return device_type, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return device_type, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
 class _LeanLnMlp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, eps, w1, b1, w2, b2):  # noqa: ANN001, ANN205
+        # backward recomputes the LayerNorm under the autocast state forward saw (autograd runs backward without
+        # it): under CUDA autocast the stream may be bf16 with fp32 LN weights, which only autocast's fp32 cast
+        # of layer_norm makes valid (CUDA's kernel wants one dtype; the CPU kernel accepts the mix)
+        ctx.autocast = _autocast_state(x.device.type)
         y = F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
         h = linear(y, w1, b1)  # autocast (if active) applies to these as it would outside
         del y
@@ -270,7 +284,8 @@ class _LeanLnMlp(torch.autograd.Function):
         del g
         if need_b1:
             gb1 = gh.sum(0).to(w1.dtype)
-        with torch.enable_grad():
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
             xd = x.detach().requires_grad_(need_x)
             lw = ln_w.detach().requires_grad_(need_lw)
             lb = ln_b.detach().requires_grad_(need_lb)
