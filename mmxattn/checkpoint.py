@@ -57,6 +57,10 @@ def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    from .model import one_element_params_as_stored
+
+    state = dict(state)
+    one_element_params_as_stored(model, state)  # 0-d values written before one-element params became (1,)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -98,7 +98,10 @@ class MMXAttn(nn.Module):
         if t.tie_embeddings:
             self.lm_head.weight = self.text.token_embedding.weight
         self.itm_head = nn.Linear(t.width, 2) if cfg.itm_head else None
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        # one-element parameters are stored with shape (1,), not as 0-d tensors: FSDP refuses 0-d parameters.
+        # State dicts that hold them 0-d (written before this change, or open_clip-style) still load.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        self._register_load_state_dict_pre_hook(_accept_0d_for_one_element_params, with_module=True)
         self._init_weights()
         # Attached for inference (set by mmxattn.load or the data module); not part of the state dict.
         self.tokenizer = tokenizer
@@ -185,7 +188,7 @@ class MMXAttn(nn.Module):
 
     def get_logit_scale(self) -> Tensor:
         # CLIP's clamp (Radford et al. 2021): the temperature multiplier never exceeds max_logit_scale (100).
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale).reshape(())  # a 0-d tensor
 
     def decode(self, image_tokens: Tensor, text_states: Tensor, image_index: Tensor | None = None) -> Tensor:
         """Teacher-forced decoder: text states (B, T, W), image tokens (B, L, D) -> vocabulary logits (B, T, V).
@@ -438,3 +441,17 @@ class MMXAttn(nn.Module):
         s = self.cfg.vision.img_size
         grids = self.visual.grid_sizes(s, s)
         return sum(grids[i][0] * grids[i][1] for i in self.stages)
+
+
+def one_element_params_as_stored(module: nn.Module, state: dict[str, Tensor], prefix: str = "") -> None:
+    """Reshape, in place, 0-d values in ``state`` whose parameter in ``module`` has shape (1,) (checkpoints that
+    stored one-element parameters as 0-d tensors)."""
+    for name, p in module.named_parameters(prefix=prefix.rstrip("."), recurse=True):
+        v = state.get(name)
+        if isinstance(v, Tensor) and v.ndim == 0 and p.shape == (1,):
+            state[name] = v.reshape(1)
+
+
+def _accept_0d_for_one_element_params(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    # signature of nn.Module's load_state_dict pre-hook with the module (local_metadata, strict, missing, ...)
+    one_element_params_as_stored(module, state_dict, prefix)

@@ -331,6 +331,60 @@ def test_compile_on_cpu_matches_eager_and_keeps_keys(shapes, monkeypatch):
     assert not any("_orig_mod" in k for k in compiled.state_dict())
 
 
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_fused_adamw_is_not_used_where_lightning_clips_under_mixed_precision(shapes, tmp_path, monkeypatch, clip):
+    """Lightning's mixed-precision clipping refuses optimizers that unscale gradients themselves (the fused
+    AdamW, chosen by default on CUDA): the shipped configs clip, so on a GPU every bf16-mixed fit stopped at its
+    first step. Forcing the CUDA default on the CPU reproduces that; with clipping the module now builds the
+    unfused AdamW and trains, without clipping it keeps the fused kernel."""
+    monkeypatch.setattr("mmxattn.lit.optim.default_fused", lambda model: True)
+    mod = _module(shapes)
+    trainer = pl.Trainer(
+        accelerator="cpu", precision="bf16-mixed", gradient_clip_val=clip, max_steps=2, logger=False,
+        enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path, limit_val_batches=0,
+        enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(mod, datamodule=shapes)
+    assert trainer.global_step == 2
+    assert bool(trainer.optimizers[0].defaults["fused"]) is (clip is None)
+    assert all(torch.isfinite(p).all() for p in mod.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_on_gpu_matches_eager_and_trains(shapes, tmp_path):
+    """On CUDA (inductor's Triton backend): the compiled training forward gives the eager loss and gradients, and
+    a Lightning fit with compile=True and bf16-mixed runs compiled (no fallback to eager) to finite weights."""
+    reason = compile_unsupported_reason("cuda")
+    assert reason is None, reason  # a GPU machine without Triton is a broken install, not a skip
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _batch(shapes).items()}
+    torch.manual_seed(0)
+    eager = _module(shapes).cuda()
+    torch.manual_seed(0)
+    compiled = _module(shapes, compile=True).cuda()
+    compiled._compiled = torch.compile(compiled.model.forward)  # what setup("fit") does on a CUDA trainer
+    loss_a, grads_a = _loss_and_grads(eager, batch)
+    fallback = "(torch.compile failed|compile=True ignored)"  # the module's warnings when it runs eager instead
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=fallback, category=UserWarning)
+        loss_b, grads_b = _loss_and_grads(compiled, batch)
+    assert compiled._compiled_ok
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-3, atol=1e-4)
+    for k in grads_a:
+        torch.testing.assert_close(grads_a[k], grads_b[k], rtol=1e-2, atol=1e-4, msg=k)
+
+    mod = _module(shapes, compile=True)
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=3, logger=False, enable_progress_bar=False,
+        num_sanity_val_steps=0, default_root_dir=tmp_path, limit_val_batches=0, enable_checkpointing=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=fallback, category=UserWarning)
+        trainer.fit(mod, datamodule=shapes)
+    assert mod._compiled is not None and mod._compiled_ok and trainer.global_step == 3
+    assert all(torch.isfinite(p).all() for p in mod.parameters())
+
+
 def test_compile_falls_back_to_eager_with_a_warning(shapes, monkeypatch):
     monkeypatch.setattr(windows, "_ONEDNN", windows._ONEDNN)
     batch = _batch(shapes)

@@ -75,6 +75,38 @@ def test_grad_checkpointing_changes_nothing():
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_no_0d_parameters_and_0d_checkpoint_values_still_load(tmp_path):
+    """FSDP refuses 0-d parameters, so one-element parameters (logit_scale, image_proj.pos_scale) have shape (1,);
+    state dicts that stored them 0-d (older checkpoints and exports) still load, directly, under a prefix (as in a
+    Lightning checkpoint) and through mmxattn.load's exported-directory path."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny")
+    assert [n for n, p in model.named_parameters() if p.ndim == 0] == []
+    assert model.get_logit_scale().shape == ()  # the output stays a 0-d tensor
+    with torch.no_grad():
+        model.logit_scale.fill_(1.5)
+        model.image_proj.pos_scale.fill_(0.25)
+    old = {k: v.reshape(()) if v.shape == (1,) else v for k, v in model.state_dict().items()}
+    assert old["logit_scale"].ndim == 0 and old["image_proj.pos_scale"].ndim == 0
+
+    fresh = mmxattn.create_model("mmx_tiny")
+    fresh.load_state_dict(old, strict=True)
+    assert fresh.logit_scale.shape == (1,) and fresh.logit_scale.item() == 1.5
+    assert fresh.image_proj.pos_scale.item() == 0.25
+
+    wrapper = torch.nn.Module()
+    wrapper.model = mmxattn.create_model("mmx_tiny")
+    wrapper.load_state_dict({f"model.{k}": v for k, v in old.items()}, strict=True)
+    assert wrapper.model.logit_scale.item() == 1.5
+
+    from safetensors.torch import load_file, save_file
+
+    weights = mmxattn.export(model, tmp_path / "exp") / "model.safetensors"
+    save_file({k: old[k] for k in load_file(str(weights))}, str(weights))  # as an older export wrote it
+    loaded = mmxattn.load(tmp_path / "exp")
+    assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == 1.5
+
+
 def test_text_embedding_ignores_padding():
     """The CLS state must not see pad tokens, wherever the padding starts (open_clip's CLS-mask bug)."""
     torch.manual_seed(0)

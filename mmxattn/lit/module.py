@@ -419,6 +419,7 @@ class MMXAttnModule(pl.LightningModule):
             text_lr=h.get("text_lr"),
             decoder_lr=h.get("decoder_lr"),
             layer_decay=h.get("layer_decay", 1.0),
+            fused=None if self._fused_adamw_allowed() else False,
         )
         # the total is read lazily (see warmup_cosine): asking now would build the train loader before a resume
         sched = warmup_cosine(
@@ -428,6 +429,28 @@ class MMXAttnModule(pl.LightningModule):
             min_ratio=h.min_lr_ratio,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _fused_adamw_allowed(self) -> bool:
+        """False when the trainer clips gradients under Lightning's mixed precision (bf16-mixed / 16-mixed): its
+        clipping refuses optimizers that unscale gradients themselves, as the fused AdamW does."""
+        if self._trainer is None:
+            return True
+        from pytorch_lightning.plugins.precision import MixedPrecision
+
+        trainer = self.trainer
+        return not (trainer.gradient_clip_val and isinstance(trainer.precision_plugin, MixedPrecision))
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's default, except under FSDP: there the trainer's norm clipping is refused (torch's
+        ``clip_grad_norm_`` is wrong on sharded gradients), so the root FSDP module's own ``clip_grad_norm_``,
+        which reduces the norm over all shards, clips instead."""
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and _is_fsdp_root(root):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -536,6 +559,14 @@ def _freezable_params(model: Any, trainable_last: int) -> list[torch.nn.Paramete
             )
         names = [n for g in groups[: len(groups) - trainable_last] for n in g]
     return [named[n] for n in names if named[n].requires_grad]
+
+
+def _is_fsdp_root(module: Any) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FullyShardedDataParallel)
 
 
 def compile_unsupported_reason(device: torch.device | str) -> str | None:

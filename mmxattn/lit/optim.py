@@ -130,16 +130,26 @@ def build_optimizer(
     text_lr: float | None = None,
     decoder_lr: float | None = None,
     layer_decay: float = 1.0,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` (two groups), or over :func:`finetune_param_groups` when any per-component
-    lr or a layer decay is given (the two-group layout is kept otherwise, so older checkpoints still resume)."""
+    lr or a layer decay is given (the two-group layout is kept otherwise, so older checkpoints still resume).
+
+    ``fused``: torch's fused AdamW kernel; None chooses it where the parameters are on CUDA (foreach otherwise).
+    Pass False where gradients are clipped under Lightning's mixed precision, which refuses optimizers that
+    unscale gradients themselves (the fused one does)."""
     if encoder_lr is None and text_lr is None and decoder_lr is None and layer_decay == 1.0:
         groups = param_groups(model, weight_decay)
     else:
         groups = finetune_param_groups(model, lr, weight_decay, encoder_lr, text_lr, decoder_lr, layer_decay)
-    # fused AdamW where the device supports it (CUDA); foreach on the CPU
-    fused = next(model.parameters()).is_cuda
+    if fused is None:
+        fused = default_fused(model)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+def default_fused(model: nn.Module) -> bool:
+    """Whether :func:`build_optimizer` picks the fused AdamW kernel by default: parameters on CUDA."""
+    return next(model.parameters()).is_cuda
 
 
 def warmup_cosine(

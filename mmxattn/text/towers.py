@@ -241,7 +241,7 @@ class ImageTokenProjector(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in stage_dims)
         self.projs = nn.ModuleList(nn.Linear(c, width) for c in stage_dims)
         self.stage_embed = nn.Parameter(torch.zeros(len(stage_dims), width))
-        self.pos_scale = nn.Parameter(torch.tensor(0.5))
+        self.pos_scale = nn.Parameter(torch.full((1,), 0.5))  # (1,), not 0-d: FSDP refuses 0-d parameters
         self.ln_post = nn.LayerNorm(width)
         self.width = width
         self._pos_cache: dict[tuple[int, int, str], Tensor] = {}
