@@ -15,19 +15,26 @@ Per input size and batch, for each model:
   further call of an inference run costs): the peak extra memory of that call (activations, autograd buffers, gradients, AdamW state, allocator overheads), untouched by model
   construction or by other measurements; the subprocess runs with ``MALLOC_MMAP_THRESHOLD_`` fixed (see
   ``_common.py``) so that freed tensors leave the RSS;
-* CAT-T's eval forward on long streams (above 8192 tokens, e.g. 896 px) runs block by block in slices that add
+* CAT-T's eval forward on the CPU on long streams (above 8192 tokens, e.g. 896 px) runs block by block in slices that add
   into the stream in place (``mmxattn.vision.cat.set_inference_chunk_tokens``; 0 turns it off).
 
 Timings are interleaved model by model and repeated, and medians reported, because the CPU may be shared.
+
+On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize``, peak memory is
+``torch.cuda.max_memory_allocated`` over one call (after a warm-up call) minus what was allocated before it, in
+the same process, and ``--bf16`` runs every call under ``torch.autocast("cuda", bfloat16)`` (the matmul rate is
+then measured in bf16 too).
 By default the training step at 896 px with batch 8 is skipped (ViT-S needs about a minute per step on 2 cores);
 ``--full`` includes it.
 
     .venv/bin/python benchmarks/encoder_speed.py [--sizes 224,448,896] [--batches 1,8] [--repeats 3] [--json out.json]
+    python benchmarks/encoder_speed.py --device cuda --bf16 --batches 1,64   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -53,28 +60,42 @@ def build(name: str, size: int) -> torch.nn.Module:
     return timm.create_model(arch, pretrained=False, img_size=size)
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+def _amp(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, bf16: bool = False) -> Callable[[], None]:
+    """One eval forward or one training step of ``model`` on ``x`` (on ``x``'s device; the model is moved there),
+    under bf16 autocast when ``bf16``. On CUDA the call waits for its kernels, so wall-clock time covers them."""
+    device = x.device
+    model.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if mode == "eval":
         model.eval()
 
         def step() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), _amp(device, bf16):
                 model(x)
+            sync()
 
         return step
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    target = torch.randint(0, 1000, (x.shape[0],))
+    target = torch.randint(0, 1000, (x.shape[0],), device=device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), target).backward()
+        with _amp(device, bf16):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+        loss.backward()
         opt.step()
+        sync()
 
     return step
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str) -> int:
+    """FLOPs of one forward (eval) or forward + backward (train), counted in fp32 (no autocast)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmxattn.vision import windows
@@ -94,13 +115,19 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str) -> int:
     return fc.get_total_flops()
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matmul rate (GFLOP/s) for an n x n product on ``device`` in ``dtype``."""
+    if torch.device(device).type == "cuda":
+        n = max(n, 8192)  # a GPU needs a larger product to reach its rate
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        sync()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -147,6 +174,16 @@ def peak_memory_mb(name: str, size: int, batch: int, mode: str) -> tuple[float, 
     return float(first), (None if second == "None" else float(second))
 
 
+def cuda_peak_mb(step: Callable[[], None]) -> float:
+    """Peak extra CUDA memory (MB) of one call of ``step`` (already warmed up): allocated at the call's peak
+    minus allocated before it (parameters, gradients and AdamW state held between calls are not counted)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def timed(step: Callable[[], None], repeats: int, budget: float) -> list[float]:
     t0 = time.perf_counter()
     step()  # warm-up: first-call allocations, oneDNN kernel generation
@@ -171,13 +208,21 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--full", action="store_true", help="include the training step at 896 px, batch 8")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU runs)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs as timm users run
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
 
-    mm = matmul_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul {mm:.1f} GFLOP/s")
+    mm_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    mm = matmul_gflops(device=args.device, dtype=mm_dtype)
+    where = torch.cuda.get_device_name(device) if on_gpu else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {'bf16' if args.bf16 else 'fp32'} matmul {mm:.1f} GFLOP/s")
     rows = []
     for size in sizes:
         models = {}
@@ -185,12 +230,12 @@ def main() -> None:
             torch.manual_seed(0)
             models[name] = build(name, size)
         for batch in batches:
-            x = torch.randn(batch, 3, size, size)
+            x = torch.randn(batch, 3, size, size, device=device)
             for mode in modes:
-                if mode == "train" and size >= 896 and batch >= 8 and not args.full:
+                if mode == "train" and size >= 896 and batch >= 8 and not args.full and not on_gpu:
                     print(f"skip train {size}px batch {batch} (--full runs it)")
                     continue
-                steps = {n: make_step(m, x, mode) for n, m in models.items()}
+                steps = {n: make_step(m, x, mode, args.bf16) for n, m in models.items()}
                 samples: dict[str, list[float]] = {n: [] for n in MODELS}
                 for _ in range(2):  # two interleaved rounds: CAT, ViT-S, ViT-Ti, CAT, ...
                     for n in MODELS:
@@ -198,7 +243,12 @@ def main() -> None:
                 for n in MODELS:
                     t = statistics.median(samples[n])
                     flops = count_flops(models[n], x, mode)
-                    mem, steady = (None, None) if args.no_memory else peak_memory_mb(n, size, batch, mode)
+                    if args.no_memory:
+                        mem, steady = None, None
+                    elif on_gpu:
+                        mem, steady = cuda_peak_mb(steps[n]), None
+                    else:
+                        mem, steady = peak_memory_mb(n, size, batch, mode)
                     rows.append(
                         dict(
                             model=n,
@@ -214,7 +264,7 @@ def main() -> None:
                         )
                     )
                     r = rows[-1]
-                    mem_s = "-" if mem is None else f"{mem:6.0f} MB first call"
+                    mem_s = "-" if mem is None else f"{mem:6.0f} MB {'one call' if on_gpu else 'first call'}"
                     if steady is not None:
                         mem_s += f", {steady:6.0f} MB after"
                     print(
@@ -251,7 +301,14 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(
                 dict(
-                    torch=torch.__version__, threads=torch.get_num_threads(), matmul_gflops=mm, rows=rows, ratios=ratios
+                    torch=torch.__version__,
+                    device=str(device),
+                    bf16=args.bf16,
+                    where=where,
+                    threads=torch.get_num_threads(),
+                    matmul_gflops=mm,
+                    rows=rows,
+                    ratios=ratios,
                 ),
                 f,
                 indent=1,

@@ -216,8 +216,23 @@ def random_batch(batch: int, img: int, ctx: int, vocab: int, bos: int, eos: int,
     return images, ids
 
 
-def make_train_step(which: str, spec: Any, batch: int, device: str, model: torch.nn.Module | None = None):
-    """(step, resident_bytes): one AdamW training step of ``which`` ("ours" or "coca") on a fixed random batch."""
+def under_bf16(fn: Any, device: str, on: bool) -> Any:
+    """``fn`` run under ``torch.autocast(device type, bfloat16)`` when ``on`` (else ``fn`` itself)."""
+    if not on:
+        return fn
+
+    def wrapped(*a: Any, **k: Any) -> Any:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            return fn(*a, **k)
+
+    return wrapped
+
+
+def make_train_step(
+    which: str, spec: Any, batch: int, device: str, model: torch.nn.Module | None = None, bf16: bool = False
+):
+    """(step, resident_bytes): one AdamW training step of ``which`` ("ours" or "coca") on a fixed random batch;
+    forward and losses under bf16 autocast when ``bf16`` (fp32 weights, as Lightning's bf16-mixed)."""
     import open_clip.loss
 
     from mmxattn.losses import CaptionLoss, ContrastiveLoss
@@ -255,6 +270,7 @@ def make_train_step(which: str, spec: Any, batch: int, device: str, model: torch
             )
             return clip + cap
 
+    loss_fn = under_bf16(loss_fn, device, bf16)
     images, ids = random_batch(batch, img, ctx, vocab, bos, eos, pad)
     images, ids = images.to(device), ids.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
@@ -274,9 +290,9 @@ def make_train_step(which: str, spec: Any, batch: int, device: str, model: torch
     return step, resident
 
 
-def _train_build(which: str, spec: Any, batch: int, device: str):
+def _train_build(which: str, spec: Any, batch: int, device: str, bf16: bool = False):
     # module-level so that functools.partial of it pickles into the fresh process peak_memory spawns
-    return make_train_step(which, spec, batch, device)
+    return make_train_step(which, spec, batch, device, bf16=bf16)
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -293,6 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--train-batch", type=int, default=None, help="training batch; 16 (quick 4)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: gen, train, memory")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for both models (GPU runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     a = p.parse_args(argv)
     if a.quick:
@@ -332,13 +349,18 @@ def bench_generation(ours, coca, coca_cfg, args) -> dict[str, Any]:
                 ours.generate, images, max_new_tokens=n_new, min_new_tokens=n_new, strategy=s, use_cache=True, **kw
             )
             fns[f"coca_{s}"] = functools.partial(coca_generate, coca, images, n_new, s, args.num_beams, sot, eos)
+        fns = {k: under_bf16(f, args.device, args.bf16) for k, f in fns.items()}
         for name, fn in fns.items():  # the forced length is what makes tokens/s comparable
             shape = tuple(fn().shape)
             if shape != (B, 1 + n_new):
                 raise RuntimeError(f"{name} generated shape {shape}, expected {(B, 1 + n_new)}")
         # image encoding alone, timed in the same rounds, for the decode-only rates
-        fns["ours_encode"] = torch.no_grad()(functools.partial(ours.encode_image_tokens, images))
-        fns["coca_encode"] = torch.no_grad()(functools.partial(coca._encode_image, images))
+        fns["ours_encode"] = under_bf16(
+            torch.no_grad()(functools.partial(ours.encode_image_tokens, images)), args.device, args.bf16
+        )
+        fns["coca_encode"] = under_bf16(
+            torch.no_grad()(functools.partial(coca._encode_image, images)), args.device, args.bf16
+        )
         times = {k: median(v) for k, v in time_alternating(fns, args.repeats, args.warmup, args.device).items()}
         for s in ("greedy", "beam"):
             row: dict[str, Any] = {}
@@ -377,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     coca = build_coca(coca_cfg)
     ours_cfg = config_to_dict(ours.cfg)
     params = param_counts(ours, coca)
-    print(f"device {args.device}, {threads} threads, repeats {args.repeats} (median), warmup {args.warmup}")
+    amp = ", bf16 autocast" if args.bf16 else ""
+    print(f"device {args.device}{amp}, {threads} threads, repeats {args.repeats} (median), warmup {args.warmup}")
     print(f"ours ({args.preset}): {json.dumps(ours_cfg)}")
     print(f"coca (open_clip.CoCa): {json.dumps(coca_cfg)}")
     for name, p in params.items():
@@ -387,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "preset": args.preset,
         "device": str(args.device),
+        "bf16": args.bf16,
         "threads": threads,
         "repeats": args.repeats,
         "torch": torch.__version__,
@@ -406,8 +430,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "train" not in args.skip:
         B = args.train_batch
         steps = {
-            "ours": make_train_step("ours", args.preset, B, args.device, model=ours)[0],
-            "coca": make_train_step("coca", coca_cfg, B, args.device, model=coca)[0],
+            "ours": make_train_step("ours", args.preset, B, args.device, model=ours, bf16=args.bf16)[0],
+            "coca": make_train_step("coca", coca_cfg, B, args.device, model=coca, bf16=args.bf16)[0],
         }
         times = time_alternating(steps, args.repeats, args.warmup, args.device)
         del steps  # frees both optimisers' state before the memory measurement
@@ -427,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gc.collect()
         mem = {}
         for name, spec in (("ours", args.preset), ("coca", coca_cfg)):
-            build = functools.partial(_train_build, name, spec, B, args.device)
+            build = functools.partial(_train_build, name, spec, B, args.device, args.bf16)
             mem[name] = peak_memory(build, args.device, warmup=1, calls=1, threads=threads)
         out["train_peak_mem"] = {
             "batch": B,
