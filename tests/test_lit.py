@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from lit_helpers import CONFIGS, REPO, make_coco, make_csv, make_wds, smoke_args
 import mmxattn
 from mmxattn.checkpoint import CheckpointError, export, load, read_checkpoint
 from mmxattn.data.datamodule import ShapesDataModule
+from mmxattn.lit.checkpoint_io import AtomicCheckpointIO
 from mmxattn.lit.cli import main as cli_main
 from mmxattn.lit.module import MMXAttnModule, NonFiniteLossError
 
@@ -32,9 +34,14 @@ def test_every_shipped_config_runs(config, tmp_path, monkeypatch, capsys):
         "finetune_csv.yaml": lambda: make_csv(tmp_path / "csv"),
         "wds.yaml": lambda: make_wds(tmp_path / "wds"),
     }.get(config, lambda: None)()
-    cli = cli_main(smoke_args(config, tmp_path, data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_main(smoke_args(config, tmp_path, data))
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 2
+    # every config writes checkpoints atomically, and the CLI's config saving does not warn about it
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not [w for w in caught if "serialize" in str(w.message)], [str(w.message) for w in caught]
     out = capsys.readouterr().out
     if config != "wds.yaml":  # wds.yaml has no test split
         line = next(s for s in out.splitlines() if s.startswith("TEST METRICS "))

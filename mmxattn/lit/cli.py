@@ -86,7 +86,9 @@ def main(args: list[str] | None = None) -> MMXAttnCLI:
         MMXAttnModule,
         None,  # the data module class comes from the config (class_path)
         subclass_mode_data=True,
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        # as a class_path, not an instance: jsonargparse cannot serialise an instance into the saved config.yaml
+        # (it warned on every run) and the config would not name the plugin
+        trainer_defaults={"plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.AtomicCheckpointIO"}]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
         args=args,  # None: LightningCLI reads sys.argv itself
