@@ -45,6 +45,49 @@ def test_fused_equals_eager(cross, case):
         assert not torch.allclose(out_fused, _run(attn, *args, eager=False))
 
 
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("case", ["plain", "causal", "padding", "bias", "all", "fully_masked"])
+def test_small_cpu_no_grad_path_equals_sdpa_and_skips_it(cross, case, monkeypatch):
+    """No-grad CPU attention over few scores runs two matmuls instead of SDPA (faster there); it must give SDPA's
+    and the eager reference's result for every mask kind, and larger, one-query or autograd calls keep SDPA."""
+    import mmxattn.attention as attention_module
+
+    B, L, S, D, H = 3, 7, 9 if cross else 7, 32, 4
+    attn = Attention(D, H, kv_dim=24 if cross else None).eval()
+    x = torch.randn(B, L, D)
+    args = (x, torch.randn(B, S, 24)) if cross else (x,)
+    kw = {}
+    if case in ("causal", "all") and not cross:
+        kw["is_causal"] = True
+    if case in ("padding", "all", "fully_masked"):
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[0, -2:] = True
+        kpm[2, : (S if case == "fully_masked" else 4)] = True
+        kw["key_padding_mask"] = kpm
+    if case in ("bias", "all"):
+        kw["attn_bias"] = torch.randn(H, L, S)
+    sdpa_out = attn(*args, **kw)  # autograd on: the SDPA path
+    eager_out = _run(attn, *args, eager=True, **kw)
+
+    calls = []
+    sdpa = attention_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    with torch.no_grad():
+        small_out = attn(*args, **kw)
+    assert calls == []  # the matmul path ran
+    assert torch.isfinite(small_out).all()
+    torch.testing.assert_close(small_out, sdpa_out.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(small_out, eager_out.detach(), atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        attn(x[:, :1], *args[1:])  # one query (a decoding step)
+        monkeypatch.setattr(attention_module, "_SMALL_CPU_SCORES", B * H * L * S - 1)  # too many scores
+        attn(*args, **kw)
+    assert calls == [1, 1]
+
+
 def _copy_to_mha(attn: Attention, mha: nn.MultiheadAttention, cross: bool) -> None:
     with torch.no_grad():
         if cross:
