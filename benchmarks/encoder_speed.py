@@ -28,7 +28,7 @@ By default the training step at 896 px with batch 8 is skipped (ViT-S needs abou
 ``--full`` includes it.
 
     .venv/bin/python benchmarks/encoder_speed.py [--sizes 224,448,896] [--batches 1,8] [--repeats 3] [--json out.json]
-    python benchmarks/encoder_speed.py --device cuda --bf16 --batches 1,64   # on a GPU
+    python benchmarks/encoder_speed.py --device cuda --bf16 --batches 1,64   # on a GPU (add --compile: torch.compile)
 """
 
 from __future__ import annotations
@@ -210,8 +210,13 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU runs)")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile every model (timed after the compile; no CPU memory)"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.compile and device.type == "cpu":
+        args.no_memory = True  # the CPU memory is measured in fresh processes, of uncompiled models
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs as timm users run
@@ -229,20 +234,22 @@ def main() -> None:
         for name in MODELS:
             torch.manual_seed(0)
             models[name] = build(name, size)
+        # timed models: compiled (a wrapper sharing the parameters) with --compile; FLOPs are counted on the plain ones
+        timed_models = {n: torch.compile(m) if args.compile else m for n, m in models.items()}
         for batch in batches:
             x = torch.randn(batch, 3, size, size, device=device)
             for mode in modes:
                 if mode == "train" and size >= 896 and batch >= 8 and not args.full and not on_gpu:
                     print(f"skip train {size}px batch {batch} (--full runs it)")
                     continue
-                steps = {n: make_step(m, x, mode, args.bf16) for n, m in models.items()}
+                steps = {n: make_step(m, x, mode, args.bf16) for n, m in timed_models.items()}
                 samples: dict[str, list[float]] = {n: [] for n in MODELS}
                 for _ in range(2):  # two interleaved rounds: CAT, ViT-S, ViT-Ti, CAT, ...
                     for n in MODELS:
                         samples[n] += timed(steps[n], max(1, args.repeats // 2 + args.repeats % 2), args.budget)
                 for n in MODELS:
                     t = statistics.median(samples[n])
-                    flops = count_flops(models[n], x, mode)
+                    flops = count_flops(models[n].to(device), x, mode)
                     if args.no_memory:
                         mem, steady = None, None
                     elif on_gpu:
@@ -304,6 +311,7 @@ def main() -> None:
                     torch=torch.__version__,
                     device=str(device),
                     bf16=args.bf16,
+                    compiled=args.compile,
                     where=where,
                     threads=torch.get_num_threads(),
                     matmul_gflops=mm,

@@ -282,6 +282,25 @@ def test_sliced_inference_pads_like_the_whole_stream_and_keeps_capture_whole(mon
         cat_module.set_inference_chunk_tokens(-1)
 
 
+def test_encoder_compiles_for_inference_as_one_graph_that_is_reused():
+    """torch.compile of the eval encoder: one graph (no graph break) that later calls reuse. The relative-position
+    bias cache used to be guarded on, so every call recompiled (22 s per CAT-T call on the CPU), and a
+    data-pointer check broke the graph."""
+    torch.manual_seed(0)
+    enc = create_encoder("cat_pico").eval()
+    x = torch.randn(2, 3, 60, 68)  # padded windows in every stage
+    torch._dynamo.reset()
+    compiled = torch.compile(enc.forward_features, backend="eager", fullgraph=True)  # a graph break raises
+    with torch.no_grad():
+        ref = enc.forward_features(x)
+        first = compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = compiled(x)
+    for r, a, b in zip(ref, first, again):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b, r, rtol=0, atol=1e-5)
+
+
 def test_inference_slicing_is_for_the_cpu_only():
     """Slicing saves CPU RAM; on a GPU it only multiplies kernel launches (measured on an H200: CAT-T's bf16 eval
     forward at batch 32 took longer than a training step while it sliced), so other devices never slice."""

@@ -94,7 +94,9 @@ class WindowAttention(Attention):
 
     def relative_position_bias(self) -> Tensor:
         table, index = self.relative_position_bias_table, self.relative_position_index
-        if torch.is_grad_enabled() and table.requires_grad:
+        # Under torch.compile the gather is part of the graph (cheap, fused); the Python-side cache would be guarded
+        # on: its key changes between calls, so every call recompiled (22 s per CAT-T call until dynamo gave up).
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
             return self._gather_bias()
         key = (table.data_ptr(), table._version, table.dtype, table.device, index.data_ptr(), index._version)
         if key != self._bias_key:
@@ -283,8 +285,10 @@ class CATStage(nn.Module):
         grid = WindowGrid(x.shape[1], x.shape[2], self.window)
         valid = grid.valid(x.device)
         stream = grid.partition(x)  # (B, nW*N, C) for the whole stage
-        if not torch.is_grad_enabled() and stream.data_ptr() == x.data_ptr():
-            stream = stream.clone()  # inference adds in place: never into the caller's tensor
+        # inference adds in place: never into the caller's tensor. Under torch.compile always copy (the compiler
+        # removes needless copies; a data-pointer comparison would break the graph there)
+        if not torch.is_grad_enabled() and (torch.compiler.is_compiling() or stream.data_ptr() == x.data_ptr()):
+            stream = stream.clone()
         x = stream
         for pre, cpsa, post in zip(self.pre_ipsa_blocks, self.cpsa_blocks, self.post_ipsa_blocks):
             for block in (pre, cpsa, post):
