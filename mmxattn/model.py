@@ -137,7 +137,9 @@ class MMXAttn(nn.Module):
             got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"token ids must be an integer tensor (B, T), got {got}")
         V = self.cfg.text.vocab_size
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        # value checks read the tensor (a graph break under torch.compile, where they are skipped: an id out of
+        # range then fails in the embedding lookup instead)
+        if ids.numel() and not torch.compiler.is_compiling() and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise ValueError(f"token ids must lie in [0, {V}); got min {int(ids.min())}, max {int(ids.max())}")
         return ids.to(self.logit_scale.device).long()
 
@@ -212,7 +214,11 @@ class MMXAttn(nn.Module):
                     f"text_image_index must be an integer tensor of shape ({ids.shape[0]},) (one image index per "
                     f"token row), got {tii.dtype} {tuple(tii.shape)}"
                 )
-            if ids.shape[0] and (int(tii.min()) < 0 or int(tii.max()) >= images.shape[0]):
+            if (
+                ids.shape[0]
+                and not torch.compiler.is_compiling()  # as in _check_ids
+                and (int(tii.min()) < 0 or int(tii.max()) >= images.shape[0])
+            ):
                 raise ValueError(f"text_image_index values must index the {images.shape[0]} images")
         image_tokens = self.encode_image_tokens(images)  # (B, L, D)
         image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)

@@ -107,6 +107,26 @@ def test_no_0d_parameters_and_0d_checkpoint_values_still_load(tmp_path):
     assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == 1.5
 
 
+def test_training_forward_compiles_as_one_graph():
+    """torch.compile of the training forward (what ``MMXAttnModule(compile=True)`` compiles): no graph break, so
+    the compiler sees the whole step (the eager-only input-value checks used to split it in three)."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").train()
+    images, ids = _batch(model)
+    index = torch.arange(images.shape[0]).repeat_interleave(2)
+    ids = ids.repeat_interleave(2, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="eager", fullgraph=True)  # a graph break raises
+    torch.manual_seed(1)
+    out = compiled(images, ids, index)
+    torch.manual_seed(1)
+    ref = model(images, ids, index)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.text_embeds, ref.text_embeds, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="token ids must lie in"):  # eager calls still check values
+        model(images, ids.clamp(max=0) - 1, index)
+
+
 def test_text_embedding_ignores_padding():
     """The CLS state must not see pad tokens, wherever the padding starts (open_clip's CLS-mask bug)."""
     torch.manual_seed(0)
