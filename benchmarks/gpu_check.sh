@@ -3,7 +3,7 @@
 #   1. the GPU tests (`pytest -m gpu`: fused SDPA vs eager in fp32/bf16/fp16, bf16 training step and generation,
 #      Lightning fit under DDP and FSDP with bf16-mixed, 16-mixed and bf16-mixed fits, torch.compile on CUDA);
 #   2. the main job (configs/shapes.yaml, TensorBoard logger) on the GPU with bf16-mixed;
-#   3. benchmarks/encoder_speed.py on the GPU in bf16 (CAT-T vs timm ViT-S/16 and ViT-Ti/16);
+#   3. benchmarks/encoder_speed.py on the GPU in bf16 (CAT-T vs timm ViT-S/16 and ViT-Ti/16), eager and compiled;
 #   4. benchmarks/vs_coca.py on the GPU in bf16 (generation and training against open_clip's CoCa);
 #   5. configs/gpu_ddp.yaml as shipped (fast_dev_run, smaller data, no logger).
 # Steps past DEADLINE seconds after the start are cut short or skipped.
@@ -44,6 +44,8 @@ step tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 200 tests/t
 step main_job 240 $PY train.py fit --config configs/shapes.yaml --config configs/shapes_tensorboard.yaml \
     --trainer.accelerator=gpu --trainer.precision=bf16-mixed --data.init_args.num_workers=4
 step encoder 90 $PY benchmarks/encoder_speed.py --device cuda --bf16 --batches 1,32 --json "$OUTDIR/encoder.json"
+step encoder_compiled 120 $PY benchmarks/encoder_speed.py --device cuda --bf16 --compile --sizes 224,896 \
+    --batches 1,32 --json "$OUTDIR/encoder_compiled.json"
 TAIL=12 step vs_coca 90 $PY benchmarks/vs_coca.py --device cuda --bf16 --repeats 3 --json
 step gpu_ddp 45 $PY train.py fit --config configs/gpu_ddp.yaml --trainer.logger=false --trainer.fast_dev_run=3 \
     --data.init_args.train_size=1024 --data.init_args.val_size=256 --data.init_args.test_size=256 \
