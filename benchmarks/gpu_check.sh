@@ -8,7 +8,8 @@
 #   5. configs/gpu_ddp.yaml as shipped (fast_dev_run, smaller data, no logger).
 # Steps past DEADLINE seconds after the start are cut short or skipped.
 # Usage: bash benchmarks/gpu_check.sh OUTDIR [DEADLINE]   (python3 must import torch with CUDA and our deps;
-# PY=... selects another interpreter). Logs and the JSON results go to OUTDIR.
+# PY=... selects another interpreter). One log per step (the last 30 lines also printed) and the last attention
+# map PNG of the main job go to OUTDIR: 8 files.
 set -u
 OUTDIR=${1:-gpu_check_out}
 DEADLINE=${2:-540}
@@ -43,9 +44,9 @@ step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, log to OUTDIR/N
 step tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 200 tests/test_gpu.py tests/test_finetune.py
 step main_job 240 $PY train.py fit --config configs/shapes.yaml --config configs/shapes_tensorboard.yaml \
     --trainer.accelerator=gpu --trainer.precision=bf16-mixed --data.init_args.num_workers=4
-step encoder 90 $PY benchmarks/encoder_speed.py --device cuda --bf16 --batches 1,32 --json "$OUTDIR/encoder.json"
+step encoder 90 $PY benchmarks/encoder_speed.py --device cuda --bf16 --batches 1,32
 step encoder_compiled 120 $PY benchmarks/encoder_speed.py --device cuda --bf16 --compile --sizes 224,896 \
-    --batches 1,32 --json "$OUTDIR/encoder_compiled.json"
+    --batches 1,32
 TAIL=12 step vs_coca 90 $PY benchmarks/vs_coca.py --device cuda --bf16 --repeats 3 --json
 step gpu_ddp 45 $PY train.py fit --config configs/gpu_ddp.yaml --trainer.logger=false --trainer.fast_dev_run=3 \
     --data.init_args.train_size=1024 --data.init_args.val_size=256 --data.init_args.test_size=256 \
