@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -31,7 +32,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["peak_memory", "median", "sync", "time_alternating", "tensor_bytes", "fmt_bytes"]
+__all__ = ["bf16_autocast", "peak_memory", "median", "sync", "time_alternating", "tensor_bytes", "fmt_bytes"]
+
+
+def bf16_autocast(device: torch.device | str, on: bool = True) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device type, bfloat16)`` when ``on``, else a no-op context (the benchmarks' ``--bf16``)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 def sync(device: torch.device | str) -> None:

@@ -34,7 +34,6 @@ By default the training step at 896 px with batch 8 is skipped (ViT-S needs abou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -45,6 +44,9 @@ import time
 from collections.abc import Callable
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import bf16_autocast  # noqa: E402
 
 MODELS = ("cat_t", "vit_s", "vit_ti")
 
@@ -60,10 +62,6 @@ def build(name: str, size: int) -> torch.nn.Module:
     return timm.create_model(arch, pretrained=False, img_size=size)
 
 
-def _amp(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, bf16: bool = False) -> Callable[[], None]:
     """One eval forward or one training step of ``model`` on ``x`` (on ``x``'s device; the model is moved there),
     under bf16 autocast when ``bf16``. On CUDA the call waits for its kernels, so wall-clock time covers them."""
@@ -74,7 +72,7 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, bf16: bool = F
         model.eval()
 
         def step() -> None:
-            with torch.inference_mode(), _amp(device, bf16):
+            with torch.inference_mode(), bf16_autocast(device, bf16):
                 model(x)
             sync()
 
@@ -85,7 +83,7 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, bf16: bool = F
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with _amp(device, bf16):
+        with bf16_autocast(device, bf16):
             loss = torch.nn.functional.cross_entropy(model(x).float(), target)
         loss.backward()
         opt.step()

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fmt_bytes, median, peak_memory, tensor_bytes, time_alternating  # noqa: E402
+from _common import bf16_autocast, fmt_bytes, median, peak_memory, tensor_bytes, time_alternating  # noqa: E402
 
 import mmxattn  # noqa: E402
 from mmxattn.config import config_to_dict  # noqa: E402
@@ -222,7 +222,7 @@ def under_bf16(fn: Any, device: str, on: bool) -> Any:
         return fn
 
     def wrapped(*a: Any, **k: Any) -> Any:
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with bf16_autocast(device):
             return fn(*a, **k)
 
     return wrapped

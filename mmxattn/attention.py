@@ -7,8 +7,8 @@ text-to-image cross-attention, the attentional pooler) is an :class:`Attention`.
 * eager: the readable reference ``softmax(q k^T * scale + bias + mask) @ v``, which is also the only path that can
   hand out the post-softmax weights (see :mod:`mmxattn.capture`).
 
-No-grad calls on the CPU over few scores (CAT's windows, short text batches) run the eager arithmetic as two
-matmuls with in-place updates instead of SDPA, which is slower for such tiny problems there.
+No-grad calls on the CPU over few scores (CAT's windows, short text batches) take the eager path even when fusion
+is on: SDPA's CPU kernel is slower for such small problems.
 
 The eager path is used when :func:`set_fused_attention` turned fusion off, when the environment variable
 ``MMXATTN_EAGER_ATTENTION=1`` is set at import, inside :func:`eager_attention`, or while a module is being captured.
@@ -217,11 +217,7 @@ class Attention(nn.Module):
                 blocked = causal if blocked is None else (blocked | causal)
 
         dropout_p = self.attn_drop if self.training else 0.0
-        if self._recorder is None and _FUSED and _small_cpu_inference(q, S, dropout_p):
-            if causal_flag:
-                blocked = torch.ones(L, S, dtype=torch.bool, device=x.device).triu(1)
-            out = _small_attention_no_grad(q, k, v, self.scale, blocked, attn_bias)
-        elif self._recorder is None and _FUSED:
+        if self._recorder is None and _FUSED and not _small_cpu_inference(q, S, dropout_p):
             mask = None
             if blocked is not None or attn_bias is not None:
                 mask = _additive_mask(blocked, attn_bias, q.dtype)
@@ -238,12 +234,13 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-# No-grad attention on the CPU over few scores: two matmuls with in-place updates beat SDPA's CPU flash kernel
-# there, whose blocking overhead dominates small problems (measured on 2 cores, time / SDPA's: CAT-T's IPSA
-# windows 0.71 (49 tokens, 1.2-2.5M scores), its CPSA rows 0.94, 24-token causal text batches 0.6 (1-2.3M
-# scores), 24x80 cross-attention 0.84 (3.8M); CAT-T's eval forward at 224 px 5% faster in all). At 9.8M scores
-# (IPSA, batch 32) the score tensor leaves the cache and SDPA wins (1.5x), hence the bound. One-query decoding
-# steps stay on SDPA. Training and GPUs are unaffected.
+# No-grad attention on the CPU over few scores: the eager path (two matmuls, in-place updates) beats SDPA's CPU
+# flash kernel there, whose blocking overhead dominates small problems (measured on 2 cores, time / SDPA's, two
+# runs: CAT-T's IPSA windows 0.71-0.92 (49 tokens, 1.2-2.5M scores), its CPSA rows 0.75-0.94, 24-token causal text
+# batches 0.53-0.6 (1-2.3M scores), 24x80 cross-attention 0.67-0.84 (3.8M); CAT-T's eval forward at 224 px 1-4%
+# faster in all). At 9.8M scores (IPSA, batch 32) the score tensor leaves the cache: SDPA won there in one run
+# (eager 1.5x) and lost in the other (0.81), so the bound stays below it. One-query decoding steps stay on SDPA.
+# Training and GPUs are unaffected.
 _SMALL_CPU_SCORES = 4_000_000
 
 
@@ -256,18 +253,6 @@ def _small_cpu_inference(q: Tensor, S: int, dropout_p: float) -> bool:
         and L > 1
         and B * nh * L * S <= _SMALL_CPU_SCORES
     )
-
-
-def _small_attention_no_grad(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, blocked: Tensor | None, bias: Tensor | None
-) -> Tensor:
-    """The eager reference's arithmetic with in-place updates (no autograd graph to keep)."""
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
-    if bias is not None:
-        scores.add_(bias.to(scores.dtype))
-    if blocked is not None:
-        scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
-    return torch.matmul(scores.softmax(dim=-1), v)
 
 
 def _additive_mask(blocked: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -293,10 +278,11 @@ def _eager(
 ) -> tuple[Tensor, Tensor]:
     """Reference attention. Returns the output ``(B, nh, L, hd)`` and the post-softmax weights ``(B, nh, L, S)``."""
     scores = (q * scale) @ k.transpose(-2, -1)  # (B, nh, L, S)
+    # in place: the matmul's backward needs its inputs, not its output, and the score tensor is the largest one
     if bias is not None:
-        scores = scores + bias.to(scores.dtype)
+        scores.add_(bias.to(scores.dtype))
     if blocked is not None:
-        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
+        scores.masked_fill_(blocked, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return dropped @ v, weights

@@ -71,12 +71,16 @@ def make_wds(root: Path, n_shards: int = 2, per_shard: int = 8) -> dict[str, str
     return {"train_path": pattern, "val_path": pattern, "test_path": None, "image_root": None}
 
 
-def smoke_args(config: str, tmp: Path, data_paths: dict | None = None, fast_dev_run: int = 2) -> list[str]:
-    """CLI arguments that run ``config`` as a CPU smoke test: tiny model and data, fast_dev_run."""
+def smoke_args(
+    config: str, tmp: Path, data_paths: dict | None = None, fast_dev_run: int = 2, overlays: tuple[str, ...] = ()
+) -> list[str]:
+    """CLI arguments that run ``config`` (then the ``overlays`` configs on top of it, as a user would stack them) as
+    a CPU smoke test: tiny model and data, fast_dev_run."""
     args = [
         "fit",
         "--config",
         str(CONFIGS / config),
+        *(a for name in overlays for a in ("--config", str(CONFIGS / name))),
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
         "--trainer.strategy=auto",

@@ -3,7 +3,7 @@ run on a GPU machine with `pytest -m gpu`."""
 
 import pytest
 import torch
-from lit_helpers import CONFIGS, smoke_args
+from lit_helpers import smoke_args
 
 import mmxattn
 from mmxattn.attention import Attention, eager_attention
@@ -52,14 +52,13 @@ def test_lightning_fit_with_bf16_on_one_gpu(strategy, tmp_path, monkeypatch):
     """The shapes config trains on one GPU with bf16-mixed under Lightning's DDP and FSDP strategies (Lightning's
     FSDP needs a GPU, so this is the only place it runs), and ends with finite weights."""
     monkeypatch.chdir(tmp_path)
-    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=2) + [
+    # TensorBoard rather than the default wandb logger: one dependency less on GPU machines (CPU tests cover both)
+    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=2, overlays=("shapes_tensorboard.yaml",)) + [
         "--trainer.accelerator=gpu",
         "--trainer.devices=1",
         f"--trainer.strategy={strategy}",
         "--trainer.precision=bf16-mixed",
     ]
-    # TensorBoard rather than the default wandb logger: one dependency less on GPU machines (CPU tests cover both)
-    args[3:3] = ["--config", str(CONFIGS / "shapes_tensorboard.yaml")]
     cli = cli_main(args)
     assert cli.trainer.state.finished and cli.trainer.global_step == 2
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())

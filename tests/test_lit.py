@@ -53,8 +53,7 @@ def test_every_shipped_config_runs(config, tmp_path, monkeypatch, capsys):
 
 def test_tensorboard_config_composes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=1)
-    args[3:3] = ["--config", str(CONFIGS / "shapes_tensorboard.yaml")]
+    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=1, overlays=("shapes_tensorboard.yaml",))
     cli = cli_main(args + ["--test_after_fit=false"])
     assert type(cli.trainer.logger).__name__ in ("TensorBoardLogger", "DummyLogger")
 
