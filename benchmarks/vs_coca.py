@@ -229,10 +229,17 @@ def under_bf16(fn: Any, device: str, on: bool) -> Any:
 
 
 def make_train_step(
-    which: str, spec: Any, batch: int, device: str, model: torch.nn.Module | None = None, bf16: bool = False
+    which: str,
+    spec: Any,
+    batch: int,
+    device: str,
+    model: torch.nn.Module | None = None,
+    bf16: bool = False,
+    compile: bool = False,
 ):
     """(step, resident_bytes): one AdamW training step of ``which`` ("ours" or "coca") on a fixed random batch;
-    forward and losses under bf16 autocast when ``bf16`` (fp32 weights, as Lightning's bf16-mixed)."""
+    forward and losses under bf16 autocast when ``bf16`` (fp32 weights, as Lightning's bf16-mixed), compiled with
+    ``torch.compile`` when ``compile``."""
     import open_clip.loss
 
     from mmxattn.losses import CaptionLoss, ContrastiveLoss
@@ -271,6 +278,8 @@ def make_train_step(
             return clip + cap
 
     loss_fn = under_bf16(loss_fn, device, bf16)
+    if compile:
+        loss_fn = torch.compile(loss_fn)
     images, ids = random_batch(batch, img, ctx, vocab, bos, eos, pad)
     images, ids = images.to(device), ids.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
@@ -310,6 +319,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=None, help="training batch; 16 (quick 4)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: gen, train, memory")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both models (GPU runs)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile both models' training forward + loss (compiled in the warm-up rounds; give --warmup 2)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     a = p.parse_args(argv)
     if a.quick:
@@ -349,6 +363,8 @@ def bench_generation(ours, coca, coca_cfg, args) -> dict[str, Any]:
                 ours.generate, images, max_new_tokens=n_new, min_new_tokens=n_new, strategy=s, use_cache=True, **kw
             )
             fns[f"coca_{s}"] = functools.partial(coca_generate, coca, images, n_new, s, args.num_beams, sot, eos)
+            if torch.device(args.device).type == "cuda":  # what replaying the captured decoding step buys
+                fns[f"ours-nograph_{s}"] = functools.partial(fns[f"ours_{s}"], cuda_graph=False)
         fns = {k: under_bf16(f, args.device, args.bf16) for k, f in fns.items()}
         for name, fn in fns.items():  # the forced length is what makes tokens/s comparable
             shape = tuple(fn().shape)
@@ -374,15 +390,24 @@ def bench_generation(ours, coca, coca_cfg, args) -> dict[str, Any]:
             row["ratio"] = _ratio(row["ours_tokens_per_s"], row["coca_tokens_per_s"])
             od, cd = row["ours_decode_tokens_per_s"], row["coca_decode_tokens_per_s"]
             row["decode_ratio"] = _ratio(od, cd) if od and cd else None
+            if f"ours-nograph_{s}" in times:
+                row["ours_nograph_tokens_per_s"] = B * n_new / times[f"ours-nograph_{s}"]
+                row["cuda_graph_speedup"] = _ratio(row["ours_tokens_per_s"], row["ours_nograph_tokens_per_s"])
             results[f"{s}_b{B}"] = row
             dec = (
                 "n/a"
                 if row["decode_ratio"] is None
                 else f"ours {od:8.1f}  coca {cd:8.1f}  ratio {row['decode_ratio']:6.2f}x"
             )
+            graph = (
+                f"  | without the CUDA graph ours {row['ours_nograph_tokens_per_s']:8.1f} tok/s "
+                f"(graph {row['cuda_graph_speedup']:.2f}x)"
+                if "cuda_graph_speedup" in row
+                else ""
+            )
             print(
                 f"  gen {s:6s} B={B:<3d} ours {row['ours_tokens_per_s']:8.1f} tok/s  "
-                f"coca {row['coca_tokens_per_s']:8.1f} tok/s  ratio {row['ratio']:6.2f}x  | decode-only {dec}",
+                f"coca {row['coca_tokens_per_s']:8.1f} tok/s  ratio {row['ratio']:6.2f}x  | decode-only {dec}{graph}",
                 flush=True,
             )
     return results
@@ -411,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "preset": args.preset,
         "device": str(args.device),
         "bf16": args.bf16,
+        "compile": args.compile,
         "threads": threads,
         "repeats": args.repeats,
         "torch": torch.__version__,
@@ -430,8 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "train" not in args.skip:
         B = args.train_batch
         steps = {
-            "ours": make_train_step("ours", args.preset, B, args.device, model=ours, bf16=args.bf16)[0],
-            "coca": make_train_step("coca", coca_cfg, B, args.device, model=coca, bf16=args.bf16)[0],
+            "ours": make_train_step("ours", args.preset, B, args.device, ours, args.bf16, args.compile)[0],
+            "coca": make_train_step("coca", coca_cfg, B, args.device, coca, args.bf16, args.compile)[0],
         }
         times = time_alternating(steps, args.repeats, args.warmup, args.device)
         del steps  # frees both optimisers' state before the memory measurement

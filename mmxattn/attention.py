@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Attention", "KVCache", "eager_attention", "fused_attention_enabled", "set_fused_attention"]
+__all__ = [
+    "Attention",
+    "KVCache",
+    "StaticKVCache",
+    "eager_attention",
+    "fused_attention_enabled",
+    "set_fused_attention",
+]
 
 _FUSED = os.environ.get("MMXATTN_EAGER_ATTENTION", "0").lower() not in ("1", "true", "yes")
 
@@ -71,6 +78,52 @@ class KVCache:
     @property
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
+
+
+class StaticKVCache:
+    """Self-attention keys/values in buffers of fixed size ``(B, nh, capacity, hd)``, written at a position held in
+    a device tensor.
+
+    Every decoding step then has the same shapes and the same memory addresses, so one step can be captured in a CUDA
+    graph and replayed (see :mod:`mmxattn.generation`). ``pos`` is a long tensor of shape (1,), shared by every
+    layer of a model and advanced by the caller after each step; keys beyond ``pos + i`` are masked for query ``i``,
+    so the unwritten part of the buffers never contributes.
+    """
+
+    def __init__(self, pos: Tensor, capacity: int) -> None:
+        self.pos = pos
+        self.capacity = capacity
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store ``k``/``v`` (B, nh, L, hd) at positions ``pos .. pos + L - 1``; returns the whole buffers and the
+        (L, capacity) mask that is True where query ``i`` must not see the key."""
+        if self.k is None:  # allocated at the first write, in the dtype the projections produce (autocast)
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.k = k.new_zeros(shape)
+            self.v = v.new_zeros(shape)
+        elif self.k.shape[0] != k.shape[0] or self.k.dtype != k.dtype:
+            raise ValueError(
+                f"static cache holds batch {self.k.shape[0]} ({self.k.dtype}); got keys of batch {k.shape[0]} ({k.dtype})"
+            )
+        idx = self.pos + torch.arange(k.shape[2], device=k.device)  # (L,)
+        self.k.index_copy_(2, idx, k)
+        self.v.index_copy_(2, idx, v)
+        blocked = torch.arange(self.capacity, device=k.device)[None, :] > idx[:, None]  # (L, S)
+        return self.k, self.v, blocked
+
+    def reorder(self, index: Tensor) -> None:
+        """Select/reorder batch rows in place (beam search); the buffers keep their addresses."""
+        if self.k is not None:
+            self.k.copy_(self.k.index_select(0, index))
+            self.v.copy_(self.v.index_select(0, index))
+
+    def reset(self) -> None:
+        """Forget the contents (zero the buffers) for the next sequence; ``pos`` is the caller's to reset."""
+        if self.k is not None:
+            self.k.zero_()
+            self.v.zero_()
 
 
 class Attention(nn.Module):
@@ -157,7 +210,8 @@ class Attention(nn.Module):
                 (``torch.nn.MultiheadAttention``'s convention).
             attn_mask: bool broadcastable to ``(B, nh, L, S)``, ``True`` where attention is NOT allowed.
             is_causal: query ``i`` sees keys ``<= i`` (offset by the cached length when decoding).
-            cache: a :class:`KVCache` to extend (self-attention) or to fill once and reuse (cross-attention).
+            cache: a :class:`KVCache` to extend (self-attention) or to fill once and reuse (cross-attention), or a
+                :class:`StaticKVCache` (self-attention) to write at its position.
             context_index: cross-attention only: long ``(B,)``, query row ``i`` attends to context row
                 ``context_index[i]``. Keys/values are projected once per context row and then gathered, so a context
                 shared by several query rows (one image, several captions) is projected once, not once per row.
@@ -190,7 +244,13 @@ class Attention(nn.Module):
                 raise ValueError("this Attention is a self-attention (built without kv_dim); got a context")
             q, k, v = self._split_heads(self.qkv(x), 3)
             past = 0
-            if cache is not None:
+            if isinstance(cache, StaticKVCache):
+                if not is_causal or key_padding_mask is not None:
+                    raise ValueError("a StaticKVCache serves causal self-attention without a key padding mask")
+                k, v, static_blocked = cache.write(k, v)
+                attn_mask = static_blocked if attn_mask is None else (attn_mask | static_blocked)
+                is_causal = False  # the write mask is the causal mask at the cached offset
+            elif cache is not None:
                 past = cache.length
                 if past:
                     k = torch.cat([cache.k, k], dim=2)

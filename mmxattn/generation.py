@@ -5,17 +5,28 @@ text encoder's and the decoder's self-attention keys/values grow in a :class:`~m
 and the decoder's cross-attention keys/values of the image are projected once per image (then repeated per beam).
 ``use_cache=False`` recomputes the whole prefix each step (the reference the cache is tested against).
 
+On CUDA the cached step is captured once in a CUDA graph and replayed (``cuda_graph``, on by default there): a
+decoding step of a small model is a few hundred tiny kernels, so launching them one by one from Python costs more
+than running them. The graph needs fixed shapes and addresses, so it decodes into a static cache (fixed-size
+key/value buffers written at a device-side position, :meth:`~mmxattn.text.towers.DecodingCache.static`), which can
+also be asked for on its own (``static_cache=True``). Graphs are kept per model, batch size, image-token shape,
+dtype and autocast state, and reused by later calls.
+
 Every strategy returns ``(B, 1 + n)`` token ids starting with BOS; a row that ended is padded with ``pad_id``
 after its EOS.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .attention import Attention, fused_attention_enabled
 from .text.towers import DecodingCache
 
 __all__ = ["generate", "GenerationConfig"]
@@ -39,6 +50,8 @@ class GenerationConfig:
         repetition_penalty: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        static_cache: bool | None = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -52,6 +65,8 @@ class GenerationConfig:
             raise ValueError("top_k and min_new_tokens must be >= 0 and repetition_penalty > 0")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not use_cache and (static_cache or cuda_graph):
+            raise ValueError("static_cache and cuda_graph decode with a cache; they need use_cache=True")
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
 
 
@@ -86,24 +101,144 @@ def _sample(logp: Tensor, cfg: GenerationConfig) -> Tensor:
     return torch.multinomial(logits.softmax(-1), 1, generator=cfg.generator).squeeze(1)
 
 
-class _Stepper:
-    """Feeds the model one step at a time, with or without the cache."""
+def _recording(model: Any) -> bool:
+    return any(isinstance(m, Attention) and m._recorder is not None for m in model.modules())
 
-    def __init__(self, model: Any, image_tokens: Tensor, use_cache: bool, repeat: int = 1) -> None:
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        return enabled, (torch.get_autocast_dtype(device_type) if enabled else None)
+    except TypeError:  # torch < 2.4: no device argument
+        enabled = torch.is_autocast_enabled()
+        return enabled, (torch.get_autocast_gpu_dtype() if enabled else None)
+
+
+def _use_cuda_graph(model: Any, image_tokens: Tensor, cfg: GenerationConfig) -> bool:
+    on_cuda = image_tokens.device.type == "cuda"
+    if cfg.cuda_graph is None:  # auto: on CUDA, unless attention is being captured (that needs the eager path)
+        return cfg.use_cache and on_cuda and not _recording(model)
+    if cfg.cuda_graph:
+        if not on_cuda:
+            raise ValueError(f"cuda_graph=True needs the model and images on a CUDA device, got {image_tokens.device}")
+        if _recording(model):
+            raise ValueError("cuda_graph=True cannot run inside capture_attention (it needs the eager path)")
+    return bool(cfg.cuda_graph)
+
+
+class _CudaGraphStep:
+    """One cached decoding step of ``model`` for a batch of ``batch`` rows, captured in a CUDA graph.
+
+    Inputs live in fixed buffers (the newest token, the image's cross-attention keys/values, the static cache and
+    its position); replaying the graph runs the whole step (text encoder, decoder, LM head, position + 1) and
+    leaves the logits in ``self.logits``."""
+
+    def __init__(self, model: Any, batch: int, image_shape: tuple[int, int], dtype: torch.dtype, device) -> None:
+        # holds no reference to the model: the per-model registry below is keyed weakly by it
+        self.cache = model.new_cache(static=True, device=device)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self._fill_cross(model, torch.zeros(batch, *image_shape, dtype=dtype, device=device), 1)
+        enabled, ac_dtype = _autocast_state("cuda")
+        # the autocast weight cache must stay off: its casts would be freed while the graph still reads them
+        autocast = torch.autocast("cuda", dtype=ac_dtype, cache_enabled=False) if enabled else contextlib.nullcontext()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), autocast:  # warm-up allocates the static buffers and picks the kernels
+            for _ in range(2):
+                model.decode_step(self.tok, None, self.cache)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.cache.reset()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), autocast:
+            self.logits = model.decode_step(self.tok, None, self.cache)[:, -1]
+        self.cache.reset()
+
+    def _fill_cross(self, model: Any, image_tokens: Tensor, repeat: int) -> None:
+        for blk, c in zip(model.decoder.blocks, self.cache.dec_cross):
+            k, v = blk.cross_attn.project_kv(image_tokens)  # (B, nh, L, hd)
+            if repeat > 1:
+                k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+            if c.k is None:
+                c.k, c.v = k, v
+            else:  # the graph reads these addresses
+                c.k.copy_(k)
+                c.v.copy_(v)
+
+    def start(self, model: Any, image_tokens: Tensor, repeat: int) -> None:
+        """Load a new batch's image keys/values and empty the cache."""
+        self._fill_cross(model, image_tokens, repeat)
+        self.cache.reset()
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        self.cache.reserve(1)
+        self.tok.copy_(ids[:, -1:])
+        self.graph.replay()
+        return self.logits
+
+
+# per model: captured steps by (batch, image-token shape, dtype, device, autocast, weights' addresses); a few only
+_GRAPHS: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, tuple[tuple[int, ...], _CudaGraphStep]]] = (
+    weakref.WeakKeyDictionary()
+)
+_GRAPHS_PER_MODEL = 4
+
+
+def _graph_step(model: Any, image_tokens: Tensor, repeat: int) -> _CudaGraphStep:
+    B, L, D = image_tokens.shape
+    weights = tuple(p.data_ptr() for p in model.parameters())  # moved or replaced weights: capture again
+    key = (
+        B * repeat,
+        L,
+        D,
+        image_tokens.dtype,
+        image_tokens.device,
+        _autocast_state("cuda"),
+        fused_attention_enabled(),
+    )
+    graphs = _GRAPHS.setdefault(model, OrderedDict())
+    entry = graphs.get(key)
+    if entry is None or entry[0] != weights:
+        entry = (weights, _CudaGraphStep(model, B * repeat, (L, D), image_tokens.dtype, image_tokens.device))
+        graphs[key] = entry
+        while len(graphs) > _GRAPHS_PER_MODEL:
+            graphs.popitem(last=False)
+    graphs.move_to_end(key)
+    step = entry[1]
+    step.start(model, image_tokens, repeat)
+    return step
+
+
+class _Stepper:
+    """Feeds the model one step at a time: without a cache (whole prefix), with a growing or a static cache, or by
+    replaying a CUDA graph of the cached step."""
+
+    def __init__(self, model: Any, image_tokens: Tensor, cfg: GenerationConfig, repeat: int = 1) -> None:
         self.model = model
         self.cache: DecodingCache | None = None
-        if use_cache:
-            self.cache = model.new_cache()
+        self.graph: _CudaGraphStep | None = None
+        if _use_cuda_graph(model, image_tokens, cfg):
+            self.graph = _graph_step(model, image_tokens, repeat)
+            self.cache = self.graph.cache
+        elif cfg.use_cache:
+            static = cfg.cuda_graph if cfg.static_cache is None else cfg.static_cache
+            self.cache = model.new_cache(static=bool(static), device=image_tokens.device)
             # cross-attention keys/values: projected once per image, then repeated for its beams
             for blk, c in zip(model.decoder.blocks, self.cache.dec_cross):
                 k, v = blk.cross_attn.project_kv(image_tokens)  # (B, nh, L, hd)
                 c.k, c.v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
-        self.image_tokens = image_tokens.repeat_interleave(repeat, dim=0) if repeat > 1 else image_tokens
+        # only the uncached step reads the image tokens themselves; cached steps read the projected keys/values
+        self.image_tokens = (
+            image_tokens.repeat_interleave(repeat, 0) if repeat > 1 and not cfg.use_cache else image_tokens
+        )
 
     def __call__(self, ids: Tensor) -> Tensor:
+        if self.graph is not None:
+            return self.graph(ids)
         if self.cache is None:
             return self.model.decode_step(ids, self.image_tokens, None)[:, -1]
         fed = ids if self.cache.length == 0 else ids[:, -1:]
+        if self.cache.is_static:
+            self.cache.reserve(fed.shape[1])
         return self.model.decode_step(fed, self.image_tokens, self.cache)[:, -1]
 
     def reorder(self, index: Tensor) -> None:
@@ -128,8 +263,10 @@ def generate(
     Options: ``strategy`` "greedy" | "beam" | "sample"; ``max_new_tokens`` (default: fill the context);
     ``min_new_tokens``; ``num_beams``, ``length_penalty`` (beam; score / length ** penalty); ``temperature``,
     ``top_k``, ``top_p``, ``generator`` (sample; a seeded ``torch.Generator`` makes it reproducible);
-    ``repetition_penalty``; ``use_cache``. ``image_tokens`` (B, L, D) from ``model.encode_image_tokens`` may be
-    given instead of ``images`` to reuse an encoder pass.
+    ``repetition_penalty``; ``use_cache``; ``static_cache`` (fixed-size cache buffers; default: with
+    ``cuda_graph``); ``cuda_graph`` (replay a captured decoding step; default: on for CUDA unless attention is being
+    captured). ``image_tokens`` (B, L, D) from ``model.encode_image_tokens`` may be given instead of ``images`` to
+    reuse an encoder pass.
     """
     if (images is None) == (image_tokens is None):
         raise ValueError("generate needs exactly one of images or image_tokens")
@@ -150,20 +287,30 @@ def generate(
         model.train(was_training)
 
 
+# Asking the device whether every row has ended makes the host wait for it; on a GPU only every 4th step asks, and
+# the extra columns (pad in every row, since live rows never emit pad) are cut at the end.
+_CHECK_DONE_EVERY = {"cuda": 4}
+
+
 def _greedy_or_sample(model, image_tokens, n_new, cfg, special) -> Tensor:
     B = image_tokens.shape[0]
     dev = image_tokens.device
     ids = torch.full((B, 1), special["bos"], dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    step_fn = _Stepper(model, image_tokens, cfg.use_cache)
+    step_fn = _Stepper(model, image_tokens, cfg)
+    check_every = _CHECK_DONE_EVERY.get(dev.type, 1)
     for step in range(n_new):
         logp = _adjust_logits(step_fn(ids), ids, step, cfg, special)
         nxt = _sample(logp, cfg) if cfg.strategy == "sample" else logp.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, special["pad"]), nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         done |= nxt == special["eos"]
-        if bool(done.all()):
-            break
+        if (step + 1) % check_every == 0 or step == n_new - 1:
+            if bool(done.all()):
+                break
+    if check_every > 1:
+        live = (ids != special["pad"]).any(0).nonzero()
+        ids = ids[:, : int(live.max()) + 1]
     return ids
 
 
@@ -171,7 +318,7 @@ def _beam(model, image_tokens, n_new, cfg, special) -> Tensor:
     B, K = image_tokens.shape[0], cfg.num_beams
     dev = image_tokens.device
     V = model.cfg.text.vocab_size
-    step_fn = _Stepper(model, image_tokens, cfg.use_cache, repeat=K)
+    step_fn = _Stepper(model, image_tokens, cfg, repeat=K)
     ids = torch.full((B * K, 1), special["bos"], dtype=torch.long, device=dev)
     # only the first beam of each image is live at the start, so the K beams do not start as copies
     beam_scores = torch.full((B, K), float("-inf"), device=dev)

@@ -305,17 +305,26 @@ class MMXAttn(nn.Module):
         return torch.cat(out).view(M, C).logsumexp(0) - math.log(M)
 
     # ------------------------------------------------------------------ generation
-    def new_cache(self) -> DecodingCache:
-        return DecodingCache.empty(self.cfg.text.layers, self.cfg.text.decoder_layers)
+    def new_cache(self, static: bool = False, device: torch.device | str | None = None) -> DecodingCache:
+        """An empty decoding cache: growing (default) or static (fixed buffers of ``context_length`` positions on
+        ``device``, what CUDA-graph decoding needs)."""
+        t = self.cfg.text
+        if static:
+            return DecodingCache.static(t.layers, t.decoder_layers, t.context_length, device)
+        return DecodingCache.empty(t.layers, t.decoder_layers)
 
-    def decode_step(self, ids: Tensor, image_tokens: Tensor, cache: DecodingCache | None) -> Tensor:
+    def decode_step(self, ids: Tensor, image_tokens: Tensor | None, cache: DecodingCache | None) -> Tensor:
         """Logits (B, t, V) for new ids (B, t). With a cache, ``ids`` continue the cached prefix; without one,
-        ``ids`` is the whole prefix and everything is recomputed."""
+        ``ids`` is the whole prefix and everything is recomputed. With a static cache the step has no host-side
+        value in it (the caller books the positions with ``cache.reserve``), so it can be captured in a CUDA graph."""
         if cache is None:
             _, states = self.text(ids)
             return self.decode(image_tokens, states)
         states = self.text.step(ids, cache.text)
-        return self.lm_head(self.decoder(states, image_tokens, cache.dec_self, cache.dec_cross))
+        logits = self.lm_head(self.decoder(states, image_tokens, cache.dec_self, cache.dec_cross))
+        if cache.is_static:
+            cache.pos.add_(ids.shape[1])
+        return logits
 
     @torch.no_grad()
     def generate(

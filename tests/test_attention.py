@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from mmxattn.attention import Attention, KVCache, eager_attention, fused_attention_enabled, set_fused_attention
+from mmxattn.attention import (
+    Attention,
+    KVCache,
+    StaticKVCache,
+    eager_attention,
+    fused_attention_enabled,
+    set_fused_attention,
+)
 
 
 def _run(attn: Attention, *args, eager: bool, **kw) -> torch.Tensor:
@@ -137,6 +144,33 @@ def test_kv_cache_decoding_equals_full_causal_pass():
     a = attn(x[:, :5], is_causal=True, cache=cache2)
     b = attn(x[:, 5:], is_causal=True, cache=cache2)
     torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_static_kv_cache_equals_growing_cache(eager):
+    """Fixed buffers written at a device position (what CUDA-graph decoding replays) give the full causal pass:
+    a prompt of 3, then single tokens; the unwritten tail of the buffer and stale contents never leak in."""
+    attn = Attention(32, 4).eval()
+    x = torch.randn(2, 8, 32)
+    full = _run(attn, x, eager=eager, is_causal=True)
+    pos = torch.zeros(1, dtype=torch.long)
+    cache = StaticKVCache(pos, capacity=10)
+    for _ in range(2):  # the second pass reuses the buffers: stale keys before pos, garbage after it
+        steps = []
+        for a, b in [(0, 3), *((t, t + 1) for t in range(3, 8))]:
+            steps.append(_run(attn, x[:, a:b], eager=eager, is_causal=True, cache=cache))
+            pos.add_(b - a)
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+        assert cache.k.shape == (2, 4, 10, 8) and int(pos) == 8
+        cache.k[:, :, 8:] = 1e4
+        cache.v[:, :, 8:] = 1e4
+        pos.zero_()
+    cache.reset()
+    assert not cache.k.any() and not cache.v.any()
+    with pytest.raises(ValueError, match="batch 2"):
+        attn(torch.randn(3, 1, 32), is_causal=True, cache=cache)
+    with pytest.raises(ValueError, match="causal"):
+        attn(x[:, :1], cache=StaticKVCache(pos, 10))
 
 
 def test_cross_attention_cache_projects_context_once():

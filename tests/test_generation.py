@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import mmxattn
+from mmxattn import generation
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,49 @@ def test_cached_beam_equals_recomputed(model, images, lp):
     a = model.generate(images, strategy="beam", num_beams=3, length_penalty=lp, use_cache=True)
     b = model.generate(images, strategy="beam", num_beams=3, length_penalty=lp, use_cache=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(strategy="greedy"),
+        dict(strategy="beam", num_beams=3, length_penalty=1.0),
+        dict(strategy="sample", temperature=1.5, top_k=5),
+    ],
+    ids=["greedy", "beam", "sample"],
+)
+def test_static_cache_equals_growing_cache(model, images, kw):
+    """The fixed-buffer cache that CUDA graphs replay decodes token for token as the growing one (also across
+    beam reordering, which moves rows inside the buffers)."""
+
+    def run(static):
+        g = torch.Generator().manual_seed(5) if kw["strategy"] == "sample" else None
+        return model.generate(images, static_cache=static, generator=g, **kw)
+
+    a, b = run(False), run(True)
+    assert a.shape[1] > 2
+    assert torch.equal(a, b)
+
+
+def test_lagged_done_check_gives_the_same_ids(model, images, monkeypatch):
+    """On a GPU the loop asks whether every row ended only every 4th step; the extra all-pad columns are cut."""
+    original = model.decode_step
+    eos = model.cfg.text.eos_id
+
+    def step(ids, image_tokens, cache):
+        logits = original(ids, image_tokens, cache)
+        n = cache.length - 1  # new tokens so far
+        logits[0, :, eos] = 1e4 if n >= 2 else -1e4  # rows end after 2, 5 and 6 new tokens
+        logits[1, :, eos] = 1e4 if n >= 5 else -1e4
+        logits[2, :, eos] = 1e4 if n >= 6 else -1e4
+        return logits
+
+    monkeypatch.setattr(model, "decode_step", step)
+    every_step = model.generate(images, max_new_tokens=12)
+    monkeypatch.setattr(generation, "_CHECK_DONE_EVERY", {"cpu": 4})
+    lagged = model.generate(images, max_new_tokens=12)
+    assert every_step.shape == (3, 8)  # bos + 6 tokens + eos of the last row
+    assert torch.equal(lagged, every_step)
 
 
 def test_one_beam_is_greedy(model, images):
@@ -148,3 +192,7 @@ def test_bad_options_raise(model, images):
         model.generate(images, strategy="sample", top_p=1.5)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model.generate(torch.randn(2, 1, 64, 64))
+    with pytest.raises(ValueError, match="CUDA"):
+        model.generate(images, cuda_graph=True)
+    with pytest.raises(ValueError, match="use_cache"):
+        model.generate(images, use_cache=False, static_cache=True)

@@ -18,7 +18,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import Attention, KVCache
+from ..attention import Attention, KVCache, StaticKVCache
 from ..config import TextConfig
 
 __all__ = [
@@ -79,12 +79,20 @@ class DecoderBlock(nn.Module):
 
 @dataclass
 class DecodingCache:
-    """Every layer's keys/values during generation: the text encoder's and decoder's self-attention (growing)
-    and the decoder's cross-attention over the image (computed once per image)."""
+    """Every layer's keys/values during generation: the text encoder's and decoder's self-attention (growing, or
+    fixed-size buffers for a static cache) and the decoder's cross-attention over the image (computed once per
+    image).
 
-    text: list[KVCache] = field(default_factory=list)
-    dec_self: list[KVCache] = field(default_factory=list)
+    A static cache (:meth:`static`) keeps the self-attention keys/values in :class:`StaticKVCache` buffers of
+    ``capacity`` positions written at the device position ``pos``, so that every step has the same shapes and
+    addresses (what a CUDA graph needs); ``steps`` counts the positions on the host."""
+
+    text: list[KVCache | StaticKVCache] = field(default_factory=list)
+    dec_self: list[KVCache | StaticKVCache] = field(default_factory=list)
     dec_cross: list[KVCache] = field(default_factory=list)
+    pos: Tensor | None = None
+    capacity: int = 0
+    steps: int = 0
 
     @classmethod
     def empty(cls, text_layers: int, decoder_layers: int) -> DecodingCache:
@@ -94,9 +102,41 @@ class DecodingCache:
             [KVCache() for _ in range(decoder_layers)],
         )
 
+    @classmethod
+    def static(
+        cls, text_layers: int, decoder_layers: int, capacity: int, device: torch.device | str | None = None
+    ) -> DecodingCache:
+        pos = torch.zeros(1, dtype=torch.long, device=device)
+        return cls(
+            [StaticKVCache(pos, capacity) for _ in range(text_layers)],
+            [StaticKVCache(pos, capacity) for _ in range(decoder_layers)],
+            [KVCache() for _ in range(decoder_layers)],
+            pos=pos,
+            capacity=capacity,
+        )
+
+    @property
+    def is_static(self) -> bool:
+        return self.pos is not None
+
     @property
     def length(self) -> int:
+        if self.is_static:
+            return self.steps
         return self.text[0].length if self.text else 0
+
+    def reserve(self, t: int) -> None:
+        """Host-side bookkeeping before a static step of ``t`` positions (the device position moves in the step)."""
+        if self.steps + t > self.capacity:
+            raise ValueError(f"generation would exceed the static cache's {self.capacity} positions")
+        self.steps += t
+
+    def reset(self) -> None:
+        """Empty a static cache for the next sequence (buffers zeroed, position 0); cross-attention is kept."""
+        for c in (*self.text, *self.dec_self):
+            c.reset()
+        self.pos.zero_()
+        self.steps = 0
 
     def reorder(self, index: Tensor, same_image: bool = True) -> None:
         """Select batch rows (beam search); ``index`` is (B',) into the current batch.
@@ -150,13 +190,19 @@ class TextEncoder(nn.Module):
         # Pad positions' states are never used: the decoder only reads positions whose next token is real.
         return self.text_projection(x[:, -1]), x[:, :-1]
 
-    def step(self, ids: Tensor, caches: Sequence[KVCache]) -> Tensor:
+    def step(self, ids: Tensor, caches: Sequence[KVCache | StaticKVCache]) -> Tensor:
         """Incremental token states for generation: ids (B, t) continuing the cached prefix -> (B, t, W)."""
-        past = caches[0].length
         t = ids.shape[1]
-        if past + t > self.cfg.context_length:
-            raise ValueError(f"generation would exceed context_length={self.cfg.context_length}")
-        x = self.token_embedding(ids) + self.positional_embedding[past : past + t]
+        if isinstance(caches[0], StaticKVCache):  # position from the device: no host value in the step
+            if caches[0].capacity > self.cfg.context_length:
+                raise ValueError(f"a static cache of {caches[0].capacity} positions exceeds context_length")
+            where = caches[0].pos + torch.arange(t, device=ids.device)
+            x = self.token_embedding(ids) + self.positional_embedding.index_select(0, where)
+        else:
+            past = caches[0].length
+            if past + t > self.cfg.context_length:
+                raise ValueError(f"generation would exceed context_length={self.cfg.context_length}")
+            x = self.token_embedding(ids) + self.positional_embedding[past : past + t]
         for blk, cache in zip(self.blocks, caches):
             x = blk(x, cache=cache)
         return self.ln_final(x)
