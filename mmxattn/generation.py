@@ -5,12 +5,12 @@ text encoder's and the decoder's self-attention keys/values grow in a :class:`~m
 and the decoder's cross-attention keys/values of the image are projected once per image (then repeated per beam).
 ``use_cache=False`` recomputes the whole prefix each step (the reference the cache is tested against).
 
-On CUDA the cached step is captured once in a CUDA graph and replayed (``cuda_graph``, on by default there): a
-decoding step of a small model is a few hundred tiny kernels, so launching them one by one from Python costs more
-than running them. The graph needs fixed shapes and addresses, so it decodes into a static cache (fixed-size
+On CUDA the image encoder's call and the cached step are captured once in CUDA graphs and replayed (``cuda_graph``,
+on by default there; :mod:`mmxattn.cuda_graph`): a decoding step of a small model is a few hundred tiny kernels, so
+launching them one by one from Python costs more than running them. The graph needs fixed shapes and addresses, so it decodes into a static cache (fixed-size
 key/value buffers written at a device-side position, :meth:`~mmxattn.text.towers.DecodingCache.static`), which can
-also be asked for on its own (``static_cache=True``). Graphs are kept per model, batch size, image-token shape,
-dtype and autocast state, and reused by later calls.
+also be asked for on its own (``static_cache=True``). Graphs are kept per model, batch size, image or image-token
+shape, dtype and autocast state, and reused by later calls.
 
 Every strategy returns ``(B, 1 + n)`` token ids starting with BOS; a row that ended is padded with ``pad_id``
 after its EOS.
@@ -18,14 +18,12 @@ after its EOS.
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import cuda_graph
 from .attention import Attention, fused_attention_enabled
 from .text.towers import DecodingCache
 
@@ -105,52 +103,35 @@ def _recording(model: Any) -> bool:
     return any(isinstance(m, Attention) and m._recorder is not None for m in model.modules())
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-        return enabled, (torch.get_autocast_dtype(device_type) if enabled else None)
-    except TypeError:  # torch < 2.4: no device argument
-        enabled = torch.is_autocast_enabled()
-        return enabled, (torch.get_autocast_gpu_dtype() if enabled else None)
-
-
-def _use_cuda_graph(model: Any, image_tokens: Tensor, cfg: GenerationConfig) -> bool:
-    on_cuda = image_tokens.device.type == "cuda"
+def _use_cuda_graph(model: Any, x: Tensor, cfg: GenerationConfig) -> bool:
+    """Whether to replay captured graphs for inputs like ``x`` (images or image tokens)."""
+    on_cuda = x.device.type == "cuda"
     if cfg.cuda_graph is None:  # auto: on CUDA, unless attention is being captured (that needs the eager path)
         return cfg.use_cache and on_cuda and not _recording(model)
     if cfg.cuda_graph:
         if not on_cuda:
-            raise ValueError(f"cuda_graph=True needs the model and images on a CUDA device, got {image_tokens.device}")
+            raise ValueError(f"cuda_graph=True needs the model and images on a CUDA device, got {x.device}")
         if _recording(model):
             raise ValueError("cuda_graph=True cannot run inside capture_attention (it needs the eager path)")
     return bool(cfg.cuda_graph)
 
 
 class _CudaGraphStep:
-    """One cached decoding step of ``model`` for a batch of ``batch`` rows, captured in a CUDA graph.
+    """One cached decoding step of a model for a batch of ``batch`` rows, captured in a CUDA graph.
 
     Inputs live in fixed buffers (the newest token, the image's cross-attention keys/values, the static cache and
     its position); replaying the graph runs the whole step (text encoder, decoder, LM head, position + 1) and
-    leaves the logits in ``self.logits``."""
+    leaves the logits in ``self.logits``. Holds no reference to the model (the registry is keyed weakly by it)."""
 
     def __init__(self, model: Any, batch: int, image_shape: tuple[int, int], dtype: torch.dtype, device) -> None:
-        # holds no reference to the model: the per-model registry below is keyed weakly by it
         self.cache = model.new_cache(static=True, device=device)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._fill_cross(model, torch.zeros(batch, *image_shape, dtype=dtype, device=device), 1)
-        enabled, ac_dtype = _autocast_state("cuda")
-        # the autocast weight cache must stay off: its casts would be freed while the graph still reads them
-        autocast = torch.autocast("cuda", dtype=ac_dtype, cache_enabled=False) if enabled else contextlib.nullcontext()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), autocast:  # warm-up allocates the static buffers and picks the kernels
-            for _ in range(2):
-                model.decode_step(self.tok, None, self.cache)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.cache.reset()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), autocast:
-            self.logits = model.decode_step(self.tok, None, self.cache)[:, -1]
+        # warm-up allocates the static buffers; the capture records the step from position 0
+        self.graph, logits = cuda_graph.capture(
+            lambda: model.decode_step(self.tok, None, self.cache), device, before_capture=self.cache.reset
+        )
+        self.logits = logits[:, -1]
         self.cache.reset()
 
     def _fill_cross(self, model: Any, image_tokens: Tensor, repeat: int) -> None:
@@ -176,36 +157,24 @@ class _CudaGraphStep:
         return self.logits
 
 
-# per model: captured steps by (batch, image-token shape, dtype, device, autocast, weights' addresses); a few only
-_GRAPHS: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, tuple[tuple[int, ...], _CudaGraphStep]]] = (
-    weakref.WeakKeyDictionary()
-)
-_GRAPHS_PER_MODEL = 4
-
-
 def _graph_step(model: Any, image_tokens: Tensor, repeat: int) -> _CudaGraphStep:
     B, L, D = image_tokens.shape
-    weights = tuple(p.data_ptr() for p in model.parameters())  # moved or replaced weights: capture again
-    key = (
-        B * repeat,
-        L,
-        D,
-        image_tokens.dtype,
-        image_tokens.device,
-        _autocast_state("cuda"),
-        fused_attention_enabled(),
+    key = ("decode_step", B * repeat, L, D, image_tokens.dtype, image_tokens.device, fused_attention_enabled())
+    step = cuda_graph.cached(
+        model, key, lambda: _CudaGraphStep(model, B * repeat, (L, D), image_tokens.dtype, image_tokens.device)
     )
-    graphs = _GRAPHS.setdefault(model, OrderedDict())
-    entry = graphs.get(key)
-    if entry is None or entry[0] != weights:
-        entry = (weights, _CudaGraphStep(model, B * repeat, (L, D), image_tokens.dtype, image_tokens.device))
-        graphs[key] = entry
-        while len(graphs) > _GRAPHS_PER_MODEL:
-            graphs.popitem(last=False)
-    graphs.move_to_end(key)
-    step = entry[1]
     step.start(model, image_tokens, repeat)
     return step
+
+
+def _encode_images(model: Any, images: Tensor, graphed: bool) -> Tensor:
+    """The image tokens of a preprocessed batch; on CUDA with ``graphed``, by replaying a captured encoder call
+    (copied out of the graph's buffer: the decoder's keys/values are projected from it)."""
+    if not graphed:
+        return model.encode_image_tokens(images)
+    key = ("encode_image_tokens", tuple(images.shape), images.dtype, images.device, fused_attention_enabled())
+    call = cuda_graph.cached(model, key, lambda: cuda_graph.GraphedCall(model.encode_image_tokens, images))
+    return call(images).clone()
 
 
 class _Stepper:
@@ -279,7 +248,8 @@ def generate(
     model.eval()
     try:
         if image_tokens is None:
-            image_tokens = model.encode_image_tokens(model.preprocess(images))
+            pixels = model.preprocess(images)
+            image_tokens = _encode_images(model, pixels, _use_cuda_graph(model, pixels, cfg))
         if strategy == "beam":
             return _beam(model, image_tokens, n_new, cfg, special)
         return _greedy_or_sample(model, image_tokens, n_new, cfg, special)

@@ -6,7 +6,7 @@ import torch
 from lit_helpers import smoke_args
 
 import mmxattn
-from mmxattn import capture_attention, generation
+from mmxattn import capture_attention, cuda_graph, generation
 from mmxattn.attention import Attention, eager_attention
 from mmxattn.lit.cli import main as cli_main
 
@@ -49,9 +49,9 @@ def test_bf16_autocast_training_step_and_generation():
 
 
 def test_cuda_graph_decoding_matches_eager_and_is_reused():
-    """Replaying the captured decoding step gives the growing cache's tokens (fp32), for greedy and for beam
+    """Replaying the captured encoder and decoding step gives the eager tokens (fp32), for greedy and for beam
     search (whose reordering moves rows inside the graph's buffers); a later call with other images reuses the
-    graph; a capture of the attention maps falls back to the eager step by itself."""
+    graphs; moved parameters are captured again; a capture of the attention maps falls back to the eager path."""
     torch.manual_seed(0)
     model = mmxattn.create_model("mmx_tiny", vocab_size=40, context_length=14).cuda().eval()
     with torch.no_grad():
@@ -62,11 +62,16 @@ def test_cuda_graph_decoding_matches_eager_and_is_reused():
         assert ref.shape[1] > 2
         assert torch.equal(model.generate(images, cuda_graph=True, **kw), ref)
         assert torch.equal(model.generate(images, cuda_graph=False, static_cache=True, **kw), ref)
-    graphs = generation._GRAPHS[model]
-    assert len(graphs) == 2  # batch 3 (greedy) and 9 (3 beams of 3 images)
+    # the encoder for 3 images (shared by greedy and beam), the step for batch 3 (greedy) and 9 (3 beams of 3)
+    assert cuda_graph.held_graphs(model) == 3
     other = torch.randn(3, 3, 64, 64, device="cuda")
     assert torch.equal(model.generate(other), model.generate(other, cuda_graph=False))  # graph is the default
-    assert len(graphs) == 2
+    assert cuda_graph.held_graphs(model) == 3
+    tokens = model.encode_image_tokens(other)
+    graphed = generation._encode_images(model, other, graphed=True)
+    torch.testing.assert_close(graphed, tokens, atol=1e-5, rtol=1e-5)
+    model.to(torch.float64).to(torch.float32)  # parameters moved: the next call captures again, still correct
+    assert torch.equal(model.generate(other), model.generate(other, cuda_graph=False))
     with capture_attention(model, "decoder.*cross_attn") as maps:
         model.generate(images, max_new_tokens=4)
         with pytest.raises(ValueError, match="capture_attention"):
