@@ -7,10 +7,11 @@ and the decoder's cross-attention keys/values of the image are projected once pe
 
 On CUDA the image encoder's call and the cached step are captured once in CUDA graphs and replayed (``cuda_graph``,
 on by default there; :mod:`mmxattn.cuda_graph`): a decoding step of a small model is a few hundred tiny kernels, so
-launching them one by one from Python costs more than running them. The graph needs fixed shapes and addresses, so it decodes into a static cache (fixed-size
-key/value buffers written at a device-side position, :meth:`~mmxattn.text.towers.DecodingCache.static`), which can
-also be asked for on its own (``static_cache=True``). Graphs are kept per model, batch size, image or image-token
-shape, dtype and autocast state, and reused by later calls.
+launching them one by one from Python costs more than running them. A graph needs fixed shapes and addresses, so
+the step decodes into a static cache (fixed-size key/value buffers written at a device-side position,
+:meth:`~mmxattn.text.towers.DecodingCache.static`), which can also be asked for on its own (``static_cache=True``).
+Graphs are kept per model, batch size, image or image-token shape, dtype and autocast state, and reused by later
+calls.
 
 Every strategy returns ``(B, 1 + n)`` token ids starting with BOS; a row that ended is padded with ``pad_id``
 after its EOS.
@@ -189,8 +190,7 @@ class _Stepper:
             self.graph = _graph_step(model, image_tokens, repeat)
             self.cache = self.graph.cache
         elif cfg.use_cache:
-            static = cfg.cuda_graph if cfg.static_cache is None else cfg.static_cache
-            self.cache = model.new_cache(static=bool(static), device=image_tokens.device)
+            self.cache = model.new_cache(static=bool(cfg.static_cache), device=image_tokens.device)
             # cross-attention keys/values: projected once per image, then repeated for its beams
             for blk, c in zip(model.decoder.blocks, self.cache.dec_cross):
                 k, v = blk.cross_attn.project_kv(image_tokens)  # (B, nh, L, hd)
@@ -232,9 +232,9 @@ def generate(
     Options: ``strategy`` "greedy" | "beam" | "sample"; ``max_new_tokens`` (default: fill the context);
     ``min_new_tokens``; ``num_beams``, ``length_penalty`` (beam; score / length ** penalty); ``temperature``,
     ``top_k``, ``top_p``, ``generator`` (sample; a seeded ``torch.Generator`` makes it reproducible);
-    ``repetition_penalty``; ``use_cache``; ``static_cache`` (fixed-size cache buffers; default: with
-    ``cuda_graph``); ``cuda_graph`` (replay a captured decoding step; default: on for CUDA unless attention is being
-    captured). ``image_tokens`` (B, L, D) from ``model.encode_image_tokens`` may be given instead of ``images`` to
+    ``repetition_penalty``; ``use_cache``; ``static_cache`` (fixed-size cache buffers; the CUDA graphs always use
+    them); ``cuda_graph`` (replay captured graphs of the encoder call and the decoding step; default: on for CUDA
+    unless attention is being captured). ``image_tokens`` (B, L, D) from ``model.encode_image_tokens`` may be given instead of ``images`` to
     reuse an encoder pass.
     """
     if (images is None) == (image_tokens is None):

@@ -332,7 +332,8 @@ class MMXAttn(nn.Module):
     ) -> Tensor:
         """Token ids (B, T') starting with BOS; see :func:`mmxattn.generation.generate` for the options
         (``num_beams``, ``length_penalty``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
-        ``min_new_tokens``, ``use_cache``, ``generator``, ``image_tokens`` to reuse an encoder pass)."""
+        ``min_new_tokens``, ``use_cache``, ``static_cache``, ``cuda_graph`` (on CUDA by default: captured graphs of the
+        encoder call and the decoding step are replayed), ``generator``, ``image_tokens`` to reuse an encoder pass)."""
         from .generation import generate
 
         return generate(self, images, max_new_tokens=max_new_tokens, strategy=strategy, **kwargs)
