@@ -108,7 +108,7 @@ def _named_objects(word: str, labels) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="the shipped fixture (1500 CPU steps of mmx_tiny) grounds 0.53 of its caption words' peaks on target "
+    reason="the shipped fixture (3000 CPU steps of mmx_tiny) grounds 0.51 of its caption words' peaks on target "
     "(chance 0.10), short of the 0.6 bar; see tests/fixtures/make_tiny_checkpoint.py",
     strict=False,
 )
