@@ -19,6 +19,9 @@ after its EOS.
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,17 +107,38 @@ def _recording(model: Any) -> bool:
     return any(isinstance(m, Attention) and m._recorder is not None for m in model.modules())
 
 
+# Models whose graph capture failed under the automatic choice: they generate eagerly from then on.
+_CAPTURE_FAILED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def _use_cuda_graph(model: Any, x: Tensor, cfg: GenerationConfig) -> bool:
     """Whether to replay captured graphs for inputs like ``x`` (images or image tokens)."""
     on_cuda = x.device.type == "cuda"
     if cfg.cuda_graph is None:  # auto: on CUDA, unless attention is being captured (that needs the eager path)
-        return cfg.use_cache and on_cuda and not _recording(model)
+        return cfg.use_cache and on_cuda and not _recording(model) and model not in _CAPTURE_FAILED
     if cfg.cuda_graph:
         if not on_cuda:
             raise ValueError(f"cuda_graph=True needs the model and images on a CUDA device, got {x.device}")
         if _recording(model):
             raise ValueError("cuda_graph=True cannot run inside capture_attention (it needs the eager path)")
     return bool(cfg.cuda_graph)
+
+
+def _graphed(model: Any, cfg: GenerationConfig, build: Callable[[], Any]) -> Any:
+    """``build()`` (a capture, or a replay of one); under the automatic choice a failure warns once and returns None
+    (the caller goes eager), with ``cuda_graph=True`` it raises."""
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 -- capture fails in many ways (an op that syncs, a driver limit, ...)
+        if cfg.cuda_graph:
+            raise
+        _CAPTURE_FAILED.add(model)
+        warnings.warn(
+            f"CUDA-graph generation failed ({type(e).__name__}: {str(e)[:200]}); this model generates without "
+            "graphs from now on (cuda_graph=True raises instead)",
+            stacklevel=3,
+        )
+        return None
 
 
 class _CudaGraphStep:
@@ -187,7 +211,8 @@ class _Stepper:
         self.cache: DecodingCache | None = None
         self.graph: _CudaGraphStep | None = None
         if _use_cuda_graph(model, image_tokens, cfg):
-            self.graph = _graph_step(model, image_tokens, repeat)
+            self.graph = _graphed(model, cfg, lambda: _graph_step(model, image_tokens, repeat))
+        if self.graph is not None:
             self.cache = self.graph.cache
         elif cfg.use_cache:
             self.cache = model.new_cache(static=bool(cfg.static_cache), device=image_tokens.device)
@@ -249,7 +274,10 @@ def generate(
     try:
         if image_tokens is None:
             pixels = model.preprocess(images)
-            image_tokens = _encode_images(model, pixels, _use_cuda_graph(model, pixels, cfg))
+            if _use_cuda_graph(model, pixels, cfg):
+                image_tokens = _graphed(model, cfg, lambda: _encode_images(model, pixels, graphed=True))
+            if image_tokens is None:
+                image_tokens = model.encode_image_tokens(pixels)
         if strategy == "beam":
             return _beam(model, image_tokens, n_new, cfg, special)
         return _greedy_or_sample(model, image_tokens, n_new, cfg, special)

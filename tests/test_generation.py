@@ -196,3 +196,27 @@ def test_bad_options_raise(model, images):
         model.generate(images, cuda_graph=True)
     with pytest.raises(ValueError, match="use_cache"):
         model.generate(images, use_cache=False, static_cache=True)
+
+
+def test_a_failed_graph_capture_warns_once_and_goes_eager(model):
+    """Under the automatic choice a capture that fails (an op that syncs, a driver limit) costs a warning and the
+    model generates eagerly from then on; asked for explicitly, the failure is raised."""
+    from types import SimpleNamespace
+
+    from mmxattn.generation import GenerationConfig, _graphed, _use_cuda_graph
+
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))  # only its device is looked at
+    auto, explicit = GenerationConfig(), GenerationConfig(cuda_graph=True)
+    victim = mmxattn.create_model("mmx_tiny")
+    assert _use_cuda_graph(victim, on_gpu, auto)
+
+    def boom():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="capturing"):
+        _graphed(victim, explicit, boom)
+    assert _use_cuda_graph(victim, on_gpu, auto)  # an explicit request's failure does not switch auto off
+    with pytest.warns(UserWarning, match="without graphs from now on"):
+        assert _graphed(victim, auto, boom) is None
+    assert not _use_cuda_graph(victim, on_gpu, auto)
+    assert _use_cuda_graph(model, on_gpu, auto)  # other models are unaffected
