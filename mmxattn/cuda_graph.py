@@ -61,7 +61,10 @@ def capture(
     if before_capture is not None:
         before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), autocast:
+    # thread_local: only this thread's unsafe calls may break the capture; with the default ("global") a CUDA call
+    # from any other thread of the process during the capture would (a DataLoader's pin-memory thread, NCCL's
+    # watchdog under DDP: pytorch/pytorch#104555 and NVIDIA/physicsnemo#107 report such crashes)
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast:
         out = fn()
     return graph, out
 
