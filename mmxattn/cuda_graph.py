@@ -7,7 +7,9 @@ own buffers (overwritten by the next replay).
 
 :func:`mmxattn.generate` uses this for the image encoder and the cached decoding step on CUDA (``cuda_graph``).
 Captured graphs are kept per model (weakly: they go with the model) and per key, a few per model, and captured
-again when the model's parameters moved (``model.to``, a new ``load_state_dict`` with ``assign=True``).
+again when the model's parameters moved (``model.to``, a new ``load_state_dict`` with ``assign=True``). Each holds
+its own GPU memory pool (an encoder graph: the activations of one forward at its batch size); :func:`clear` drops
+them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedCall", "autocast_state", "cached", "capture", "held_graphs"]
+__all__ = ["GraphedCall", "autocast_state", "cached", "capture", "clear", "held_graphs"]
 
 _PER_MODEL = 6
 _REGISTRY: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, tuple[tuple[int, ...], Any]]] = (
@@ -83,6 +85,14 @@ def cached(model: nn.Module, key: tuple, build: Callable[[], Any]) -> Any:
             held.popitem(last=False)
     held.move_to_end(key)
     return entry[1]
+
+
+def clear(model: nn.Module | None = None) -> None:
+    """Drop the captured graphs (and the GPU memory pools they hold) of ``model``, or of every model."""
+    if model is None:
+        _REGISTRY.clear()
+    else:
+        _REGISTRY.pop(model, None)
 
 
 def held_graphs(model: nn.Module) -> int:

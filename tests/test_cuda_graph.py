@@ -36,3 +36,13 @@ def test_cached_keeps_a_few_per_model_and_goes_with_the_model():
     del model
     gc.collect()
     assert len(cuda_graph._REGISTRY) == n - 1
+
+
+def test_clear_drops_one_model_or_all():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    for m in (a, b):
+        cuda_graph.cached(m, ("k",), object)
+    cuda_graph.clear(a)
+    assert cuda_graph.held_graphs(a) == 0 and cuda_graph.held_graphs(b) == 1
+    cuda_graph.clear()
+    assert cuda_graph.held_graphs(b) == 0
