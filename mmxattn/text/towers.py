@@ -133,6 +133,8 @@ class DecodingCache:
 
     def reset(self) -> None:
         """Empty a static cache for the next sequence (buffers zeroed, position 0); cross-attention is kept."""
+        if not self.is_static:
+            raise ValueError("reset empties a static cache; a growing cache is made anew for each sequence")
         for c in (*self.text, *self.dec_self):
             c.reset()
         self.pos.zero_()
