@@ -65,7 +65,7 @@ def capture(
     graph = torch.cuda.CUDAGraph()
     # thread_local: only this thread's unsafe calls may break the capture; with the default ("global") a CUDA call
     # from any other thread of the process during the capture would (a DataLoader's pin-memory thread, NCCL's
-    # watchdog under DDP: pytorch/pytorch#104555 and NVIDIA/physicsnemo#107 report such crashes)
+    # watchdog under DDP: NVIDIA/physicsnemo#107 reports the watchdog crash, pytorch/pytorch#105182 discusses it)
     with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast:
         out = fn()
     return graph, out
