@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .vision.windows import _autocast_state
+
 __all__ = ["GraphedCall", "autocast_state", "cached", "capture", "clear", "held_graphs"]
 
 _PER_MODEL = 6
@@ -32,13 +34,9 @@ _REGISTRY: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, tuple[tuple[i
 
 
 def autocast_state(device_type: str = "cuda") -> tuple[bool, torch.dtype | None]:
-    """(enabled, dtype) of autocast for ``device_type``."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-        return enabled, (torch.get_autocast_dtype(device_type) if enabled else None)
-    except TypeError:  # torch < 2.4: no device argument
-        enabled = torch.is_autocast_enabled()
-        return enabled, (torch.get_autocast_gpu_dtype() if enabled else None)
+    """(enabled, dtype) of autocast for ``device_type`` (dtype None when disabled)."""
+    _, enabled, dtype = _autocast_state(device_type)
+    return enabled, (dtype if enabled else None)
 
 
 def capture(

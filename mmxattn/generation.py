@@ -141,6 +141,18 @@ def _graphed(model: Any, cfg: GenerationConfig, build: Callable[[], Any]) -> Any
         return None
 
 
+def _cross_kv(model: Any, image_tokens: Tensor, repeat: int) -> list[tuple[Tensor, Tensor]]:
+    """Every decoder layer's cross-attention keys/values (B * repeat, nh, L, hd): projected once per image, then
+    repeated for its beams."""
+    out = []
+    for blk in model.decoder.blocks:
+        k, v = blk.cross_attn.project_kv(image_tokens)
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+        out.append((k, v))
+    return out
+
+
 class _CudaGraphStep:
     """One cached decoding step of a model for a batch of ``batch`` rows, captured in a CUDA graph.
 
@@ -160,10 +172,7 @@ class _CudaGraphStep:
         self.cache.reset()
 
     def _fill_cross(self, model: Any, image_tokens: Tensor, repeat: int) -> None:
-        for blk, c in zip(model.decoder.blocks, self.cache.dec_cross):
-            k, v = blk.cross_attn.project_kv(image_tokens)  # (B, nh, L, hd)
-            if repeat > 1:
-                k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+        for c, (k, v) in zip(self.cache.dec_cross, _cross_kv(model, image_tokens, repeat)):
             if c.k is None:
                 c.k, c.v = k, v
             else:  # the graph reads these addresses
@@ -216,10 +225,8 @@ class _Stepper:
             self.cache = self.graph.cache
         elif cfg.use_cache:
             self.cache = model.new_cache(static=bool(cfg.static_cache), device=image_tokens.device)
-            # cross-attention keys/values: projected once per image, then repeated for its beams
-            for blk, c in zip(model.decoder.blocks, self.cache.dec_cross):
-                k, v = blk.cross_attn.project_kv(image_tokens)  # (B, nh, L, hd)
-                c.k, c.v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)
+            for c, (k, v) in zip(self.cache.dec_cross, _cross_kv(model, image_tokens, repeat)):
+                c.k, c.v = k, v
         # only the uncached step reads the image tokens themselves; cached steps read the projected keys/values
         self.image_tokens = (
             image_tokens.repeat_interleave(repeat, 0) if repeat > 1 and not cfg.use_cache else image_tokens
