@@ -97,7 +97,7 @@ FULL = dict(preset="mmx_shapes", train_size=None, test_size=1000, batch_size=64,
 QUICK = dict(preset="mmx_tiny", train_size=96, test_size=12, batch_size=8, rerank=3, probe=3, minutes=0.04)
 # The main job's loss weights and re-ranking score (configs/shapes.yaml), so this comparison trains what it runs.
 _SHAPES_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.yaml")
-_LOSS_KEYS = ("contrastive_weight", "caption_weight", "itm_weight", "rerank_with")
+_LOSS_KEYS = ("contrastive_weight", "caption_weight", "itm_weight", "attn_entropy_weight", "rerank_with")
 
 
 @functools.cache  # read once; callers copy what they return

@@ -30,8 +30,8 @@ class AttentionMaps(dict):
         super().__init__()
         self.calls: dict[str, list[Tensor]] = {}
 
-    def _record(self, name: str, weights: Tensor, to_cpu: bool) -> None:
-        w = weights.detach()
+    def _record(self, name: str, weights: Tensor, to_cpu: bool, keep_grad: bool = False) -> None:
+        w = weights if keep_grad else weights.detach()
         if to_cpu:
             w = w.cpu()
         self[name] = w
@@ -72,6 +72,7 @@ def capture_attention(
     which: str | Iterable[str] | Callable[[str], bool] | None = None,
     *,
     to_cpu: bool = False,
+    keep_grad: bool = False,
 ) -> Iterator[AttentionMaps]:
     """Record the post-softmax weights of the attention layers of ``model`` selected by ``which``.
 
@@ -79,10 +80,14 @@ def capture_attention(
         model: any module containing :class:`Attention` layers.
         which: ``None`` for all; a glob or substring of layer names, a list of them, or a predicate on the name.
         to_cpu: move recorded weights to the CPU as they are recorded (saves accelerator memory).
+        keep_grad: record the weights still attached to the autograd graph, for a loss on the attention itself
+            (:class:`~mmxattn.losses.AttentionEntropyLoss`); by default they are detached.
     Raises:
         ValueError: ``which`` selects no attention layer (the error lists the available names).
         RuntimeError: on exit, if the selected layers recorded nothing (the model never ran them).
     """
+    if keep_grad and to_cpu:
+        raise ValueError("capture_attention: keep_grad=True records the weights where they are; drop to_cpu=True")
     select = _selector(which)
     chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and select(n)]
     if not chosen:
@@ -95,7 +100,7 @@ def capture_attention(
     for name, module in chosen:
         if module._recorder is not None:
             raise RuntimeError(f"capture_attention: layer {name!r} is already being captured (nested capture)")
-        module._recorder = lambda w, _n=name: maps._record(_n, w, to_cpu)
+        module._recorder = lambda w, _n=name: maps._record(_n, w, to_cpu, keep_grad)
     ok = False
     try:
         yield maps

@@ -71,3 +71,25 @@ def test_errors_are_clear():
             pass  # the model never ran
     assert all(mod._recorder is None for mod in m.modules() if isinstance(mod, Attention))
     assert attention_layer_names(m) == ["self_attn", "cross_attn"]
+
+
+def test_keep_grad_records_the_weights_with_their_graph():
+    """keep_grad=True: a loss on the recorded weights trains the attention's projections (the attention entropy
+    penalty of mmxattn.losses rests on this); by default the weights are detached."""
+    m = Toy().train()
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 7, 8)
+    with capture_attention(m, which="cross_attn") as plain:
+        m(x, ctx)
+    assert plain["cross_attn"].grad_fn is None
+    with capture_attention(m, which="cross_attn", keep_grad=True) as maps:
+        m(x, ctx)
+    w = maps["cross_attn"]
+    assert w.grad_fn is not None
+    # d(sum of squared weights)/d(query projection) exists and is not zero; the value projection takes no part
+    (w**2).sum().backward()
+    assert m.cross_attn.q.weight.grad.abs().sum() > 0
+    kv = m.cross_attn.kv.weight.grad
+    assert kv[:16].abs().sum() > 0 and kv[16:].abs().sum() == 0  # keys yes, values no
+    with pytest.raises(ValueError, match="keep_grad"):
+        with capture_attention(m, keep_grad=True, to_cpu=True):
+            pass

@@ -1,6 +1,7 @@
 """Losses: InfoNCE against references (plain cross-entropy, open_clip's ClipLoss), positives, the 2-process
 gloo gradient identity, caption loss with pads and label smoothing, ITM and hard-negative sampling."""
 
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmxattn.losses import (
+    AttentionEntropyLoss,
     CaptionLoss,
     ContrastiveLoss,
     ITMLoss,
@@ -402,3 +404,59 @@ def test_combined_loss_weights_terms():
     ref = ContrastiveLoss()(img, txt, 10.0) + 2.0 * CaptionLoss(0)(logits, labels)
     torch.testing.assert_close(out["loss"], ref)
     assert set(out) == {"loss", "contrastive_loss", "caption_loss"}
+
+
+# -------------------------------------------------------------------------------------------- attention entropy
+
+
+def test_attention_entropy_matches_categorical_entropy():
+    """Against torch.distributions.Categorical on the head-averaged maps: the masked mean of the queries'
+    entropies minus diversity times the entropy of their mean distribution, over log(keys), mean over maps."""
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(3, 2, 5, 7, generator=g).softmax(-1) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    for diversity in (0.0, 1.0, 0.5):
+        ref = []
+        for w in maps:
+            p = w.mean(1)[mask]  # (kept queries, 7)
+            h_q = torch.distributions.Categorical(probs=p).entropy().mean()
+            h_m = torch.distributions.Categorical(probs=p.mean(0)).entropy()
+            ref.append((h_q - diversity * h_m) / math.log(7))
+        out = AttentionEntropyLoss(diversity)(maps, mask)
+        torch.testing.assert_close(out, torch.stack(ref).mean())
+    all_q = maps[0].mean(1).reshape(-1, 7)
+    ref = torch.distributions.Categorical(probs=all_q).entropy().mean() / math.log(7)
+    torch.testing.assert_close(AttentionEntropyLoss(0.0)(maps[:1]), ref)  # no mask: every query
+
+
+def test_attention_entropy_bounds_head_averaging_and_collapse():
+    uniform = torch.full((1, 2, 3, 8), 1 / 8)
+    onehot = F.one_hot(torch.tensor(5), 8).float().expand(4, 2, 3, 8)  # every query of every image: key 5
+    assert AttentionEntropyLoss(0.0)([uniform]).item() == pytest.approx(1.0)
+    assert AttentionEntropyLoss(0.0)([onehot]).item() == pytest.approx(0.0, abs=1e-6)
+    # two heads each sure of a DIFFERENT key: the averaged map is split in two, log 2 / log 8 = 1/3
+    split = torch.stack([F.one_hot(torch.tensor(1), 8), F.one_hot(torch.tensor(6), 8)]).float()[None, :, None]
+    assert AttentionEntropyLoss(0.0)([split]).item() == pytest.approx(1 / 3, abs=1e-6)
+    # with the diversity term, one fixed key for everything (a sink) is no better than looking everywhere (0),
+    # and sharp maps that differ between images are best (-1)
+    assert AttentionEntropyLoss()([onehot]).item() == pytest.approx(0.0, abs=1e-6)
+    assert AttentionEntropyLoss()([uniform]).item() == pytest.approx(0.0, abs=1e-6)
+    varied = F.one_hot(torch.arange(8), 8).float()[:, None, None]  # image i looks at key i
+    assert AttentionEntropyLoss()([varied]).item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_attention_entropy_gradient_sharpens_and_errors():
+    logits = torch.randn(2, 2, 4, 6, requires_grad=True)
+    loss = AttentionEntropyLoss()([logits.softmax(-1)])
+    loss.backward()
+    with torch.no_grad():
+        after = AttentionEntropyLoss()([(logits - 0.5 * logits.grad).softmax(-1)])
+    assert after < loss
+    with pytest.raises(ValueError, match="no attention maps"):
+        AttentionEntropyLoss()([])
+    with pytest.raises(ValueError, match=r"\(B, heads, queries, keys\)"):
+        AttentionEntropyLoss()([torch.rand(2, 4, 6)])
+    with pytest.raises(ValueError, match="query_mask"):
+        AttentionEntropyLoss()([torch.rand(2, 2, 4, 6)], torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="diversity"):
+        AttentionEntropyLoss(-1.0)
