@@ -42,15 +42,15 @@ MODELS = ("cnn", "cat_shapes", "cat_shapes+convstem", "cat_shapes+maxpool", "cat
 class _PooledEncoder(nn.Module):
     """A CAT encoder's last stage, mean over tokens, then a linear classifier."""
 
-    def __init__(self, name: str, n_classes: int, pool: str = "mean") -> None:
+    def __init__(self, name: str, n_classes: int, pool: str = "mean", stage: int = -1) -> None:
         super().__init__()
         self.encoder = create_encoder(name)
-        self.head = nn.Linear(self.encoder.stage_dims[-1], n_classes)
+        self.stage = stage % len(self.encoder.stage_dims)
+        self.head = nn.Linear(self.encoder.stage_dims[self.stage], n_classes)
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = len(self.encoder.stage_dims) - 1
-        tokens = self.encoder.forward_features(x, stages=[last])[0]  # (B, L, C)
+        tokens = self.encoder.forward_features(x, stages=[self.stage])[0]  # (B, L, C)
         return self.head(tokens.amax(1) if self.pool == "max" else tokens.mean(1))
 
 
@@ -58,7 +58,18 @@ def _conv_block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()] + ([nn.MaxPool2d(2)] if pool else [])
 
 
-def build(name: str, n_classes: int = len(SHAPES)) -> nn.Module:
+class _Skip(nn.Module):
+    """Stands in for a CAT block: passes the stream through unchanged."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x
+
+
+def build(
+    name: str, n_classes: int = len(SHAPES), stage: int = -1, skip_cpsa: tuple[int, ...] = (), pool: str | None = None
+) -> nn.Module:
+    """A model of :data:`MODELS`; for the CAT ones, ``stage`` is the stage read out, ``skip_cpsa`` the stages whose
+    cross-patch (CPSA) blocks are replaced by the identity, ``pool`` ("mean"/"max") overrides the name's pooling."""
     if name == "cnn":
         return nn.Sequential(
             *_conv_block(3, 32, True), *_conv_block(32, 64, True), *_conv_block(64, 128, True),
@@ -71,11 +82,21 @@ def build(name: str, n_classes: int = len(SHAPES)) -> nn.Module:
             "vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=4, embed_dim=64, depth=3, num_heads=2,
             num_classes=n_classes,
         )  # fmt: skip
+    model = _build_cat(name, n_classes, stage, pool)
+    for k in skip_cpsa:
+        blocks = model.encoder.layers[k].cpsa_blocks
+        for i in range(len(blocks)):
+            blocks[i] = _Skip()
+    return model
+
+
+def _build_cat(name: str, n_classes: int, stage: int, pool_override: str | None) -> nn.Module:
     pool = "mean"
     if name.endswith("+maxpool"):
         name, pool = name.removesuffix("+maxpool"), "max"
+    pool = pool_override or pool
     if name.endswith("+convstem"):
-        model = _PooledEncoder(name.removesuffix("+convstem"), n_classes, pool)
+        model = _PooledEncoder(name.removesuffix("+convstem"), n_classes, pool, stage)
         c = model.encoder.stage_dims[0]
         # replaces the patchify conv inside the stem; the stem's padding to a multiple of 4 and LayerNorm stay
         model.encoder.patch_embed.proj = nn.Sequential(
@@ -86,7 +107,7 @@ def build(name: str, n_classes: int = len(SHAPES)) -> nn.Module:
         )
         return model
     if name.startswith("cat_"):
-        return _PooledEncoder(name, n_classes, pool)
+        return _PooledEncoder(name, n_classes, pool, stage)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -97,7 +118,9 @@ def _batch(ds: Any, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def run(name: str, steps: int, lr: float, batch: int = 32, seed: int = 0, test_images: int = 300) -> dict[str, Any]:
+def run(
+    name: str, steps: int, lr: float, batch: int = 32, seed: int = 0, test_images: int = 300, **build_kw: Any
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     dm = ShapesDataModule(
         img_size=64, train_size=steps * batch, val_size=8, test_size=test_images, num_workers=0, seed=seed,
@@ -105,7 +128,7 @@ def run(name: str, steps: int, lr: float, batch: int = 32, seed: int = 0, test_i
     )  # fmt: skip
     train = dm.dataset("train", build_transforms(64, False))
     test = dm.dataset("test", build_transforms(64, False))
-    model = build(name).train()
+    model = build(name, **build_kw).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     t0 = time.perf_counter()
@@ -139,6 +162,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--test-images", type=int, default=300)
+    p.add_argument("--stage", type=int, default=-1, help="CAT models: the stage read out (default the last)")
+    p.add_argument("--pool", choices=("mean", "max"), default=None, help="CAT models: pooling of that stage")
+    p.add_argument("--skip-cpsa", default="", help="CAT models: stages whose CPSA blocks are skipped, e.g. 1,2")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list as the last line")
     a = p.parse_args(argv)
@@ -146,7 +172,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(a.threads)
     rows = []
     for name in a.models.split(","):
-        r = run(name.strip(), a.steps, a.lr, test_images=a.test_images)
+        kw = {}
+        if name.strip().startswith("cat_"):
+            skip = tuple(int(k) for k in a.skip_cpsa.split(",") if k.strip())
+            kw = dict(stage=a.stage, pool=a.pool, skip_cpsa=skip)
+        r = run(name.strip(), a.steps, a.lr, test_images=a.test_images, **kw)
         rows.append(r)
         print(
             f"{r['model']:22s} shape accuracy {r['test_accuracy']:.3f} (chance {1 / len(SHAPES):.3f})  "

@@ -57,3 +57,21 @@ def test_shape_learnability_runs_every_model_on_single_object_images():
     x, y = shape_learnability._batch(ds, 0, 8)
     assert x.shape == (8, 3, 64, 64) and y.max() < len(shape_learnability.SHAPES)
     assert all(len(ds[i]["labels"]) == 1 and int(ds[i]["labels"][0][0]) == y[i] for i in range(8))
+
+
+def test_shape_learnability_cat_options():
+    import shape_learnability as sl
+
+    m = sl.build("cat_pico", stage=1, skip_cpsa=(1,), pool="max")
+    assert m.stage == 1 and m.pool == "max" and m.head.in_features == m.encoder.stage_dims[1]
+    assert all(isinstance(b, sl._Skip) for b in m.encoder.layers[1].cpsa_blocks)
+    assert not any(isinstance(b, sl._Skip) for b in m.encoder.layers[0].cpsa_blocks)
+    x = torch.randn(2, 3, 64, 64)
+    assert m(x).shape == (2, len(sl.SHAPES))
+    # the skip is real: with the CPSA blocks back (all other weights equal) stage 1 computes something else
+    with torch.no_grad():
+        full = sl.build("cat_pico", stage=1)
+        full.load_state_dict(m.state_dict(), strict=False)
+        assert not torch.equal(
+            full.encoder.forward_features(x, stages=[1])[0], m.encoder.forward_features(x, stages=[1])[0]
+        )
