@@ -32,7 +32,7 @@ from PIL import Image
 
 import mmxattn
 from mmxattn.data.datamodule import ShapesDataModule
-from mmxattn.data.shapes_render import COLOURS, SHAPE_PLURALS, SHAPES
+from mmxattn.data.shapes_render import COLOURS, SHAPE_PLURALS, SHAPES, objects_named
 from mmxattn.viz import caption_attention
 
 LABELS = ("shape", "colour", "size")  # the columns of a shapes sample's "labels"
@@ -105,16 +105,6 @@ def word_kind(word: str) -> str | None:
     return None
 
 
-def named_objects(word: str, labels: Any) -> list[int]:
-    """Objects of the image a colour or shape word names (labels rows: shape, colour, size)."""
-    if word in COLOURS:
-        return [k for k, row in enumerate(labels) if row[1] == COLOURS.index(word)]
-    for names in (SHAPES, SHAPE_PLURALS):
-        if word in names:
-            return [k for k, row in enumerate(labels) if row[0] == names.index(word)]
-    return []
-
-
 @torch.no_grad()
 def grounding_by_kind(model: Any, ds: Any, n_images: int) -> dict[str, Any]:
     hits: Counter = Counter()
@@ -129,7 +119,7 @@ def grounding_by_kind(model: Any, ds: Any, n_images: int) -> dict[str, Any]:
             if kind is None:
                 continue
             said[kind] += 1
-            objs = named_objects(word, s["labels"])
+            objs = objects_named(word, s["labels"])
             if not objs:  # a wrong word: it names nothing here
                 continue
             boxes = torch.as_tensor(s["boxes"][objs], dtype=torch.float32)

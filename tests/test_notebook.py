@@ -18,7 +18,7 @@ from PIL import Image
 
 import mmxattn
 from mmxattn.data.datamodule import ShapesDataModule
-from mmxattn.data.shapes_render import COLOURS, SHAPE_PLURALS, SHAPES
+from mmxattn.data.shapes_render import objects_named
 from mmxattn.viz import caption_attention, figure_to_png, plot_caption_attention, plot_encoder_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,16 +96,6 @@ def test_figures_render_to_png(model, test_split, tmp_path):
     assert n_words >= 2  # the trained model says something
 
 
-def _named_objects(word: str, labels) -> list[int]:
-    """Objects a colour or shape word names (labels rows: shape, colour, size)."""
-    if word in COLOURS:
-        return [k for k, row in enumerate(labels) if row[1] == COLOURS.index(word)]
-    for names in (SHAPES, SHAPE_PLURALS):
-        if word in names:
-            return [k for k, row in enumerate(labels) if row[0] == names.index(word)]
-    return []
-
-
 @pytest.mark.slow
 @pytest.mark.xfail(
     reason="the shipped fixture (3000 CPU steps of mmx_tiny) grounds 0.51 of its caption words' peaks on target "
@@ -121,7 +111,7 @@ def test_word_heatmaps_land_on_the_objects_they_name(model, test_split):
         w, heat, img = caption_attention(model, Image.fromarray(s["image"]))
         H, W = heat.shape[-2:]
         for j, word in enumerate(w):
-            objs = _named_objects(word, s["labels"])
+            objs = objects_named(word, s["labels"])
             if not objs:  # not an object word, or names nothing in the image: grounding is undefined
                 continue
             boxes = torch.as_tensor(s["boxes"][objs], dtype=torch.float32)  # (k, 4) x0, y0, x1, y1

@@ -244,3 +244,15 @@ def test_most_frequent_caption():
     cap = most_frequent_caption(ds)
     counts = Counter(t for caps in reference_captions(ds) for t in caps)
     assert counts[cap] == max(counts.values()) > 1
+
+
+def test_objects_named_by_colour_and_shape_words():
+    from mmxattn.data.shapes_render import objects_named
+
+    # rows: (shape, colour, size): a large red circle, a small red triangle, a large blue circle
+    labels = [[0, 0, 1], [2, 0, 0], [0, 5, 1]]
+    assert objects_named("red", labels) == [0, 1]
+    assert objects_named("blue", labels) == [2]
+    assert objects_named("circle", labels) == objects_named("circles", labels) == [0, 2]
+    assert objects_named("triangle", labels) == [1]
+    assert objects_named("star", labels) == [] and objects_named("of", labels) == []

@@ -26,6 +26,7 @@ __all__ = [
     "sample_scene",
     "render_scene",
     "grid_cell",
+    "objects_named",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -143,6 +144,17 @@ class Scene:
     def labels(self) -> np.ndarray:
         """(n, 3) int64 rows (shape, colour, size) as indices into SHAPES, COLOURS, SIZES."""
         return np.array([self.shape, self.colour, self.size], dtype=np.int64).T.reshape(self.n, 3)
+
+
+def objects_named(word: str, labels) -> list[int]:
+    """Indices of the objects a colour or shape word (singular or plural) names, given a sample's ``labels`` rows
+    (shape, colour, size); ``[]`` for other words and for words that name nothing in the image."""
+    if word in COLOURS:
+        return [k for k, row in enumerate(labels) if row[1] == COLOURS.index(word)]
+    for names in (SHAPES, SHAPE_PLURALS):
+        if word in names:
+            return [k for k, row in enumerate(labels) if row[0] == names.index(word)]
+    return []
 
 
 def grid_cell(x: float, img_size: int) -> int:
