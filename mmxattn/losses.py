@@ -284,7 +284,8 @@ class AttentionEntropyLoss(nn.Module):
     that ``query_mask`` (B, Lq) keeps, ``H_m`` = the entropy of their average distribution; the loss is the mean over
     maps of ``H_q - diversity * H_m``, in ``[-diversity, 1]``.
 
-    Why: a caption decoder reading CAT tokens can predict a word from the image's average (every token of a
+    Motivation (a hypothesis the measurements below did not bear out on the shapes data): a caption decoder
+    reading CAT tokens can predict a word from the image's average (every token of a
     cross-patch-attention encoder carries some of the whole image) instead of from the object the word is about;
     its cross-attention for such words is then nearly flat and says nothing about where the word is. Penalising
     ``H_q`` alone makes the attention sharp but lets it collapse onto one fixed token that the encoder turns into a
