@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--test-images", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
     p.add_argument("--stage", type=int, default=-1, help="CAT models: the stage read out (default the last)")
     p.add_argument("--pool", choices=("mean", "max"), default=None, help="CAT models: pooling of that stage")
     p.add_argument("--skip-cpsa", default="", help="CAT models: stages whose CPSA blocks are skipped, e.g. 1,2")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if name.strip().startswith("cat_"):
             skip = tuple(int(k) for k in a.skip_cpsa.split(",") if k.strip())
             kw = dict(stage=a.stage, pool=a.pool, skip_cpsa=skip)
-        r = run(name.strip(), a.steps, a.lr, test_images=a.test_images, **kw)
+        r = run(name.strip(), a.steps, a.lr, seed=a.seed, test_images=a.test_images, **kw)
         rows.append(r)
         print(
             f"{r['model']:22s} shape accuracy {r['test_accuracy']:.3f} (chance {1 / len(SHAPES):.3f})  "
