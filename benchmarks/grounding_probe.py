@@ -33,6 +33,7 @@ from PIL import Image
 import mmxattn
 from mmxattn.data.datamodule import ShapesDataModule
 from mmxattn.data.shapes_render import COLOURS, SHAPE_PLURALS, SHAPES, objects_named
+from mmxattn.metrics import grounding_hits_any
 from mmxattn.viz import caption_attention
 
 LABELS = ("shape", "colour", "size")  # the columns of a shapes sample's "labels"
@@ -113,7 +114,7 @@ def grounding_by_kind(model: Any, ds: Any, n_images: int) -> dict[str, Any]:
     for i in range(min(n_images, len(ds))):
         s = ds[i]
         words, heat, _ = caption_attention(model, Image.fromarray(s["image"]))
-        W = heat.shape[-1]
+        size = tuple(heat.shape[-2:])  # the heatmaps are at the image's pixels
         for j, word in enumerate(words):
             kind = word_kind(word)
             if kind is None:
@@ -122,11 +123,7 @@ def grounding_by_kind(model: Any, ds: Any, n_images: int) -> dict[str, Any]:
             objs = objects_named(word, s["labels"])
             if not objs:  # a wrong word: it names nothing here
                 continue
-            boxes = torch.as_tensor(s["boxes"][objs], dtype=torch.float32)
-            y, x = divmod(int(heat[j].argmax()), W)
-            cx, cy = x + 0.5, y + 0.5
-            inside = (cx >= boxes[:, 0]) & (cx <= boxes[:, 2]) & (cy >= boxes[:, 1]) & (cy <= boxes[:, 3])
-            hits[kind] += bool(inside.any())
+            hits[kind] += bool(grounding_hits_any(heat[j : j + 1], [s["boxes"][objs]], size)[0])
             seen[kind] += 1
     out: dict[str, Any] = {}
     for kind in ("colour", "shape"):

@@ -17,6 +17,7 @@ their image tokens finds no shape information; ``benchmarks/grounding_probe.py``
 can learn shape at all at this budget when told the answer directly.
 
     .venv/bin/python benchmarks/shape_learnability.py [--models cnn,cat_shapes,vit] [--steps 300] [--lr 1e-3]
+        [--seed 0] [--stage 1 --pool max --skip-cpsa 1]   # CAT models: stage read out, pooling, CPSA skipped
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ MODELS = ("cnn", "cat_shapes", "cat_shapes+convstem", "cat_shapes+maxpool", "cat
 
 
 class _PooledEncoder(nn.Module):
-    """A CAT encoder's last stage, mean over tokens, then a linear classifier."""
+    """A CAT encoder's tokens of one stage (default the last), mean- or max-pooled, then a linear classifier."""
 
     def __init__(self, name: str, n_classes: int, pool: str = "mean", stage: int = -1) -> None:
         super().__init__()

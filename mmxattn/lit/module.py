@@ -177,7 +177,6 @@ class MMXAttnModule(pl.LightningModule):
         if attn_entropy_weight < 0:
             raise ValueError(f"attn_entropy_weight must be >= 0, got {attn_entropy_weight}")
         self.attn_entropy = AttentionEntropyLoss(diversity=attn_diversity)
-        self._cross_attn_names = [f"decoder.blocks.{i}.cross_attn" for i in range(len(self.model.decoder.blocks))]
         self._evaluator: EvalAccumulator | None = None
         self.last_metrics: dict[str, Any] = {}
         if grad_checkpointing:
@@ -232,7 +231,7 @@ class MMXAttnModule(pl.LightningModule):
         entropy_maps = None
         if self.hparams.attn_entropy_weight > 0:
             # the decoder's cross-attention weights, recorded with their graph (the eager path, these layers only)
-            with capture_attention(self.model, which=self._cross_attn_names, keep_grad=True) as entropy_maps:
+            with capture_attention(self.model, which="decoder.blocks.*.cross_attn", keep_grad=True) as entropy_maps:
                 out = self._train_forward(images, ids, tii)
         else:
             out = self._train_forward(images, ids, tii)
@@ -255,8 +254,7 @@ class MMXAttnModule(pl.LightningModule):
         if entropy_maps is not None:
             # queries that predict a real token (query t predicts ids[:, t + 1]; the last one predicts nothing)
             predicts = F.pad(ids[:, 1:] != self.model.cfg.text.pad_id, (0, 1), value=False)
-            maps = [entropy_maps[n] for n in self._cross_attn_names]
-            losses["attn_entropy"] = self.attn_entropy(maps, predicts)
+            losses["attn_entropy"] = self.attn_entropy(list(entropy_maps.values()), predicts)
             loss = loss + self.hparams.attn_entropy_weight * losses["attn_entropy"]
         return loss, losses, out
 
