@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -43,9 +44,9 @@ MODELS = ("cnn", "cat_shapes", "cat_shapes+convstem", "cat_shapes+maxpool", "cat
 class _PooledEncoder(nn.Module):
     """A CAT encoder's tokens of one stage (default the last), mean- or max-pooled, then a linear classifier."""
 
-    def __init__(self, name: str, n_classes: int, pool: str = "mean", stage: int = -1) -> None:
+    def __init__(self, name: str, n_classes: int, pool: str = "mean", stage: int = -1, **overrides: Any) -> None:
         super().__init__()
-        self.encoder = create_encoder(name)
+        self.encoder = create_encoder(name, **overrides)
         self.stage = stage % len(self.encoder.stage_dims)
         self.head = nn.Linear(self.encoder.stage_dims[self.stage], n_classes)
         self.pool = pool
@@ -67,10 +68,16 @@ class _Skip(nn.Module):
 
 
 def build(
-    name: str, n_classes: int = len(SHAPES), stage: int = -1, skip_cpsa: tuple[int, ...] = (), pool: str | None = None
+    name: str,
+    n_classes: int = len(SHAPES),
+    stage: int = -1,
+    skip_cpsa: tuple[int, ...] = (),
+    pool: str | None = None,
+    stem: str | None = None,
 ) -> nn.Module:
     """A model of :data:`MODELS`; for the CAT ones, ``stage`` is the stage read out, ``skip_cpsa`` the stages whose
-    cross-patch (CPSA) blocks are replaced by the identity, ``pool`` ("mean"/"max") overrides the name's pooling."""
+    cross-patch (CPSA) blocks are replaced by the identity, ``pool`` ("mean"/"max") overrides the name's pooling,
+    ``stem`` overrides the preset's ``CATConfig.stem`` ("patch" / "conv")."""
     if name == "cnn":
         return nn.Sequential(
             *_conv_block(3, 32, True), *_conv_block(32, 64, True), *_conv_block(64, 128, True),
@@ -83,7 +90,7 @@ def build(
             "vit_tiny_patch16_224", pretrained=False, img_size=64, patch_size=4, embed_dim=64, depth=3, num_heads=2,
             num_classes=n_classes,
         )  # fmt: skip
-    model = _build_cat(name, n_classes, stage, pool)
+    model = _build_cat(name, n_classes, stage, pool, **({"stem": stem} if stem else {}))
     for k in skip_cpsa:
         blocks = model.encoder.layers[k].cpsa_blocks
         for i in range(len(blocks)):
@@ -91,13 +98,13 @@ def build(
     return model
 
 
-def _build_cat(name: str, n_classes: int, stage: int, pool_override: str | None) -> nn.Module:
+def _build_cat(name: str, n_classes: int, stage: int, pool_override: str | None, **overrides: Any) -> nn.Module:
     pool = "mean"
     if name.endswith("+maxpool"):
         name, pool = name.removesuffix("+maxpool"), "max"
     pool = pool_override or pool
     if name.endswith("+convstem"):
-        model = _PooledEncoder(name.removesuffix("+convstem"), n_classes, pool, stage)
+        model = _PooledEncoder(name.removesuffix("+convstem"), n_classes, pool, stage, **overrides)
         c = model.encoder.stage_dims[0]
         # replaces the patchify conv inside the stem; the stem's padding to a multiple of 4 and LayerNorm stay
         model.encoder.patch_embed.proj = nn.Sequential(
@@ -108,7 +115,7 @@ def _build_cat(name: str, n_classes: int, stage: int, pool_override: str | None)
         )
         return model
     if name.startswith("cat_"):
-        return _PooledEncoder(name, n_classes, pool, stage)
+        return _PooledEncoder(name, n_classes, pool, stage, **overrides)
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -120,7 +127,14 @@ def _batch(ds: Any, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(
-    name: str, steps: int, lr: float, batch: int = 32, seed: int = 0, test_images: int = 300, **build_kw: Any
+    name: str,
+    steps: int,
+    lr: float,
+    batch: int = 32,
+    seed: int = 0,
+    test_images: int = 300,
+    warmup: int = 0,
+    **build_kw: Any,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     dm = ShapesDataModule(
@@ -131,6 +145,10 @@ def run(
     test = dm.dataset("test", build_transforms(64, False))
     model = build(name, **build_kw).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    # linear warmup over ``warmup`` steps, then cosine to 0 (the captioner's schedule); warmup=0: constant lr
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)) if warmup else 1.0
+    )
     losses = []
     t0 = time.perf_counter()
     for step in range(steps):
@@ -139,6 +157,7 @@ def run(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
     model.eval()
@@ -162,11 +181,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--models", default="cnn,cat_shapes,cat_shapes+convstem,vit")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay (0: constant lr)")
     p.add_argument("--test-images", type=int, default=300)
     p.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
     p.add_argument("--stage", type=int, default=-1, help="CAT models: the stage read out (default the last)")
     p.add_argument("--pool", choices=("mean", "max"), default=None, help="CAT models: pooling of that stage")
     p.add_argument("--skip-cpsa", default="", help="CAT models: stages whose CPSA blocks are skipped, e.g. 1,2")
+    p.add_argument("--stem", choices=("patch", "conv"), default=None, help="CAT models: CATConfig.stem override")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list as the last line")
     a = p.parse_args(argv)
@@ -177,8 +198,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         kw = {}
         if name.strip().startswith("cat_"):
             skip = tuple(int(k) for k in a.skip_cpsa.split(",") if k.strip())
-            kw = dict(stage=a.stage, pool=a.pool, skip_cpsa=skip)
-        r = run(name.strip(), a.steps, a.lr, seed=a.seed, test_images=a.test_images, **kw)
+            kw = dict(stage=a.stage, pool=a.pool, skip_cpsa=skip, stem=a.stem)
+        r = run(name.strip(), a.steps, a.lr, seed=a.seed, test_images=a.test_images, warmup=a.warmup, **kw)
         rows.append(r)
         print(
             f"{r['model']:22s} shape accuracy {r['test_accuracy']:.3f} (chance {1 / len(SHAPES):.3f})  "

@@ -34,6 +34,9 @@ class CATConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     ape: bool = True
+    # "patch" (official: one conv, kernel = stride = patch) or "conv" (ours: a small convolutional stem, see
+    # mmxattn.vision.cat.PatchEmbed; the official state dicts only fit "patch")
+    stem: str = "patch"
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
@@ -68,6 +71,10 @@ class CATConfig:
                 raise _err(n, f"{name} must be positive, got {getattr(self, name)}")
         if self.img_size % self.patch_size:
             raise _err(n, f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size} (ape grid)")
+        if self.stem not in ("patch", "conv"):
+            raise _err(n, f"stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise _err(n, f"stem='conv' needs patch_size a power of two >= 2, got {self.patch_size}")
         if self.num_classes < 0:
             raise _err(n, f"num_classes must be >= 0 (0 = no head), got {self.num_classes}")
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):

@@ -459,3 +459,36 @@ def test_checkpoint_stages_recompute_only_those_stages():
     ck.set_grad_checkpointing(False)
     assert not any(s.grad_checkpointing for s in ck.layers)
     assert mmxattn.create_model("mmx_cat_t").visual.layers[0].grad_checkpointing  # the preset's default
+
+
+# ---- the convolutional stem (ours, stem="conv") --------------------------------------------------------------------
+def test_conv_stem_sees_beyond_its_patch_and_keeps_the_token_grid():
+    """A stem="conv" token depends on pixels outside its own 4x4 patch (receptive field 15 px), a patchify token
+    does not; both give the same token grid for any input size, and the config rejects what the stem cannot do."""
+    torch.manual_seed(0)
+    encs = {stem: create_encoder("cat_pico", stem=stem).eval() for stem in ("patch", "conv")}
+    x = torch.rand(1, 3, 64, 64)
+    x2 = x.clone()
+    x2[:, :, 20, 20] += 1.0  # one pixel in patch (5, 5), 3-4 px outside patch (4, 4) = pixels 16..19
+    for stem, enc in encs.items():
+        with torch.no_grad():
+            a, b = enc.patch_embed(x), enc.patch_embed(x2)  # (1, 16, 16, C)
+        changed = (a - b).abs().amax(-1)[0] > 1e-6
+        assert changed[5, 5]
+        if stem == "patch":
+            assert changed.sum() == 1
+        else:
+            assert changed[4, 4] and changed[6, 6] and not changed[1, 1] and not changed[9, 9]
+    for size in [(64, 64), (50, 70), (33, 97)]:
+        with torch.no_grad():
+            grids = {s: [t.shape for t in e.forward_features(torch.rand(2, 3, *size))] for s, e in encs.items()}
+        assert grids["conv"] == grids["patch"]
+    conv_keys = set(encs["conv"].state_dict()) - set(encs["patch"].state_dict())
+    assert conv_keys and all(k.startswith("patch_embed.proj.") for k in conv_keys)
+    with pytest.raises(ValueError, match="stem must be 'patch' or 'conv'"):
+        create_encoder("cat_pico", stem="hybrid")
+    with pytest.raises(ValueError, match="power of two"):
+        create_encoder("cat_pico", stem="conv", patch_size=3, img_size=63)
+    # the official weights fit only the patchify stem: strict loading names the stem's keys
+    with pytest.raises(RuntimeError, match="patch_embed.proj"):
+        encs["conv"].load_state_dict(encs["patch"].state_dict(), strict=True)

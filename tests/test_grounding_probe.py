@@ -75,3 +75,16 @@ def test_shape_learnability_cat_options():
         assert not torch.equal(
             full.encoder.forward_features(x, stages=[1])[0], m.encoder.forward_features(x, stages=[1])[0]
         )
+
+
+def test_shape_learnability_stem_and_warmup_options():
+    import shape_learnability as sl
+
+    m = sl.build("cat_pico", stem="conv")
+    assert m.encoder.cfg.stem == "conv" and isinstance(m.encoder.patch_embed.proj, torch.nn.Sequential)
+    assert sl.build("cat_pico").encoder.cfg.stem == "patch"
+    # warmup: the schedule starts at lr/warmup and decays to ~0 at the end; it changes what is learnt
+    torch.manual_seed(0)
+    a = sl.run("cat_pico", 3, 1e-3, batch=4, test_images=4, warmup=2)
+    b = sl.run("cat_pico", 3, 1e-3, batch=4, test_images=4, warmup=0)
+    assert a["final_loss"] != b["final_loss"]

@@ -52,12 +52,22 @@ __all__ = [
 
 
 class PatchEmbed(nn.Module):
-    """Stem: Conv2d(kernel = stride = patch) -> LayerNorm. Pads the image right/bottom to a multiple of the patch."""
+    """Stem: ``proj`` -> LayerNorm. Pads the image right/bottom to a multiple of the patch.
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+    ``stem="patch"`` (official): ``proj`` is one Conv2d with kernel = stride = patch.
+    ``stem="conv"`` (ours, for the small presets): a convolutional stem after Xiao et al. 2021 ("Early
+    convolutions help transformers see better"): log2(patch) 3x3 stride-2 convs (widths C/2^k ... C), one 3x3
+    stride-1 conv, each followed by ReLU, then a 1x1 conv. Its receptive field (15 px at patch 4) spans a small
+    object, which the 4x4 patchify stem does not; see :func:`conv_stem` and ``benchmarks/shape_learnability.py``.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, stem: str = "patch") -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        if stem == "conv":
+            self.proj = conv_stem(patch_size, in_chans, embed_dim)
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, h, w, C)
@@ -68,6 +78,23 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)  # (B, C, h, w)
         B, C, h, w = x.shape
         return self.norm(x.flatten(2).transpose(1, 2)).view(B, h, w, C)
+
+
+def conv_stem(patch_size: int, in_chans: int, embed_dim: int) -> nn.Sequential:
+    """The ``stem="conv"`` projection: (B, in_chans, H, W) -> (B, embed_dim, H/patch, W/patch), H a multiple of
+    the patch (a power of two). Widths double up to ``embed_dim``; no normalisation inside (the stem's LayerNorm
+    follows), so it behaves the same in training and evaluation and under any batch split."""
+    n = patch_size.bit_length() - 1
+    if patch_size < 2 or 2**n != patch_size:
+        raise ValueError(f"CATConfig: stem='conv' needs patch_size a power of two >= 2, got {patch_size}")
+    widths = [max(8, embed_dim // 2 ** (n - 1 - k)) for k in range(n)]  # ..., C/2, C
+    layers: list[nn.Module] = []
+    cin = in_chans
+    for w in widths:
+        layers += [nn.Conv2d(cin, w, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
+        cin = w
+    layers += [nn.Conv2d(cin, embed_dim, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(embed_dim, embed_dim, 1)]
+    return nn.Sequential(*layers)
 
 
 class WindowAttention(Attention):
@@ -316,7 +343,7 @@ class CATEncoder(nn.Module):
         sizes = stage_grid_sizes(cfg.img_size, cfg.img_size, cfg.patch_size, cfg.num_stages)
         self.windows = tuple(min(cfg.window, h, w) for h, w in sizes)
 
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, C)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, C, cfg.stem)
         if cfg.ape:
             self.ape = nn.Parameter(torch.zeros(1, self.patch_grid**2, C))  # (1, L, C)
             trunc_normal_(self.ape, std=0.02)
