@@ -17,7 +17,8 @@ their image tokens finds no shape information; ``benchmarks/grounding_probe.py``
 can learn shape at all at this budget when told the answer directly.
 
     .venv/bin/python benchmarks/shape_learnability.py [--models cnn,cat_shapes,vit] [--steps 300] [--lr 1e-3]
-        [--seed 0] [--stage 1 --pool max --skip-cpsa 1]   # CAT models: stage read out, pooling, CPSA skipped
+        [--seed 0] [--warmup 100]                        # linear warmup then cosine (default: constant lr)
+        [--stage 1 --pool max --skip-cpsa 1 --stem conv]  # CAT models: stage read out, pooling, CPSA skipped, stem
 """
 
 from __future__ import annotations
