@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Any
@@ -37,6 +36,7 @@ from torch import nn
 from mmxattn.data.datamodule import ShapesDataModule
 from mmxattn.data.shapes_render import SHAPES
 from mmxattn.data.transforms import build_transforms
+from mmxattn.lit.optim import warmup_cosine
 from mmxattn.presets import create_encoder
 
 MODELS = ("cnn", "cat_shapes", "cat_shapes+convstem", "cat_shapes+maxpool", "cat_pico", "vit")
@@ -146,10 +146,8 @@ def run(
     test = dm.dataset("test", build_transforms(64, False))
     model = build(name, **build_kw).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    # linear warmup over ``warmup`` steps, then cosine to 0 (the captioner's schedule); warmup=0: constant lr
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)) if warmup else 1.0
-    )
+    # the captioner's schedule (linear warmup, then cosine to 0) when warmup > 0; else a constant lr
+    sched = warmup_cosine(opt, warmup, steps) if warmup else None
     losses = []
     t0 = time.perf_counter()
     for step in range(steps):
@@ -158,7 +156,8 @@ def run(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
     model.eval()

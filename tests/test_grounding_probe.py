@@ -83,7 +83,7 @@ def test_shape_learnability_stem_and_warmup_options():
     m = sl.build("cat_pico", stem="conv")
     assert m.encoder.cfg.stem == "conv" and isinstance(m.encoder.patch_embed.proj, torch.nn.Sequential)
     assert sl.build("cat_pico").encoder.cfg.stem == "patch"
-    # warmup: the schedule starts at lr/warmup and decays to ~0 at the end; it changes what is learnt
+    # warmup > 0 trains under the captioner's warmup-cosine schedule, not the constant lr: other weights, other loss
     torch.manual_seed(0)
     a = sl.run("cat_pico", 3, 1e-3, batch=4, test_images=4, warmup=2)
     b = sl.run("cat_pico", 3, 1e-3, batch=4, test_images=4, warmup=0)

@@ -86,7 +86,7 @@ def conv_stem(patch_size: int, in_chans: int, embed_dim: int) -> nn.Sequential:
     follows), so it behaves the same in training and evaluation and under any batch split."""
     n = patch_size.bit_length() - 1
     if patch_size < 2 or 2**n != patch_size:
-        raise ValueError(f"CATConfig: stem='conv' needs patch_size a power of two >= 2, got {patch_size}")
+        raise ValueError(f"conv_stem: patch_size must be a power of two >= 2, got {patch_size}")
     widths = [max(8, embed_dim // 2 ** (n - 1 - k)) for k in range(n)]  # ..., C/2, C
     layers: list[nn.Module] = []
     cin = in_chans
