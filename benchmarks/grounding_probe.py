@@ -137,6 +137,46 @@ def grounding_by_kind(model: Any, ds: Any, n_images: int) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def word_head_check(model: Any, ds: Any, n_images: int, batch: int = 50) -> dict[str, Any]:
+    """For a model with a word head (trained with ``word_weight > 0``): does it tell which colours and shapes an
+    image holds (probability > 0.5 of the word, a shape's singular or plural, against whether an object is so
+    named), and does the word's map peak on such an object when there is one?"""
+    kinds = {"colour": [(c,) for c in COLOURS], "shape": list(zip(SHAPES, SHAPE_PLURALS))}
+    right: Counter = Counter()
+    asked: Counter = Counter()
+    pos: Counter = Counter()
+    hits: Counter = Counter()
+    for i in range(0, min(n_images, len(ds)), batch):
+        items = [ds[j] for j in range(i, min(i + batch, n_images, len(ds)))]
+        images = torch.cat([model.preprocess(Image.fromarray(s["image"])) for s in items])
+        for kind, groups in kinds.items():
+            words = [w for g in groups for w in g]
+            maps, present = model.word_maps(images, words)  # (B, K, h, w), (B, K)
+            start = 0
+            for g in groups:
+                m = maps[:, start : start + len(g)].amax(1)  # a shape's singular and plural together
+                p = present[:, start : start + len(g)].amax(1)
+                start += len(g)
+                for s, heat, prob in zip(items, m, p):
+                    objs = objects_named(g[0], s["labels"])
+                    asked[kind] += 1
+                    right[kind] += bool(prob > 0.5) == bool(objs)
+                    if objs:
+                        pos[kind] += 1
+                        hits[kind] += bool(grounding_hits_any(heat[None], [s["boxes"][objs]], images.shape[-2:])[0])
+    return {
+        kind: {
+            "detection_acc": round(right[kind] / asked[kind], 3),
+            "always_absent_acc": round(1 - pos[kind] / asked[kind], 3),
+            "peak_on_object": round(hits[kind] / pos[kind], 3) if pos[kind] else None,
+            "named_objects": pos[kind],
+        }
+        for kind in kinds
+        if asked[kind]
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, type=Path, help="a Lightning checkpoint or an exported directory")
@@ -151,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     img_size = model.cfg.vision.img_size
     ds = ShapesDataModule(img_size=img_size, val_size=8, test_size=a.images, num_workers=0).dataset("test")
     out = {"ckpt": str(a.ckpt), "probe": probe(model, ds), "grounding": grounding_by_kind(model, ds, a.caption_images)}
+    if getattr(model, "word_head", None) is not None:
+        out["word_head"] = word_head_check(model, ds, a.caption_images)
     pr = out["probe"]
     print(f"linear probes on {pr['objects']} objects (held-out accuracy; chance = majority class):")
     for name in LABELS:
@@ -161,6 +203,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for kind in ("colour", "shape"):
         print(f"  {kind:7s} {g[kind]['peak_on_object']} of {g[kind]['correct']} correct words ({g[kind]['said']} said)")
     print(f"  all     {g['all']}")
+    if "word_head" in out:
+        print(f"word head ({a.caption_images} images; a word is seen when its probability is > 0.5):")
+        for kind, r in out["word_head"].items():
+            print(
+                f"  {kind:7s} present/absent right {r['detection_acc']} (always 'absent': {r['always_absent_acc']}); "
+                f"map peak on a named object {r['peak_on_object']} of {r['named_objects']}"
+            )
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
     return out

@@ -143,6 +143,9 @@ class MMXAttnConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
     itm_head: bool = True  # image-text matching head on the decoder, used for re-ranking
+    # word-presence head on the image tokens (every token scores every vocabulary word), trained by the module's
+    # word_weight > 0 with mmxattn.losses.WordPresenceLoss; MMXAttn.word_maps reads it
+    word_head: bool = False
     # "cat" (the project's CAT encoder) or an adapter spec "timm:<model name>" / "open_clip:<model name>"
     vision_backend: str = "cat"
     vision_pretrained: str | None = None  # local file path (or hub tag, for users with a network)

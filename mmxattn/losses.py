@@ -348,6 +348,75 @@ class ITMLoss(nn.Module):
         return F.cross_entropy(logits, labels.long())
 
 
+class WordPresenceLoss(nn.Module):
+    """Multiple-instance word detection on image tokens: every token scores every vocabulary word, an image's
+    score for a word is its best token's (the maximum over tokens), and binary cross-entropy compares it with
+    whether any of the image's captions holds the word. The image-level label says a word is somewhere; the
+    maximum lets one token take it. This is the multiple-instance view of word detection of Fang et al. 2015
+    ("From captions to visual concepts and back", noisy-OR over image regions), with a maximum for noisy-OR.
+
+    Why a maximum: on the shapes data a transformer encoder read by averaging (mean pooling, attention pooling,
+    the decoder's cross-attention early in training) did not learn object shape in hundreds to thousands of steps,
+    while the same encoder read by a maximum over its tokens learnt it in about 200 (README, "What the shapes
+    models know"). Tokens are scored before they are pooled, so the loss needs the word head itself.
+
+    Args:
+        ignore_ids: token ids that are never targets (pad, bos, eos, unk).
+        max_words: above this vocabulary size only ``max_words`` columns are scored per batch: every word present
+            in the batch, then words drawn at random as negatives (a large vocabulary's (B, L, V) logits would
+            not fit in memory). ``None``: always every column.
+    """
+
+    def __init__(self, ignore_ids: Sequence[int] = (), max_words: int | None = 4096) -> None:
+        super().__init__()
+        if max_words is not None and max_words < 1:
+            raise ValueError(f"max_words must be >= 1 or None, got {max_words}")
+        self.ignore_ids = tuple(int(i) for i in ignore_ids)
+        self.max_words = max_words
+
+    @staticmethod
+    def present(ids: Tensor, n_images: int, vocab_size: int, text_image_index: Tensor | None = None) -> Tensor:
+        """(n_images, vocab_size) bool: word v is in some caption of image i. ``ids`` (R, T) token rows and
+        ``text_image_index`` (R,), the image of each row (None: row i is image i)."""
+        rows = torch.arange(ids.shape[0], device=ids.device) if text_image_index is None else text_image_index
+        out = torch.zeros(n_images, vocab_size, dtype=torch.bool, device=ids.device)
+        out[rows[:, None].expand_as(ids), ids] = True
+        return out
+
+    def columns(self, present: Tensor) -> Tensor:
+        """Vocabulary ids scored this batch: all but ``ignore_ids``; past ``max_words``, every id present in the
+        batch and then random others up to ``max_words``."""
+        v = present.shape[1]
+        keep = torch.ones(v, dtype=torch.bool, device=present.device)
+        keep[[i for i in self.ignore_ids if 0 <= i < v]] = False
+        if self.max_words is None or int(keep.sum()) <= self.max_words:
+            return keep.nonzero().flatten()
+        seen = present.any(0) & keep
+        rest = (keep & ~seen).nonzero().flatten()
+        n_more = max(0, self.max_words - int(seen.sum()))
+        more = rest[torch.randperm(rest.numel(), device=rest.device)[:n_more]]
+        return torch.cat([seen.nonzero().flatten(), more]).sort().values
+
+    def forward(
+        self, image_tokens: Tensor, head: nn.Linear, ids: Tensor, text_image_index: Tensor | None = None
+    ) -> Tensor:
+        """``image_tokens`` (B, L, D), ``head`` the word head (D -> V), ``ids`` (R, T) caption token rows,
+        ``text_image_index`` (R,) the image of each row (None: one row per image)."""
+        if image_tokens.dim() != 3:
+            raise ValueError(f"image_tokens must be (B, L, D), got {tuple(image_tokens.shape)}")
+        if ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError(f"ids must be an integer (R, T) tensor, got {ids.dtype} {tuple(ids.shape)}")
+        b = image_tokens.shape[0]
+        if text_image_index is None and ids.shape[0] != b:
+            raise ValueError(f"{ids.shape[0]} caption rows for {b} images and no text_image_index")
+        present = self.present(ids, b, head.out_features, text_image_index)
+        cols = self.columns(present)
+        bias = None if head.bias is None else head.bias[cols]
+        logits = F.linear(image_tokens, head.weight[cols], bias)  # (B, L, K)
+        scores = logits.amax(1).float()  # (B, K): each word's best token
+        return F.binary_cross_entropy_with_logits(scores, present[:, cols].float())
+
+
 @torch.no_grad()
 def sample_hard_negatives(
     sim: Tensor,

@@ -98,6 +98,7 @@ class MMXAttn(nn.Module):
         if t.tie_embeddings:
             self.lm_head.weight = self.text.token_embedding.weight
         self.itm_head = nn.Linear(t.width, 2) if cfg.itm_head else None
+        self.word_head = nn.Linear(t.width, t.vocab_size) if cfg.word_head else None
         # one-element parameters are stored with shape (1,), not as 0-d tensors: FSDP refuses 0-d parameters.
         # State dicts that hold them 0-d (written before this change, or open_clip-style) still load.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
@@ -115,6 +116,10 @@ class MMXAttn(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.word_head is not None:
+            # start every word rare (probability 0.05 at every token), as detection heads do (Lin et al. 2017):
+            # the first steps then learn which words are there, not to silence the many that are not
+            nn.init.constant_(self.word_head.bias, math.log(0.05 / 0.95))
 
     # ------------------------------------------------------------------ inputs
     def _check_images(self, images: Tensor) -> Tensor:
@@ -237,6 +242,48 @@ class MMXAttn(nn.Module):
             text_states=states,
             decoder_states=h,
         )
+
+    def word_logits(self, image_tokens: Tensor) -> Tensor:
+        """Image tokens (B, L, D) -> every token's logit for every vocabulary word (B, L, V), from the word head
+        (``MMXAttnConfig.word_head``). An image's score for a word is its best token's (the maximum over L)."""
+        if self.word_head is None:
+            raise RuntimeError("this model was built with word_head=False (MMXAttnConfig.word_head)")
+        return self.word_head(image_tokens)
+
+    def word_maps(self, images: Tensor, words: Sequence[str] | Tensor) -> tuple[Tensor, Tensor]:
+        """Where each word is seen: ``(maps, present)`` with ``maps`` (B, K, h, w) the sigmoid of every image
+        token's logit for each of the K words on the last read stage's token grid (tokens of the other read
+        stages are max-pooled onto it) and ``present`` (B, K) the image's probability of the word (its best
+        token's). ``words`` are single-token words (strings need the attached tokenizer) or token ids (K,)."""
+        if isinstance(words, Tensor):
+            ids = words.long().flatten()
+        else:
+            if self.tokenizer is None:
+                raise ValueError("word_maps needs token ids or an attached tokenizer for strings")
+            tk, ids_list = self.tokenizer, []
+            specials = {tk.pad_id, tk.bos_id, tk.eos_id}
+            unk = getattr(tk, "unk_id", None)
+            for w in [words] if isinstance(words, str) else words:
+                tok = [t for t in tk([w])[0].tolist() if t not in specials]
+                if len(tok) != 1 or tok[0] == unk:
+                    raise ValueError(f"word_maps: {w!r} is not one token of the vocabulary (token ids {tok})")
+                ids_list.append(tok[0])
+            ids = torch.tensor(ids_list, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.text.vocab_size):
+            raise ValueError(f"word_maps: token ids must be in [0, {self.cfg.text.vocab_size})")
+        tokens = self.encode_image_tokens(images)
+        logits = self.word_logits(tokens)[..., ids.to(tokens.device)]  # (B, L, K)
+        grids = self.visual.grid_sizes(images.shape[-2], images.shape[-1])
+        h, w = grids[self.stages[-1]]
+        maps, start = None, 0
+        for s in self.stages:
+            gh, gw = grids[s]
+            part = logits[:, start : start + gh * gw].transpose(1, 2).reshape(-1, ids.numel(), gh, gw)
+            start += gh * gw
+            part = F.adaptive_max_pool2d(part, (h, w)) if (gh, gw) != (h, w) else part
+            maps = part if maps is None else torch.maximum(maps, part)
+        probs = maps.sigmoid()
+        return probs, probs.flatten(2).amax(-1)
 
     # ------------------------------------------------------------------ matching / re-ranking
     def _eos_index(self, ids: Tensor) -> Tensor:

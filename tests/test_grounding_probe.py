@@ -88,3 +88,43 @@ def test_shape_learnability_stem_and_warmup_options():
     a = sl.run("cat_pico", 3, 1e-3, batch=4, test_images=4, warmup=2)
     b = sl.run("cat_pico", 3, 1e-3, batch=4, test_images=4, warmup=0)
     assert a["final_loss"] != b["final_loss"]
+
+
+def test_word_head_check_scores_an_oracle_perfectly_and_a_blind_head_at_its_baseline():
+    """The word-head measurement: maps planted from the scenes' own labels and boxes score 1.0 on both counts;
+    maps that see nothing score exactly the 'always absent' rate."""
+    from PIL import Image
+
+    import mmxattn
+    from mmxattn.data.datamodule import ShapesDataModule
+    from mmxattn.data.shapes_render import objects_named
+
+    n, grid = 12, 8
+    ds = ShapesDataModule(img_size=64, val_size=8, test_size=n, num_workers=0).dataset("test")
+    model = mmxattn.load(FIXTURE)
+    scenes = [ds[i] for i in range(n)]
+    pixels = [model.preprocess(Image.fromarray(s["image"]))[0] for s in scenes]
+
+    def oracle(images, words):  # finds each image's scene by its pixels, then marks its named objects' centres
+        maps = torch.zeros(images.shape[0], len(words), grid, grid)
+        for b, img in enumerate(images):
+            s = scenes[next(i for i, p in enumerate(pixels) if torch.equal(p, img))]
+            for k, w in enumerate(words):
+                for o in objects_named(w, s["labels"]):
+                    x0, y0, x1, y1 = (float(v) for v in s["boxes"][o])
+                    cx, cy = (x0 + x1) / 2 * grid / 64, (y0 + y1) / 2 * grid / 64
+                    maps[b, k, min(int(cy), grid - 1), min(int(cx), grid - 1)] = 1.0
+        return maps, maps.flatten(2).amax(-1)
+
+    model.word_head = torch.nn.Linear(1, 1)  # the check only needs a head to exist and word_maps to answer
+    model.word_maps = oracle
+    seen = grounding_probe.word_head_check(model, ds, n, batch=5)
+    model.word_maps = lambda images, words: (
+        torch.zeros(images.shape[0], len(words), 4, 4),
+        torch.zeros(images.shape[0], len(words)),
+    )
+    blind = grounding_probe.word_head_check(model, ds, n, batch=5)
+    for kind in ("colour", "shape"):
+        assert seen[kind]["detection_acc"] == seen[kind]["peak_on_object"] == 1.0
+        assert seen[kind]["named_objects"] == blind[kind]["named_objects"] > 0
+        assert blind[kind]["detection_acc"] == blind[kind]["always_absent_acc"] < 1.0

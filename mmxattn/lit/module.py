@@ -27,6 +27,7 @@ from ..losses import (
     CaptionLoss,
     ContrastiveLoss,
     ITMLoss,
+    WordPresenceLoss,
     positive_mask,
     sample_hard_negatives,
 )
@@ -60,6 +61,11 @@ class MMXAttnModule(pl.LightningModule):
             each word from few image places, varying with the image, rather than from the image's average. Off by
             default: on the shapes data it made the maps sharp but not better grounded, and cost CIDEr (README,
             "What the shapes models know"). Those layers run the eager attention path in training; no compile.
+        word_weight: > 0 builds the model's word head (``MMXAttnConfig.word_head``) and adds ``word_weight`` times
+            :class:`~mmxattn.losses.WordPresenceLoss`: every image token scores every word, the image's best
+            token per word is compared with the words of its captions. A readout that selects (a maximum over
+            tokens) where the caption and retrieval paths average, so the encoder's tokens learn what their
+            object is; :meth:`~mmxattn.model.MMXAttn.word_maps` shows where each word is seen.
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
         rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
@@ -130,6 +136,7 @@ class MMXAttnModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         attn_entropy_weight: float = 0.0,
         attn_diversity: float = 1.0,
+        word_weight: float = 0.0,
         nonfinite: str = "stop",
         rerank: int = 10,
         rerank_with: str = "itm",
@@ -166,6 +173,10 @@ class MMXAttnModule(pl.LightningModule):
         if img_size is not None:
             vision["img_size"] = img_size
         rest = {k: v for k, v in (overrides or {}).items() if k not in ("text", "vision")}
+        if word_weight < 0:
+            raise ValueError(f"word_weight must be >= 0, got {word_weight}")
+        if word_weight > 0:
+            rest["word_head"] = True
         self.model = create_model(preset, text=text, vision=vision, **rest)
         t = self.model.cfg.text
         if itm_weight <= 0 and self.model.itm_head is not None:
@@ -174,6 +185,9 @@ class MMXAttnModule(pl.LightningModule):
         self.contrastive = ContrastiveLoss()
         self.caption_loss = CaptionLoss(pad_id=t.pad_id, label_smoothing=label_smoothing)
         self.itm_loss = ITMLoss()
+        self.word_loss = WordPresenceLoss(ignore_ids=(t.pad_id, t.bos_id, t.eos_id))
+        if word_weight <= 0 and self.model.word_head is not None:
+            self.model.word_head.requires_grad_(False)  # as the ITM head: nothing trains it, DDP must not wait
         if attn_entropy_weight < 0:
             raise ValueError(f"attn_entropy_weight must be >= 0, got {attn_entropy_weight}")
         self.attn_entropy = AttentionEntropyLoss(diversity=attn_diversity)
@@ -200,6 +214,9 @@ class MMXAttnModule(pl.LightningModule):
                     f"data tokenizer vocab_size {tok.vocab_size} != model vocab_size {self.model.cfg.text.vocab_size}"
                 )
             self.model.tokenizer = tok
+            unk = getattr(tok, "unk_id", None)
+            if unk is not None and unk not in self.word_loss.ignore_ids:
+                self.word_loss.ignore_ids += (int(unk),)  # "<unk>" names no one thing to find
         if stage == "fit" and self.hparams.compile and self._compiled is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             reason = compile_unsupported_reason(device)
@@ -251,6 +268,9 @@ class MMXAttnModule(pl.LightningModule):
         if self.hparams.itm_weight > 0 and self.model.itm_head is not None:
             losses["itm"] = self._itm(out, ids, pos_ids, tii)
             loss = loss + self.hparams.itm_weight * losses["itm"]
+        if self.hparams.word_weight > 0:
+            losses["word"] = self.word_loss(out.image_tokens, self.model.word_head, ids, tii)
+            loss = loss + self.hparams.word_weight * losses["word"]
         if entropy_maps is not None:
             # queries that predict a real token (query t predicts ids[:, t + 1]; the last one predicts nothing)
             predicts = F.pad(ids[:, 1:] != self.model.cfg.text.pad_id, (0, 1), value=False)

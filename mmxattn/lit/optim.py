@@ -5,8 +5,8 @@ to one of three components, each with its own learning rate:
 
 * ``encoder``: ``visual.*`` (the image encoder), optionally with layer-wise LR decay over its layer groups;
 * ``text``: ``text.*`` (text encoder, token embedding -- also the LM head's weight when tied), ``pooler.*``,
-  ``image_proj.*`` (stage tokens -> width D) and ``logit_scale``: the new retrieval side between the encoder and
-  the embeddings;
+  ``image_proj.*`` (stage tokens -> width D), ``logit_scale`` and ``word_head.*`` (when built): the new
+  retrieval side between the encoder and the embeddings;
 * ``decoder``: ``decoder.*`` (multimodal decoder), ``lm_head.*`` (when untied) and ``itm_head.*``.
 
 A parameter outside these prefixes (none today) gets the base ``lr`` in an ``other`` component.
@@ -25,7 +25,7 @@ __all__ = ["COMPONENTS", "build_optimizer", "component_of", "finetune_param_grou
 # name prefixes of each component (see the module docstring)
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "encoder": ("visual.",),
-    "text": ("text.", "pooler.", "image_proj.", "logit_scale"),
+    "text": ("text.", "pooler.", "image_proj.", "logit_scale", "word_head."),
     "decoder": ("decoder.", "lm_head.", "itm_head."),
 }
 

@@ -1,0 +1,155 @@
+"""The word-presence head and its multiple-instance loss: against a loop reference, the gradient's selection, the
+column sampling of large vocabularies, the training module's ``word_weight`` and ``MMXAttn.word_maps``."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmxattn
+from mmxattn.data.datamodule import ShapesDataModule
+from mmxattn.lit.module import MMXAttnModule
+from mmxattn.losses import WordPresenceLoss
+
+
+def _captions(n_images: int, per_image: int, vocab: int, length: int = 7, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (n_images * per_image, length), generator=g)
+    ids[:, 0] = 1  # bos
+    ids[:, -2] = 2  # eos
+    ids[:, -1] = 0  # pad
+    tii = torch.arange(n_images).repeat_interleave(per_image)
+    return ids, tii
+
+
+def test_word_presence_loss_equals_a_loop_reference():
+    g = torch.Generator().manual_seed(1)
+    b, n_tok, d, v = 3, 5, 8, 20
+    tokens = torch.randn(b, n_tok, d, generator=g)
+    head = torch.nn.Linear(d, v).requires_grad_(False)
+    ids, tii = _captions(b, 2, v)
+    got = WordPresenceLoss(ignore_ids=(0, 1, 2, 3))(tokens, head, ids, tii)
+    terms = []
+    for i in range(b):
+        words = set(ids[tii == i].flatten().tolist())
+        for w in range(4, v):
+            score = max(float(tokens[i, t] @ head.weight[w] + head.bias[w]) for t in range(n_tok))
+            target = 1.0 if w in words else 0.0
+            terms.append(F.binary_cross_entropy_with_logits(torch.tensor(score), torch.tensor(target)))
+    torch.testing.assert_close(got, torch.stack(terms).mean())
+    # one caption row per image needs no index; rows and images must then agree
+    torch.testing.assert_close(
+        WordPresenceLoss((0, 1, 2, 3))(tokens, head, ids[::2]),
+        WordPresenceLoss((0, 1, 2, 3))(tokens, head, ids[::2], torch.arange(b)),
+    )
+    with pytest.raises(ValueError, match="caption rows for 3 images"):
+        WordPresenceLoss()(tokens, head, ids)
+    with pytest.raises(ValueError, match="image_tokens"):
+        WordPresenceLoss()(tokens[0], head, ids, tii)
+
+
+def test_word_presence_gradient_reaches_each_words_best_token_only():
+    """The readout selects: a token that is no word's best gets no gradient, and the loss pulls the best token of
+    a present word up and of an absent word down."""
+    g = torch.Generator().manual_seed(2)
+    b, n_tok, d, v = 2, 16, 4, 6
+    tokens = torch.randn(b, n_tok, d, generator=g, requires_grad=True)
+    head = torch.nn.Linear(d, v)
+    ids, tii = _captions(b, 1, v, length=4, seed=3)
+    WordPresenceLoss(ignore_ids=(0, 1, 2, 3))(tokens, head, ids, tii).backward()
+    best = head(tokens).argmax(1)[:, 4:]  # (B, words scored)
+    for i in range(b):
+        chosen = set(best[i].tolist())
+        for t in range(n_tok):
+            has_grad = bool(tokens.grad[i, t].abs().sum() > 0)
+            assert has_grad == (t in chosen), (i, t, chosen)
+
+
+def test_large_vocabularies_score_every_present_word_and_random_negatives():
+    loss = WordPresenceLoss(ignore_ids=(0, 1, 2), max_words=12)
+    ids, tii = _captions(4, 2, 40, length=5)
+    present = loss.present(ids, 4, 40, tii)
+    cols = loss.columns(present)
+    assert cols.numel() == 12 and not set(cols.tolist()) & {0, 1, 2}
+    assert set(present.any(0).nonzero().flatten().tolist()) - {0, 1, 2} <= set(cols.tolist())
+    # more present words than max_words: all of them still count (positives are never dropped)
+    few = WordPresenceLoss(ignore_ids=(0, 1, 2), max_words=3)
+    assert set(few.columns(present).tolist()) == set(present.any(0).nonzero().flatten().tolist()) - {0, 1, 2}
+    # small vocabularies: every column but the ignored ones
+    assert WordPresenceLoss((0,), max_words=None).columns(present).tolist() == list(range(1, 40))
+    with pytest.raises(ValueError, match="max_words"):
+        WordPresenceLoss(max_words=0)
+
+
+@pytest.fixture(scope="module")
+def shapes_batch(tmp_path_factory):
+    dm = ShapesDataModule(
+        train_size=16, val_size=8, test_size=8, batch_size=16, num_workers=0, train_captions_per_image=2,
+        cache_dir=str(tmp_path_factory.mktemp("shapes")),
+    )  # fmt: skip
+    dm.setup("fit")
+    return dm, next(iter(dm.train_dataloader()))
+
+
+def test_module_word_weight_adds_the_term_and_training_lowers_it(shapes_batch):
+    dm, batch = shapes_batch
+    kw = dict(
+        preset="mmx_tiny", vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
+        context_length=dm.context_length, img_size=64, itm_weight=0.0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="word_weight"):
+        MMXAttnModule(word_weight=-1.0, **kw)
+    plain = MMXAttnModule(**kw)
+    assert plain.model.word_head is None and "word" not in plain.compute_losses(batch)[1]
+    torch.manual_seed(0)
+    mod = MMXAttnModule(word_weight=2.0, **kw)
+    assert mod.model.cfg.word_head and isinstance(mod.model.word_head, torch.nn.Linear)
+    opt = torch.optim.AdamW(mod.parameters(), lr=3e-3)
+    words = []
+    for step in range(15):
+        loss, terms, _ = mod.compute_losses(batch)
+        if step == 0:
+            h = mod.hparams
+            rest = h.contrastive_weight * terms["contrastive"] + h.caption_weight * terms["caption"]
+            torch.testing.assert_close(loss, rest + 2.0 * terms["word"])
+        words.append(terms["word"].item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert words[-1] < 0.7 * words[0], words
+    # a model built with the head but trained without the term keeps it frozen (nothing would train it)
+    frozen = MMXAttnModule(overrides={"word_head": True}, **kw)
+    assert not any(p.requires_grad for p in frozen.model.word_head.parameters())
+
+
+def test_word_maps_and_export_round_trip(shapes_batch, tmp_path):
+    dm, batch = shapes_batch
+    torch.manual_seed(0)
+    model = mmxattn.create_model(
+        "mmx_tiny", word_head=True, img_size=64,
+        text=dict(vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id),
+    ).eval()  # fmt: skip
+    model.tokenizer = dm.tokenizer
+    images = batch["images"][:3]
+    with torch.no_grad():
+        maps, present = model.word_maps(images, ["circle", "red"])
+        grids = model.visual.grid_sizes(64, 64)
+        h, w = grids[model.stages[-1]]
+        assert maps.shape == (3, 2, h, w) and present.shape == (3, 2)
+        assert ((maps >= 0) & (maps <= 1)).all()
+        torch.testing.assert_close(present, maps.flatten(2).amax(-1))
+        # the maps are the word head's sigmoid at every token, other stages max-pooled onto the last one's grid
+        ids = torch.tensor([dm.tokenizer(["circle"])[0][1].item(), dm.tokenizer(["red"])[0][1].item()])
+        logits = model.word_logits(model.encode_image_tokens(images))[..., ids]
+        torch.testing.assert_close(present, logits.amax(1).sigmoid())
+        torch.testing.assert_close(model.word_maps(images, ids)[0], maps)
+    with pytest.raises(ValueError, match="not one token"):
+        model.word_maps(images, ["red circle"])
+    with pytest.raises(ValueError, match="not one token"):
+        model.word_maps(images, ["zebra"])
+    out = mmxattn.export(model, tmp_path / "m")
+    again = mmxattn.load(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.word_maps(images, ["circle", "red"])[0], maps)
+    no_head = mmxattn.create_model("mmx_tiny", text=dict(vocab_size=dm.vocab_size))
+    with pytest.raises(RuntimeError, match="word_head"):
+        no_head.word_logits(torch.zeros(1, 4, no_head.cfg.text.width))
