@@ -142,7 +142,9 @@ def word_head_check(model: Any, ds: Any, n_images: int, batch: int = 50) -> dict
     """For a model with a word head (trained with ``word_weight > 0``): does it tell which colours and shapes an
     image holds (probability > 0.5 of the word, a shape's singular or plural, against whether an object is so
     named), and does the word's map peak on such an object when there is one?"""
-    kinds = {"colour": [(c,) for c in COLOURS], "shape": list(zip(SHAPES, SHAPE_PLURALS))}
+    # (kind, the word's forms): a shape's singular and plural are one word here
+    groups = [("colour", (c,)) for c in COLOURS] + [("shape", forms) for forms in zip(SHAPES, SHAPE_PLURALS)]
+    words = [w for _, forms in groups for w in forms]
     right: Counter = Counter()
     asked: Counter = Counter()
     pos: Counter = Counter()
@@ -150,21 +152,19 @@ def word_head_check(model: Any, ds: Any, n_images: int, batch: int = 50) -> dict
     for i in range(0, min(n_images, len(ds)), batch):
         items = [ds[j] for j in range(i, min(i + batch, n_images, len(ds)))]
         images = torch.cat([model.preprocess(Image.fromarray(s["image"])) for s in items])
-        for kind, groups in kinds.items():
-            words = [w for g in groups for w in g]
-            maps, present = model.word_maps(images, words)  # (B, K, h, w), (B, K)
-            start = 0
-            for g in groups:
-                m = maps[:, start : start + len(g)].amax(1)  # a shape's singular and plural together
-                p = present[:, start : start + len(g)].amax(1)
-                start += len(g)
-                for s, heat, prob in zip(items, m, p):
-                    objs = objects_named(g[0], s["labels"])
-                    asked[kind] += 1
-                    right[kind] += bool(prob > 0.5) == bool(objs)
-                    if objs:
-                        pos[kind] += 1
-                        hits[kind] += bool(grounding_hits_any(heat[None], [s["boxes"][objs]], images.shape[-2:])[0])
+        maps, present = model.word_maps(images, words)  # (B, K, h, w), (B, K): every word in one pass
+        start = 0
+        for kind, forms in groups:
+            m = maps[:, start : start + len(forms)].amax(1)
+            p = present[:, start : start + len(forms)].amax(1)
+            start += len(forms)
+            for s, heat, prob in zip(items, m, p):
+                objs = objects_named(forms[0], s["labels"])
+                asked[kind] += 1
+                right[kind] += bool(prob > 0.5) == bool(objs)
+                if objs:
+                    pos[kind] += 1
+                    hits[kind] += bool(grounding_hits_any(heat[None], [s["boxes"][objs]], images.shape[-2:])[0])
     return {
         kind: {
             "detection_acc": round(right[kind] / asked[kind], 3),
@@ -172,7 +172,7 @@ def word_head_check(model: Any, ds: Any, n_images: int, batch: int = 50) -> dict
             "peak_on_object": round(hits[kind] / pos[kind], 3) if pos[kind] else None,
             "named_objects": pos[kind],
         }
-        for kind in kinds
+        for kind in ("colour", "shape")
         if asked[kind]
     }
 
