@@ -116,6 +116,21 @@ def test_module_word_weight_adds_the_term_and_training_lowers_it(shapes_batch):
         loss.backward()
         opt.step()
     assert words[-1] < 0.7 * words[0], words
+    # "<unk>" is never a target, also without a Trainer (no setup()): its id comes from the model's tokenizer
+    mod.model.tokenizer = dm.tokenizer
+    unk = dm.tokenizer.unk_id
+    ids = batch["ids"].clone()
+    ids[:, 2] = torch.where(ids[:, 2] == dm.pad_id, ids[:, 2], unk)  # some captions now hold "<unk>"
+    with torch.no_grad():
+        _, terms, _ = mod.compute_losses(dict(batch, ids=ids))
+        out = mod.model(batch["images"], ids, batch.get("text_image_index"))
+        ignore = (dm.pad_id, dm.bos_id, dm.eos_id, unk)
+        want = WordPresenceLoss(ignore)(out.image_tokens, mod.model.word_head, ids, batch.get("text_image_index"))
+        scored_unk = WordPresenceLoss(ignore[:3])(
+            out.image_tokens, mod.model.word_head, ids, batch.get("text_image_index")
+        )
+    torch.testing.assert_close(terms["word"], want)
+    assert not torch.allclose(want, scored_unk)
     # a model built with the head but trained without the term keeps it frozen (nothing would train it)
     frozen = MMXAttnModule(overrides={"word_head": True}, **kw)
     assert not any(p.requires_grad for p in frozen.model.word_head.parameters())

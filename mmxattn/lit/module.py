@@ -204,6 +204,13 @@ class MMXAttnModule(pl.LightningModule):
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
 
+    def _ignore_unk_word(self) -> None:
+        """The word loss never targets ``<unk>`` (it names no one thing to find): its id comes from the model's
+        tokenizer, which setup() replaces with the data's, so it is looked up at each step, not once."""
+        unk = getattr(getattr(self.model, "tokenizer", None), "unk_id", None)
+        if unk is not None and int(unk) not in self.word_loss.ignore_ids:
+            self.word_loss.ignore_ids += (int(unk),)
+
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -214,9 +221,6 @@ class MMXAttnModule(pl.LightningModule):
                     f"data tokenizer vocab_size {tok.vocab_size} != model vocab_size {self.model.cfg.text.vocab_size}"
                 )
             self.model.tokenizer = tok
-            unk = getattr(tok, "unk_id", None)
-            if unk is not None and unk not in self.word_loss.ignore_ids:
-                self.word_loss.ignore_ids += (int(unk),)  # "<unk>" names no one thing to find
         if stage == "fit" and self.hparams.compile and self._compiled is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             reason = compile_unsupported_reason(device)
@@ -269,6 +273,7 @@ class MMXAttnModule(pl.LightningModule):
             losses["itm"] = self._itm(out, ids, pos_ids, tii)
             loss = loss + self.hparams.itm_weight * losses["itm"]
         if self.hparams.word_weight > 0:
+            self._ignore_unk_word()
             losses["word"] = self.word_loss(out.image_tokens, self.model.word_head, ids, tii)
             loss = loss + self.hparams.word_weight * losses["word"]
         if entropy_maps is not None:
