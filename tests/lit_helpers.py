@@ -106,3 +106,11 @@ def smoke_args(
             for k, v in data_paths.items()
         ]
     return args
+
+
+def data_linked(dm) -> dict[str, int]:
+    """The MMXAttnModule arguments the CLI links from a data module (vocabulary size, special ids, context)."""
+    return dict(
+        vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
+        context_length=dm.context_length,
+    )  # fmt: skip

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_helpers import make_csv, smoke_args
+from lit_helpers import data_linked, make_csv, smoke_args
 from safetensors.torch import save_file
 
 import mmxattn
@@ -35,10 +35,7 @@ def shapes(tmp_path_factory) -> ShapesDataModule:
 def _module(dm: ShapesDataModule, **kw) -> MMXAttnModule:
     args = dict(preset="mmx_tiny", img_size=64, rerank=4, warmup_steps=2, weight_decay=0.1, lr=3e-3)
     args.update(kw)
-    return MMXAttnModule(
-        vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
-        context_length=dm.context_length, **args,
-    )  # fmt: skip
+    return MMXAttnModule(**data_linked(dm), **args)
 
 
 def _trainer(tmp_path: Path, max_steps: int, callbacks=()) -> pl.Trainer:

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +89,47 @@ def test_shape_learnability_stem_and_warmup_options():
     a = sl.run("cat_pico", 3, 1e-3, batch=4, test_images=4, warmup=2)
     b = sl.run("cat_pico", 3, 1e-3, batch=4, test_images=4, warmup=0)
     assert a["final_loss"] != b["final_loss"]
+
+
+def test_shape_learnability_multilabel_targets_and_score():
+    import shape_learnability as sl
+
+    # the score: ROC AUC per shape against the true shapes, mean over shapes
+    truth = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=torch.float)
+    assert sl.shape_auc(truth * 3 - 1, truth) == 1.0 and sl.shape_auc(1 - truth, truth) == 0.0
+    assert sl.shape_auc(torch.zeros(4, 2), truth) == 0.5
+    assert sl.shape_auc(torch.tensor([[0.9, 0.0], [0.1, 0.0], [0.2, 0.0], [0.3, 0.0]]), truth[:, :1].repeat(1, 2)) == (
+        pytest.approx((0.75 + 0.5) / 2)  # 3 of 4 pairs ranked right; all tied
+    )
+    # the targets: words the image's captions say; the truth: the shapes its scene holds
+    dm = sl.ShapesDataModule(img_size=64, val_size=8, test_size=16, min_objects=1, max_objects=4, num_workers=0)
+    ds = dm.dataset("test", sl.build_transforms(64, False))
+    for targets in ("shape-words", "caption-words"):
+        columns, shape_cols = sl._word_columns(targets, dm.tokenizer)
+        assert [columns[c] for c in shape_cols] == list(sl.SHAPES)
+        x, said, truth = sl._multilabel_batch(ds, 0, 16, columns, targets == "shape-words")
+        assert x.shape == (16, 3, 64, 64) and said.shape == (16, len(columns)) and truth.shape == (16, 6)
+        for i in range(16):
+            words = {w for c in ds[i]["captions"] for w in c.split()}
+            assert set(truth[i].nonzero().flatten().tolist()) == {int(r[0]) for r in ds[i]["labels"]}
+            if targets == "caption-words":
+                assert {columns[j] for j in said[i].nonzero().flatten().tolist()} == words & set(columns)
+            else:
+                named = {sl._SHAPE_OF_WORD[w] for w in words if w in sl._SHAPE_OF_WORD}
+                assert set(said[i].nonzero().flatten().tolist()) == named
+                # captions only say shapes the scene has
+                assert named <= set(truth[i].nonzero().flatten().tolist())
+    assert len(sl._word_columns("caption-words", dm.tokenizer)[0]) > 20
+    rows = sl.main(
+        "--models cnn,cat_pico --steps 2 --test-images 12 --targets caption-words --max-objects 4 --pool mil".split()
+    )
+    assert all(0.0 <= r["shape_auc"] <= 1.0 and r["columns"] > 20 for r in rows)
+    m = sl.build("cat_pico", n_classes=5, pool="mil", stage=0)
+    x = torch.randn(2, 3, 64, 64)
+    tokens = m.encoder.forward_features(x, stages=[0])[0]
+    torch.testing.assert_close(m(x), m.head(tokens).amax(1))
+    with pytest.raises(ValueError, match="max_objects=1"):
+        sl.run("cnn", 1, 1e-3, max_objects=4)
 
 
 def test_word_head_check_scores_an_oracle_perfectly_and_a_blind_head_at_its_baseline():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from lit_helpers import CONFIGS, REPO, make_coco, make_csv, make_wds, smoke_args
+from lit_helpers import CONFIGS, REPO, data_linked, make_coco, make_csv, make_wds, smoke_args
 
 import mmxattn
 from mmxattn.checkpoint import CheckpointError, export, load, read_checkpoint
@@ -256,10 +256,7 @@ def test_attention_entropy_penalty_sharpens_the_decoder_cross_attention(tmp_path
     dm = ShapesDataModule(train_size=16, val_size=8, test_size=8, batch_size=16, num_workers=0, cache_dir=str(tmp_path))
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    kw = dict(
-        preset="mmx_tiny", vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
-        context_length=dm.context_length, img_size=64, itm_weight=0.0,
-    )  # fmt: skip
+    kw = dict(preset="mmx_tiny", img_size=64, itm_weight=0.0, **data_linked(dm))
     with pytest.raises(ValueError, match="attn_entropy_weight"):
         MMXAttnModule(attn_entropy_weight=-1.0, **kw)
     measured = {}

@@ -4,6 +4,7 @@ column sampling of large vocabularies, the training module's ``word_weight`` and
 import pytest
 import torch
 import torch.nn.functional as F
+from lit_helpers import data_linked
 
 import mmxattn
 from mmxattn.data.datamodule import ShapesDataModule
@@ -92,10 +93,7 @@ def shapes_batch(tmp_path_factory):
 
 def test_module_word_weight_adds_the_term_and_training_lowers_it(shapes_batch):
     dm, batch = shapes_batch
-    kw = dict(
-        preset="mmx_tiny", vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
-        context_length=dm.context_length, img_size=64, itm_weight=0.0,
-    )  # fmt: skip
+    kw = dict(preset="mmx_tiny", img_size=64, itm_weight=0.0, **data_linked(dm))
     with pytest.raises(ValueError, match="word_weight"):
         MMXAttnModule(word_weight=-1.0, **kw)
     plain = MMXAttnModule(**kw)
