@@ -41,6 +41,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -188,6 +189,26 @@ def shape_auc(scores: torch.Tensor, truth: torch.Tensor) -> float:
     return sum(aucs) / len(aucs) if aucs else float("nan")
 
 
+def _train(
+    model: nn.Module, steps: int, lr: float, warmup: int, step_loss: Callable[[int], torch.Tensor]
+) -> tuple[list[float], float]:
+    """AdamW on ``step_loss(step)`` for ``steps`` steps; the captioner's schedule (linear warmup, then cosine to 0)
+    when ``warmup`` > 0, else a constant lr. Returns the losses and the seconds taken."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sched = warmup_cosine(opt, warmup, steps) if warmup else None
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return losses, time.perf_counter() - t0
+
+
 def run(
     name: str,
     steps: int,
@@ -214,21 +235,12 @@ def run(
     if targets != "shape":
         return _run_multilabel(name, steps, lr, batch, targets, dm, train, test, test_images, warmup, build_kw)
     model = build(name, **build_kw).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    # the captioner's schedule (linear warmup, then cosine to 0) when warmup > 0; else a constant lr
-    sched = warmup_cosine(opt, warmup, steps) if warmup else None
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         x, y = _batch(train, step * batch, batch)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    seconds = time.perf_counter() - t0
+        return F.cross_entropy(model(x), y)
+
+    losses, seconds = _train(model, steps, lr, warmup, step_loss)
     model.eval()
     with torch.no_grad():
         x, y = _batch(test, 0, test_images)
@@ -255,20 +267,12 @@ def _run_multilabel(
     head = model[-1] if isinstance(model, nn.Sequential) else getattr(model, "head", None)
     if isinstance(head, nn.Linear):  # every word starts rare, as the captioner's word head does
         nn.init.constant_(head.bias, math.log(0.05 / 0.95))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = warmup_cosine(opt, warmup, steps) if warmup else None
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(steps):
+
+    def step_loss(step: int) -> torch.Tensor:
         x, said, _ = _multilabel_batch(train, step * batch, batch, columns, words_only)
-        loss = F.binary_cross_entropy_with_logits(model(x), said)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    seconds = time.perf_counter() - t0
+        return F.binary_cross_entropy_with_logits(model(x), said)
+
+    losses, seconds = _train(model, steps, lr, warmup, step_loss)
     model.eval()
     with torch.no_grad():
         x, _, truth = _multilabel_batch(test, 0, test_images, columns, words_only)

@@ -14,7 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_two_process_ddp_contrastive_loss_sees_global_batch(tmp_path):
+@pytest.mark.parametrize(
+    "model_args",
+    [{}, {"word_weight": 1.0, "word_only_steps": 2}],
+    ids=["default", "word_only_steps"],  # the second: the phase's partial graph must not stall DDP's reducer
+)
+def test_two_process_ddp_contrastive_loss_sees_global_batch(tmp_path, model_args):
     probe_dir = tmp_path / "probe"
     cfg = {
         "seed_everything": 0,
@@ -31,7 +36,7 @@ def test_two_process_ddp_contrastive_loss_sees_global_batch(tmp_path):
             "default_root_dir": str(tmp_path),
             "callbacks": [{"class_path": "ddp_helpers.GlobalBatchProbe", "init_args": {"out_dir": str(probe_dir)}}],
         },
-        "model": {"preset": "mmx_tiny", "itm_weight": 0.0},
+        "model": {"preset": "mmx_tiny", "itm_weight": 0.0, **model_args},
         "data": {
             "class_path": "mmxattn.data.datamodule.ShapesDataModule",
             "init_args": {

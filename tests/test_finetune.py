@@ -163,6 +163,32 @@ def test_freeze_encoder_then_unfreeze_and_resume_mid_freeze(mode, shapes, tmp_pa
     assert all(p.requires_grad for p in mod2.model.visual.parameters())
 
 
+def test_word_only_steps_train_the_word_path_first_then_everything(shapes, tmp_path):
+    """``word_only_steps``: the first steps move only the image side and the word head (the text tower, decoder
+    and pooler get no gradient, so AdamW leaves them exactly as they were), the steps after move everything."""
+    with pytest.raises(ValueError, match="word_only_steps"):
+        _module(shapes, word_only_steps=2)  # no word loss to train
+    torch.manual_seed(0)
+    mod = _module(shapes, word_weight=1.0, word_only_steps=2, itm_weight=0.0)
+    init = {n: p.detach().clone() for n, p in mod.model.named_parameters()}
+    snaps = Snapshots()
+    _trainer(tmp_path, 4, [snaps]).fit(mod, datamodule=shapes)
+    for step in (1, 2):
+        before = snaps.steps[step - 1] if step > 1 else init
+        for moved in ("visual.", "image_proj.", "word_head."):
+            assert not _same(snaps.steps[step], before, moved), f"{moved} did not move at step {step}"
+        for kept in ("text.", "decoder.", "pooler."):
+            assert _same(snaps.steps[step], before, kept), f"{kept} moved in the word-only phase (step {step})"
+    for part in ("text.", "decoder.", "pooler.", "visual."):
+        assert not _same(snaps.steps[3], snaps.steps[2], part), f"{part} did not move after the phase"
+    # in the phase a training step computes the word loss alone; outside training (validation) every loss
+    fresh = _module(shapes, word_weight=1.0, word_only_steps=2, itm_weight=0.0)
+    batch = _batch(shapes)
+    with torch.no_grad():
+        assert set(fresh.train().compute_losses(batch)[1]) == {"word"}
+        assert {"contrastive", "caption", "word"} <= set(fresh.eval().compute_losses(batch)[1])
+
+
 def test_freeze_keeps_last_layer_groups_trainable(shapes, tmp_path):
     torch.manual_seed(0)
     mod = _module(shapes, freeze_encoder_steps=10, freeze_encoder_trainable_last=2)

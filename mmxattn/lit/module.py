@@ -11,6 +11,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,11 @@ class MMXAttnModule(pl.LightningModule):
             token per word is compared with the words of its captions. A readout that selects (a maximum over
             tokens) where the caption and retrieval paths average, so the encoder's tokens learn what their
             object is; :meth:`~mmxattn.model.MMXAttn.word_maps` shows where each word is seen.
+        word_only_steps: the first ``word_only_steps`` training steps train the word loss alone (image encoder,
+            projection and word head; nothing else is run or updated), then every loss as usual. The encoder first
+            learns what the captions' words look like from a readout that selects, before the averaging caption
+            and retrieval paths take part. Needs ``word_weight > 0``. Counted in optimizer steps, as
+            ``freeze_encoder_steps``; the learning-rate schedule runs over all steps.
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
         rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
@@ -137,6 +143,7 @@ class MMXAttnModule(pl.LightningModule):
         attn_entropy_weight: float = 0.0,
         attn_diversity: float = 1.0,
         word_weight: float = 0.0,
+        word_only_steps: int = 0,
         nonfinite: str = "stop",
         rerank: int = 10,
         rerank_with: str = "itm",
@@ -177,6 +184,8 @@ class MMXAttnModule(pl.LightningModule):
             raise ValueError(f"word_weight must be >= 0, got {word_weight}")
         if word_weight > 0:
             rest["word_head"] = True
+        if word_only_steps < 0 or (word_only_steps > 0 and word_weight <= 0):
+            raise ValueError(f"word_only_steps must be >= 0 and needs word_weight > 0, got {word_only_steps}")
         self.model = create_model(preset, text=text, vision=vision, **rest)
         t = self.model.cfg.text
         if itm_weight <= 0 and self.model.itm_head is not None:
@@ -249,6 +258,10 @@ class MMXAttnModule(pl.LightningModule):
         images, ids = batch["images"], batch["ids"]
         pos_ids = batch.get("pos_ids")
         tii = batch.get("text_image_index")  # several captions per image (the data's train_captions_per_image)
+        word_only = self.training and self.global_step < self.hparams.word_only_steps
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if word_only and not distributed:
+            return self._word_only_losses(images, ids, tii)
         entropy_maps = None
         if self.hparams.attn_entropy_weight > 0:
             # the decoder's cross-attention weights, recorded with their graph (the eager path, these layers only)
@@ -281,6 +294,8 @@ class MMXAttnModule(pl.LightningModule):
             predicts = F.pad(ids[:, 1:] != self.model.cfg.text.pad_id, (0, 1), value=False)
             losses["attn_entropy"] = self.attn_entropy(list(entropy_maps.values()), predicts)
             loss = loss + self.hparams.attn_entropy_weight * losses["attn_entropy"]
+        if word_only:  # distributed: every parameter DDP expects gets a (zero) gradient from the other terms
+            loss = self.hparams.word_weight * losses["word"] + 0.0 * loss
         return loss, losses, out
 
     def _train_forward(self, images: Tensor, ids: Tensor, text_image_index: Tensor | None = None) -> Any:
@@ -302,6 +317,12 @@ class MMXAttnModule(pl.LightningModule):
             return self.model(images, ids, text_image_index)
         self._compiled_ok = True
         return out
+
+    def _word_only_losses(self, images: Tensor, ids: Tensor, tii: Tensor | None) -> tuple[Tensor, dict, Any]:
+        """The ``word_only_steps`` phase: the word-presence loss on the image tokens, nothing else computed."""
+        self._ignore_unk_word()
+        word = self.word_loss(self.model.encode_image_tokens(images), self.model.word_head, ids, tii)
+        return self.hparams.word_weight * word, {"word": word}, SimpleNamespace(logit_scale=self.model.logit_scale)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         self._track_skipped(batch)
