@@ -53,6 +53,7 @@ from mmxattn.data.shapes_render import SHAPE_PLURALS, SHAPES
 from mmxattn.data.transforms import build_transforms
 from mmxattn.lit.optim import warmup_cosine
 from mmxattn.presets import create_encoder
+from mmxattn.text.towers import ImageTokenProjector
 
 MODELS = ("cnn", "cat_shapes", "cat_shapes+convstem", "cat_shapes+maxpool", "cat_pico", "vit")
 
@@ -66,9 +67,19 @@ class _PooledEncoder(nn.Module):
         self.stage = stage % len(self.encoder.stage_dims)
         self.head = nn.Linear(self.encoder.stage_dims[self.stage], n_classes)
         self.pool = pool
+        self.proj: ImageTokenProjector | None = None
+
+    def project(self, width: int) -> None:
+        """Read the tokens as the captioner does: through an ``ImageTokenProjector`` (LayerNorm, Linear to
+        ``width``, position code, LayerNorm), then the head."""
+        self.proj = ImageTokenProjector([self.encoder.stage_dims[self.stage]], width)
+        self.head = nn.Linear(width, self.head.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder.forward_features(x, stages=[self.stage])[0]  # (B, L, C)
+        if self.proj is not None:
+            grid = self.encoder.grid_sizes(x.shape[-2], x.shape[-1])[self.stage]
+            tokens = self.proj([tokens], [grid])
         if self.pool == "mil":  # every token scores every class, each class takes its best token
             return self.head(tokens).amax(1)
         return self.head(tokens.amax(1) if self.pool == "max" else tokens.mean(1))
@@ -92,10 +103,12 @@ def build(
     skip_cpsa: tuple[int, ...] = (),
     pool: str | None = None,
     stem: str | None = None,
+    project: int = 0,
 ) -> nn.Module:
     """A model of :data:`MODELS`; for the CAT ones, ``stage`` is the stage read out, ``skip_cpsa`` the stages whose
     cross-patch (CPSA) blocks are replaced by the identity, ``pool`` ("mean"/"max"/"mil") overrides the name's pooling,
-    ``stem`` overrides the preset's ``CATConfig.stem`` ("patch" / "conv")."""
+    ``stem`` overrides the preset's ``CATConfig.stem`` ("patch" / "conv"), ``project`` > 0 reads the tokens
+    through the captioner's projection to that width (:meth:`_PooledEncoder.project`)."""
     if name == "cnn":
         return nn.Sequential(
             *_conv_block(3, 32, True), *_conv_block(32, 64, True), *_conv_block(64, 128, True),
@@ -109,6 +122,8 @@ def build(
             num_classes=n_classes,
         )  # fmt: skip
     model = _build_cat(name, n_classes, stage, pool, **({"stem": stem} if stem else {}))
+    if project:
+        model.project(project)
     for k in skip_cpsa:
         blocks = model.encoder.layers[k].cpsa_blocks
         for i in range(len(blocks)):
@@ -305,6 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "--pool", choices=("mean", "max", "mil"), default=None,
         help="CAT models: pooling of that stage (mil: every token scores, each class takes its best token)",
     )  # fmt: skip
+    p.add_argument("--project", type=int, default=0, help="CAT models: read through the captioner's projection")
     p.add_argument("--targets", choices=TARGETS, default="shape", help="what is taught (see the module docstring)")
     p.add_argument("--max-objects", type=int, default=1, help="objects per image: 1 to this many")
     p.add_argument("--skip-cpsa", default="", help="CAT models: stages whose CPSA blocks are skipped, e.g. 1,2")
@@ -319,7 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         kw = {}
         if name.strip().startswith("cat_"):
             skip = tuple(int(k) for k in a.skip_cpsa.split(",") if k.strip())
-            kw = dict(stage=a.stage, pool=a.pool, skip_cpsa=skip, stem=a.stem)
+            kw = dict(stage=a.stage, pool=a.pool, skip_cpsa=skip, stem=a.stem, project=a.project)
         r = run(
             name.strip(), a.steps, a.lr, seed=a.seed, test_images=a.test_images, warmup=a.warmup,
             targets=a.targets, max_objects=a.max_objects, **kw,

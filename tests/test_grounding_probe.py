@@ -128,6 +128,11 @@ def test_shape_learnability_multilabel_targets_and_score():
     x = torch.randn(2, 3, 64, 64)
     tokens = m.encoder.forward_features(x, stages=[0])[0]
     torch.testing.assert_close(m(x), m.head(tokens).amax(1))
+    # read through the captioner's projection: its ImageTokenProjector (16 x 16 stage-0 grid) before the head
+    mp = sl.build("cat_pico", n_classes=5, pool="mil", stage=0, project=16)
+    assert mp.head.in_features == 16
+    tokens = mp.encoder.forward_features(x, stages=[0])[0]
+    torch.testing.assert_close(mp(x), mp.head(mp.proj([tokens], [(16, 16)])).amax(1))
     with pytest.raises(ValueError, match="max_objects=1"):
         sl.run("cnn", 1, 1e-3, max_objects=4)
 
