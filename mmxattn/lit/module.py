@@ -71,7 +71,9 @@ class MMXAttnModule(pl.LightningModule):
             projection and word head; nothing else is run or updated), then every loss as usual. The encoder first
             learns what the captions' words look like from a readout that selects, before the averaging caption
             and retrieval paths take part. Needs ``word_weight > 0``. Counted in optimizer steps, as
-            ``freeze_encoder_steps``; the learning-rate schedule runs over all steps.
+            ``freeze_encoder_steps``; the learning-rate schedule runs over all steps. Under DDP every part still
+            runs, the other terms weighted 0, so that all ranks reduce the same gradients: nothing else learns,
+            but AdamW's weight decay does apply to it.
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
         rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
