@@ -146,6 +146,11 @@ class MMXAttnConfig:
     # word-presence head on the image tokens (every token scores every vocabulary word), trained by the module's
     # word_weight > 0 with mmxattn.losses.WordPresenceLoss; MMXAttn.word_maps reads it
     word_head: bool = False
+    # None: the word head reads the image tokens the decoder reads (projected to the text width). An encoder stage
+    # (at most as deep as the deepest of image_stages; the decoder need not read it): the head reads that stage's
+    # own tokens (the stage's channel width, on its token grid), before the projection. On the shapes data the projection's LayerNorm/Linear/position signal slowed the
+    # learning of shape words ~4x (README, "What the shapes models know"); the stage's tokens learn them directly.
+    word_head_stage: int | None = None
     # "cat" (the project's CAT encoder) or an adapter spec "timm:<model name>" / "open_clip:<model name>"
     vision_backend: str = "cat"
     vision_pretrained: str | None = None  # local file path (or hub tag, for users with a network)
@@ -167,6 +172,18 @@ class MMXAttnConfig:
             norm = sorted({s % ns for s in self.image_stages})
             if len(norm) != len(self.image_stages):
                 raise _err(n, f"image_stages {self.image_stages} repeats a stage")
+        if self.word_head_stage is not None:
+            if not self.word_head:
+                raise _err(n, f"word_head_stage={self.word_head_stage} needs word_head=True")
+            if self.vision_backend == "cat":
+                ns = self.vision.num_stages
+                deepest = max(s % ns for s in self.image_stages)
+                if not -ns <= self.word_head_stage < ns or self.word_head_stage % ns > deepest:
+                    raise _err(
+                        n,
+                        f"word_head_stage {self.word_head_stage} must be an encoder stage no deeper than the deepest "
+                        f"of image_stages {self.image_stages} (the encoder stops there)",
+                    )
         if self.embed_dim < 1:
             raise _err(n, f"embed_dim must be positive, got {self.embed_dim}")
         if self.max_logit_scale <= 0 or math.exp(self.init_logit_scale) > self.max_logit_scale:

@@ -40,6 +40,8 @@ class MMXAttnOutput:
     image_tokens: Tensor | None = None  # (B, L, D), for the ITM head and re-ranking
     text_states: Tensor | None = None  # (B or R, T, W), text encoder token states
     decoder_states: Tensor | None = None  # (B or R, T, W), decoder output over the whole caption (ITM reads it)
+    # (B, L', D'), what the word head reads (MMXAttn.encode_word_tokens); None without a word head
+    word_tokens: Tensor | None = None
 
 
 @dataclass
@@ -98,7 +100,17 @@ class MMXAttn(nn.Module):
         if t.tie_embeddings:
             self.lm_head.weight = self.text.token_embedding.weight
         self.itm_head = nn.Linear(t.width, 2) if cfg.itm_head else None
-        self.word_head = nn.Linear(t.width, t.vocab_size) if cfg.word_head else None
+        # the word head reads the projected tokens (width W) or one read stage's own tokens (word_head_stage)
+        self._word_stage = None
+        if cfg.word_head_stage is not None:
+            self._word_stage = cfg.word_head_stage % n_stages
+            if self._word_stage > max(self.stages):
+                raise ValueError(
+                    f"word_head_stage {cfg.word_head_stage} must be an encoder stage no deeper than the deepest of "
+                    f"image_stages {cfg.image_stages} (the encoder stops there)"
+                )
+        word_in = t.width if self._word_stage is None else self.visual.stage_dims[self._word_stage]
+        self.word_head = nn.Linear(word_in, t.vocab_size) if cfg.word_head else None
         # one-element parameters are stored with shape (1,), not as 0-d tensors: FSDP refuses 0-d parameters.
         # State dicts that hold them 0-d (written before this change, or open_clip-style) still load.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
@@ -173,15 +185,31 @@ class MMXAttn(nn.Module):
         return torch.stack(out).to(self.logit_scale.device)
 
     # ------------------------------------------------------------------ encoders
+    def _stage_features(self, images: Tensor, stages: tuple[int, ...]) -> list[Tensor]:
+        """The encoder's tokens (B, L_s, C_s) of each of ``stages`` (the last stage's after the final norm)."""
+        feats = self.visual.forward_features(images, stages=stages)
+        last = len(self.visual.stage_dims) - 1
+        if self._final_norm and last in stages:
+            feats = [self.visual.norm(f) if s == last else f for s, f in zip(stages, feats)]
+        return feats
+
+    def _project(self, feats: list[Tensor], images: Tensor) -> Tensor:
+        grids = self.visual.grid_sizes(images.shape[-2], images.shape[-1])
+        return self.image_proj(feats, [grids[s] for s in self.stages])
+
     def encode_image_tokens(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> image tokens (B, L, D) from the chosen encoder stages."""
         images = self._check_images(images)
-        feats = self.visual.forward_features(images, stages=self.stages)
-        if self._final_norm:
-            last = self.stages.index(len(self.visual.stage_dims) - 1)
-            feats = [self.visual.norm(f) if i == last else f for i, f in enumerate(feats)]
-        grids = self.visual.grid_sizes(images.shape[-2], images.shape[-1])
-        return self.image_proj(feats, [grids[s] for s in self.stages])
+        return self._project(self._stage_features(images, self.stages), images)
+
+    def encode_word_tokens(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) -> the tokens the word head reads: the image tokens (B, L, D), or with
+        ``MMXAttnConfig.word_head_stage`` that stage's own tokens (B, h*w, C_stage), before the projection (only
+        the encoder up to that stage runs)."""
+        images = self._check_images(images)
+        if self._word_stage is None:
+            return self.encode_image_tokens(images)
+        return self._stage_features(images, (self._word_stage,))[0]
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """(B, 3, H, W) -> (B, E), L2-normalised unless ``normalize=False``."""
@@ -225,7 +253,13 @@ class MMXAttn(nn.Module):
                 and (int(tii.min()) < 0 or int(tii.max()) >= images.shape[0])
             ):
                 raise ValueError(f"text_image_index values must index the {images.shape[0]} images")
-        image_tokens = self.encode_image_tokens(images)  # (B, L, D)
+        ws = self._word_stage
+        extra = (ws,) if ws is not None and ws not in self.stages else ()  # a stage only the word head reads
+        feats = self._stage_features(images, self.stages + extra)
+        image_tokens = self._project(feats[: len(self.stages)], images)  # (B, L, D)
+        word_tokens = None
+        if self.word_head is not None:
+            word_tokens = image_tokens if ws is None else feats[(self.stages + extra).index(ws)]
         image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
         text_x, states = self.text(ids)  # (R, E), (R, T, W)
         # The decoder runs over the whole caption once: positions :-1 predict ids[:, 1:] (causal, so the last
@@ -241,10 +275,12 @@ class MMXAttn(nn.Module):
             image_tokens=image_tokens,
             text_states=states,
             decoder_states=h,
+            word_tokens=word_tokens,
         )
 
     def word_logits(self, image_tokens: Tensor) -> Tensor:
-        """Image tokens (B, L, D) -> every token's logit for every vocabulary word (B, L, V), from the word head
+        """Word tokens (B, L, D) (:meth:`encode_word_tokens`: the image tokens, or the ``word_head_stage``'s own
+        tokens) -> every token's logit for every vocabulary word (B, L, V), from the word head
         (``MMXAttnConfig.word_head``). An image's score for a word is its best token's (the maximum over L)."""
         if self.word_head is None:
             raise RuntimeError("this model was built with word_head=False (MMXAttnConfig.word_head)")
@@ -253,7 +289,7 @@ class MMXAttn(nn.Module):
     def word_maps(self, images: Tensor, words: Sequence[str] | Tensor) -> tuple[Tensor, Tensor]:
         """Where each word is seen: ``(maps, present)`` with ``maps`` (B, K, h, w) the sigmoid of every image
         token's logit for each of the K words on the last read stage's token grid (tokens of the other read
-        stages are max-pooled onto it) and ``present`` (B, K) the image's probability of the word (its best
+        stages are max-pooled onto it), or on the ``word_head_stage``'s own grid, and ``present`` (B, K) the image's probability of the word (its best
         token's). ``words`` are single-token words (strings need the attached tokenizer) or token ids (K,)."""
         if isinstance(words, Tensor):
             ids = words.long().flatten()
@@ -271,12 +307,14 @@ class MMXAttn(nn.Module):
             ids = torch.tensor(ids_list, dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.text.vocab_size):
             raise ValueError(f"word_maps: token ids must be in [0, {self.cfg.text.vocab_size})")
-        tokens = self.encode_image_tokens(images)
+        images = self._check_images(images)
+        tokens = self.encode_word_tokens(images)
         logits = self.word_logits(tokens)[..., ids.to(tokens.device)]  # (B, L, K)
         grids = self.visual.grid_sizes(images.shape[-2], images.shape[-1])
-        h, w = grids[self.stages[-1]]
+        stages = self.stages if self._word_stage is None else (self._word_stage,)
+        h, w = grids[stages[-1]]
         maps, start = None, 0
-        for s in self.stages:
+        for s in stages:
             gh, gw = grids[s]
             part = logits[:, start : start + gh * gw].transpose(1, 2).reshape(-1, ids.numel(), gh, gw)
             start += gh * gw

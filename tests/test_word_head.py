@@ -166,3 +166,64 @@ def test_word_maps_and_export_round_trip(shapes_batch, tmp_path):
     no_head = mmxattn.create_model("mmx_tiny", text=dict(vocab_size=dm.vocab_size))
     with pytest.raises(RuntimeError, match="word_head"):
         no_head.word_logits(torch.zeros(1, 4, no_head.cfg.text.width))
+
+
+def test_word_head_stage_reads_the_stages_own_tokens(shapes_batch, tmp_path):
+    """``word_head_stage``: the head reads one read stage's encoder tokens (its channel width, its grid), before
+    the projection; the training loss, the maps and a saved model all use those tokens."""
+    dm, batch = shapes_batch
+    text = data_linked(dm)
+    with pytest.raises(ValueError, match="needs word_head"):
+        mmxattn.create_model("mmx_tiny", word_head_stage=0, image_stages=(0, -1), text=text)
+    with pytest.raises(ValueError, match="no deeper than the deepest of image_stages"):
+        mmxattn.create_model("mmx_tiny", word_head=True, word_head_stage=1, image_stages=(0,), text=text)
+    torch.manual_seed(0)
+    # the decoder reads stages 1 and 2 (mmx_tiny's), the word head stage 0: a stage only the word head reads
+    model = mmxattn.create_model("mmx_tiny", word_head=True, word_head_stage=0, img_size=64, text=text).eval()
+    assert model.stages == (1, 2)
+    model.tokenizer = dm.tokenizer
+    c0 = model.visual.stage_dims[0]
+    assert c0 != model.cfg.text.width and model.word_head.in_features == c0
+    images = batch["images"][:3]
+    with torch.no_grad():
+        raw = model.visual.forward_features(images, stages=(0,))[0]  # the encoder's own stage-0 tokens
+        torch.testing.assert_close(model.encode_word_tokens(images), raw)
+        out = model(images, batch["ids"][:3])
+        torch.testing.assert_close(out.word_tokens, raw)
+        torch.testing.assert_close(out.image_tokens, model.encode_image_tokens(images))  # stages 1 and 2
+        maps, present = model.word_maps(images, ["circle", "red"])
+        h, w = model.visual.grid_sizes(64, 64)[0]
+        assert maps.shape == (3, 2, h, w) and h * w == raw.shape[1]
+        ids = torch.tensor([dm.tokenizer(["circle"])[0][1].item(), dm.tokenizer(["red"])[0][1].item()])
+        want = model.word_head(raw)[..., ids]  # (B, L0, K), token-major: row-major over the stage-0 grid
+        torch.testing.assert_close(maps, want.sigmoid().transpose(1, 2).reshape(3, 2, h, w))
+        torch.testing.assert_close(present, want.amax(1).sigmoid())
+    again = mmxattn.load(mmxattn.export(model, tmp_path / "m")).eval()
+    assert again.cfg.word_head_stage == 0
+    with torch.no_grad():
+        torch.testing.assert_close(again.word_maps(images, ["circle", "red"])[0], maps)
+
+    # the module (here the decoder reads stage 0 too): its word term is the loss on those tokens; word-only
+    # steps leave the projection alone
+    kw = dict(preset="mmx_tiny", img_size=64, itm_weight=0.0, overrides={"image_stages": (0, -1)}, **data_linked(dm))
+    with pytest.raises(ValueError, match="needs word_weight"):
+        MMXAttnModule(word_head_stage=0, **kw)
+    torch.manual_seed(0)
+    mod = MMXAttnModule(word_weight=1.0, word_head_stage=0, word_only_steps=5, **kw)
+    mod.model.tokenizer = dm.tokenizer
+    ids, tii = batch["ids"], batch.get("text_image_index")
+    ignore = (dm.pad_id, dm.bos_id, dm.eos_id, dm.tokenizer.unk_id)
+    with torch.no_grad():
+        tokens = mod.model.encode_word_tokens(batch["images"])
+        want = WordPresenceLoss(ignore)(tokens, mod.model.word_head, ids, tii)
+        torch.testing.assert_close(mod.eval().compute_losses(batch)[1]["word"], want)
+        torch.testing.assert_close(mod.train().compute_losses(batch)[1]["word"], want)  # the word-only phase
+    before = {n: p.detach().clone() for n, p in mod.model.named_parameters()}
+    opt = torch.optim.SGD(mod.parameters(), lr=0.1)
+    loss, terms, _ = mod.train().compute_losses(batch)
+    assert set(terms) == {"word"}
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in mod.model.named_parameters() if not torch.equal(p, before[n])}
+    assert "word_head.weight" in changed and any(n.startswith("visual.") for n in changed)
+    assert not any(n.startswith(("image_proj.", "text.", "decoder.", "pooler.")) for n in changed), changed

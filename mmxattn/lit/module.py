@@ -74,6 +74,11 @@ class MMXAttnModule(pl.LightningModule):
             ``freeze_encoder_steps``; the learning-rate schedule runs over all steps. Under DDP every part still
             runs, the other terms weighted 0, so that all ranks reduce the same gradients: nothing else learns,
             but AdamW's weight decay does apply to it.
+        word_head_stage: the word head reads this encoder stage's own tokens (one of the model's
+            ``image_stages``) instead of the projected image tokens (``MMXAttnConfig.word_head_stage``); needs
+            ``word_weight > 0``. With ``word_only_steps`` only the encoder up to that stage runs in that phase. On
+            the shapes data the stage-0 tokens of a conv-stem encoder learnt the shape words that the projected
+            tokens had not (README, "What the shapes models know").
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
         rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
@@ -146,6 +151,7 @@ class MMXAttnModule(pl.LightningModule):
         attn_diversity: float = 1.0,
         word_weight: float = 0.0,
         word_only_steps: int = 0,
+        word_head_stage: int | None = None,
         nonfinite: str = "stop",
         rerank: int = 10,
         rerank_with: str = "itm",
@@ -186,6 +192,12 @@ class MMXAttnModule(pl.LightningModule):
             raise ValueError(f"word_weight must be >= 0, got {word_weight}")
         if word_weight > 0:
             rest["word_head"] = True
+        if word_head_stage is not None:
+            if word_weight <= 0:
+                raise ValueError(
+                    f"word_head_stage={word_head_stage} needs word_weight > 0 (nothing would train the head)"
+                )
+            rest["word_head_stage"] = word_head_stage
         if word_only_steps < 0 or (word_only_steps > 0 and word_weight <= 0):
             raise ValueError(f"word_only_steps must be >= 0 and needs word_weight > 0, got {word_only_steps}")
         self.model = create_model(preset, text=text, vision=vision, **rest)
@@ -289,7 +301,7 @@ class MMXAttnModule(pl.LightningModule):
             loss = loss + self.hparams.itm_weight * losses["itm"]
         if self.hparams.word_weight > 0:
             self._ignore_unk_word()
-            losses["word"] = self.word_loss(out.image_tokens, self.model.word_head, ids, tii)
+            losses["word"] = self.word_loss(out.word_tokens, self.model.word_head, ids, tii)
             loss = loss + self.hparams.word_weight * losses["word"]
         if entropy_maps is not None:
             # queries that predict a real token (query t predicts ids[:, t + 1]; the last one predicts nothing)
@@ -321,9 +333,9 @@ class MMXAttnModule(pl.LightningModule):
         return out
 
     def _word_only_losses(self, images: Tensor, ids: Tensor, tii: Tensor | None) -> tuple[Tensor, dict, Any]:
-        """The ``word_only_steps`` phase: the word-presence loss on the image tokens, nothing else computed."""
+        """The ``word_only_steps`` phase: the word-presence loss on the word head's tokens, nothing else computed."""
         self._ignore_unk_word()
-        word = self.word_loss(self.model.encode_image_tokens(images), self.model.word_head, ids, tii)
+        word = self.word_loss(self.model.encode_word_tokens(images), self.model.word_head, ids, tii)
         return self.hparams.word_weight * word, {"word": word}, SimpleNamespace(logit_scale=self.model.logit_scale)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
