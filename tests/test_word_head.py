@@ -184,6 +184,7 @@ def test_word_head_stage_reads_the_stages_own_tokens(shapes_batch, tmp_path):
     model.tokenizer = dm.tokenizer
     c0 = model.visual.stage_dims[0]
     assert c0 != model.cfg.text.width and model.word_head.in_features == c0
+    torch.testing.assert_close(model.word_head.bias, torch.full_like(model.word_head.bias, -2.944439))
     images = batch["images"][:3]
     with torch.no_grad():
         raw = model.visual.forward_features(images, stages=(0,))[0]  # the encoder's own stage-0 tokens
