@@ -45,8 +45,9 @@ The peer (open_clip 3.x ``CoCa``, random init, no network), configured by ``vs_c
   its LM head is not tied to the token embedding;
 * ViT: patch 8 at 64 px, an 8x8 token grid: the finest grid our decoder reads (CAT stage 2 of mmx_shapes), width =
   our text width (128) with 4 heads of 32 like both text towers, depth chosen so that its trunk (no attentional
-  pooler / ln_post / projection) has the parameter count closest to our CAT encoder: 8 layers, 1.61M vs 1.67M
-  (widths 192x4 and 256x2 come as close; ``--vit-width``/``--vit-depth`` override). Its attentional pooler has
+  pooler / ln_post / projection) has the parameter count closest to our CAT encoder: 8 layers, 1.61M vs 1.70M
+  (ours with the main job's conv stem, ``model.overrides`` in shapes.yaml, which this script also reads; 1.67M with
+  CAT's patchify stem; widths 192x4 and 256x2 come as close; ``--vit-width``/``--vit-depth`` override). Its attentional pooler has
   ``our image token count + 1`` queries (open_clip's original CoCa setup: query 0 is the pooled embedding, the rest
   feed the decoder), so both decoders read 80 image tokens.
 
@@ -118,6 +119,11 @@ def main_job_losses(path: str = _SHAPES_YAML) -> dict[str, Any]:
     return {k: model[k] for k in _LOSS_KEYS if k in model}
 
 
+def main_job_overrides(path: str = _SHAPES_YAML) -> dict[str, Any]:
+    """configs/shapes.yaml's preset overrides (``model.overrides``: the conv stem), so ours is the main job's model."""
+    return copy.deepcopy((_main_job_config(path).get("model") or {}).get("overrides") or {})
+
+
 ROW_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "cider", "bleu4", "rouge_l")
 NORM_KEYS = ("i2t_r1_norm", "i2t_r5_norm", "t2i_r1_norm", "t2i_r5_norm")  # gallery-normalised recall, both models
 
@@ -137,6 +143,7 @@ def build_ours(args: argparse.Namespace, dm: ShapesDataModule) -> MMXAttnModule:
         weight_decay=RECIPE["weight_decay"],
         betas=RECIPE["betas"],
         min_lr_ratio=RECIPE["min_lr_ratio"],
+        overrides=main_job_overrides() or None,
         **main_job_losses(),
     )
     module.model.tokenizer = dm.tokenizer

@@ -58,6 +58,9 @@ def test_tensorboard_config_composes(tmp_path, monkeypatch):
     args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=1, overlays=("shapes_tensorboard.yaml",))
     cli = cli_main(args + ["--test_after_fit=false"])
     assert type(cli.trainer.logger).__name__ in ("TensorBoardLogger", "DummyLogger")
+    # the main job's encoder: configs/shapes.yaml's model.overrides reach the model (the conv stem, not CAT's patchify)
+    assert cli.model.model.cfg.vision.stem == "conv"
+    assert isinstance(cli.model.model.visual.patch_embed.proj, torch.nn.Sequential)
 
 
 def _tiny_fit(
