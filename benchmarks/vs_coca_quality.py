@@ -47,8 +47,8 @@ The peer (open_clip 3.x ``CoCa``, random init, no network), configured by ``vs_c
   our text width (128) with 4 heads of 32 like both text towers, depth chosen so that its trunk (no attentional
   pooler / ln_post / projection) has the parameter count closest to our CAT encoder: 8 layers, 1.61M vs 1.70M
   (ours with the main job's conv stem, ``model.overrides`` in shapes.yaml, which this script also reads; 1.67M with
-  CAT's patchify stem; widths 192x4 and 256x2 come as close; ``--vit-width``/``--vit-depth`` override). Its attentional pooler has
-  ``our image token count + 1`` queries (open_clip's original CoCa setup: query 0 is the pooled embedding, the rest
+  CAT's patchify stem; widths 192x4 and 256x2 come as close; ``--vit-width``/``--vit-depth`` override). Its
+  attentional pooler has ``our image token count + 1`` queries (open_clip's original CoCa setup: query 0 is the pooled embedding, the rest
   feed the decoder), so both decoders read 80 image tokens.
 
 Evaluation (:func:`evaluate_pair`, the same code for both): full-gallery recall i2t/t2i R@1/5/10 with

@@ -55,9 +55,9 @@ class PatchEmbed(nn.Module):
     """Stem: ``proj`` -> LayerNorm. Pads the image right/bottom to a multiple of the patch.
 
     ``stem="patch"`` (official): ``proj`` is one Conv2d with kernel = stride = patch.
-    ``stem="conv"`` (ours, opt-in; no preset uses it, configs/shapes.yaml does): a convolutional stem after Xiao et al. 2021 ("Early
-    convolutions help transformers see better"): log2(patch) 3x3 stride-2 convs (widths C/2^k ... C), one 3x3
-    stride-1 conv, each followed by ReLU, then a 1x1 conv. Its receptive field (15 px at patch 4) spans a small
+    ``stem="conv"`` (ours, opt-in; no preset uses it, configs/shapes.yaml does): a convolutional stem after Xiao et
+    al. 2021 ("Early convolutions help transformers see better"): log2(patch) 3x3 stride-2 convs (widths C/2^k ... C),
+    one 3x3 stride-1 conv, each followed by ReLU, then a 1x1 conv. Its receptive field (15 px at patch 4) spans a small
     object, which the 4x4 patchify stem does not; see :func:`conv_stem` and ``benchmarks/shape_learnability.py``.
     """
 
