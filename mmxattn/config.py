@@ -151,6 +151,13 @@ class MMXAttnConfig:
     # own tokens (the stage's channel width, on its token grid), before the projection. On the shapes data the projection's LayerNorm/Linear/position signal slowed the
     # learning of shape words ~4x (README, "What the shapes models know"); the stage's tokens learn them directly.
     word_head_stage: int | None = None
+    # True (needs word_head): the decoder and the retrieval pooler also read what the word head sees. Every image
+    # token gets Linear(V, W)(p), the word head's probabilities p (B, L, V) of every vocabulary word at that token
+    # (with word_head_stage, that stage's maps max-pooled onto each read stage's grid), detached (only the word
+    # loss trains the head) through a zero-initialised Linear: a no-op at the start of training. On the shapes
+    # data the word head learns shapes that the captioner's attention does not (README, "What the shapes models
+    # know"). Its cost grows with the vocabulary (a (B, L, V) product per image): meant for small vocabularies.
+    word_context: bool = False
     # "cat" (the project's CAT encoder) or an adapter spec "timm:<model name>" / "open_clip:<model name>"
     vision_backend: str = "cat"
     vision_pretrained: str | None = None  # local file path (or hub tag, for users with a network)
@@ -184,6 +191,8 @@ class MMXAttnConfig:
                         f"word_head_stage {self.word_head_stage} must be an encoder stage no deeper than the deepest "
                         f"of image_stages {self.image_stages} (the encoder stops there)",
                     )
+        if self.word_context and not self.word_head:
+            raise _err(n, "word_context=True needs word_head=True (the context is the word head's probabilities)")
         if self.embed_dim < 1:
             raise _err(n, f"embed_dim must be positive, got {self.embed_dim}")
         if self.max_logit_scale <= 0 or math.exp(self.init_logit_scale) > self.max_logit_scale:

@@ -111,6 +111,8 @@ class MMXAttn(nn.Module):
                 )
         word_in = t.width if self._word_stage is None else self.visual.stage_dims[self._word_stage]
         self.word_head = nn.Linear(word_in, t.vocab_size) if cfg.word_head else None
+        # what the word head sees, added to every image token (MMXAttnConfig.word_context); zero-initialised
+        self.word_context = nn.Linear(t.vocab_size, t.width, bias=False) if cfg.word_context else None
         # one-element parameters are stored with shape (1,), not as 0-d tensors: FSDP refuses 0-d parameters.
         # State dicts that hold them 0-d (written before this change, or open_clip-style) still load.
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
@@ -132,6 +134,8 @@ class MMXAttn(nn.Module):
             # start every word rare (probability 0.05 at every token), as detection heads do (Lin et al. 2017):
             # the first steps then learn which words are there, not to silence the many that are not
             nn.init.constant_(self.word_head.bias, math.log(0.05 / 0.95))
+        if self.word_context is not None:
+            nn.init.zeros_(self.word_context.weight)  # a no-op until the decoder and pooler learn to read it
 
     # ------------------------------------------------------------------ inputs
     def _check_images(self, images: Tensor) -> Tensor:
@@ -197,10 +201,47 @@ class MMXAttn(nn.Module):
         grids = self.visual.grid_sizes(images.shape[-2], images.shape[-1])
         return self.image_proj(feats, [grids[s] for s in self.stages])
 
+    def _encode(self, images: Tensor, want_word: bool) -> tuple[Tensor, Tensor | None]:
+        """(image tokens (B, L, D), word tokens or None): one encoder pass for both. The word tokens (what the
+        word head reads) come back when ``want_word`` and the model has a word head; with ``word_context`` the
+        image tokens carry the word head's probabilities."""
+        ws = self._word_stage
+        want_word = self.word_head is not None and (want_word or self.word_context is not None)
+        extra = (ws,) if want_word and ws is not None and ws not in self.stages else ()  # read by the word head only
+        feats = self._stage_features(images, self.stages + extra)
+        image_tokens = self._project(feats[: len(self.stages)], images)  # (B, L, D)
+        word_tokens = None
+        if want_word:
+            word_tokens = image_tokens if ws is None else feats[(self.stages + extra).index(ws)]
+        if self.word_context is not None:
+            image_tokens = image_tokens + self.word_context(self._word_probs_per_image_token(word_tokens, images))
+        return image_tokens, word_tokens
+
+    def _word_probs_per_image_token(self, word_tokens: Tensor, images: Tensor) -> Tensor:
+        """The word head's probabilities (B, L, V) at every image token, detached. With ``word_head_stage`` the
+        stage's maps are max-pooled (or, onto a finer grid, repeated) onto each read stage's token grid."""
+        probs = self.word_head(word_tokens).detach().sigmoid()  # (B, L_w, V)
+        if self._word_stage is None:
+            return probs
+        grids = self.visual.grid_sizes(images.shape[-2], images.shape[-1])
+        gh, gw = grids[self._word_stage]
+        maps = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], gh, gw)  # (B, V, gh, gw)
+        parts = []
+        for s in self.stages:
+            h, w = grids[s]
+            if (h, w) == (gh, gw):
+                part = maps
+            elif h <= gh and w <= gw:
+                part = F.adaptive_max_pool2d(maps, (h, w))
+            else:
+                part = F.interpolate(maps, size=(h, w), mode="nearest")
+            parts.append(part.flatten(2).transpose(1, 2))
+        return torch.cat(parts, dim=1)
+
     def encode_image_tokens(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) -> image tokens (B, L, D) from the chosen encoder stages."""
-        images = self._check_images(images)
-        return self._project(self._stage_features(images, self.stages), images)
+        """images (B, 3, H, W) -> image tokens (B, L, D) from the chosen encoder stages (with
+        ``MMXAttnConfig.word_context``, carrying the word head's probabilities)."""
+        return self._encode(self._check_images(images), want_word=False)[0]
 
     def encode_word_tokens(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> the tokens the word head reads: the image tokens (B, L, D), or with
@@ -208,7 +249,7 @@ class MMXAttn(nn.Module):
         the encoder up to that stage runs)."""
         images = self._check_images(images)
         if self._word_stage is None:
-            return self.encode_image_tokens(images)
+            return self._encode(images, want_word=True)[1]
         return self._stage_features(images, (self._word_stage,))[0]
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
@@ -253,13 +294,7 @@ class MMXAttn(nn.Module):
                 and (int(tii.min()) < 0 or int(tii.max()) >= images.shape[0])
             ):
                 raise ValueError(f"text_image_index values must index the {images.shape[0]} images")
-        ws = self._word_stage
-        extra = (ws,) if ws is not None and ws not in self.stages else ()  # a stage only the word head reads
-        feats = self._stage_features(images, self.stages + extra)
-        image_tokens = self._project(feats[: len(self.stages)], images)  # (B, L, D)
-        word_tokens = None
-        if self.word_head is not None:
-            word_tokens = image_tokens if ws is None else feats[(self.stages + extra).index(ws)]
+        image_tokens, word_tokens = self._encode(images, want_word=True)
         image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
         text_x, states = self.text(ids)  # (R, E), (R, T, W)
         # The decoder runs over the whole caption once: positions :-1 predict ids[:, 1:] (causal, so the last

@@ -245,7 +245,7 @@ def test_layer_decay_gives_per_group_lrs():
 
 
 def test_separate_lrs_land_in_their_components():
-    model = mmxattn.create_model("mmx_tiny", word_head=True)
+    model = mmxattn.create_model("mmx_tiny", word_head=True, word_context=True)
     opt = build_optimizer(model, lr=4.0, weight_decay=0.05, encoder_lr=1.0, text_lr=2.0, decoder_lr=3.0)
     lr_of = _group_lr(opt)
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
@@ -255,9 +255,10 @@ def test_separate_lrs_land_in_their_components():
     for name, p in model.named_parameters():  # tied lm_head.weight appears once, as text.token_embedding.weight
         assert lr_of[id(p)] == expected[component_of(name)], name
         seen.add(name.split(".")[0])
-    assert seen == {"visual", "text", "pooler", "image_proj", "logit_scale", "decoder", "itm_head", "word_head"}
+    parts = "visual text pooler image_proj logit_scale decoder itm_head word_head word_context"
+    assert seen == set(parts.split())
     assert component_of("pooler.query") == component_of("image_proj.stage_embed") == "text"
-    assert component_of("word_head.weight") == "text"
+    assert component_of("word_head.weight") == component_of("word_context.weight") == "text"
     assert component_of("logit_scale") == "text" and component_of("itm_head.weight") == "decoder"
     # weight decay: matrices decay, 1-D / position tables do not
     wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}

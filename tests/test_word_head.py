@@ -228,3 +228,72 @@ def test_word_head_stage_reads_the_stages_own_tokens(shapes_batch, tmp_path):
     changed = {n for n, p in mod.model.named_parameters() if not torch.equal(p, before[n])}
     assert "word_head.weight" in changed and any(n.startswith("visual.") for n in changed)
     assert not any(n.startswith(("image_proj.", "text.", "decoder.", "pooler.")) for n in changed), changed
+
+
+def test_word_context_adds_what_the_word_head_sees_to_every_image_token(shapes_batch, tmp_path):
+    """``word_context``: every image token the decoder and pooler read gets Linear(V, W) of the word head's
+    probabilities there (stage-0 maps max-pooled onto the read stages' grids), detached from the head; a no-op at
+    initialisation; carried by a saved model."""
+    dm, batch = shapes_batch
+    text = data_linked(dm)
+    with pytest.raises(ValueError, match="word_context=True needs word_head"):
+        mmxattn.create_model("mmx_tiny", word_context=True, text=text)
+    kw = dict(preset="mmx_tiny", img_size=64, itm_weight=0.0, **data_linked(dm))
+    with pytest.raises(ValueError, match="word_context=True needs word_weight"):
+        MMXAttnModule(word_context=True, **kw)
+    torch.manual_seed(0)
+    model = mmxattn.create_model(
+        "mmx_tiny", word_head=True, word_head_stage=0, word_context=True, img_size=64, text=text
+    ).eval()
+    plain = mmxattn.create_model("mmx_tiny", word_head=True, word_head_stage=0, img_size=64, text=text).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("word_context.")})
+    images, ids = batch["images"][:3], batch["ids"][:3]
+    with torch.no_grad():
+        # zero-initialised: the same tokens as without the context
+        torch.testing.assert_close(model.encode_image_tokens(images), plain.encode_image_tokens(images))
+        torch.nn.init.normal_(model.word_context.weight, std=0.5)
+        # reference: stage-0 probabilities (16x16 grid) max-pooled in 2x2 / 4x4 blocks onto stages 1 and 2
+        probs = model.word_head(model.visual.forward_features(images, stages=(0,))[0]).sigmoid()  # (B, 256, V)
+        v = probs.shape[-1]
+        grid = probs.reshape(3, 16, 16, v)
+        pooled = [grid.reshape(3, 16 // k, k, 16 // k, k, v).amax((2, 4)).reshape(3, -1, v) for k in (2, 4)]
+        want = plain.encode_image_tokens(images) + torch.cat(pooled, 1) @ model.word_context.weight.T
+        got = model.encode_image_tokens(images)
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, plain.encode_image_tokens(images))
+        out = model(images, ids)
+        torch.testing.assert_close(out.image_tokens, got)  # training and inference read the same tokens
+        torch.testing.assert_close(out.image_embeds, model.encode_image(images))
+    # the caption and retrieval losses train the context's Linear, never the word head through it
+    model.train()
+    out = model(images, ids)
+    (out.logits.square().mean() + out.image_embeds.sum()).backward()
+    assert model.word_context.weight.grad.abs().sum() > 0
+    assert model.word_head.weight.grad is None
+    # a saved model keeps the context
+    model.eval()
+    again = mmxattn.load(mmxattn.export(model, tmp_path / "m")).eval()
+    assert again.cfg.word_context
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image_tokens(images), model.encode_image_tokens(images))
+    # without word_head_stage the head reads the projected tokens, and each token gets its own probabilities
+    flat = mmxattn.create_model("mmx_tiny", word_head=True, word_context=True, img_size=64, text=text).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(flat.word_context.weight, std=0.5)
+        raw = flat._project(flat._stage_features(images, flat.stages), images)
+        torch.testing.assert_close(
+            flat.encode_image_tokens(images), raw + flat.word_head(raw).sigmoid() @ flat.word_context.weight.T
+        )
+        torch.testing.assert_close(flat.encode_word_tokens(images), raw)
+    # a word stage coarser than a read stage: its maps are repeated onto the finer grid (stage 2's 4x4 onto 8x8)
+    deep = mmxattn.create_model(
+        "mmx_tiny", word_head=True, word_head_stage=2, word_context=True, img_size=64, text=text
+    ).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(deep.word_context.weight, std=0.5)
+        feats = deep._stage_features(images, deep.stages)
+        p2 = deep.word_head(feats[1]).sigmoid()  # (B, 16, V) on stage 2's 4x4 grid
+        v = p2.shape[-1]
+        p1 = p2.reshape(3, 4, 4, v).repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(3, 64, v)
+        want = deep._project(feats, images) + torch.cat([p1, p2], 1) @ deep.word_context.weight.T
+        torch.testing.assert_close(deep.encode_image_tokens(images), want)

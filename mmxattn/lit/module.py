@@ -71,18 +71,25 @@ class MMXAttnModule(pl.LightningModule):
             projection and word head; nothing else is run or updated), then every loss as usual. The encoder first
             learns what the captions' words look like from a readout that selects, before the averaging caption
             and retrieval paths take part. Needs ``word_weight > 0``. Counted in optimizer steps, as
-            ``freeze_encoder_steps``; the learning-rate schedule runs over all steps. Under DDP every part still
-            runs, the other terms weighted 0, so that all ranks reduce the same gradients: nothing else learns,
-            but AdamW's weight decay does apply to it.
+            ``freeze_encoder_steps``; the learning-rate schedule is set by ``word_only_schedule``. Under DDP every
+            part still runs, the other terms weighted 0, so that all ranks reduce the same gradients: nothing else
+            learns, but AdamW's weight decay does apply to it.
+        word_only_schedule: "shared": one warmup + cosine over all steps, word-only ones included; "restart": the
+            word-only phase warms up and holds the peak learning rate, and the joint phase gets a warmup and a
+            cosine of its own over the remaining steps (the caption and retrieval parts start fresh there).
         word_head_stage: the word head reads this encoder stage's own tokens (one of the model's
             ``image_stages``) instead of the projected image tokens (``MMXAttnConfig.word_head_stage``); needs
             ``word_weight > 0``. With ``word_only_steps`` only the encoder up to that stage runs in that phase. On
             the shapes data the stage-0 tokens of a conv-stem encoder learnt the shape words that the projected
             tokens had not (README, "What the shapes models know").
+        word_context: the decoder and the retrieval pooler also read the word head's probabilities at every image
+            token (``MMXAttnConfig.word_context``; detached, so only the word loss trains the head, added through a
+            zero-initialised Linear). Needs ``word_weight > 0``.
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
         rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
-        val_captions: generate and score captions at validation (test always does).
+        val_captions: generate and score captions at validation (test always does; a validation within the
+            word-only phase scores retrieval alone, without captions or re-ranking).
         grounding_layers: decoder layers averaged for grounding accuracy (default all).
 
     Fine-tuning controls (all default to plain joint training):
@@ -151,7 +158,9 @@ class MMXAttnModule(pl.LightningModule):
         attn_diversity: float = 1.0,
         word_weight: float = 0.0,
         word_only_steps: int = 0,
+        word_only_schedule: str = "shared",
         word_head_stage: int | None = None,
+        word_context: bool = False,
         nonfinite: str = "stop",
         rerank: int = 10,
         rerank_with: str = "itm",
@@ -198,8 +207,14 @@ class MMXAttnModule(pl.LightningModule):
                     f"word_head_stage={word_head_stage} needs word_weight > 0 (nothing would train the head)"
                 )
             rest["word_head_stage"] = word_head_stage
+        if word_context:
+            if word_weight <= 0:
+                raise ValueError("word_context=True needs word_weight > 0 (nothing would train the word head)")
+            rest["word_context"] = True
         if word_only_steps < 0 or (word_only_steps > 0 and word_weight <= 0):
             raise ValueError(f"word_only_steps must be >= 0 and needs word_weight > 0, got {word_only_steps}")
+        if word_only_schedule not in ("shared", "restart"):
+            raise ValueError(f"word_only_schedule must be 'shared' or 'restart', got {word_only_schedule!r}")
         self.model = create_model(preset, text=text, vision=vision, **rest)
         t = self.model.cfg.text
         if itm_weight <= 0 and self.model.itm_head is not None:
@@ -459,11 +474,14 @@ class MMXAttnModule(pl.LightningModule):
         gen = {"strategy": h.gen_strategy, "max_new_tokens": h.gen_max_new_tokens}
         if h.gen_strategy == "beam":
             gen["num_beams"] = h.gen_num_beams
-        captions = (test or h.val_captions) and self.model.tokenizer is not None
+        # a validation within the word-only phase scores retrieval only: the decoder has not trained yet, so its
+        # captions and re-ranking would cost time (a third of such an epoch on the shapes job) and say nothing
+        word_phase = not test and 0 < h.get("word_only_steps", 0) and self.global_step <= h.word_only_steps
+        captions = (test or h.val_captions) and not word_phase and self.model.tokenizer is not None
         rerank_with = "lm" if h.rerank_with == "itm" and h.itm_weight <= 0 else h.rerank_with
         return EvalAccumulator(
             self.eval_model,
-            rerank=h.rerank,
+            rerank=0 if word_phase else h.rerank,
             rerank_with=rerank_with,
             captions=captions,
             gen_kwargs=gen,
@@ -520,6 +538,7 @@ class MMXAttnModule(pl.LightningModule):
             warmup_steps=h.warmup_steps,
             total_steps=lambda: max(h.warmup_steps + 1, int(self.trainer.estimated_stepping_batches)),
             min_ratio=h.min_lr_ratio,
+            restart_at=h.word_only_steps if h.get("word_only_schedule", "shared") == "restart" else 0,
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -5,8 +5,8 @@ to one of three components, each with its own learning rate:
 
 * ``encoder``: ``visual.*`` (the image encoder), optionally with layer-wise LR decay over its layer groups;
 * ``text``: ``text.*`` (text encoder, token embedding -- also the LM head's weight when tied), ``pooler.*``,
-  ``image_proj.*`` (stage tokens -> width D), ``logit_scale`` and ``word_head.*`` (when built): the new
-  retrieval side between the encoder and the embeddings;
+  ``image_proj.*`` (stage tokens -> width D), ``logit_scale``, ``word_head.*`` and ``word_context.*`` (when
+  built): the new retrieval side between the encoder and the embeddings;
 * ``decoder``: ``decoder.*`` (multimodal decoder), ``lm_head.*`` (when untied) and ``itm_head.*``.
 
 A parameter outside these prefixes (none today) gets the base ``lr`` in an ``other`` component.
@@ -25,7 +25,7 @@ __all__ = ["COMPONENTS", "build_optimizer", "component_of", "finetune_param_grou
 # name prefixes of each component (see the module docstring)
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "encoder": ("visual.",),
-    "text": ("text.", "pooler.", "image_proj.", "logit_scale", "word_head."),
+    "text": ("text.", "pooler.", "image_proj.", "logit_scale", "word_head.", "word_context."),
     "decoder": ("decoder.", "lm_head.", "itm_head."),
 }
 
@@ -157,6 +157,7 @@ def warmup_cosine(
     warmup_steps: int,
     total_steps: int | Callable[[], int],
     min_ratio: float = 0.0,
+    restart_at: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_ratio`` of the peak at
     ``total_steps`` (stepped once per optimizer step).
@@ -164,14 +165,22 @@ def warmup_cosine(
     ``total_steps`` may be a callable, asked once when warmup ends. The LightningModule passes
     ``trainer.estimated_stepping_batches`` that way: asking for it inside ``configure_optimizers`` builds the train
     DataLoader before a checkpoint is restored, which would start a resumed epoch from its beginning.
+
+    ``restart_at`` > 0 runs two schedules: before that step, the warmup and then the peak held (a first phase that
+    trains part of the model); from it, a fresh warmup and cosine over the remaining ``total_steps - restart_at``.
     """
     total: list[int] = []
+    if restart_at < 0:
+        raise ValueError(f"restart_at must be >= 0, got {restart_at}")
 
     def factor(step: int) -> float:
+        if step < restart_at:
+            return min(1.0, (step + 1) / max(1, warmup_steps))
+        step -= restart_at
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
         if not total:
-            total.append(int(total_steps() if callable(total_steps) else total_steps))
+            total.append(int(total_steps() if callable(total_steps) else total_steps) - restart_at)
         progress = min(1.0, (step - warmup_steps) / max(1, total[0] - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
