@@ -120,7 +120,9 @@ def main_job_losses(path: str = _SHAPES_YAML) -> dict[str, Any]:
 
 
 def main_job_overrides(path: str = _SHAPES_YAML) -> dict[str, Any]:
-    """configs/shapes.yaml's preset overrides (``model.overrides``: the conv stem), so ours is the main job's model."""
+    """configs/shapes.yaml's preset overrides (``model.overrides``: the conv stem), so ours is the main job's model
+    (without its word phase -- ``word_weight``, ``word_only_steps``, ``word_context`` -- which this single-phase loop
+    does not run)."""
     return copy.deepcopy((_main_job_config(path).get("model") or {}).get("overrides") or {})
 
 

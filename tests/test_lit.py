@@ -61,6 +61,10 @@ def test_tensorboard_config_composes(tmp_path, monkeypatch):
     # the main job's encoder: configs/shapes.yaml's model.overrides reach the model (the conv stem, not CAT's patchify)
     assert cli.model.model.cfg.vision.stem == "conv"
     assert isinstance(cli.model.model.visual.patch_embed.proj, torch.nn.Sequential)
+    # and its word phase: a stage-0 word head trained alone first, read by the decoder and pooler afterwards
+    cfg, hp = cli.model.model.cfg, cli.model.hparams
+    assert cfg.word_head and cfg.word_head_stage == 0 and cfg.word_context
+    assert hp.word_only_steps > 0 and hp.word_only_schedule == "restart" and hp.word_weight > 0
 
 
 def _tiny_fit(
