@@ -97,11 +97,6 @@ def test_figures_render_to_png(model, test_split, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the shipped fixture (3000 CPU steps of mmx_tiny) grounds 0.51 of its caption words' peaks on target "
-    "(chance 0.10), short of the 0.6 bar; see tests/fixtures/make_tiny_checkpoint.py",
-    strict=False,
-)
 def test_word_heatmaps_land_on_the_objects_they_name(model, test_split):
     """For the generated captions of test images, the heatmap peak of every colour/shape word lies inside a box of
     an object with that colour/shape, far more often than chance (the share of the image those boxes cover)."""
@@ -123,9 +118,9 @@ def test_word_heatmaps_land_on_the_objects_they_name(model, test_split):
                 covered[max(0, int(y0)) : int(y1) + 1, max(0, int(x0)) : int(x1) + 1] = True
             chance += covered.float().mean().item()
             words += 1
-        if words >= 40:
+        if words >= 100:  # the shipped fixture: 81 of its first 100 words (99 of all 135 words of the 60 images)
             break
-    assert words >= 20, f"only {words} object words in the captions of {i + 1} test images"
+    assert words >= 50, f"only {words} object words in the captions of {i + 1} test images"
     rate, base = hits / words, chance / words
     print(
         f"grounding: {hits}/{words} = {rate:.2f} of object-word heatmap peaks inside their objects (chance {base:.2f})"
