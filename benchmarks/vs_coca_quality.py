@@ -19,6 +19,13 @@ own losses, weighted as configs/shapes.yaml weighs them, which this script reads
 duplicate-caption positives, caption, ITM on hard negatives when its weight is above 0), CoCa
 calls ``open_clip.loss.CoCaLoss(caption_loss_weight=2, clip_loss_weight=1)``.
 
+Ours trains the main job's two phases (configs/shapes.yaml: ``word_weight``, ``word_head_stage``, ``word_context``,
+``word_only_steps``, ``word_only_schedule``): first the word-presence loss alone (only the encoder up to the word
+head's stage runs), then every loss. The config's split (843 word-only steps then 843 joint ones: ratio 1) is kept
+at any budget: each phase's step is timed, and the budget buys ``n`` joint steps and ``ratio * n`` word-only ones,
+all counted in ours' compute. ``--single-phase`` trains ours without the word head (the thirteenth session's main
+job).
+
 Threads: 1 by default. On a shared CPU (load above the core count) an OpenMP worker that the kernel deschedules
 stalls every op it takes part in: at load ~4 on 2 cores a step took 2.5-3x LONGER with 2 threads than with 1.
 
@@ -27,8 +34,10 @@ Optimisation, identical for both (configs/shapes.yaml's recipe): AdamW from :fun
 temperature not decayed), gradient-norm clipping at 1.0, :func:`mmxattn.lit.optim.warmup_cosine` down to 5% of the
 peak. The number of steps the budget allows is estimated per model from ``--probe-steps`` timed steps (the first
 not counted) taken before its budget starts, outside it, after which its initial weights are restored and a fresh
-optimizer is built; the schedule's length is that estimate and its warmup ``min(200, 20%)`` of it (shapes.yaml warms up 200 of ~940 steps). A run that goes past its
-estimate continues at the final learning rate. CoCa additionally gets open_clip's training-loop clamp of its logit
+optimizer is built; the schedule's length is that estimate and its warmup ``min(200, 20%)`` of it (shapes.yaml
+warms up 200 of 843 joint steps); ours' word-only phase warms up and holds the peak, and its joint phase gets its own
+warmup and cosine (``word_only_schedule: restart``). A run that goes past its estimate continues at the final
+learning rate. CoCa additionally gets open_clip's training-loop clamp of its logit
 scale to ``[0, ln 100]`` after every step (ours clamps inside its forward).
 
 The peer (open_clip 3.x ``CoCa``, random init, no network), configured by ``vs_coca.coca_config_for`` plus:
@@ -67,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -99,6 +109,7 @@ QUICK = dict(preset="mmx_tiny", train_size=96, test_size=12, batch_size=8, reran
 # The main job's loss weights and re-ranking score (configs/shapes.yaml), so this comparison trains what it runs.
 _SHAPES_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.yaml")
 _LOSS_KEYS = ("contrastive_weight", "caption_weight", "itm_weight", "attn_entropy_weight", "rerank_with")
+_WORD_KEYS = ("word_weight", "word_head_stage", "word_context", "word_only_schedule")
 
 
 @functools.cache  # read once; callers copy what they return
@@ -120,10 +131,29 @@ def main_job_losses(path: str = _SHAPES_YAML) -> dict[str, Any]:
 
 
 def main_job_overrides(path: str = _SHAPES_YAML) -> dict[str, Any]:
-    """configs/shapes.yaml's preset overrides (``model.overrides``: the conv stem), so ours is the main job's model
-    (without its word phase -- ``word_weight``, ``word_only_steps``, ``word_context`` -- which this single-phase loop
-    does not run)."""
+    """configs/shapes.yaml's preset overrides (``model.overrides``: the conv stem), so ours is the main job's model."""
     return copy.deepcopy((_main_job_config(path).get("model") or {}).get("overrides") or {})
+
+
+def main_job_word_phase(path: str = _SHAPES_YAML) -> dict[str, Any]:
+    """configs/shapes.yaml's word head (``word_weight``, ``word_head_stage``, ``word_context``,
+    ``word_only_schedule``) and ``word_ratio``: its word-only steps per joint step (``word_only_steps`` over the
+    rest of ``max_epochs`` epochs of ``train_size // batch_size`` steps). Empty when the main job has no word head."""
+    cfg = _main_job_config(path)
+    model = cfg.get("model") or {}
+    if float(model.get("word_weight", 0.0)) <= 0:
+        return {}
+    out = {k: model[k] for k in _WORD_KEYS if k in model}
+    n_word = int(model.get("word_only_steps", 0))
+    if n_word > 0:
+        data = main_job_data(path)
+        total = int((cfg.get("trainer") or {}).get("max_epochs", 1)) * (
+            int(data.get("train_size", 18000)) // int(data.get("batch_size", 64))
+        )
+        if total <= n_word:
+            raise ValueError(f"{path}: word_only_steps {n_word} leaves no joint steps of {total}")
+        out["word_ratio"] = n_word / (total - n_word)
+    return out
 
 
 ROW_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "cider", "bleu4", "rouge_l")
@@ -147,9 +177,25 @@ def build_ours(args: argparse.Namespace, dm: ShapesDataModule) -> MMXAttnModule:
         min_lr_ratio=RECIPE["min_lr_ratio"],
         overrides=main_job_overrides() or None,
         **main_job_losses(),
+        **{k: v for k, v in args.word_phase.items() if k != "word_ratio"},
     )
     module.model.tokenizer = dm.tokenizer
     return module
+
+
+def ours_phases(module: MMXAttnModule, word_ratio: float) -> list[Phase]:
+    """The main job's two phases for :func:`train_for`: ``word_ratio`` word-only steps per joint step, then the
+    joint steps. Without a Trainer the module's ``global_step`` stays 0, so the phase is switched through the
+    hyper-parameter :meth:`MMXAttnModule.compute_losses` compares it with: ``word_only_steps`` above any step count
+    while the word loss trains alone, 0 afterwards."""
+
+    def word_only(on: bool) -> Callable[[], None]:
+        def switch() -> None:
+            module.hparams.word_only_steps = sys.maxsize if on else 0
+
+        return switch
+
+    return [Phase("word-only", word_ratio, word_only(True)), Phase("joint", 1.0, word_only(False))]
 
 
 def peer_config(ours: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -215,6 +261,16 @@ def _one_step(model, loss_fn, opt, sched, batch, i, after_step) -> float:
     return float(loss.detach())
 
 
+@dataclasses.dataclass
+class Phase:
+    """A stretch of training in :func:`train_for`: ``share`` steps of it per step of the last phase, entered by
+    calling ``start``. The last phase runs until the budget is spent."""
+
+    name: str
+    share: float
+    start: Callable[[], None]
+
+
 def train_for(
     name: str,
     model: torch.nn.Module,
@@ -224,34 +280,55 @@ def train_for(
     probe_steps: int,
     seed: int,
     after_step: Callable[[], None] = lambda: None,
+    phases: list[Phase] | None = None,
+    restart: bool = True,
 ) -> dict[str, Any]:
-    """Train ``model`` for ``budget_s`` seconds of step compute (batch fetching excluded); see the module docstring."""
+    """Train ``model`` for ``budget_s`` seconds of step compute (batch fetching excluded); see the module docstring.
+
+    ``phases`` (ours' word-only phase, then the joint one): each is probed for its step time; the budget then buys
+    ``n`` steps of the last phase and ``round(share * n)`` of each earlier one, run first, with
+    ``warmup_cosine(..., restart_at=<steps before the last phase>)`` (the main job's ``word_only_schedule:
+    restart``: the earlier phases warm up and hold the peak, the last gets its own warmup and cosine), or with
+    ``restart=False`` one warmup and cosine over all of them (``"shared"``)."""
     model.train()
+    phases = phases or [Phase("all", 1.0, lambda: None)]
 
     def optimizer():
         return build_optimizer(model, RECIPE["lr"], RECIPE["weight_decay"], RECIPE["betas"])
 
-    # Probe: a few steps from the initial weights to time a step, then the weights are put back.
+    # Probe: a few steps of each phase from the initial weights to time a step, then the weights are put back.
     init = copy.deepcopy(model.state_dict())
+    step_s = []
+    for phase in phases:
+        phase.start()
+        opt = optimizer()
+        probe = []
+        for i, (batch, _) in zip(range(max(2, probe_steps)), _batches(dm)):
+            t0 = time.perf_counter()
+            _one_step(model, loss_fn, opt, None, batch, i, after_step)
+            probe.append(time.perf_counter() - t0)
+        step_s.append(statistics.median(probe[1:]))  # the first step pays lazy initialisation
+        model.load_state_dict(init)
+        del opt
+    del init
+    n_last = max(2, int(budget_s / sum(p.share * s for p, s in zip(phases, step_s))))
+    counts = [max(1, round(p.share * n_last)) for p in phases[:-1]] + [n_last]
+    first = sum(counts[:-1])  # steps before the last phase
+    est = first + n_last
+    warm = max(1, min(RECIPE["max_warmup"], round(RECIPE["warmup_frac"] * (n_last if restart else est))))
     opt = optimizer()
-    probe = []
-    for i, (batch, _) in zip(range(max(2, probe_steps)), _batches(dm)):
-        t0 = time.perf_counter()
-        _one_step(model, loss_fn, opt, None, batch, i, after_step)
-        probe.append(time.perf_counter() - t0)
-    model.load_state_dict(init)
-    del opt, init
-    step_s = statistics.median(probe[1:])  # the first step pays lazy initialisation
-    est = max(2, int(budget_s / step_s))
-    warm = max(1, min(RECIPE["max_warmup"], round(RECIPE["warmup_frac"] * est)))
-    opt = optimizer()
-    sched = warmup_cosine(opt, warm, est, min_ratio=RECIPE["min_lr_ratio"])
+    sched = warmup_cosine(opt, warm, est, min_ratio=RECIPE["min_lr_ratio"], restart_at=first if restart else 0)
 
     torch.manual_seed(seed)
     load_before = os.getloadavg()[0]
     compute = fetch = 0.0
-    steps, losses = 0, []
+    steps, losses, phase_steps = 0, [], []
+    k = -1
     for batch, fetch_s in _batches(dm):
+        if k < len(phases) - 1 and steps == sum(counts[: k + 1]):  # the next phase starts here
+            k += 1
+            phases[k].start()
+            phase_steps.append(0)
         if compute >= budget_s:
             break
         fetch += fetch_s
@@ -259,24 +336,33 @@ def train_for(
         losses.append(_one_step(model, loss_fn, opt, sched, batch, steps, after_step))
         compute += time.perf_counter() - t0
         steps += 1
+        phase_steps[k] += 1
     model.eval()
-    tail = losses[-max(1, len(losses) // 10) :]
+    last = losses[steps - phase_steps[-1] :] if len(phase_steps) == len(phases) else losses
+    tail = last[-max(1, len(last) // 10) :]
     out = {
         "steps": steps,
         "estimated_steps": est,
         "warmup_steps": warm,
-        "probe_step_s": step_s,
+        "probe_step_s": step_s[-1],
         "compute_s": compute,
         "fetch_s": fetch,
         "images_seen": steps * dm.batch_size,
         "captions_per_image": dm.train_captions_per_image,
-        "final_loss": statistics.mean(tail),  # mean over the last 10% of steps (losses differ between models)
+        # mean over the last 10% of the last phase's steps (losses differ between models and phases)
+        "final_loss": statistics.mean(tail),
         "loadavg_1min": [load_before, os.getloadavg()[0]],
     }
+    if len(phases) > 1:
+        out["phases"] = [
+            {"name": p.name, "steps": n, "planned_steps": c, "probe_step_s": s}
+            for p, n, c, s in zip(phases, phase_steps + [0] * (len(phases) - len(phase_steps)), counts, step_s)
+        ]
+    split = ", ".join(f"{p['name']} {p['steps']}" for p in out.get("phases", []))
     print(
-        f"  {name}: {steps} steps in {compute:.1f} s compute (+{fetch:.1f} s data), estimated {est}, warmup {warm}, "
-        f"loss {losses[0]:.3f} -> {out['final_loss']:.3f}, load {out['loadavg_1min'][0]:.2f}->"
-        f"{out['loadavg_1min'][1]:.2f}",
+        f"  {name}: {steps} steps{f' ({split})' if split else ''} in {compute:.1f} s compute (+{fetch:.1f} s data), "
+        f"estimated {est}, warmup {warm}, loss {last[0]:.3f} -> {out['final_loss']:.3f}, load "
+        f"{out['loadavg_1min'][0]:.2f}->{out['loadavg_1min'][1]:.2f}",
         flush=True,
     )
     return out
@@ -384,6 +470,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--meteor", action="store_true", help="also METEOR (starts Java)")
     p.add_argument("--vit-width", type=int, default=None, help="CoCa ViT width (default: our text width)")
     p.add_argument("--vit-depth", type=int, default=None, help="CoCa ViT depth (default: params matched)")
+    p.add_argument(
+        "--single-phase",
+        action="store_true",
+        help="ours without the main job's word head and word-only phase (the thirteenth session's main job)",
+    )
     p.add_argument("--coca-legacy-cls-mask", action="store_true", help="keep open_clip's off-by-one CLS pad mask")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     a = p.parse_args(argv)
@@ -398,6 +489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.probe_steps = a.probe_steps or base["probe"]
     a.rerank = base["rerank"] if a.rerank is None else a.rerank
     a.cache_dir = a.cache_dir or (None if a.quick else "data_cache/shapes")
+    a.word_phase = {} if a.single_phase else main_job_word_phase()
     if a.minutes <= 0:
         raise SystemExit(f"--minutes must be > 0, got {a.minutes}")
     return a
@@ -445,12 +537,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, p in params.items():
         print(f"  {name:4s} params: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in p.items()))
 
+    word_ratio = args.word_phase.get("word_ratio", 0.0)
+    ours_phases_ = ours_phases(module, word_ratio) if word_ratio > 0 else None
+
     def clamp_coca() -> None:
         with torch.no_grad():  # open_clip's training loop: logit_scale.clamp_(0, ln 100) after each step
             coca.logit_scale.clamp_(0, 4.6052)
 
     runs = {
-        "ours": lambda: train_for("ours", module, module.training_step, dm_ours, budget, args.probe_steps, args.seed),
+        "ours": lambda: train_for(
+            "ours",
+            module,
+            module.training_step,
+            dm_ours,
+            budget,
+            args.probe_steps,
+            args.seed,
+            phases=ours_phases_,
+            restart=args.word_phase.get("word_only_schedule", "shared") == "restart",
+        ),
         "coca": lambda: train_for(
             "coca", coca, coca_loss_fn(coca, pad), dm, budget, args.probe_steps, args.seed, clamp_coca
         ),
@@ -488,7 +593,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ours": config_to_dict(ours.cfg),
             "coca": coca_cfg,
             "coca_correct_cls_mask": not args.coca_legacy_cls_mask,
-            "recipe": {**RECIPE, "clip_grad_norm": CLIP_NORM, "ours_loss": main_job_losses()},
+            "recipe": {**RECIPE, "clip_grad_norm": CLIP_NORM, "ours_loss": main_job_losses()}
+            | {"ours_word_phase": args.word_phase},
             "data": {"preset": args.preset, "img_size": 64, "batch_size": args.batch_size, "seed": args.seed}
             | {"ours_captions_per_image": args.captions_per_image, "coca_captions_per_image": 1}
             | {"train_size": args.train_size, "test_size": args.test_size, "context_length": dm.context_length},

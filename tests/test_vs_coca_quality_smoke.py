@@ -2,7 +2,9 @@
 images, ~2 s of training each) the script trains both models, evaluates both, and reports as its last stdout line
 a JSON object with both rows, the data set's ceilings, configs, parameter counts and step counts. No timing or
 quality is asserted (the CPU is shared, and a few steps learn little): only that every metric is a number in its
-range, that both models trained, and that both were configured alike and evaluated on the same set."""
+range, that both models trained, and that both were configured alike and evaluated on the same set. Ours trains
+configs/shapes.yaml's two phases (word-only, then joint): the phase split is read from that config and checked
+here without the script."""
 
 import json
 import math
@@ -12,6 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import vs_coca_quality as vcq  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "vs_coca_quality.py"
@@ -104,3 +110,61 @@ def test_peer_is_configured_like_ours(report):
     assert tc["pad_id"] == t["pad_id"]
     p = report["params"]
     assert 0.75 < p["coca"]["vision_trunk"] / p["ours"]["vision_encoder"] < 1.25
+
+
+def test_ours_trains_the_main_jobs_two_phases(report):
+    word = report["configs"]["recipe"]["ours_word_phase"]
+    assert word == vcq.main_job_word_phase() and word["word_ratio"] > 0
+    assert report["configs"]["ours"]["word_head"] and report["configs"]["ours"]["word_context"]
+    phases = report["train"]["ours"]["phases"]
+    assert [p["name"] for p in phases] == ["word-only", "joint"]
+    assert phases[0]["steps"] == phases[0]["planned_steps"] >= 1 and phases[1]["steps"] >= 1
+    assert phases[0]["steps"] + phases[1]["steps"] == report["steps"]["ours"]
+    assert phases[0]["planned_steps"] == max(1, round(word["word_ratio"] * phases[1]["planned_steps"]))
+    assert "phases" not in report["train"]["coca"]
+
+
+def test_word_phase_is_read_from_the_config(tmp_path):
+    cfg = tmp_path / "job.yaml"
+
+    def read(max_epochs: int, word_only_steps: int, word_weight: float = 0.5) -> dict:
+        cfg.write_text(
+            f"trainer: {{max_epochs: {max_epochs}}}\n"
+            f"model: {{word_weight: {word_weight}, word_head_stage: 0, word_only_steps: {word_only_steps},"
+            " word_only_schedule: restart}\n"
+            "data: {init_args: {train_size: 1000, batch_size: 64}}\n"  # 15 steps an epoch
+        )
+        vcq._main_job_config.cache_clear()
+        try:
+            return vcq.main_job_word_phase(str(cfg))
+        finally:
+            vcq._main_job_config.cache_clear()
+
+    # 10 epochs of 15 steps: 50 word-only, 100 joint
+    assert read(10, 50) == {
+        "word_weight": 0.5,
+        "word_head_stage": 0,
+        "word_only_schedule": "restart",
+        "word_ratio": 0.5,
+    }
+    with pytest.raises(ValueError, match="leaves no joint steps"):
+        read(5, 100)  # 75 steps in all
+    assert "word_ratio" not in read(5, 0)  # a word head without a word-only phase
+    assert read(5, 0, word_weight=0.0) == {}
+
+
+def test_phase_switch_controls_what_the_module_trains():
+    from mmxattn.lit.module import MMXAttnModule
+
+    torch.manual_seed(0)
+    module = MMXAttnModule(preset="mmx_tiny", word_weight=1.0, word_head_stage=0, context_length=16)
+    module.train()
+    batch = {"images": torch.randn(2, 3, 64, 64), "ids": torch.randint(3, 60, (2, 16))}
+    word, joint = vcq.ours_phases(module, 0.5)
+    assert (word.share, joint.share) == (0.5, 1.0)
+    word.start()
+    _, losses, _ = module.compute_losses(batch)
+    assert set(losses) == {"word"}
+    joint.start()
+    _, losses, _ = module.compute_losses(batch)
+    assert {"word", "contrastive", "caption"} <= set(losses)
