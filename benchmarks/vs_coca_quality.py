@@ -338,7 +338,8 @@ def train_for(
         steps += 1
         phase_steps[k] += 1
     model.eval()
-    last = losses[steps - phase_steps[-1] :] if len(phase_steps) == len(phases) else losses
+    # the last phase's losses (all of them if the budget ran out before it started or as it started)
+    last = (losses[steps - phase_steps[-1] :] if len(phase_steps) == len(phases) else []) or losses
     tail = last[-max(1, len(last) // 10) :]
     out = {
         "steps": steps,
