@@ -183,6 +183,16 @@ def build_ours(args: argparse.Namespace, dm: ShapesDataModule) -> MMXAttnModule:
     return module
 
 
+@dataclasses.dataclass
+class Phase:
+    """A stretch of training in :func:`train_for`: ``share`` steps of it per step of the last phase, entered by
+    calling ``start``. The last phase runs until the budget is spent."""
+
+    name: str
+    share: float
+    start: Callable[[], None]
+
+
 def ours_phases(module: MMXAttnModule, word_ratio: float) -> list[Phase]:
     """The main job's two phases for :func:`train_for`: ``word_ratio`` word-only steps per joint step, then the
     joint steps. Without a Trainer the module's ``global_step`` stays 0, so the phase is switched through the
@@ -259,16 +269,6 @@ def _one_step(model, loss_fn, opt, sched, batch, i, after_step) -> float:
         sched.step()
     after_step()
     return float(loss.detach())
-
-
-@dataclasses.dataclass
-class Phase:
-    """A stretch of training in :func:`train_for`: ``share`` steps of it per step of the last phase, entered by
-    calling ``start``. The last phase runs until the budget is spent."""
-
-    name: str
-    share: float
-    start: Callable[[], None]
 
 
 def train_for(
