@@ -48,6 +48,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import bf16_autocast  # noqa: E402
 
+from mmxattn.runtime import tune_cpu_allocator  # noqa: E402
+
 MODELS = ("cat_t", "vit_s", "vit_ti")
 
 
@@ -212,6 +214,7 @@ def main() -> None:
         "--compile", action="store_true", help="torch.compile every model (timed after the compile; no CPU memory)"
     )
     args = ap.parse_args()
+    tune_cpu_allocator()  # as train.py does; both peers share the process (MMXATTN_TUNE_MALLOC=0: off)
     device = torch.device(args.device)
     if args.compile and device.type == "cpu":
         args.no_memory = True  # the CPU memory is measured in fresh processes, of uncompiled models

@@ -51,6 +51,7 @@ from _common import bf16_autocast, fmt_bytes, median, peak_memory, tensor_bytes,
 import mmxattn  # noqa: E402
 from mmxattn.config import config_to_dict  # noqa: E402
 from mmxattn.generation import _encode_images  # noqa: E402
+from mmxattn.runtime import tune_cpu_allocator  # noqa: E402
 
 VIT_WIDTHS = (64, 128, 192, 256, 384, 512, 768)
 VIT_DEPTHS = range(2, 13)
@@ -418,6 +419,7 @@ def bench_generation(ours, coca, coca_cfg, args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    tune_cpu_allocator()  # as train.py does; both peers share the process (MMXATTN_TUNE_MALLOC=0: off)
     if args.threads or args.quick:
         # tiny models: one thread, so a descheduled OpenMP worker on a busy machine cannot stall every op
         torch.set_num_threads(args.threads or 1)

@@ -100,6 +100,7 @@ from mmxattn.evaluation import EvalAccumulator  # noqa: E402
 from mmxattn.lit.module import MMXAttnModule  # noqa: E402
 from mmxattn.lit.optim import build_optimizer, warmup_cosine  # noqa: E402
 from mmxattn.metrics import caption_metrics, retrieval_metrics  # noqa: E402
+from mmxattn.runtime import tune_cpu_allocator  # noqa: E402
 
 RECIPE = dict(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98), min_lr_ratio=0.05, max_warmup=200, warmup_frac=0.2)
 CLIP_NORM = 1.0
@@ -498,6 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    tune_cpu_allocator()  # as train.py does; both peers share the process (MMXATTN_TUNE_MALLOC=0: off)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step logs; there is no Trainer here
     warnings.filterwarnings("ignore", message="java not found.*")

@@ -23,6 +23,7 @@ import torch
 from .checkpoint import CheckpointError, load, read_checkpoint
 from .evaluation import METRIC_KEYS, EvalAccumulator
 from .model import RERANK_METHODS
+from .runtime import tune_cpu_allocator
 
 __all__ = ["build_datamodule", "evaluate", "main", "shapes_reference_scores"]
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate on the first N batches only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    tune_cpu_allocator()  # mmxattn.runtime: reuse freed tensor buffers (MMXATTN_TUNE_MALLOC=0: off)
     try:
         ckpt = read_checkpoint(a.ckpt)
         data = _data_section(a.config, ckpt)

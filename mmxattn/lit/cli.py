@@ -4,6 +4,8 @@ The data module is chosen in the config (``data.class_path``: ShapesDataModule o
 tokenizer properties (vocab size, special ids, context length) and image size are linked into the model, so a
 config never states them twice. After ``fit`` the best checkpoint is tested (``--test_after_fit false`` skips
 it), the test metrics are printed as one JSON object, and the folder of attention-map PNGs is named.
+glibc's malloc is told to keep freed tensor buffers (:func:`mmxattn.runtime.tune_cpu_allocator`;
+``MMXATTN_TUNE_MALLOC=0`` turns that off).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from ..runtime import tune_cpu_allocator
 from .checkpoint_io import AtomicCheckpointIO
 from .module import MMXAttnModule
 
@@ -82,6 +85,7 @@ MMXAttnCLI.after_test = _after_test
 
 
 def main(args: list[str] | None = None) -> MMXAttnCLI:
+    tune_cpu_allocator()  # reuse freed tensor buffers instead of page-faulting fresh ones (mmxattn.runtime)
     return MMXAttnCLI(
         MMXAttnModule,
         None,  # the data module class comes from the config (class_path)
