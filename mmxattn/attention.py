@@ -29,6 +29,7 @@ __all__ = [
     "Attention",
     "KVCache",
     "StaticKVCache",
+    "uniform_repeats",
     "eager_attention",
     "fused_attention_enabled",
     "set_fused_attention",
@@ -187,6 +188,40 @@ class Attention(nn.Module):
         k, v = self._split_heads(self.kv(context), 2)
         return k, v
 
+    def _grouped_cross(
+        self,
+        x: Tensor,
+        context: Tensor | None,
+        attn_bias: Tensor | None,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        cache: KVCache | None,
+        repeats: int,
+    ) -> Tensor | None:
+        """Cross-attention where query rows ``r*j .. r*j + r - 1`` read context row ``j``: the ``r`` rows' queries
+        are one block of ``r * L`` queries over that row's keys. None when the general path must run (masks, bias,
+        a cache, an active :func:`mmxattn.capture.capture_attention`)."""
+        B, L, _ = x.shape
+        if repeats < 1 or B % repeats or (context is not None and context.shape[0] * repeats != B):
+            raise ValueError(
+                f"context_index={repeats} (each context row read by {repeats} query rows) does not fit {B} query "
+                f"rows and {None if context is None else context.shape[0]} context rows"
+            )
+        if context is None or cache is not None or self._recorder is not None or not _FUSED:
+            return None
+        if attn_bias is not None or key_padding_mask is not None or attn_mask is not None:
+            return None
+        N = context.shape[0]
+        (q,) = self._split_heads(self.q(x).reshape(N, repeats * L, -1), 1)  # (N, nh, r*L, hd)
+        k, v = self.project_kv(context)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if _small_cpu_inference(q, k.shape[2], dropout_p):
+            out, _ = _eager(q, k, v, self.scale, None, None, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+        out = out.transpose(1, 2).reshape(B, L, -1)  # (N, r*L, nh, hd) -> (B, L, nh * hd)
+        return self.proj_drop(self.proj(out))
+
     def forward(
         self,
         x: Tensor,
@@ -197,7 +232,7 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
         is_causal: bool = False,
         cache: KVCache | None = None,
-        context_index: Tensor | None = None,
+        context_index: Tensor | int | None = None,
     ) -> Tensor:
         """Attend.
 
@@ -215,6 +250,9 @@ class Attention(nn.Module):
             context_index: cross-attention only: long ``(B,)``, query row ``i`` attends to context row
                 ``context_index[i]``. Keys/values are projected once per context row and then gathered, so a context
                 shared by several query rows (one image, several captions) is projected once, not once per row.
+                An int ``r`` means query rows ``r*j .. r*j + r - 1`` attend to context row ``j`` (what
+                :func:`uniform_repeats` finds): those rows' queries then attend as one longer query block, with
+                neither the gather nor, in backward, its scatter (same result; softmax is per query).
         Returns:
             ``(B, L, out_dim)``.
         """
@@ -222,6 +260,12 @@ class Attention(nn.Module):
             raise ValueError(f"Attention expects queries of shape (B, L, C), got {tuple(x.shape)}")
         B, L, _ = x.shape
         if self.is_cross:
+            if isinstance(context_index, int) and not isinstance(context_index, bool):
+                grouped = self._grouped_cross(x, context, attn_bias, key_padding_mask, attn_mask, cache, context_index)
+                if grouped is not None:
+                    return grouped
+                n_ctx = B // context_index if context is None else context.shape[0]
+                context_index = torch.arange(n_ctx, device=x.device).repeat_interleave(context_index)
             (q,) = self._split_heads(self.q(x), 1)
             if cache is not None and cache.k is not None:
                 k, v = cache.k, cache.v
@@ -292,6 +336,21 @@ class Attention(nn.Module):
                 self._recorder(weights)
         out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, nh * hd)
         return self.proj_drop(self.proj(out))
+
+
+def uniform_repeats(index: Tensor | None, n: int) -> Tensor | int | None:
+    """``r`` when ``index`` is ``arange(n).repeat_interleave(r)`` (every one of ``n`` context rows read by ``r``
+    consecutive query rows, as a batch of several captions per image is laid out), else ``index`` unchanged. The
+    int form lets :class:`Attention` skip the gather (its ``context_index``). One comparison on the host, so not
+    under ``torch.compile`` (a data-dependent branch would break the graph): compiled code keeps the gather."""
+    if torch.compiler.is_compiling():
+        return index
+    if index is None or index.dim() != 1 or n < 1 or index.numel() % n or index.is_floating_point():
+        return index
+    r = index.numel() // n
+    if torch.equal(index, torch.arange(n, device=index.device).repeat_interleave(r)):
+        return r
+    return index
 
 
 # No-grad attention on the CPU over few scores: the eager path (two matmuls, in-place updates) beats SDPA's CPU

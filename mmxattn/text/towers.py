@@ -18,7 +18,7 @@ from timm.layers import Mlp
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention import Attention, KVCache, StaticKVCache
+from ..attention import Attention, KVCache, StaticKVCache, uniform_repeats
 from ..config import TextConfig
 
 __all__ = [
@@ -70,7 +70,7 @@ class DecoderBlock(nn.Module):
         image_tokens: Tensor | None,
         self_cache: KVCache | None = None,
         cross_cache: KVCache | None = None,
-        image_index: Tensor | None = None,
+        image_index: Tensor | int | None = None,
     ) -> Tensor:
         x = x + self.self_attn(self.ln_1(x), is_causal=True, cache=self_cache)
         x = x + self.cross_attn(self.ln_2(x), image_tokens, cache=cross_cache, context_index=image_index)
@@ -228,11 +228,14 @@ class MultimodalDecoder(nn.Module):
         image_tokens: Tensor | None,
         self_caches: Sequence[KVCache] | None = None,
         cross_caches: Sequence[KVCache] | None = None,
-        image_index: Tensor | None = None,
+        image_index: Tensor | int | None = None,
     ) -> Tensor:
         """x (B, T, W) text states, image_tokens (B, L, D) -> (B, T, W). With ``image_index`` (B,), image_tokens
         holds fewer rows (N, L, D) and text row ``i`` reads image ``image_index[i]``: every image's keys/values
-        are projected once however many captions read it."""
+        are projected once however many captions read it; when the captions of each image are consecutive and
+        equally many, each image's caption rows attend as one query block (no gather, see ``Attention``)."""
+        if image_index is not None and image_tokens is not None:
+            image_index = uniform_repeats(image_index, image_tokens.shape[0])
         for i, blk in enumerate(self.blocks):
             if self_caches is not None:
                 x = blk(x, image_tokens, self_caches[i], cross_caches[i], image_index)
