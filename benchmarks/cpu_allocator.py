@@ -51,12 +51,8 @@ def child(steps: int, phase: str, threads: int, cache_dir: str) -> dict[str, flo
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     batches = [b for b, _ in zip(iter(dm.train_dataloader()), range(4))]
 
-    def step(i: int) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss, _, _ = module.compute_losses(batches[i % len(batches)])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
+    def step(i: int) -> None:  # vs_coca_quality's training step (AdamW, its gradient clipping), no schedule
+        V._one_step(module, lambda b, _: module.compute_losses(b)[0], opt, None, batches[i % len(batches)], i, _noop)
 
     for i in range(3):
         step(i)
@@ -68,6 +64,10 @@ def child(steps: int, phase: str, threads: int, cache_dir: str) -> dict[str, flo
         times.append(time.perf_counter() - t0)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
     return {"tuned": tuned, "step_s": statistics.median(times), "faults_per_step": faults}
+
+
+def _noop() -> None:
+    pass
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:

@@ -70,7 +70,7 @@ def _decoder() -> MultimodalDecoder:
     return MultimodalDecoder(cfg, ctx_width=24)
 
 
-def test_decoder_takes_the_grouped_path_and_captures_per_caption_maps():
+def test_decoder_takes_the_grouped_path_and_captures_per_caption_maps(monkeypatch):
     dec = _decoder().eval()
     N, r, T, S = 3, 2, 5, 7
     img = torch.randn(N, S, 24)
@@ -79,8 +79,18 @@ def test_decoder_takes_the_grouped_path_and_captures_per_caption_maps():
     seen = []
     blk_attn = dec.blocks[0].cross_attn
     blk_attn.kv.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    queries = []
+
+    def recording_sdpa(q, k, v, *a, **kw):
+        queries.append((tuple(q.shape), k.shape[2]))
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
     grouped = dec(x, img, image_index=idx)
     assert seen == [N]  # keys/values projected once per image
+    # each cross-attention ran one block of r * T queries per image (self-attention: one row per caption)
+    assert [qs for qs, s in queries if s == S] == [(N, 4, r * T, 8)] * len(dec.blocks)
     torch.testing.assert_close(grouped, dec(x, img[idx]), atol=1e-6, rtol=1e-5)
     # capture_attention switches to the per-row path: one (rows, heads, T, S) map per caption, as without grouping
     with capture_attention(dec) as maps:

@@ -7,8 +7,6 @@ import textwrap
 
 import pytest
 
-from mmxattn import runtime
-
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
 
 # What glibc reports (mallinfo2) about a fresh 30 MiB tensor and, after 96 MiB of 12 MiB activations were freed,
@@ -82,4 +80,3 @@ def test_cli_and_evaluate_tune_before_they_start(monkeypatch):
         cli.main(["--help"])
     assert ev.main(["--ckpt", "/nonexistent/x.ckpt"]) == 2
     assert calls == ["cli", "evaluate"]
-    assert runtime.MALLOC_SETTINGS["mmap_threshold"] == 32 << 20
