@@ -110,7 +110,14 @@ QUICK = dict(preset="mmx_tiny", train_size=96, test_size=12, batch_size=8, reran
 # The main job's loss weights and re-ranking score (configs/shapes.yaml), so this comparison trains what it runs.
 _SHAPES_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.yaml")
 _LOSS_KEYS = ("contrastive_weight", "caption_weight", "itm_weight", "attn_entropy_weight", "rerank_with")
-_WORD_KEYS = ("word_weight", "word_head_stage", "word_context", "word_only_schedule")
+_WORD_KEYS = (
+    "word_weight",
+    "word_head_stage",
+    "word_context",
+    "word_only_schedule",
+    "attn_word_weight",
+    "attn_word_objective",
+)
 
 
 @functools.cache  # read once; callers copy what they return
@@ -138,7 +145,7 @@ def main_job_overrides(path: str = _SHAPES_YAML) -> dict[str, Any]:
 
 def main_job_word_phase(path: str = _SHAPES_YAML) -> dict[str, Any]:
     """configs/shapes.yaml's word head (``word_weight``, ``word_head_stage``, ``word_context``,
-    ``word_only_schedule``) and ``word_ratio``: its word-only steps per joint step (``word_only_steps`` over the
+    ``word_only_schedule``, ``attn_word_weight``, ``attn_word_objective``) and ``word_ratio``: its word-only steps per joint step (``word_only_steps`` over the
     rest of ``max_epochs`` epochs of ``train_size // batch_size`` steps). Empty when the main job has no word head."""
     cfg = _main_job_config(path)
     model = cfg.get("model") or {}

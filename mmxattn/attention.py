@@ -200,14 +200,16 @@ class Attention(nn.Module):
     ) -> Tensor | None:
         """Cross-attention where query rows ``r*j .. r*j + r - 1`` read context row ``j``: the ``r`` rows' queries
         are one block of ``r * L`` queries over that row's keys. None when the general path must run (masks, bias,
-        a cache, an active :func:`mmxattn.capture.capture_attention`)."""
+        a cache, the eager switch). Under :func:`mmxattn.capture.capture_attention` the block runs the eager math and
+        the recorder gets the weights per query row, ``(B, nh, L, S)``, as the general path gives them."""
         B, L, _ = x.shape
         if repeats < 1 or B % repeats or (context is not None and context.shape[0] * repeats != B):
             raise ValueError(
                 f"context_index={repeats} (each context row read by {repeats} query rows) does not fit {B} query "
                 f"rows and {None if context is None else context.shape[0]} context rows"
             )
-        if context is None or cache is not None or self._recorder is not None or not _FUSED:
+        recorder = self._recorder
+        if context is None or cache is not None or (recorder is None and not _FUSED):
             return None
         if attn_bias is not None or key_padding_mask is not None or attn_mask is not None:
             return None
@@ -215,7 +217,11 @@ class Attention(nn.Module):
         (q,) = self._split_heads(self.q(x).reshape(N, repeats * L, -1), 1)  # (N, nh, r*L, hd)
         k, v = self.project_kv(context)
         dropout_p = self.attn_drop if self.training else 0.0
-        if _small_cpu_inference(q, k.shape[2], dropout_p):
+        if recorder is not None:
+            out, weights = _eager(q, k, v, self.scale, None, None, dropout_p)
+            S = k.shape[2]  # (N, nh, r*L, S) -> (B, nh, L, S): row r*j + i is caption i of context row j
+            recorder(weights.view(N, self.num_heads, repeats, L, S).transpose(1, 2).reshape(B, self.num_heads, L, S))
+        elif _small_cpu_inference(q, k.shape[2], dropout_p):
             out, _ = _eager(q, k, v, self.scale, None, None, dropout_p)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)

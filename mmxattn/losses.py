@@ -417,6 +417,87 @@ class WordPresenceLoss(nn.Module):
         return F.binary_cross_entropy_with_logits(scores, present[:, cols].float())
 
 
+class WordAttentionLoss(nn.Module):
+    """The decoder's cross-attention distilled from the word head's maps: the query that predicts word ``w``
+    should look where the word head sees ``w`` (no boxes; the word head learns its maps from which words an
+    image's captions say, :class:`WordPresenceLoss`).
+
+    For query ``t`` of caption row ``r`` (which predicts ``targets[r, t]``) let ``p`` (L,) be the word head's map of
+    that word over the image tokens the decoder reads and ``a`` the query's attention (mean over heads and the given
+    layers: the map :mod:`mmxattn.metrics`' grounding scores). ``objective="map"``: the KL divergence from the
+    target ``p`` less its mean, clipped at 0 (where the word is more likely than on average) and normalised, to
+    ``a``. ``objective="evidence"``: ``-log sum_i a_i p_i``, minus the log of the word's probability where the query
+    looks; its gradient moves ``a`` towards ``a * p`` renormalised, so the query keeps what its context chose
+    and sharpens it onto where the word is. Each query is weighted by ``max p - mean p``: near 0 for words the head
+    sees everywhere ("a", "the") or nowhere, near 1 for a word it finds at one place; the loss is the weighted mean
+    over every query of the batch.
+
+    It is the distillation of a captioner's word-to-region attention from a weakly supervised word-region model
+    of Zhou et al. 2020 ("More Grounded Image Captioning by Distilling Image-Text Matching Model"), with the
+    word head's multiple-instance maps as the teacher. Why here: on the shapes data the word head's own maps peak
+    on the named object more often than the decoder's attention does. Measured in the main job (README, "What the
+    shapes models know"): with ``objective="map"`` at weight 1 every retrieval and caption metric rose on two
+    seeds (i2t R@1 0.35 / 0.40 -> 0.42 / 0.43, CIDEr 1.64 / 1.83 -> 1.91 / 1.90) while grounding hardly moved: the
+    query that predicts a phrase's first word cannot know which object the reference names.
+
+    Args:
+        ignore_ids: target ids that never count (pad, bos, eos).
+        objective: "map" or "evidence" (above).
+    """
+
+    def __init__(self, ignore_ids: Sequence[int] = (), objective: str = "map") -> None:
+        super().__init__()
+        if objective not in ("map", "evidence"):
+            raise ValueError(f"objective must be 'map' or 'evidence', got {objective!r}")
+        self.ignore_ids = tuple(int(i) for i in ignore_ids)
+        self.objective = objective
+
+    def forward(
+        self,
+        maps: Sequence[Tensor],
+        word_probs: Tensor,
+        targets: Tensor,
+        text_image_index: Tensor | None = None,
+    ) -> Tensor:
+        """``maps``: post-softmax cross-attention weights ``(R, nh, Tq, L)`` with their graph (e.g. recorded by
+        ``capture_attention(model, "decoder.blocks.*.cross_attn", keep_grad=True)``), ``Tq >= T``; ``word_probs``
+        (B, L, V) the word head's probabilities at the same image tokens (``MMXAttnOutput.word_probs``);
+        ``targets`` (R, T) the token each query predicts; ``text_image_index`` (R,) the image of each row (None:
+        row i is image i)."""
+        if not maps:
+            raise ValueError("WordAttentionLoss: no attention maps (was the model run inside capture_attention?)")
+        if word_probs.dim() != 3:
+            raise ValueError(f"word_probs must be (B, L, V), got {tuple(word_probs.shape)}")
+        if targets.dim() != 2 or targets.is_floating_point():
+            raise ValueError(f"targets must be an integer (R, T) tensor, got {targets.dtype} {tuple(targets.shape)}")
+        R, T = targets.shape
+        B, L, V = word_probs.shape
+        for w in maps:
+            if w.dim() != 4 or w.shape[0] != R or w.shape[2] < T or w.shape[3] != L:
+                raise ValueError(
+                    f"attention maps must be ({R}, heads, >= {T}, {L}) (rows, heads, queries, image tokens), got "
+                    f"{tuple(w.shape)}"
+                )
+        if text_image_index is None:
+            if R != B:
+                raise ValueError(f"{R} caption rows for {B} images and no text_image_index")
+            text_image_index = torch.arange(R, device=targets.device)
+        att = torch.stack([w[:, :, :T].float().mean(1) for w in maps]).mean(0)  # (R, T, L)
+        # (R, T, L): the map of the word each query predicts (no (R, L, V) copy for a large vocabulary)
+        p = word_probs.detach().float()[text_image_index[:, None].expand(R, T), :, targets.clamp(0, V - 1)]
+        excess = (p - p.mean(-1, keepdim=True)).clamp_min(0)
+        weight = excess.amax(-1)  # (R, T): max p - mean p
+        for i in self.ignore_ids:
+            weight = weight.masked_fill(targets == i, 0.0)
+        if self.objective == "evidence":
+            # -log of the word's expected probability where the query looks: d/dz_i = a_i - a_i p_i / sum(a p)
+            term = -(att * p).sum(-1).clamp_min(1e-12).log()  # (R, T)
+        else:
+            q = excess / excess.sum(-1, keepdim=True).clamp_min(1e-12)
+            term = (q * (q.clamp_min(1e-12).log() - att.clamp_min(1e-12).log())).sum(-1)  # (R, T)
+        return (weight * term).sum() / weight.sum().clamp_min(1e-12)
+
+
 @torch.no_grad()
 def sample_hard_negatives(
     sim: Tensor,

@@ -42,6 +42,10 @@ class MMXAttnOutput:
     decoder_states: Tensor | None = None  # (B or R, T, W), decoder output over the whole caption (ITM reads it)
     # (B, L', D'), what the word head reads (MMXAttn.encode_word_tokens); None without a word head
     word_tokens: Tensor | None = None
+    # (B, L, V), detached: the word head's probability of every word at every image token (the tokens the decoder
+    # reads; a word_head_stage's maps are pooled onto them), when word_context computed them; else None
+    # (MMXAttn.word_probs_per_image_token computes them)
+    word_probs: Tensor | None = None
 
 
 @dataclass
@@ -201,24 +205,27 @@ class MMXAttn(nn.Module):
         grids = self.visual.grid_sizes(images.shape[-2], images.shape[-1])
         return self.image_proj(feats, [grids[s] for s in self.stages])
 
-    def _encode(self, images: Tensor, want_word: bool) -> tuple[Tensor, Tensor | None]:
-        """(image tokens (B, L, D), word tokens or None): one encoder pass for both. The word tokens (what the
-        word head reads) come back when ``want_word`` and the model has a word head; with ``word_context`` the
-        image tokens carry the word head's probabilities."""
+    def _encode(self, images: Tensor, want_word: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(image tokens (B, L, D), word tokens or None, word probabilities or None): one encoder pass for all.
+        The word tokens (what the word head reads) and the head's probabilities at every image token come back
+        when ``want_word`` and the model has a word head; with ``word_context`` the image tokens carry those
+        probabilities."""
         ws = self._word_stage
         want_word = self.word_head is not None and (want_word or self.word_context is not None)
         extra = (ws,) if want_word and ws is not None and ws not in self.stages else ()  # read by the word head only
         feats = self._stage_features(images, self.stages + extra)
         image_tokens = self._project(feats[: len(self.stages)], images)  # (B, L, D)
-        word_tokens = None
+        word_tokens = probs = None
         if want_word:
             word_tokens = image_tokens if ws is None else feats[(self.stages + extra).index(ws)]
         if self.word_context is not None:
-            image_tokens = image_tokens + self.word_context(self._word_probs_per_image_token(word_tokens, images))
-        return image_tokens, word_tokens
+            probs = self.word_probs_per_image_token(word_tokens, images)
+            image_tokens = image_tokens + self.word_context(probs)
+        return image_tokens, word_tokens, probs
 
-    def _word_probs_per_image_token(self, word_tokens: Tensor, images: Tensor) -> Tensor:
-        """The word head's probabilities (B, L, V) at every image token, detached. With ``word_head_stage`` the
+    def word_probs_per_image_token(self, word_tokens: Tensor, images: Tensor) -> Tensor:
+        """The word head's probabilities (B, L, V) at every image token the decoder reads, detached, from the word
+        tokens (:meth:`encode_word_tokens`) of ``images`` (only their size is read). With ``word_head_stage`` the
         stage's maps are max-pooled (or, onto a finer grid, repeated) onto each read stage's token grid."""
         probs = self.word_head(word_tokens).detach().sigmoid()  # (B, L_w, V)
         if self._word_stage is None:
@@ -294,7 +301,7 @@ class MMXAttn(nn.Module):
                 and (int(tii.min()) < 0 or int(tii.max()) >= images.shape[0])
             ):
                 raise ValueError(f"text_image_index values must index the {images.shape[0]} images")
-        image_tokens, word_tokens = self._encode(images, want_word=True)
+        image_tokens, word_tokens, word_probs = self._encode(images, want_word=True)
         image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
         text_x, states = self.text(ids)  # (R, E), (R, T, W)
         # The decoder runs over the whole caption once: positions :-1 predict ids[:, 1:] (causal, so the last
@@ -311,6 +318,7 @@ class MMXAttn(nn.Module):
             text_states=states,
             decoder_states=h,
             word_tokens=word_tokens,
+            word_probs=word_probs,
         )
 
     def word_logits(self, image_tokens: Tensor) -> Tensor:

@@ -92,9 +92,12 @@ def test_decoder_takes_the_grouped_path_and_captures_per_caption_maps(monkeypatc
     # each cross-attention ran one block of r * T queries per image (self-attention: one row per caption)
     assert [qs for qs, s in queries if s == S] == [(N, 4, r * T, 8)] * len(dec.blocks)
     torch.testing.assert_close(grouped, dec(x, img[idx]), atol=1e-6, rtol=1e-5)
-    # capture_attention switches to the per-row path: one (rows, heads, T, S) map per caption, as without grouping
+    # under capture_attention the block runs the eager math, still grouped (keys/values once per image), and
+    # records one (rows, heads, T, S) map per caption, as without grouping
+    seen.clear()
     with capture_attention(dec) as maps:
         dec(x, img, image_index=idx)
+    assert seen == [N]
     with capture_attention(dec) as ref:
         dec(x, img[idx])
     cross = [k for k in maps if "cross_attn" in k]
@@ -102,3 +105,25 @@ def test_decoder_takes_the_grouped_path_and_captures_per_caption_maps(monkeypatc
     for k in cross:
         assert maps[k].shape == (N * r, 4, T, S)
         torch.testing.assert_close(maps[k], ref[k], atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_maps_recorded_with_their_graph_give_the_ungrouped_gradients():
+    """A loss on the recorded maps (keep_grad, as the attention losses use them) and on the output: the same
+    gradients through the grouped block as through repeated contexts."""
+    dec = _decoder().train()
+    N, r, T, S = 3, 3, 4, 6
+    img = torch.randn(N, S, 24, requires_grad=True)
+    x = torch.randn(N * r, T, 32, requires_grad=True)
+    idx = torch.arange(N).repeat_interleave(r)
+    target = torch.randn(N * r, 4, T, S).softmax(-1)
+    grads = []
+    for grouped in (True, False):
+        for t in (img, x, *dec.parameters()):
+            t.grad = None
+        with capture_attention(dec, which="blocks.*.cross_attn", keep_grad=True) as maps:
+            y = dec(x, img, image_index=idx) if grouped else dec(x, img[idx])
+        loss = y.square().mean() + sum((w - target).square().sum() for w in maps.values())
+        loss.backward()
+        grads.append([img.grad.clone(), x.grad.clone()] + [p.grad.clone() for p in dec.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

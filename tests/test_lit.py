@@ -65,6 +65,11 @@ def test_tensorboard_config_composes(tmp_path, monkeypatch):
     cfg, hp = cli.model.model.cfg, cli.model.hparams
     assert cfg.word_head and cfg.word_head_stage == 0 and cfg.word_context
     assert hp.word_only_steps > 0 and hp.word_only_schedule == "restart" and hp.word_weight > 0
+    # and the decoder's attention pulled towards the word head's maps, on the layers grounding scores
+    n_dec = len(cli.model.model.decoder.blocks)
+    assert hp.attn_word_weight > 0 and cli.model._grounding_attn == [
+        f"decoder.blocks.{i}.cross_attn" for i in range(n_dec)
+    ]
 
 
 def _tiny_fit(
@@ -255,6 +260,55 @@ def test_data_settings_from_a_cli_checkpoint_rebuild_the_data_module(tmp_path):
     # checkpoints written before the filter carried the key: they load too
     old = {**data, "init_args": {**data["init_args"], "_class_path": "x"}}
     assert type(build_datamodule(old)) is type(dm)
+
+
+def test_word_attention_term_pulls_the_decoder_attention_to_the_word_maps(tmp_path):
+    """attn_word_weight > 0: the term is in the total with its weight, trains the decoder's cross-attention and
+    not the word head (its maps are detached targets), and a few optimizer steps on one batch leave the decoder's
+    attention closer to the word head's maps than the same steps without it."""
+    dm = ShapesDataModule(train_size=16, val_size=8, test_size=8, batch_size=16, num_workers=0, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    kw = dict(preset="mmx_tiny", img_size=64, itm_weight=0.0, word_weight=1.0, **data_linked(dm))
+    with pytest.raises(ValueError, match="attn_word_weight"):
+        MMXAttnModule(attn_word_weight=1.0, **{**kw, "word_weight": 0.0})
+    with pytest.raises(ValueError, match="attn_word_weight"):
+        MMXAttnModule(attn_word_weight=-1.0, **kw)
+    with pytest.raises(ValueError, match="attn_word_objective"):
+        MMXAttnModule(attn_word_weight=1.0, attn_word_objective="kl", **kw)
+    # the grounding layers are the ones pulled
+    last = MMXAttnModule(grounding_layers=[-1], **{**kw, "overrides": {"text": {"decoder_layers": 2}}})
+    assert last._grounding_attn == ["decoder.blocks.1.cross_attn"]
+    torch.manual_seed(0)
+    mod = MMXAttnModule(attn_word_weight=1.0, **kw)
+    _, terms, _ = mod.compute_losses(batch)
+    terms["word_attention"].backward()
+    m = mod.model
+    assert m.word_head.weight.grad is None or m.word_head.weight.grad.abs().max() == 0
+    for blk in m.decoder.blocks:
+        assert blk.cross_attn.q.weight.grad.abs().max() > 0 and blk.cross_attn.kv.weight.grad.abs().max() > 0
+    measured = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        mod = MMXAttnModule(attn_word_weight=weight, **kw)
+        opt = torch.optim.AdamW(mod.parameters(), lr=3e-3)
+        for step in range(12):
+            loss, terms, _ = mod.compute_losses(batch)
+            if step == 0 and weight:
+                h = mod.hparams
+                rest = h.contrastive_weight * terms["contrastive"] + h.caption_weight * terms["caption"]
+                rest = rest + h.word_weight * terms["word"]
+                torch.testing.assert_close(loss, rest + weight * terms["word_attention"])
+            if not weight:
+                assert "word_attention" not in terms
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        probe = MMXAttnModule(attn_word_weight=1.0, **kw)
+        probe.model.load_state_dict(mod.model.state_dict())
+        with torch.no_grad():
+            measured[weight] = probe.compute_losses(batch)[1]["word_attention"].item()
+    assert measured[5.0] < 0.7 * measured[0.0], measured
 
 
 def test_attention_entropy_penalty_sharpens_the_decoder_cross_attention(tmp_path):

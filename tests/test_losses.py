@@ -1,5 +1,6 @@
 """Losses: InfoNCE against references (plain cross-entropy, open_clip's ClipLoss), positives, the 2-process
-gloo gradient identity, caption loss with pads and label smoothing, ITM and hard-negative sampling."""
+gloo gradient identity, caption loss with pads and label smoothing, ITM and hard-negative sampling, the attention
+losses."""
 
 import math
 import os
@@ -17,6 +18,7 @@ from mmxattn.losses import (
     ContrastiveLoss,
     ITMLoss,
     MMXAttnLoss,
+    WordAttentionLoss,
     positive_mask,
     sample_hard_negatives,
     text_pos_ids,
@@ -460,3 +462,114 @@ def test_attention_entropy_gradient_sharpens_and_errors():
         AttentionEntropyLoss()([torch.rand(2, 2, 4, 6)], torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="diversity"):
         AttentionEntropyLoss(-1.0)
+
+
+# ------------------------------------------------------------------------------------ word-map attention distillation
+
+
+def _word_attention_reference(maps, probs, targets, tii, ignore):
+    """Loop form of WordAttentionLoss: per query, KL(target || attention) weighted by max p - mean p."""
+    att = torch.stack([w.mean(1) for w in maps]).mean(0)
+    num = den = 0.0
+    for r in range(targets.shape[0]):
+        for t in range(targets.shape[1]):
+            y = int(targets[r, t])
+            if y in ignore:
+                continue
+            p = probs[int(tii[r]), :, y]
+            excess = (p - p.mean()).clamp_min(0)
+            w = float(p.max() - p.mean())
+            if w == 0:
+                continue
+            q = excess / excess.sum()
+            a = att[r, t]
+            kl = sum(float(qi) * math.log(float(qi) / float(ai)) for qi, ai in zip(q, a) if qi > 0)
+            num += w * kl
+            den += w
+    return num / den
+
+
+def test_word_attention_loss_matches_a_loop_reference_and_reads_each_rows_image():
+    g = torch.Generator().manual_seed(0)
+    B, r, T, L, V = 2, 3, 5, 6, 9
+    probs = torch.rand(B, L, V, generator=g)
+    probs[:, :, 4] = 0.7  # a word seen everywhere: weight 0
+    targets = torch.randint(0, V, (B * r, T), generator=g)
+    targets[0, :2] = 0  # pad
+    tii = torch.arange(B).repeat_interleave(r)
+    maps = [torch.randn(B * r, 2, T + 1, L, generator=g).softmax(-1) for _ in range(2)]  # one query more than T
+    out = WordAttentionLoss(ignore_ids=(0,))(maps, probs, targets, tii)
+    ref = _word_attention_reference([w[:, :, :T] for w in maps], probs, targets, tii, {0})
+    assert out.item() == pytest.approx(ref, rel=1e-5)
+    # each row reads its own image's map: swapping the images changes the loss, swapping them back in tii undoes it
+    swapped = WordAttentionLoss(ignore_ids=(0,))(maps, probs.flip(0), targets, tii)
+    assert abs(swapped.item() - out.item()) > 1e-3
+    torch.testing.assert_close(WordAttentionLoss(ignore_ids=(0,))(maps, probs.flip(0), targets, 1 - tii), out)
+
+
+def test_word_attention_loss_is_zero_at_the_target_and_ignores_flat_words_and_pads():
+    L = 5
+    p = torch.tensor([0.1, 0.9, 0.1, 0.5, 0.1])  # the word is at token 1, a little at token 3
+    probs = torch.stack([p, torch.full((L,), 0.8)], dim=1)[None]  # (1, L, 2): word 0 localised, word 1 flat
+    excess = (p - p.mean()).clamp_min(0)
+    target = excess / excess.sum()
+    at_target = target.clone()
+    at_target[[0, 2, 4]] = 1e-9  # what the target gives no mass (a softmax is never exactly 0)
+    maps = [torch.stack([at_target / at_target.sum(), torch.full((L,), 0.2)])[None, None]]  # (1, 1, 2, L)
+    loss = WordAttentionLoss()(maps, probs, torch.tensor([[0, 1]]))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    # the flat word's query (anything it looks at) and a pad target do not count
+    logits = torch.randn(1, 1, 2, L, requires_grad=True)
+    WordAttentionLoss(ignore_ids=(0,))([logits.softmax(-1)], probs, torch.tensor([[0, 1]])).backward()
+    assert logits.grad is not None and logits.grad.abs().max() == 0
+
+
+def test_word_attention_evidence_is_minus_log_the_words_probability_where_the_query_looks():
+    g = torch.Generator().manual_seed(2)
+    B, T, L, V = 3, 4, 6, 7
+    probs = torch.rand(B, L, V, generator=g)
+    targets = torch.randint(1, V, (B, T), generator=g)
+    maps = [torch.randn(B, 2, T, L, generator=g).softmax(-1)]
+    out = WordAttentionLoss(objective="evidence")(maps, probs, targets)
+    att = maps[0].mean(1)
+    num = den = 0.0
+    for b in range(B):
+        for t in range(T):
+            p = probs[b, :, targets[b, t]]
+            w = float(p.max() - p.mean())
+            num += w * -math.log(float((att[b, t] * p).sum()))
+            den += w
+    assert out.item() == pytest.approx(num / den, rel=1e-5)
+    with pytest.raises(ValueError, match="objective"):
+        WordAttentionLoss(objective="kl")
+
+
+@pytest.mark.parametrize("objective", ["map", "evidence"])
+def test_word_attention_gradient_moves_the_peak_onto_the_word_and_errors(objective):
+    g = torch.Generator().manual_seed(1)
+    R, T, L, V = 4, 3, 16, 5
+    probs = torch.full((R, L, V), 0.05)
+    where = torch.randint(0, L, (R, V), generator=g)  # each image has every word at one token
+    probs.scatter_(1, where[:, None, :], 0.95)
+    targets = torch.randint(0, V, (R, T), generator=g)
+    logits = torch.randn(R, 2, T, L, generator=g, requires_grad=True)
+    loss_fn = WordAttentionLoss(objective=objective)
+    opt = torch.optim.SGD([logits], lr=20.0)
+    first = None
+    for _ in range(30):
+        loss = loss_fn([logits.softmax(-1)], probs, targets)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+    peak = logits.detach().softmax(-1).mean(1).argmax(-1)  # (R, T)
+    assert torch.equal(peak, where.gather(1, targets))
+    with pytest.raises(ValueError, match="no attention maps"):
+        loss_fn([], probs, targets)
+    with pytest.raises(ValueError, match="rows, heads, queries, image tokens"):
+        loss_fn([torch.rand(R, 2, T, L + 1)], probs, targets)
+    with pytest.raises(ValueError, match="word_probs"):
+        loss_fn([torch.rand(R, 2, T, L)], probs[0], targets)
+    with pytest.raises(ValueError, match="no text_image_index"):
+        loss_fn([torch.rand(2 * R, 2, T, L)], probs, targets.repeat(2, 1))

@@ -116,6 +116,8 @@ def test_ours_trains_the_main_jobs_two_phases(report):
     word = report["configs"]["recipe"]["ours_word_phase"]
     assert word == vcq.main_job_word_phase() and word["word_ratio"] > 0
     assert report["configs"]["ours"]["word_head"] and report["configs"]["ours"]["word_context"]
+    # the main job's attention term comes along with its word head
+    assert word["attn_word_weight"] > 0
     phases = report["train"]["ours"]["phases"]
     assert [p["name"] for p in phases] == ["word-only", "joint"]
     assert phases[0]["steps"] == phases[0]["planned_steps"] >= 1 and phases[1]["steps"] >= 1

@@ -28,6 +28,7 @@ from ..losses import (
     CaptionLoss,
     ContrastiveLoss,
     ITMLoss,
+    WordAttentionLoss,
     WordPresenceLoss,
     positive_mask,
     sample_hard_negatives,
@@ -85,6 +86,15 @@ class MMXAttnModule(pl.LightningModule):
         word_context: the decoder and the retrieval pooler also read the word head's probabilities at every image
             token (``MMXAttnConfig.word_context``; detached, so only the word loss trains the head, added through a
             zero-initialised Linear). Needs ``word_weight > 0``.
+        attn_word_weight: > 0 adds ``attn_word_weight`` times :class:`~mmxattn.losses.WordAttentionLoss` (after the
+            word-only phase): the decoder's cross-attention (heads and ``grounding_layers`` averaged, the map the
+            grounding metric scores) of the query that predicts a word is pulled towards the word head's map of
+            that word (detached; no boxes are read). Needs ``word_weight > 0``. Those layers run the eager
+            attention math in training (no measurable cost on the shapes model); ``compile`` is then ignored, as
+            with ``attn_entropy_weight``.
+        attn_word_objective: "map" (the KL divergence from the word head's map to the attention) or "evidence"
+            (minus the log of the word head's probability of the word where the query looks); see
+            :class:`~mmxattn.losses.WordAttentionLoss`.
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
         rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
@@ -161,6 +171,8 @@ class MMXAttnModule(pl.LightningModule):
         word_only_schedule: str = "shared",
         word_head_stage: int | None = None,
         word_context: bool = False,
+        attn_word_weight: float = 0.0,
+        attn_word_objective: str = "map",
         nonfinite: str = "stop",
         rerank: int = 10,
         rerank_with: str = "itm",
@@ -213,6 +225,13 @@ class MMXAttnModule(pl.LightningModule):
             rest["word_context"] = True
         if word_only_steps < 0 or (word_only_steps > 0 and word_weight <= 0):
             raise ValueError(f"word_only_steps must be >= 0 and needs word_weight > 0, got {word_only_steps}")
+        if attn_word_weight < 0 or (attn_word_weight > 0 and word_weight <= 0):
+            raise ValueError(
+                f"attn_word_weight must be >= 0 and needs word_weight > 0 (the word head's maps are its targets), "
+                f"got attn_word_weight={attn_word_weight}, word_weight={word_weight}"
+            )
+        if attn_word_objective not in ("map", "evidence"):
+            raise ValueError(f"attn_word_objective must be 'map' or 'evidence', got {attn_word_objective!r}")
         if word_only_schedule not in ("shared", "restart"):
             raise ValueError(f"word_only_schedule must be 'shared' or 'restart', got {word_only_schedule!r}")
         self.model = create_model(preset, text=text, vision=vision, **rest)
@@ -229,6 +248,12 @@ class MMXAttnModule(pl.LightningModule):
         if attn_entropy_weight < 0:
             raise ValueError(f"attn_entropy_weight must be >= 0, got {attn_entropy_weight}")
         self.attn_entropy = AttentionEntropyLoss(diversity=attn_diversity)
+        self.word_attention = WordAttentionLoss(
+            ignore_ids=(t.pad_id, t.bos_id, t.eos_id), objective=attn_word_objective
+        )
+        n_dec = len(self.model.decoder.blocks)
+        layers = range(n_dec) if grounding_layers is None else sorted({i % n_dec for i in grounding_layers})
+        self._grounding_attn = [f"decoder.blocks.{i}.cross_attn" for i in layers]
         self._evaluator: EvalAccumulator | None = None
         self.last_metrics: dict[str, Any] = {}
         if grad_checkpointing:
@@ -262,8 +287,8 @@ class MMXAttnModule(pl.LightningModule):
         if stage == "fit" and self.hparams.compile and self._compiled is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             reason = compile_unsupported_reason(device)
-            if reason is None and self.hparams.attn_entropy_weight > 0:
-                reason = "attn_entropy_weight > 0 records attention weights inside the forward"
+            if reason is None and (self.hparams.attn_entropy_weight > 0 or self.hparams.attn_word_weight > 0):
+                reason = "attn_entropy_weight / attn_word_weight > 0 record attention weights inside the forward"
             if reason:
                 warnings.warn(f"compile=True ignored: {reason}; training runs eager", stacklevel=2)
             else:
@@ -291,11 +316,16 @@ class MMXAttnModule(pl.LightningModule):
         distributed = self._trainer is not None and self.trainer.world_size > 1
         if word_only and not distributed:
             return self._word_only_losses(images, ids, tii)
-        entropy_maps = None
-        if self.hparams.attn_entropy_weight > 0:
-            # the decoder's cross-attention weights, recorded with their graph (the eager path, these layers only)
-            with capture_attention(self.model, which="decoder.blocks.*.cross_attn", keep_grad=True) as entropy_maps:
+        entropy_maps = word_maps = None
+        if self.hparams.attn_entropy_weight > 0 or self.hparams.attn_word_weight > 0:
+            # the decoder's cross-attention weights, recorded with their graph (the eager math, these layers only)
+            which = "decoder.blocks.*.cross_attn" if self.hparams.attn_entropy_weight > 0 else self._grounding_attn
+            with capture_attention(self.model, which=which, keep_grad=True) as maps:
                 out = self._train_forward(images, ids, tii)
+            if self.hparams.attn_entropy_weight > 0:
+                entropy_maps = maps
+            if self.hparams.attn_word_weight > 0:
+                word_maps = [maps[n] for n in self._grounding_attn]
         else:
             out = self._train_forward(images, ids, tii)
         # Under bf16/fp16 autocast the embeddings and logits come out in half precision: the softmax
@@ -323,6 +353,12 @@ class MMXAttnModule(pl.LightningModule):
             predicts = F.pad(ids[:, 1:] != self.model.cfg.text.pad_id, (0, 1), value=False)
             losses["attn_entropy"] = self.attn_entropy(list(entropy_maps.values()), predicts)
             loss = loss + self.hparams.attn_entropy_weight * losses["attn_entropy"]
+        if word_maps is not None:
+            probs = out.word_probs
+            if probs is None:
+                probs = self.model.word_probs_per_image_token(out.word_tokens, images)
+            losses["word_attention"] = self.word_attention(word_maps, probs, ids[:, 1:], tii)
+            loss = loss + self.hparams.attn_word_weight * losses["word_attention"]
         if word_only:  # distributed: every parameter DDP expects gets a (zero) gradient from the other terms
             loss = self.hparams.word_weight * losses["word"] + 0.0 * loss
         return loss, losses, out
