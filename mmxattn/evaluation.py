@@ -22,10 +22,18 @@ from .capture import capture_attention
 from .metrics import caption_metrics, grounding_hits_any, recall_from_rankings, retrieval_metrics, token_heatmap
 from .model import RERANK_METHODS
 
-__all__ = ["EvalAccumulator", "METRIC_KEYS"]
+__all__ = ["EvalAccumulator", "METRIC_KEYS", "grounding_layer_names"]
 
 # Keys `python -m mmxattn.evaluate` always prints (None where a metric does not apply).
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "cider", "bleu4", "grounding_acc", "n_images")
+
+
+def grounding_layer_names(model: Any, layers: Sequence[int] | None = None) -> list[str]:
+    """Names of the decoder cross-attention layers whose maps grounding averages: ``layers`` (negative counts from
+    the end; each once, in order) or all of them."""
+    n = len(model.decoder.blocks)
+    chosen = range(n) if layers is None else sorted({i % n for i in layers})
+    return [f"decoder.blocks.{i}.cross_attn" for i in chosen]
 
 
 class EvalAccumulator:
@@ -67,9 +75,7 @@ class EvalAccumulator:
         self.gen_kwargs = dict(gen_kwargs or {"strategy": "greedy"})
         self.meteor = meteor
         self.grounding = grounding
-        n = len(model.decoder.blocks)
-        layers = range(n) if grounding_layers is None else [i % n for i in grounding_layers]
-        self.grounding_names = [f"decoder.blocks.{i}.cross_attn" for i in layers]
+        self.grounding_names = grounding_layer_names(model, grounding_layers)
         self.reset()
 
     def reset(self) -> None:

@@ -262,6 +262,22 @@ def test_data_settings_from_a_cli_checkpoint_rebuild_the_data_module(tmp_path):
     assert type(build_datamodule(old)) is type(dm)
 
 
+def _train_on_one_batch(mod: MMXAttnModule, batch: dict, term: str, weight: float, base: tuple[str, ...]) -> None:
+    """12 AdamW steps of ``mod`` on ``batch``. The first step checks that the total is the ``base`` terms with their
+    hparam weights plus ``weight`` times ``term``; with ``weight`` 0 the term must not be computed at all."""
+    opt = torch.optim.AdamW(mod.parameters(), lr=3e-3)
+    for step in range(12):
+        loss, terms, _ = mod.compute_losses(batch)
+        if step == 0 and weight:
+            rest = sum(getattr(mod.hparams, f"{k}_weight") * terms[k] for k in base)
+            torch.testing.assert_close(loss, rest + weight * terms[term])
+        if not weight:
+            assert term not in terms
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_word_attention_term_pulls_the_decoder_attention_to_the_word_maps(tmp_path):
     """attn_word_weight > 0: the term is in the total with its weight, trains the decoder's cross-attention and
     not the word head (its maps are detached targets), and a few optimizer steps on one batch leave the decoder's
@@ -291,19 +307,7 @@ def test_word_attention_term_pulls_the_decoder_attention_to_the_word_maps(tmp_pa
     for weight in (0.0, 5.0):
         torch.manual_seed(0)
         mod = MMXAttnModule(attn_word_weight=weight, **kw)
-        opt = torch.optim.AdamW(mod.parameters(), lr=3e-3)
-        for step in range(12):
-            loss, terms, _ = mod.compute_losses(batch)
-            if step == 0 and weight:
-                h = mod.hparams
-                rest = h.contrastive_weight * terms["contrastive"] + h.caption_weight * terms["caption"]
-                rest = rest + h.word_weight * terms["word"]
-                torch.testing.assert_close(loss, rest + weight * terms["word_attention"])
-            if not weight:
-                assert "word_attention" not in terms
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train_on_one_batch(mod, batch, "word_attention", weight, ("contrastive", "caption", "word"))
         probe = MMXAttnModule(attn_word_weight=1.0, **kw)
         probe.model.load_state_dict(mod.model.state_dict())
         with torch.no_grad():
@@ -324,18 +328,7 @@ def test_attention_entropy_penalty_sharpens_the_decoder_cross_attention(tmp_path
     for weight in (0.0, 5.0):
         torch.manual_seed(0)
         mod = MMXAttnModule(attn_entropy_weight=weight, **kw)
-        opt = torch.optim.AdamW(mod.parameters(), lr=3e-3)
-        for step in range(12):
-            loss, terms, _ = mod.compute_losses(batch)
-            if step == 0 and weight:
-                h = mod.hparams
-                rest = h.contrastive_weight * terms["contrastive"] + h.caption_weight * terms["caption"]
-                torch.testing.assert_close(loss, rest + weight * terms["attn_entropy"])
-            if not weight:
-                assert "attn_entropy" not in terms
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train_on_one_batch(mod, batch, "attn_entropy", weight, ("contrastive", "caption"))
         measured[weight] = []
         for diversity in (0.0, 1.0):  # sharpness alone, then the objective itself
             probe = MMXAttnModule(attn_entropy_weight=1.0, attn_diversity=diversity, **kw)

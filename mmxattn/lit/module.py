@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..capture import capture_attention
 from ..config import config_to_dict
-from ..evaluation import EvalAccumulator
+from ..evaluation import EvalAccumulator, grounding_layer_names
 from ..losses import (
     AttentionEntropyLoss,
     CaptionLoss,
@@ -251,9 +251,7 @@ class MMXAttnModule(pl.LightningModule):
         self.word_attention = WordAttentionLoss(
             ignore_ids=(t.pad_id, t.bos_id, t.eos_id), objective=attn_word_objective
         )
-        n_dec = len(self.model.decoder.blocks)
-        layers = range(n_dec) if grounding_layers is None else sorted({i % n_dec for i in grounding_layers})
-        self._grounding_attn = [f"decoder.blocks.{i}.cross_attn" for i in layers]
+        self._grounding_attn = grounding_layer_names(self.model, grounding_layers)  # what the word term pulls
         self._evaluator: EvalAccumulator | None = None
         self.last_metrics: dict[str, Any] = {}
         if grad_checkpointing:
