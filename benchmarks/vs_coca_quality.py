@@ -65,8 +65,11 @@ Evaluation (:func:`evaluate_pair`, the same code for both): full-gallery recall 
 gallery-normalised (``*_norm``: the inverted softmax at each model's own learned temperature), and greedy
 captions (EOS stops a row; up to ``context_length - 1`` new tokens; ours with its KV cache, CoCa with open_clip's
 prefix-recomputing loop, reproduced here without ``transformers``) scored by :func:`mmxattn.metrics.caption_metrics`
-(CIDEr-D, BLEU-4, ROUGE-L; METEOR with ``--meteor``). Ours only: grounding accuracy and decoder-re-ranked recall
-(``EvalAccumulator``; CoCa's decoder reads pooled queries, not image positions, so it has no grounding). Ceilings:
+(CIDEr-D, BLEU-4, ROUGE-L; METEOR with ``--meteor``), and checked against the scene they describe
+(``caption_fit``: share true of their image; ``caption_unnamed``: share of object phrases naming no object there;
+:func:`mmxattn.evaluation.caption_check_metrics`). Ours only: grounding accuracy (on the references and on its own
+captions) and decoder-re-ranked recall (``EvalAccumulator``; CoCa's decoder reads pooled queries, not image
+positions, so it has no grounding). Ceilings:
 ``dm.ceilings("test")`` and the held-out-reference / constant-caption scores (:func:`shapes_reference_scores`: one
 reference scored against the OTHER four, while the models are scored against all five, so a model's BLEU-4 can
 exceed that "ceiling").
@@ -95,8 +98,10 @@ from vs_coca import _vit_trunk_params, build_coca, coca_config_for, coca_special
 
 from mmxattn.config import config_to_dict  # noqa: E402
 from mmxattn.data.datamodule import ShapesDataModule  # noqa: E402
+from mmxattn.data.shapes_captions import check_caption  # noqa: E402
+from mmxattn.data.shapes_render import Scene  # noqa: E402
 from mmxattn.evaluate import shapes_reference_scores  # noqa: E402
-from mmxattn.evaluation import EvalAccumulator  # noqa: E402
+from mmxattn.evaluation import EvalAccumulator, caption_check_metrics  # noqa: E402
 from mmxattn.lit.module import MMXAttnModule  # noqa: E402
 from mmxattn.lit.optim import build_optimizer, warmup_cosine  # noqa: E402
 from mmxattn.metrics import caption_metrics, retrieval_metrics  # noqa: E402
@@ -167,6 +172,7 @@ def main_job_word_phase(path: str = _SHAPES_YAML) -> dict[str, Any]:
 
 ROW_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "cider", "bleu4", "rouge_l")
 NORM_KEYS = ("i2t_r1_norm", "i2t_r5_norm", "t2i_r1_norm", "t2i_r5_norm")  # gallery-normalised recall, both models
+_CHECKED = ("i2t_r1", "caption_fit")  # computed by evaluate_pair and by EvalAccumulator for ours: must agree
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -408,7 +414,7 @@ def evaluate_pair(
 ) -> dict[str, Any]:
     """Retrieval recall and caption metrics of one model on the eval batches (the same code for both models).
     ``logit_scale``: the model's learned temperature, for the gallery-normalised recall (``*_norm``)."""
-    img, txt, t2i, preds, refs = [], [], [], {}, {}
+    img, txt, t2i, preds, refs, checks = [], [], [], {}, {}, []
     for batch in batches:
         base = sum(x.shape[0] for x in img)
         img.append(encode_image(batch["images"]).float())  # (B, E), L2-normalised
@@ -416,23 +422,28 @@ def evaluate_pair(
         t2i.append(batch["ref_image_index"] + base)  # (R,)
         for j, caption in enumerate(tokenizer.batch_decode(generate(batch["images"]))):
             preds[base + j], refs[base + j] = caption, list(batch["references"][j])
+            if "scenes" in batch:  # is the caption true of its image?
+                checks.append(check_caption(caption, Scene(*batch["scenes"][j])))
     out: dict[str, Any] = {"n_images": len(preds), "n_texts": int(sum(x.shape[0] for x in txt))}
     out.update(retrieval_metrics(torch.cat(img), torch.cat(txt), torch.cat(t2i), norm_scale=logit_scale))
     out.update(caption_metrics(preds, refs, meteor=meteor))
+    out.update(caption_check_metrics(checks))
     out["examples"] = [preds[i] for i in range(min(3, len(preds)))]
     return out
 
 
-def ours_extras(ours: Any, batches: list[dict[str, Any]], rerank: int) -> dict[str, Any]:
-    """Grounding accuracy and decoder-re-ranked recall: ours only (EvalAccumulator, no captions)."""
+def ours_extras(ours: Any, batches: list[dict[str, Any]], rerank: int, max_new_tokens: int) -> dict[str, Any]:
+    """Grounding accuracy (on the references, and on ours' own greedy captions: ``grounding_acc_gen``) and
+    decoder-re-ranked recall: ours only (EvalAccumulator)."""
     how = main_job_losses().get("rerank_with", "itm")
     if how == "itm" and ours.itm_head is None:
         how = "lm"
-    acc = EvalAccumulator(ours, rerank=rerank, rerank_with=how, captions=False, grounding=True)
+    gen = {"strategy": "greedy", "max_new_tokens": max_new_tokens}
+    acc = EvalAccumulator(ours, rerank=rerank, rerank_with=how, captions=True, gen_kwargs=gen, grounding=True)
     for batch in batches:
         acc.update(batch)
     m = acc.compute()
-    return {k: v for k, v in m.items() if k.endswith("_rerank") or k.startswith("grounding") or k == "i2t_r1"}
+    return {k: v for k, v in m.items() if k.endswith("_rerank") or k.startswith("grounding") or k in _CHECKED}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -451,7 +462,12 @@ def print_table(out: dict[str, Any]) -> None:
         d = _fmt(a - b) if a is not None and b is not None else "   -  "
         const_v = _fmt(const.get(k)) if k in ("cider", "bleu4") else "   -  "
         print(f"{k:16s} {_fmt(a):>7s} {_fmt(b):>7s} {d:>9s} {_fmt(c):>8s} {const_v:>8s}")
-    for k in sorted(k for k in ours if k.endswith("_rerank") or k == "grounding_acc"):
+    for k in (
+        "caption_fit",
+        "caption_unnamed",
+    ):  # generated captions checked against the scene (unnamed: lower is better)
+        print(f"{k:16s} {_fmt(ours.get(k)):>7s} {_fmt(coca.get(k)):>7s}")
+    for k in sorted(k for k in ours if k.endswith("_rerank") or k in ("grounding_acc", "grounding_acc_gen")):
         print(f"{k + ' (ours)':16s} {_fmt(ours[k]):>7s}")
     print(f"steps: ours {out['steps']['ours']}, coca {out['steps']['coca']} ({out['budget_minutes']} min each)")
     print("ceiling: retrieval = dm.ceilings('test'); captions = a held-out reference vs the other four")
@@ -588,12 +604,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[name]["final_loss"] = train[name]["final_loss"]
         print(f"  {name}: evaluated in {rows[name]['eval_s']:.1f} s", flush=True)
     t1 = time.perf_counter()
-    extra = ours_extras(ours, test_batches, args.rerank)
+    extra = ours_extras(ours, test_batches, args.rerank, max_new)
     print(f"  ours: grounding and re-ranking in {time.perf_counter() - t1:.1f} s", flush=True)
-    if abs(extra.pop("i2t_r1") - rows["ours"]["i2t_r1"]) > 1e-6:  # the two evaluation paths must agree
-        raise RuntimeError("EvalAccumulator and evaluate_pair disagree on ours' i2t_r1")
+    for key in _CHECKED:  # the two evaluation paths must agree
+        a, b = extra.pop(key), rows["ours"][key]
+        if a != b and (a is None or b is None or abs(a - b) > 1e-6):
+            raise RuntimeError(f"EvalAccumulator and evaluate_pair disagree on ours' {key}")
     rows["ours"].update(extra)
-    rows["coca"]["grounding_acc"] = None
+    rows["coca"]["grounding_acc"] = rows["coca"]["grounding_acc_gen"] = None
     ceilings = {**dm.ceilings("test"), **shapes_reference_scores(dm, "test")}
     out: dict[str, Any] = {
         "budget_minutes": args.minutes,

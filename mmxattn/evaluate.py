@@ -68,7 +68,8 @@ def build_datamodule(data: dict[str, Any], overrides: dict[str, Any] | None = No
 
 def shapes_reference_scores(dm: Any, split: str) -> dict[str, Any]:
     """Caption-metric ceilings of the shapes data: one held-out reference per image scored against the others,
-    and the constant (most frequent training) caption scored against all but that held-out one."""
+    and the constant (most frequent training) caption scored against all but that held-out one (and the share of
+    the images it is true of: its ``caption_fit``)."""
     from .metrics import caption_metrics
 
     ds = dm.dataset(split)
@@ -80,7 +81,8 @@ def shapes_reference_scores(dm: Any, split: str) -> dict[str, Any]:
     constant_scores = caption_metrics({i: const for i in refs}, rest, meteor=False)
     return {
         "heldout_reference": {k: heldout_scores[k] for k in ("cider", "bleu4")},
-        "constant_caption": {"caption": const, **{k: constant_scores[k] for k in ("cider", "bleu4")}},
+        "constant_caption": {"caption": const, **{k: constant_scores[k] for k in ("cider", "bleu4")}}
+        | {"caption_fit": dm.caption_fit_rate(const, split)},
     }
 
 

@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .capture import capture_attention
+from .data.batching import ground_tokens
+from .data.shapes_captions import CaptionCheck, check_caption
+from .data.shapes_render import Scene
 from .metrics import caption_metrics, grounding_hits_any, recall_from_rankings, retrieval_metrics, token_heatmap
 from .model import RERANK_METHODS
 
-__all__ = ["EvalAccumulator", "METRIC_KEYS", "grounding_layer_names"]
+__all__ = ["EvalAccumulator", "METRIC_KEYS", "caption_check_metrics", "grounding_layer_names"]
 
 # Keys `python -m mmxattn.evaluate` always prints (None where a metric does not apply).
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "cider", "bleu4", "grounding_acc", "n_images")
@@ -50,6 +53,14 @@ class EvalAccumulator:
         meteor: include METEOR (starts a Java process; slow to start, so off for frequent validation).
         grounding: score grounding on batches that carry ``boxes``/``groundings``.
         grounding_layers: decoder layers whose cross-attention is averaged (default: all).
+
+    Batches that carry ``scenes`` (shapes data) also score the GENERATED captions: ``caption_fit`` (share of images
+    whose caption parses and is true of the image), ``caption_parsed``, ``caption_unnamed`` (share of the captions'
+    object phrases that name no object in the image) and ``grounding_acc_gen``: grounding as ``grounding_acc``, on
+    the words of the model's own captions (each phrase's objects from
+    :func:`mmxattn.data.shapes_captions.check_caption`). ``grounding_acc`` teacher-forces the references, so the
+    query that predicts a phrase's first word cannot know which of the image's objects the reference will name;
+    in its own caption the model chose the object.
     """
 
     def __init__(
@@ -95,7 +106,20 @@ class EvalAccumulator:
         preds: list[str | None] = [None] * images.shape[0]
         if self.captions:
             preds = m.tokenizer.batch_decode(m.generate(image_tokens=tokens, **self.gen_kwargs))
-        hits = self._grounding(batch, tokens, states, ref_ids, ref_img) if self.grounding else None
+        hits = gen = None
+        if self.grounding and "groundings" in batch and "boxes" in batch:
+            hits = self._hits(batch, tokens, states, ref_img, batch["groundings"])
+        scenes = batch.get("scenes") if self.captions else None
+        checks = None
+        if scenes is not None:
+            checks = [check_caption(p, sc if isinstance(sc, Scene) else Scene(*sc)) for p, sc in zip(preds, scenes)]
+        if checks is not None and hits is not None and hasattr(m.tokenizer, "word_token_positions"):
+            # the model's own captions, teacher-forced: the same attention as while it generated them
+            gen_ids = m.tokenizer(preds).to(images.device)
+            per_image = [[ground_tokens(m.tokenizer, p, c.groundings) if c else []] for p, c in zip(preds, checks)]
+            gen = self._hits(
+                batch, tokens, m.text(gen_ids)[1], torch.arange(len(preds), device=images.device), per_image
+            )
         for i, image_id in enumerate(batch["image_ids"]):
             sel = ref_img == i
             self.records.append(
@@ -108,16 +132,18 @@ class EvalAccumulator:
                     "references": list(batch["references"][i]),
                     "prediction": preds[i],
                     "grounding": hits[i] if hits is not None else None,
+                    "checked": checks is not None,
+                    "check": checks[i] if checks is not None else None,
+                    "grounding_gen": gen[i] if gen is not None else None,
                 }
             )
 
-    def _grounding(self, batch, tokens, states, ref_ids, ref_img) -> list[tuple[int, int]] | None:
-        """Per image (hits, total) over every (reference word, object) pair with a box."""
-        if "groundings" not in batch or "boxes" not in batch:
-            return None
+    def _hits(self, batch, tokens, states, image_index, groundings) -> list[tuple[int, int]]:
+        """Per image (hits, total) over every (word, object) pair with a box. ``states``: text states of caption
+        rows ordered by image (``image_index``); ``groundings``: per image, per row, [(token positions, object)]."""
         m = self.model
         with capture_attention(m, which=self.grounding_names) as maps:
-            m.decoder(states[:, :-1], tokens, image_index=ref_img)  # teacher-forced over every reference
+            m.decoder(states[:, :-1], tokens, image_index=image_index)  # teacher-forced over every row
         # (R, T-1, L): mean over heads and the chosen layers. Query t predicts token t+1, so a word at token
         # position p is looked for at query p-1: where the model looks when it says that word.
         att = torch.stack([maps[n].mean(1) for n in self.grounding_names]).mean(0)
@@ -126,7 +152,7 @@ class EvalAccumulator:
         grids = [grids[s] for s in m.stages]
         out = []
         ref_base = 0
-        for i, per_ref in enumerate(batch["groundings"]):
+        for i, per_ref in enumerate(groundings):
             boxes_i = torch.as_tensor(batch["boxes"][i], dtype=torch.float32).reshape(-1, 4)
             rows, boxes = [], []
             for r, pairs in enumerate(per_ref):
@@ -181,10 +207,12 @@ class EvalAccumulator:
             preds = {i: r["prediction"] for i, r in enumerate(recs)}
             refs = {i: r["references"] for i, r in enumerate(recs)}
             out.update(caption_metrics(preds, refs, meteor=self.meteor))
-        g = [r["grounding"] for r in recs if r["grounding"] is not None]
-        total = sum(n for _, n in g)
-        out["grounding_acc"] = sum(h for h, _ in g) / total if total else None
-        out["grounding_n"] = total
+        for key, name in (("grounding", "grounding_acc"), ("grounding_gen", "grounding_acc_gen")):
+            g = [r[key] for r in recs if r[key] is not None]
+            total = sum(n for _, n in g)
+            out[name] = sum(h for h, _ in g) / total if total else None
+            out[name.replace("_acc", "_n")] = total
+        out.update(caption_check_metrics([r["check"] for r in recs if r["checked"]]))
         return out
 
     def _reranked(self, recs, img: Tensor, txt: Tensor, t2i: Tensor) -> dict[str, float]:
@@ -194,21 +222,48 @@ class EvalAccumulator:
         ids = torch.cat([r["ref_ids"] for r in recs])  # (N_txt, T)
         sim = img @ txt.T
         n = min(self.rerank, sim.shape[1], sim.shape[0])
-        prior = None
-        if self.rerank_with == "pmi":
-            ref = torch.linspace(0, tokens.shape[0] - 1, min(self.prior_images, tokens.shape[0])).round().long()
-            prior = torch.cat([m.caption_log_prior(tokens[ref].to(dev), b.to(dev)).cpu() for b in ids.split(512)])
         ranked = []
         for scores, query_is_image in ((sim, True), (sim.T, False)):
             top = scores.topk(min(self.rerank, scores.shape[1]), dim=1).indices  # (Q, n)
             q = torch.arange(scores.shape[0])[:, None].expand_as(top).reshape(-1)
             c = top.reshape(-1)
             im, tx = (q, c) if query_is_image else (c, q)
+            # chunks of whole queries: an image query's candidates then read it as one block (no K/V gather), and a
+            # text query's candidates share one text-encoder pass
+            chunk = max(1, 512 // top.shape[1]) * top.shape[1]
             new = []
-            for a, b in zip(im.split(512), tx.split(512)):
-                new.append(m.pair_scores(tokens, a, ids[b].to(dev), m.text(ids[b].to(dev))[1], self.rerank_with))
+            for a, b in zip(im.split(chunk), tx.split(chunk)):
+                uniq, inv = b.unique(return_inverse=True)
+                states = m.text(ids[uniq].to(dev))[1][inv.to(dev)]
+                new.append(m.pair_scores(tokens, a, ids[b].to(dev), states, self.rerank_with))
             new = torch.cat(new).cpu().view_as(top)
-            if prior is not None and query_is_image:
-                new = new - prior[top]
+            if self.rerank_with == "pmi" and query_is_image:
+                new = new - self._log_prior(tokens, ids, top)[top]
             ranked.append(top.gather(1, new.argsort(dim=1, descending=True)))
         return recall_from_rankings(ranked[0], ranked[1], t2i, ks=[k for k in (1, 5, 10) if k <= n])
+
+    def _log_prior(self, tokens: Tensor, ids: Tensor, top: Tensor) -> Tensor:
+        """(N_txt,) log prior of the captions among the candidates ``top`` (0 elsewhere: never read), estimated on
+        ``prior_images`` images evenly spaced over the set."""
+        m = self.model
+        dev = m.logit_scale.device
+        ref = torch.linspace(0, tokens.shape[0] - 1, min(self.prior_images, tokens.shape[0])).round().long()
+        cand = top.unique()
+        prior = torch.zeros(ids.shape[0])
+        prior[cand] = torch.cat(
+            [m.caption_log_prior(tokens[ref].to(dev), ids[b].to(dev)).cpu() for b in cand.split(512)]
+        )
+        return prior
+
+
+def caption_check_metrics(checks: Sequence[CaptionCheck | None]) -> dict[str, float | None]:
+    """Scores of generated captions checked against their images (:func:`~mmxattn.data.shapes_captions.check_caption`
+    per caption; None = did not parse): ``caption_fit`` (share true of their image), ``caption_parsed`` and
+    ``caption_unnamed`` (share of object phrases naming no object in the image). None without checks."""
+    n = len(checks)
+    phrases = sum(c.n_phrases for c in checks if c is not None)
+    return {
+        "caption_fit": sum(c is not None and c.fits for c in checks) / n if n else None,
+        "caption_parsed": sum(c is not None for c in checks) / n if n else None,
+        "caption_unnamed": sum(c.n_unnamed for c in checks if c is not None) / phrases if phrases else None,
+    }

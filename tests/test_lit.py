@@ -51,6 +51,8 @@ def test_every_shipped_config_runs(config, tmp_path, monkeypatch, capsys):
         for key in ("i2t_r1", "t2i_r1", "cider", "bleu4", "n_images"):
             assert key in metrics
         assert metrics["n_images"] > 0
+        if config == "shapes.yaml":  # generated captions checked against their scenes, with the baseline beside
+            assert 0.0 <= metrics["caption_fit"] <= 1.0 and 0.0 <= metrics["constant_caption_fit"] <= 1.0
 
 
 def test_tensorboard_config_composes(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ would have seen, for any number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -123,7 +124,8 @@ def ground_tokens(tokenizer: Any, caption: str, grounding: Sequence[tuple[Sequen
 class EvalCollate:
     """One image with all its captions per sample -> the eval batch (retrieval needs every reference).
     ``grounding=True`` also collates ``boxes`` and token-level ``groundings`` (shapes data; needs a tokenizer with
-    ``word_token_positions``, i.e. the word tokenizer)."""
+    ``word_token_positions``, i.e. the word tokenizer), and ``scenes`` (each a Scene's fields as a tuple) when every
+    sample carries its ``scene``."""
 
     def __init__(self, tokenizer: Any, grounding: bool = False) -> None:
         if grounding and not hasattr(tokenizer, "word_token_positions"):
@@ -151,6 +153,10 @@ class EvalCollate:
             batch["groundings"] = [
                 [ground_tokens(self.tokenizer, c, g) for c, g in zip(s["captions"], s["groundings"])] for s in samples
             ]
+            if all(s.get("scene") is not None for s in samples):
+                # generated captions are checked against these. Fields as plain tuples (Scene(*t) rebuilds one):
+                # Lightning's batch transfer rebuilds dataclasses field by field, which a frozen one refuses
+                batch["scenes"] = [dataclasses.astuple(s["scene"]) for s in samples]
         return batch
 
 

@@ -31,7 +31,7 @@ from .batching import EpochIndexed, EvalCollate, ResumableLoader, ResumableSampl
 from .formats import CocoCaptionsDataset, CsvDataset, DatasetFormatError, WebDatasetCaptions
 from .robust import SkipTracker, caption_problem
 from .shapes import ShapesDataset, most_frequent_caption, retrieval_ceilings
-from .shapes_captions import MAX_CAPTION_WORDS, vocabulary
+from .shapes_captions import MAX_CAPTION_WORDS, check_caption, vocabulary
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, build_transforms
 
 __all__ = ["ImageTextDataModule", "ShapesDataModule"]
@@ -273,6 +273,12 @@ class ShapesDataModule(_CaptionDataModule):
     def constant_caption(self) -> str:
         """The most frequent training caption: the constant-caption baseline for caption metrics."""
         return most_frequent_caption(self.dataset("train"))
+
+    def caption_fit_rate(self, caption: str, split: str = "test") -> float:
+        """Share of ``split``'s images that ``caption`` is true of (the ``caption_fit`` of a model that always
+        says it; e.g. the constant caption's)."""
+        ds = self.dataset(split)
+        return sum(bool(c and c.fits) for c in (check_caption(caption, ds.scene(i)) for i in range(len(ds)))) / len(ds)
 
 
 # ------------------------------------------------------------------------------------------------ real formats

@@ -78,6 +78,7 @@ class ShapesDataset(Dataset):
       groundings   per caption, a list of (word positions in caption.split(), object index)
       grounding    ``groundings[caption_index]``
       image_id     int, the index within this split
+      scene        the :class:`~mmxattn.data.shapes_render.Scene` (what a generated caption is checked against)
     N varies per image, so batching needs a collate that keeps boxes/labels/groundings as lists.
 
     ``transform``: called on the image, or on the whole sample dict when it has ``accepts_sample = True``
@@ -248,6 +249,7 @@ class ShapesDataset(Dataset):
             groundings=grounds,
             grounding=grounds[c],
             image_id=i,
+            scene=scene,
         )
         if self.transform is not None:
             if getattr(self.transform, "accepts_sample", False):

@@ -46,6 +46,10 @@ __all__ = [
     "fit_matrix",
     "vocabulary",
     "MAX_CAPTION_WORDS",
+    "ParsedCaption",
+    "CaptionCheck",
+    "parse_caption",
+    "check_caption",
 ]
 
 RELATIONS: tuple[str, ...] = ("left_of", "right_of", "above", "below")
@@ -433,3 +437,174 @@ def fit_matrix(meanings: Sequence[Meaning], scenes: Sequence[Scene]) -> np.ndarr
             ok &= hit.any(1)
         out[u] = ok
     return out
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+@dataclass(frozen=True)
+class ParsedCaption:
+    """A caption read back into its :class:`Meaning`. ``spec_words``: per ObjectSpec of the meaning, the positions
+    (in text.split()) of its attribute words; ``count_words``: those of the counted phrase (empty without one).
+    Which words are attribute words follows :class:`Caption`'s groundings."""
+
+    meaning: Meaning
+    spec_words: tuple[tuple[int, ...], ...]
+    count_words: tuple[int, ...]
+    template: str
+
+
+@dataclass(frozen=True)
+class CaptionCheck:
+    """A caption checked against a scene. ``fits``: its meaning is true of the scene. ``groundings``: (word
+    positions, object) pairs as in :class:`Caption`: when the caption fits, every object a phrase can name in a
+    reading that makes it true (exactly the generator's groundings); when it does not, every object that matches
+    the phrase on its own (relations and distinctness ignored). ``n_phrases``: phrases with attribute words;
+    ``n_unnamed``: those that match no object of the scene (a hallucinated object has nothing to ground to)."""
+
+    fits: bool
+    groundings: tuple[tuple[tuple[int, ...], int], ...]
+    n_phrases: int
+    n_unnamed: int
+
+
+_PREFIXES: tuple[tuple[str, ...], ...] = (("there", "is"), ("there", "are"), ("a", "picture", "of"))
+_GENERIC = ("shape", "object")
+
+
+class _Reader:
+    """Cursor over a caption's words for :func:`parse_caption`; every method returns None on a mismatch."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.w, self.i = words, 0
+
+    def at_end(self) -> bool:
+        return self.i == len(self.w)
+
+    def take(self, phrase: Sequence[str]) -> bool:
+        if tuple(self.w[self.i : self.i + len(phrase)]) == tuple(phrase):
+            self.i += len(phrase)
+            return True
+        return False
+
+    def attributes(self) -> tuple[int | None, int | None, list[int]]:
+        """[size] [colour] -> (size, colour, their positions)."""
+        size = colour = None
+        pos: list[int] = []
+        if self.i < len(self.w) and self.w[self.i] in SIZES:
+            size = SIZES.index(self.w[self.i])
+            pos.append(self.i)
+            self.i += 1
+        if self.i < len(self.w) and self.w[self.i] in COLOURS:
+            colour = COLOURS.index(self.w[self.i])
+            pos.append(self.i)
+            self.i += 1
+        return size, colour, pos
+
+    def noun_phrase(self) -> tuple[ObjectSpec, tuple[int, ...]] | None:
+        """a|an [size] [colour] (shape name | shape | object)."""
+        if not (self.take(("a",)) or self.take(("an",))):
+            return None
+        size, colour, pos = self.attributes()
+        if self.i >= len(self.w):
+            return None
+        word = self.w[self.i]
+        self.i += 1
+        if word in SHAPES:
+            return ObjectSpec(SHAPES.index(word), colour, size), (*pos, self.i - 1)
+        if word in _GENERIC:
+            return ObjectSpec(None, colour, size), tuple(pos)
+        return None
+
+    def count(self) -> int | None:
+        if self.take(("a", "single")):
+            return 1
+        if self.i < len(self.w) and self.w[self.i] in NUMBERS:
+            self.i += 1
+            return NUMBERS.index(self.w[self.i - 1])
+        return None
+
+
+def parse_caption(text: str) -> ParsedCaption | None:
+    """Read a caption of the shapes grammar (the templates in this module's docstring) back into its meaning, or
+    None when it is not one (a model's garbled output). The inverse of generation: for every generated caption
+    ``parse_caption(c.text).meaning == c.meaning``. Lenient where the meaning does not depend on it: any prefix
+    with any template, "a"/"an" and singular/plural nouns are not checked against each other."""
+    r = _Reader(text.split())
+    for p in _PREFIXES:
+        if r.take(p):
+            break
+    start = r.i
+    n = r.count()
+    if n is not None:  # count ("two red circles") or full ("two shapes a red circle and a cross")
+        size, colour, pos = r.attributes()
+        word = r.w[r.i] if r.i < len(r.w) else None
+        r.i += 1
+        names = {**{s: k for k, s in enumerate(SHAPES)}, **{s: k for k, s in enumerate(SHAPE_PLURALS)}}
+        if word in names and r.at_end():
+            spec = CountSpec(n, names[word], colour, size)
+            return ParsedCaption(Meaning(counts=(spec,)), (), (*pos, r.i - 1), "count")
+        if word not in ("shape", "shapes", "object", "objects"):
+            return None
+        if r.at_end():
+            return ParsedCaption(Meaning(counts=(CountSpec(n, None, colour, size),)), (), tuple(pos), "count")
+        if pos or word not in ("shape", "shapes"):
+            return None
+        specs, words = [], []
+        while not r.at_end():
+            if specs:
+                r.take(("and",))
+            np_ = r.noun_phrase()
+            if np_ is None:
+                return None
+            specs.append(np_[0])
+            words.append(np_[1])
+        return ParsedCaption(Meaning(tuple(specs), counts=(CountSpec(n),)), tuple(words), (), "full")
+    r.i = start
+    first = r.noun_phrase()
+    if first is None:
+        return None
+    if r.at_end():
+        return ParsedCaption(Meaning((first[0],)), (first[1],), (), "single")
+    mark = r.i
+    for phrase, (row, col) in REGION_PHRASES:
+        if r.take(phrase) and r.at_end():
+            s = first[0]
+            spec = ObjectSpec(s.shape, s.colour, s.size, row, col)
+            return ParsedCaption(Meaning((spec,)), (first[1],), (), "region")
+        r.i = mark
+    for name, phrases in REL_PHRASES.items():
+        for phrase in phrases:
+            if r.take(phrase):
+                second = r.noun_phrase()
+                if second is not None and r.at_end():
+                    meaning = Meaning((first[0], second[0]), relation=(0, name, 1))
+                    return ParsedCaption(meaning, (first[1], second[1]), (), "relation")
+            r.i = mark
+    if r.take(("and",)):
+        second = r.noun_phrase()
+        if second is not None and r.at_end():
+            return ParsedCaption(Meaning((first[0], second[0])), (first[1], second[1]), (), "pair")
+    return None
+
+
+def check_caption(text: str, scene: Scene) -> CaptionCheck | None:
+    """Is ``text`` true of ``scene``, and which objects does each of its phrases name? None when the caption
+    does not parse (see :func:`parse_caption`). Scores a model's generated captions: the fraction that fit their
+    image, and grounding on the words the model chose itself."""
+    parsed = parse_caption(text)
+    if parsed is None:
+        return None
+    meaning = parsed.meaning
+    fits = caption_fits(meaning, scene)
+    if fits:
+        named = [sorted(objs) for objs in referents(meaning, scene)]
+    else:
+        named = [[k for k in range(scene.n) if spec.matches(scene, k)] for spec in meaning.objects]
+    phrases = [(pos, objs) for pos, objs in zip(parsed.spec_words, named) if pos]
+    if parsed.count_words:
+        c = meaning.counts[0]
+        spec = ObjectSpec(c.shape, c.colour, c.size)
+        phrases.append((parsed.count_words, [k for k in range(scene.n) if spec.matches(scene, k)]))
+    ground = tuple((pos, k) for pos, objs in phrases for k in objs)
+    return CaptionCheck(fits, ground, len(phrases), sum(not objs for _, objs in phrases))

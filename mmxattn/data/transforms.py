@@ -13,6 +13,7 @@ Train and eval otherwise share resize (shorter side) -> centre crop -> float in 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,7 +89,8 @@ class ImageTextTransform:
     """Callable on an image (returns a float (3, H, W) tensor) or on a data-set sample dict (returns the dict
     with ``image`` transformed, ``boxes`` moved with it, and on a flip ``caption``/``captions`` mirrored).
 
-    Boxes come back as the type they came in (numpy float32 or tensor), in pixels of the OUTPUT image.
+    Boxes come back as the type they came in (numpy float32 or tensor), in pixels of the OUTPUT image. A shapes
+    ``scene`` is mirrored with the flip and set to None by a random crop (its captions' regions no longer hold).
     The flip draws from torch's RNG, which DataLoader seeds per worker. An image that already has the output
     size skips resizing (the shapes data set at its native size pays only for dtype + normalise).
     """
@@ -136,6 +138,8 @@ class ImageTextTransform:
         boxes_in = sample.get("boxes")
         boxes = None if boxes_in is None else torch.as_tensor(np.asarray(boxes_in, np.float32)).reshape(-1, 4)
         img, boxes = self._geometry(to_uint8_chw(sample["image"]), boxes)
+        if self.crop is not None and "scene" in sample:
+            sample["scene"] = None  # a crop moves objects out of their thirds; a resize keeps what captions say
         if self.flip_p > 0 and torch.rand(()) < self.flip_p:
             img = img.flip(-1)  # (3, H, W): mirror the width axis
             if boxes is not None:
@@ -145,6 +149,9 @@ class ImageTextTransform:
                 sample["caption"] = swap_left_right(sample["caption"])
             if "captions" in sample:
                 sample["captions"] = [swap_left_right(c) for c in sample["captions"]]
+            if sample.get("scene") is not None:
+                sc = sample["scene"]
+                sample["scene"] = dataclasses.replace(sc, cx=tuple(sc.img_size - x for x in sc.cx))
             sample["flipped"] = True
         sample["image"] = self._finish(img)
         if boxes is not None:

@@ -62,6 +62,8 @@ class MMXAttnCLI(LightningCLI):
             metrics["ceilings"] = ceilings("test")
         if hasattr(self.datamodule, "constant_caption"):
             metrics["constant_caption"] = self.datamodule.constant_caption()
+            if hasattr(self.datamodule, "caption_fit_rate"):  # caption_fit's baseline
+                metrics["constant_caption_fit"] = self.datamodule.caption_fit_rate(metrics["constant_caption"], "test")
         out = json.dumps(metrics, sort_keys=True)
         print("\nTEST METRICS " + out, flush=True)
         path = cfg.get("metrics_file")
