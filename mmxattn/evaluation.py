@@ -22,7 +22,14 @@ from .capture import capture_attention
 from .data.batching import ground_tokens
 from .data.shapes_captions import CaptionCheck, check_caption
 from .data.shapes_render import Scene
-from .metrics import caption_metrics, grounding_hits_any, recall_from_rankings, retrieval_metrics, token_heatmap
+from .metrics import (
+    caption_metrics,
+    grounding_hits_any,
+    grounding_misses,
+    recall_from_rankings,
+    retrieval_metrics,
+    token_heatmap,
+)
 from .model import RERANK_METHODS
 
 __all__ = ["EvalAccumulator", "METRIC_KEYS", "caption_check_metrics", "grounding_layer_names"]
@@ -138,8 +145,9 @@ class EvalAccumulator:
                 }
             )
 
-    def _hits(self, batch, tokens, states, image_index, groundings) -> list[tuple[int, int]]:
-        """Per image (hits, total) over every (word, object) pair with a box. ``states``: text states of caption
+    def _hits(self, batch, tokens, states, image_index, groundings) -> list[tuple[int, int, int, int]]:
+        """Per image (hits, total, near misses, misses on another object) over every (word, object) pair with a box
+        (see :func:`~mmxattn.metrics.grounding_misses`). ``states``: text states of caption
         rows ordered by image (``image_index``); ``groundings``: per image, per row, [(token positions, object)]."""
         m = self.model
         with capture_attention(m, which=self.grounding_names) as maps:
@@ -154,7 +162,7 @@ class EvalAccumulator:
         ref_base = 0
         for i, per_ref in enumerate(groundings):
             boxes_i = torch.as_tensor(batch["boxes"][i], dtype=torch.float32).reshape(-1, 4)
-            rows, boxes = [], []
+            rows, boxes, others = [], [], []
             for r, pairs in enumerate(per_ref):
                 # a phrase lists one pair per object it may truthfully name: a hit on any of them counts
                 phrase: dict[tuple[int, ...], list[int]] = {}
@@ -165,12 +173,15 @@ class EvalAccumulator:
                         if 1 <= p <= att.shape[1]:
                             rows.append(att[ref_base + r, p - 1])
                             boxes.append(boxes_i[objs])
+                            others.append(boxes_i[[k for k in range(len(boxes_i)) if k not in objs]])
             ref_base += len(per_ref)
             if rows:
-                hit = grounding_hits_any(token_heatmap(torch.stack(rows), grids), boxes, (H, W))
-                out.append((int(hit.sum()), len(rows)))
+                maps = token_heatmap(torch.stack(rows), grids)
+                hit = grounding_hits_any(maps, boxes, (H, W))
+                near, other = grounding_misses(maps, boxes, others, (H, W))
+                out.append((int(hit.sum()), len(rows), int(near.sum()), int(other.sum())))
             else:
-                out.append((0, 0))
+                out.append((0, 0, 0, 0))
         return out
 
     # ------------------------------------------------------------------ whole set
@@ -207,11 +218,15 @@ class EvalAccumulator:
             preds = {i: r["prediction"] for i, r in enumerate(recs)}
             refs = {i: r["references"] for i, r in enumerate(recs)}
             out.update(caption_metrics(preds, refs, meteor=self.meteor))
-        for key, name in (("grounding", "grounding_acc"), ("grounding_gen", "grounding_acc_gen")):
+        for key, suffix in (("grounding", ""), ("grounding_gen", "_gen")):
             g = [r[key] for r in recs if r[key] is not None]
-            total = sum(n for _, n in g)
-            out[name] = sum(h for h, _ in g) / total if total else None
-            out[name.replace("_acc", "_n")] = total
+            total = sum(x[1] for x in g)
+            out["grounding_acc" + suffix] = sum(x[0] for x in g) / total if total else None
+            out["grounding_n" + suffix] = total
+            # where the misses went, as shares of all words: the named object's box just missed by the peak's
+            # centre (resolution), another object (binding), the rest on the background
+            out["grounding_near" + suffix] = sum(x[2] for x in g) / total if total else None
+            out["grounding_other" + suffix] = sum(x[3] for x in g) / total if total else None
         out.update(caption_check_metrics([r["check"] for r in recs if r["checked"]]))
         return out
 

@@ -24,6 +24,7 @@ __all__ = [
     "gallery_normalized_scores",
     "grounding_hits",
     "grounding_hits_any",
+    "grounding_misses",
     "java_available",
     "recall_from_rankings",
     "retrieval_metrics",
@@ -270,3 +271,28 @@ def grounding_hits_any(heatmaps: Tensor, boxes: Sequence[Tensor], image_size: tu
         inside = (cx[i] >= b[:, 0]) & (cx[i] <= b[:, 2]) & (cy[i] >= b[:, 1]) & (cy[i] <= b[:, 3])
         hits.append(bool(inside.any()))
     return torch.tensor(hits, dtype=torch.bool)
+
+
+def grounding_misses(
+    heatmaps: Tensor, boxes: Sequence[Tensor], others: Sequence[Tensor], image_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Where a miss of :func:`grounding_hits_any` went. A peak CELL (not just its centre) overlapping one of
+    ``boxes[i]`` is ``near`` (the right object, the centre just outside its box: a matter of the map's
+    resolution); otherwise one overlapping ``others[i]`` ((m_i, 4): the image's other objects) is on the ``other``
+    object (the wrong object); the rest fall on the background. Returns bool (N,) ``near`` and ``other``, both
+    False where the peak's centre is inside a box of ``boxes[i]`` (a hit)."""
+    N, h, w = heatmaps.shape
+    H, W = image_size
+    idx = heatmaps.reshape(N, -1).argmax(1)
+    row, col = (idx // w).float(), (idx % w).float()
+    cell = torch.stack([col * W / w, row * H / h, (col + 1) * W / w, (row + 1) * H / h], 1)  # (N, 4) xyxy
+    hit = grounding_hits_any(heatmaps, boxes, image_size)
+
+    def overlaps(c: Tensor, b: Tensor) -> bool:
+        b = torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4)
+        return bool(((b[:, 0] < c[2]) & (b[:, 2] > c[0]) & (b[:, 1] < c[3]) & (b[:, 3] > c[1])).any())
+
+    c = cell.cpu()
+    near = [not hit[i] and overlaps(c[i], boxes[i]) for i in range(N)]
+    other = [not hit[i] and not near[i] and overlaps(c[i], others[i]) for i in range(N)]
+    return torch.tensor(near, dtype=torch.bool), torch.tensor(other, dtype=torch.bool)

@@ -128,7 +128,9 @@ def test_evaluator_scores_the_generated_captions_against_the_scene(tmp_path):
     out = acc.compute()
     assert out["caption_fit"] == 1.0 and out["caption_parsed"] == 1.0 and out["caption_unnamed"] == 0.0
     assert out["grounding_n_gen"] == out["grounding_n"] > 0
-    assert out["grounding_acc_gen"] == pytest.approx(out["grounding_acc"])
+    for key in ("grounding_acc", "grounding_near", "grounding_other"):
+        assert out[key + "_gen"] == pytest.approx(out[key])
+    assert out["grounding_acc"] + out["grounding_near"] + out["grounding_other"] <= 1.0
     # the next image's reference, and garble for the last: fit decided by the generator's own meanings
     shifted = refs[1:] + ["circle circle circle"]
     truth = [caption_fits(ds.annotation((i + 1) % 12).captions[0].meaning, ds.scene(i)) for i in range(11)]

@@ -167,6 +167,22 @@ def test_grounding_hits():
     assert grounding_hits(hm, boxes, (64, 64)).tolist() == [True, False]
 
 
+def test_grounding_misses_tell_the_near_the_wrong_object_and_the_background_apart():
+    from mmxattn.metrics import grounding_misses
+
+    hm = torch.zeros(4, 4, 4)  # 16 px cells of a 64 px image
+    hm[0, 0, 0] = 1  # cell (0..16, 0..16), centre (8, 8): inside the target box -> a hit
+    hm[1, 0, 1] = 1  # cell (16..32, 0..16), centre (24, 8): outside the target, the cell overlaps it -> near
+    hm[2, 2, 2] = 1  # cell (32..48, 32..48): on the other object -> other
+    hm[3, 3, 0] = 1  # cell (0..16, 48..64): nothing there -> background
+    target = torch.tensor([[2.0, 2, 18, 14]])
+    other = torch.tensor([[36.0, 36, 44, 44]])
+    near, wrong = grounding_misses(hm, [target] * 4, [other] * 4, (64, 64))
+    assert near.tolist() == [False, True, False, False]
+    assert wrong.tolist() == [False, False, True, False]
+    assert grounding_hits_any(hm, [target] * 4, (64, 64)).tolist() == [True, False, False, False]
+
+
 def test_grounding_hits_any_box():
     hm = torch.zeros(2, 4, 4)
     hm[0, 0, 3] = 1
