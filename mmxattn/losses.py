@@ -440,17 +440,25 @@ class WordAttentionLoss(nn.Module):
     seeds (means: i2t R@1 0.37 -> 0.41, CIDEr 1.76 -> 1.89) while grounding hardly moved (0.50 -> 0.52): the
     query that predicts a phrase's first word cannot know which object the reference names.
 
+    ``phrase_ids``: the ids of the words that make up object phrases (e.g. sizes, colours, shape names). A run of
+    consecutive such targets is one phrase, and each of its queries is taught the PRODUCT of the maps of all the
+    phrase's words ("red" x "circle": the red circle, where "circle" alone lights up every circle); its weight
+    stays its own word's. On the main job's model the product peaks on the named object for 0.77 of the object
+    words, the single word's map for 0.63 (README, "What the shapes models know").
+
     Args:
         ignore_ids: target ids that never count (pad, bos, eos).
         objective: "map" or "evidence" (above).
+        phrase_ids: words whose runs are phrases taught their product map (empty: every word its own map).
     """
 
-    def __init__(self, ignore_ids: Sequence[int] = (), objective: str = "map") -> None:
+    def __init__(self, ignore_ids: Sequence[int] = (), objective: str = "map", phrase_ids: Sequence[int] = ()) -> None:
         super().__init__()
         if objective not in ("map", "evidence"):
             raise ValueError(f"objective must be 'map' or 'evidence', got {objective!r}")
         self.ignore_ids = tuple(int(i) for i in ignore_ids)
         self.objective = objective
+        self.phrase_ids = tuple(int(i) for i in phrase_ids)
 
     def forward(
         self,
@@ -489,6 +497,9 @@ class WordAttentionLoss(nn.Module):
         weight = excess.amax(-1)  # (R, T): max p - mean p
         for i in self.ignore_ids:
             weight = weight.masked_fill(targets == i, 0.0)
+        if self.phrase_ids:
+            p = phrase_maps(p, targets, self.phrase_ids)
+            excess = (p - p.mean(-1, keepdim=True)).clamp_min(0)
         if self.objective == "evidence":
             # -log of the word's expected probability where the query looks: d/dz_i = a_i - a_i p_i / sum(a p)
             term = -(att * p).sum(-1).clamp_min(1e-12).log()  # (R, T)
@@ -496,6 +507,19 @@ class WordAttentionLoss(nn.Module):
             q = excess / excess.sum(-1, keepdim=True).clamp_min(1e-12)
             term = (q * (q.clamp_min(1e-12).log() - att.clamp_min(1e-12).log())).sum(-1)  # (R, T)
         return (weight * term).sum() / weight.sum().clamp_min(1e-12)
+
+
+def phrase_maps(maps: Tensor, targets: Tensor, phrase_ids: Sequence[int]) -> Tensor:
+    """``maps`` (R, T, L) of the words ``targets`` (R, T), with every maximal run of consecutive targets in
+    ``phrase_ids`` given the product of its words' maps (the same product at each of its positions); other
+    positions keep their own map."""
+    R, T, L = maps.shape
+    inside = torch.isin(targets, torch.as_tensor(list(phrase_ids), device=targets.device, dtype=targets.dtype))
+    start = inside & ~F.pad(inside[:, :-1], (1, 0), value=False)
+    run = (start.long().cumsum(1) * inside)[..., None].expand(R, T, L)  # 1, 2, ... per run; 0 outside
+    logs = maps.clamp_min(1e-12).log() * inside[..., None]
+    sums = maps.new_zeros(R, T + 1, L).scatter_add_(1, run, logs)
+    return torch.where(inside[..., None], sums.gather(1, run).exp(), maps)
 
 
 @torch.no_grad()

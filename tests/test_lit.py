@@ -317,6 +317,30 @@ def test_word_attention_term_pulls_the_decoder_attention_to_the_word_maps(tmp_pa
     assert measured[5.0] < 0.7 * measured[0.0], measured
 
 
+def test_word_attention_phrase_words_are_looked_up_in_the_tokenizer(tmp_path):
+    dm = ShapesDataModule(train_size=16, val_size=8, test_size=8, batch_size=16, num_workers=0, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    kw = dict(preset="mmx_tiny", img_size=64, itm_weight=0.0, word_weight=1.0, **data_linked(dm))
+    with pytest.raises(ValueError, match="attn_word_phrase_words"):
+        MMXAttnModule(attn_word_phrase_words=["red"], **kw)  # without the term it would shape nothing
+    terms = {}
+    from mmxattn.data.shapes_render import COLOURS, SHAPES, SIZES
+
+    attributes = [*SIZES, *COLOURS, *SHAPES]  # "a small red circle": one phrase of three words
+    for words in (None, attributes):
+        torch.manual_seed(0)
+        mod = MMXAttnModule(attn_word_weight=1.0, attn_word_phrase_words=words, **kw)
+        mod.model.tokenizer = dm.tokenizer
+        terms[bool(words)] = mod.compute_losses(batch)[1]["word_attention"].item()
+    assert mod.word_attention.phrase_ids == tuple(dm.tokenizer.vocab.index(w) for w in attributes)
+    assert terms[True] != pytest.approx(terms[False])
+    bad = MMXAttnModule(attn_word_weight=1.0, attn_word_phrase_words=["red", "banana"], **kw)
+    bad.model.tokenizer = dm.tokenizer
+    with pytest.raises(ValueError, match="banana"):
+        bad.compute_losses(batch)
+
+
 def test_attention_entropy_penalty_sharpens_the_decoder_cross_attention(tmp_path):
     """attn_entropy_weight > 0: the term is in the total with its weight, and a few optimizer steps on one batch
     leave the decoder's cross-attention sharper, and its objective lower, than the same steps without it."""

@@ -19,6 +19,7 @@ from mmxattn.losses import (
     ITMLoss,
     MMXAttnLoss,
     WordAttentionLoss,
+    phrase_maps,
     positive_mask,
     sample_hard_negatives,
     text_pos_ids,
@@ -467,8 +468,9 @@ def test_attention_entropy_gradient_sharpens_and_errors():
 # ------------------------------------------------------------------------------------ word-map attention distillation
 
 
-def _word_attention_reference(maps, probs, targets, tii, ignore):
-    """Loop form of WordAttentionLoss: per query, KL(target || attention) weighted by max p - mean p."""
+def _word_attention_reference(maps, probs, targets, tii, ignore, phrase=()):
+    """Loop form of WordAttentionLoss: per query, KL(target || attention) weighted by max p - mean p; a word of a
+    run of ``phrase`` words is taught the product of the run's maps (its weight stays its own)."""
     att = torch.stack([w.mean(1) for w in maps]).mean(0)
     num = den = 0.0
     for r in range(targets.shape[0]):
@@ -477,8 +479,15 @@ def _word_attention_reference(maps, probs, targets, tii, ignore):
             if y in ignore:
                 continue
             p = probs[int(tii[r]), :, y]
-            excess = (p - p.mean()).clamp_min(0)
             w = float(p.max() - p.mean())
+            if y in phrase:
+                s, e = t, t
+                while s > 0 and int(targets[r, s - 1]) in phrase:
+                    s -= 1
+                while e + 1 < targets.shape[1] and int(targets[r, e + 1]) in phrase:
+                    e += 1
+                p = torch.stack([probs[int(tii[r]), :, int(targets[r, k])] for k in range(s, e + 1)]).prod(0)
+            excess = (p - p.mean()).clamp_min(0)
             if w == 0:
                 continue
             q = excess / excess.sum()
@@ -505,6 +514,31 @@ def test_word_attention_loss_matches_a_loop_reference_and_reads_each_rows_image(
     swapped = WordAttentionLoss(ignore_ids=(0,))(maps, probs.flip(0), targets, tii)
     assert abs(swapped.item() - out.item()) > 1e-3
     torch.testing.assert_close(WordAttentionLoss(ignore_ids=(0,))(maps, probs.flip(0), targets, 1 - tii), out)
+
+
+def test_word_attention_phrases_are_taught_the_product_of_their_words_maps():
+    g = torch.Generator().manual_seed(4)
+    B, r, T, L, V = 2, 2, 7, 6, 9
+    probs = torch.rand(B, L, V, generator=g) * 0.9 + 0.05
+    targets = torch.tensor([[3, 5, 6, 1, 5, 2, 0], [5, 1, 6, 6, 5, 3, 4], [1, 2, 3, 5, 5, 5, 0], [6, 1, 1, 6, 5, 7, 8]])
+    tii = torch.arange(B).repeat_interleave(r)
+    maps = [torch.randn(B * r, 2, T, L, generator=g).softmax(-1)]
+    phrase = (5, 6)
+    for objective in ("map", "evidence"):
+        plain = WordAttentionLoss(ignore_ids=(0,), objective=objective)(maps, probs, targets, tii)
+        out = WordAttentionLoss(ignore_ids=(0,), objective=objective, phrase_ids=phrase)(maps, probs, targets, tii)
+        assert abs(out.item() - plain.item()) > 1e-4
+    out = WordAttentionLoss(ignore_ids=(0,), phrase_ids=phrase)(maps, probs, targets, tii)
+    ref = _word_attention_reference(maps, probs, targets, tii, {0}, phrase=set(phrase))
+    assert out.item() == pytest.approx(ref, rel=1e-5)
+    # "red" lights both red objects, "circle" both circles: the phrase's map is on the red circle alone
+    red, circle = torch.tensor([0.9, 0.9, 0.1, 0.1]), torch.tensor([0.1, 0.9, 0.9, 0.1])
+    words = torch.stack([red, circle, torch.full((4,), 0.5)], 1)  # (L, 3): ids 0, 1 and a function word 2
+    m = phrase_maps(words[None, :, torch.tensor([2, 0, 1, 2])].transpose(1, 2), torch.tensor([[2, 0, 1, 2]]), (0, 1))
+    torch.testing.assert_close(m[0, 1], red * circle)
+    torch.testing.assert_close(m[0, 2], red * circle)
+    torch.testing.assert_close(m[0, 0], torch.full((4,), 0.5))
+    assert int(m[0, 1].argmax()) == 1
 
 
 def test_word_attention_loss_is_zero_at_the_target_and_ignores_flat_words_and_pads():

@@ -95,6 +95,10 @@ class MMXAttnModule(pl.LightningModule):
         attn_word_objective: "map" (the KL divergence from the word head's map to the attention) or "evidence"
             (minus the log of the word head's probability of the word where the query looks); see
             :class:`~mmxattn.losses.WordAttentionLoss`.
+        attn_word_phrase_words: words that make up object phrases (sizes, colours, shape names...): each run of
+            them in a caption is a phrase whose queries are taught the product of its words' maps (see
+            :class:`~mmxattn.losses.WordAttentionLoss` ``phrase_ids``). Each must be one token of the model's
+            tokenizer. None: every word its own map.
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
         rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
@@ -173,6 +177,7 @@ class MMXAttnModule(pl.LightningModule):
         word_context: bool = False,
         attn_word_weight: float = 0.0,
         attn_word_objective: str = "map",
+        attn_word_phrase_words: list[str] | None = None,
         nonfinite: str = "stop",
         rerank: int = 10,
         rerank_with: str = "itm",
@@ -232,6 +237,8 @@ class MMXAttnModule(pl.LightningModule):
             )
         if attn_word_objective not in ("map", "evidence"):
             raise ValueError(f"attn_word_objective must be 'map' or 'evidence', got {attn_word_objective!r}")
+        if attn_word_phrase_words and attn_word_weight <= 0:
+            raise ValueError("attn_word_phrase_words needs attn_word_weight > 0 (it shapes that term's targets)")
         if word_only_schedule not in ("shared", "restart"):
             raise ValueError(f"word_only_schedule must be 'shared' or 'restart', got {word_only_schedule!r}")
         self.model = create_model(preset, text=text, vision=vision, **rest)
@@ -355,6 +362,8 @@ class MMXAttnModule(pl.LightningModule):
             probs = out.word_probs
             if probs is None:
                 probs = self.model.word_probs_per_image_token(out.word_tokens, images)
+            if self.hparams.get("attn_word_phrase_words") and not self.word_attention.phrase_ids:
+                self.word_attention.phrase_ids = self._phrase_ids(self.hparams.attn_word_phrase_words)
             losses["word_attention"] = self.word_attention(word_maps, probs, ids[:, 1:], tii)
             loss = loss + self.hparams.attn_word_weight * losses["word_attention"]
         if word_only:  # distributed: every parameter DDP expects gets a (zero) gradient from the other terms
@@ -501,6 +510,19 @@ class MMXAttnModule(pl.LightningModule):
                     f"{summary.get('examples', [])[:3]}"
                 )
             self.log("data/skipped", float(summary.get("n_skipped", 0)), sync_dist=True, reduce_fx="sum")
+
+    def _phrase_ids(self, words: list[str]) -> tuple[int, ...]:
+        """Token ids of ``attn_word_phrase_words`` in the model's tokenizer (looked up when first needed: setup
+        may replace the tokenizer with the data's)."""
+        tok = self.model.tokenizer
+        vocab = list(getattr(tok, "vocab", None) or [])
+        missing = [w for w in words if w not in vocab]
+        if missing:
+            raise ValueError(
+                f"attn_word_phrase_words: {missing} are not single tokens of the tokenizer "
+                f"({type(tok).__name__}, {len(vocab)} words)"
+            )
+        return tuple(vocab.index(w) for w in words)
 
     # ------------------------------------------------------------------ evaluation
     def _make_evaluator(self, test: bool) -> EvalAccumulator:
