@@ -72,6 +72,12 @@ def test_tensorboard_config_composes(tmp_path, monkeypatch):
     assert hp.attn_word_weight > 0 and cli.model._grounding_attn == [
         f"decoder.blocks.{i}.cross_attn" for i in range(n_dec)
     ]
+    # taught per phrase: every size, colour and shape word (singular and plural) of the generator is a phrase word
+    from mmxattn.data.shapes_render import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
+
+    assert sorted(hp.attn_word_phrase_words) == sorted([*SIZES, *COLOURS, *SHAPES, *SHAPE_PLURALS])
+    ids = cli.model._phrase_ids(hp.attn_word_phrase_words)  # each is one token of the data's tokenizer
+    assert len(set(ids)) == len(hp.attn_word_phrase_words)
 
 
 def _tiny_fit(
@@ -322,8 +328,10 @@ def test_word_attention_phrase_words_are_looked_up_in_the_tokenizer(tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     kw = dict(preset="mmx_tiny", img_size=64, itm_weight=0.0, word_weight=1.0, **data_linked(dm))
-    with pytest.raises(ValueError, match="attn_word_phrase_words"):
-        MMXAttnModule(attn_word_phrase_words=["red"], **kw)  # without the term it would shape nothing
+    with pytest.warns(UserWarning, match="attn_word_phrase_words is ignored"):
+        off = MMXAttnModule(attn_word_phrase_words=["red", "banana"], **kw)  # without the term it shapes nothing
+    off.model.tokenizer = dm.tokenizer
+    assert "word_attention" not in off.compute_losses(batch)[1]  # and is never looked up ("banana" raises below)
     terms = {}
     from mmxattn.data.shapes_render import COLOURS, SHAPES, SIZES
 

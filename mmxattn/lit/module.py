@@ -98,7 +98,7 @@ class MMXAttnModule(pl.LightningModule):
         attn_word_phrase_words: words that make up object phrases (sizes, colours, shape names...): each run of
             them in a caption is a phrase whose queries are taught the product of its words' maps (see
             :class:`~mmxattn.losses.WordAttentionLoss` ``phrase_ids``). Each must be one token of the model's
-            tokenizer. None: every word its own map.
+            tokenizer. None: every word its own map. Ignored (with a warning) when ``attn_word_weight`` is 0.
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
         rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
         gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
@@ -238,7 +238,12 @@ class MMXAttnModule(pl.LightningModule):
         if attn_word_objective not in ("map", "evidence"):
             raise ValueError(f"attn_word_objective must be 'map' or 'evidence', got {attn_word_objective!r}")
         if attn_word_phrase_words and attn_word_weight <= 0:
-            raise ValueError("attn_word_phrase_words needs attn_word_weight > 0 (it shapes that term's targets)")
+            # an ablation of the term (--model.attn_word_weight 0 on configs/shapes.yaml) should not need a 2nd flag
+            warnings.warn(
+                "attn_word_phrase_words is ignored: it shapes the targets of the word-attention term, which "
+                f"attn_word_weight={attn_word_weight} turns off",
+                stacklevel=2,
+            )
         if word_only_schedule not in ("shared", "restart"):
             raise ValueError(f"word_only_schedule must be 'shared' or 'restart', got {word_only_schedule!r}")
         self.model = create_model(preset, text=text, vision=vision, **rest)
