@@ -145,10 +145,11 @@ class EvalAccumulator:
                 }
             )
 
-    def _hits(self, batch, tokens, states, image_index, groundings) -> list[tuple[int, int, int, int]]:
-        """Per image (hits, total, near misses, misses on another object) over every (word, object) pair with a box
-        (see :func:`~mmxattn.metrics.grounding_misses`). ``states``: text states of caption
-        rows ordered by image (``image_index``); ``groundings``: per image, per row, [(token positions, object)]."""
+    def _hits(self, batch, tokens, states, image_index, groundings) -> list[tuple[int, ...]]:
+        """Per image (hits, total, near misses, misses on another object, hits on a phrase's first word, first
+        words) over every (word, object) pair with a box (see :func:`~mmxattn.metrics.grounding_misses`).
+        ``states``: text states of caption rows ordered by image (``image_index``); ``groundings``: per image, per
+        row, [(token positions, object)]."""
         m = self.model
         with capture_attention(m, which=self.grounding_names) as maps:
             m.decoder(states[:, :-1], tokens, image_index=image_index)  # teacher-forced over every row
@@ -162,15 +163,16 @@ class EvalAccumulator:
         ref_base = 0
         for i, per_ref in enumerate(groundings):
             boxes_i = torch.as_tensor(batch["boxes"][i], dtype=torch.float32).reshape(-1, 4)
-            rows, boxes, others = [], [], []
+            rows, boxes, others, first = [], [], [], []
             for r, pairs in enumerate(per_ref):
                 # a phrase lists one pair per object it may truthfully name: a hit on any of them counts
                 phrase: dict[tuple[int, ...], list[int]] = {}
                 for positions, obj in pairs:
                     phrase.setdefault(tuple(positions), []).append(int(obj))
                 for positions, objs in phrase.items():
-                    for p in positions:
+                    for j, p in enumerate(positions):
                         if 1 <= p <= att.shape[1]:
+                            first.append(j == 0)
                             rows.append(att[ref_base + r, p - 1])
                             boxes.append(boxes_i[objs])
                             others.append(boxes_i[[k for k in range(len(boxes_i)) if k not in objs]])
@@ -179,9 +181,19 @@ class EvalAccumulator:
                 maps = token_heatmap(torch.stack(rows), grids)
                 hit = grounding_hits_any(maps, boxes, (H, W))
                 near, other = grounding_misses(maps, boxes, others, (H, W))
-                out.append((int(hit.sum()), len(rows), int(near.sum()), int(other.sum())))
+                is_first = torch.tensor(first, dtype=torch.bool)
+                out.append(
+                    (
+                        int(hit.sum()),
+                        len(rows),
+                        int(near.sum()),
+                        int(other.sum()),
+                        int((hit & is_first).sum()),
+                        int(is_first.sum()),
+                    )
+                )
             else:
-                out.append((0, 0, 0, 0))
+                out.append((0, 0, 0, 0, 0, 0))
         return out
 
     # ------------------------------------------------------------------ whole set
@@ -227,6 +239,12 @@ class EvalAccumulator:
             # centre (resolution), another object (binding), the rest on the background
             out["grounding_near" + suffix] = sum(x[2] for x in g) / total if total else None
             out["grounding_other" + suffix] = sum(x[3] for x in g) / total if total else None
+            # by the word's place in its phrase: the query that predicts a phrase's first word has not yet read
+            # which object the caption names (a reference's choice it cannot know); later words' queries have
+            n_first = sum(x[5] for x in g)
+            out["grounding_acc_first" + suffix] = sum(x[4] for x in g) / n_first if n_first else None
+            n_later = total - n_first
+            out["grounding_acc_later" + suffix] = sum(x[0] - x[4] for x in g) / n_later if n_later else None
         out.update(caption_check_metrics([r["check"] for r in recs if r["checked"]]))
         return out
 

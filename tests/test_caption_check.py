@@ -131,6 +131,14 @@ def test_evaluator_scores_the_generated_captions_against_the_scene(tmp_path):
     for key in ("grounding_acc", "grounding_near", "grounding_other"):
         assert out[key + "_gen"] == pytest.approx(out[key])
     assert out["grounding_acc"] + out["grounding_near"] + out["grounding_other"] <= 1.0
+    # by place in the phrase: first words counted from the batch's own groundings, the two parts make the whole
+    n_first = sum(len({tuple(pos) for pos, _ in row}) for per_image in batch["groundings"] for row in per_image)
+    n = out["grounding_n"]
+    assert 0 < n_first < n and out["grounding_acc_first"] != pytest.approx(out["grounding_acc_later"])
+    assert out["grounding_acc_first"] * n_first + out["grounding_acc_later"] * (n - n_first) == pytest.approx(
+        out["grounding_acc"] * n
+    )
+    assert out["grounding_acc_first_gen"] == pytest.approx(out["grounding_acc_first"])
     # the next image's reference, and garble for the last: fit decided by the generator's own meanings
     shifted = refs[1:] + ["circle circle circle"]
     truth = [caption_fits(ds.annotation((i + 1) % 12).captions[0].meaning, ds.scene(i)) for i in range(11)]
