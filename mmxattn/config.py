@@ -158,6 +158,12 @@ class MMXAttnConfig:
     # data the word head learns shapes that the captioner's attention does not (README, "What the shapes models
     # know"). Its cost grows with the vocabulary (a (B, L, V) product per image): meant for small vocabularies.
     word_context: bool = False
+    # What word_context's Linear reads of each probability p: "prob" (p itself) or "logprob" (max(log p, -8) / 8 + 1,
+    # also in [0, 1]: 1 where the head is sure, 0 below e^-8). Attention logits are linear in what the tokens carry,
+    # so with "logprob" a query can weigh several words' log-probabilities and attend in proportion to a PRODUCT
+    # of their maps ("small" x "red" x "circle": where one object is all three), which a sum of probabilities
+    # only approximates.
+    word_context_input: str = "prob"
     # "cat" (the project's CAT encoder) or an adapter spec "timm:<model name>" / "open_clip:<model name>"
     vision_backend: str = "cat"
     vision_pretrained: str | None = None  # local file path (or hub tag, for users with a network)
@@ -193,6 +199,8 @@ class MMXAttnConfig:
                     )
         if self.word_context and not self.word_head:
             raise _err(n, "word_context=True needs word_head=True (the context is the word head's probabilities)")
+        if self.word_context_input not in ("prob", "logprob"):
+            raise _err(n, f"word_context_input must be 'prob' or 'logprob', got {self.word_context_input!r}")
         if self.embed_dim < 1:
             raise _err(n, f"embed_dim must be positive, got {self.embed_dim}")
         if self.max_logit_scale <= 0 or math.exp(self.init_logit_scale) > self.max_logit_scale:

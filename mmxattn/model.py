@@ -220,8 +220,16 @@ class MMXAttn(nn.Module):
             word_tokens = image_tokens if ws is None else feats[(self.stages + extra).index(ws)]
         if self.word_context is not None:
             probs = self.word_probs_per_image_token(word_tokens, images)
-            image_tokens = image_tokens + self.word_context(probs)
+            image_tokens = image_tokens + self.word_context(self._context_input(probs))
         return image_tokens, word_tokens, probs
+
+    _LOG_FLOOR = 8.0  # word_context_input "logprob": log-probabilities below -8 read as 0
+
+    def _context_input(self, probs: Tensor) -> Tensor:
+        """What ``word_context`` reads of the word head's probabilities (``MMXAttnConfig.word_context_input``)."""
+        if self.cfg.word_context_input == "logprob":
+            return probs.clamp_min(1e-30).log().clamp_min(-self._LOG_FLOOR) / self._LOG_FLOOR + 1.0
+        return probs
 
     def word_probs_per_image_token(self, word_tokens: Tensor, images: Tensor) -> Tensor:
         """The word head's probabilities (B, L, V) at every image token the decoder reads, detached, from the word

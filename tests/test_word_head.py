@@ -1,6 +1,8 @@
 """The word-presence head and its multiple-instance loss: against a loop reference, the gradient's selection, the
 column sampling of large vocabularies, the training module's ``word_weight`` and ``MMXAttn.word_maps``."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -297,3 +299,35 @@ def test_word_context_adds_what_the_word_head_sees_to_every_image_token(shapes_b
         p1 = p2.reshape(3, 4, 4, v).repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(3, 64, v)
         want = deep._project(feats, images) + torch.cat([p1, p2], 1) @ deep.word_context.weight.T
         torch.testing.assert_close(deep.encode_image_tokens(images), want)
+
+
+def test_word_context_logprob_input_lets_attention_logits_sum_log_probabilities(shapes_batch, tmp_path):
+    """``word_context_input="logprob"``: the context's Linear reads max(log p, -8) / 8 + 1 instead of p (so an
+    attention logit linear in it is a weighted sum of log-probabilities: a product of maps); the probabilities the
+    model returns (the word-attention teacher's) are unchanged; the choice is saved with the model."""
+    dm, batch = shapes_batch
+    text = data_linked(dm)
+    with pytest.raises(ValueError, match="word_context_input"):
+        mmxattn.create_model("mmx_tiny", word_head=True, word_context=True, word_context_input="log", text=text)
+    kw = dict(word_head=True, word_head_stage=0, word_context=True, img_size=64, text=text)
+    torch.manual_seed(0)
+    prob = mmxattn.create_model("mmx_tiny", **kw).eval()
+    logp = mmxattn.create_model("mmx_tiny", word_context_input="logprob", **kw).eval()
+    logp.load_state_dict(prob.state_dict())
+    p = torch.tensor([1.0, math.exp(-2.0), math.exp(-4.0), math.exp(-8.0), 1e-9, 0.0])
+    torch.testing.assert_close(logp._context_input(p), torch.tensor([1.0, 0.75, 0.5, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(prob._context_input(p), p)
+    images, ids = batch["images"][:3], batch["ids"][:3]
+    with torch.no_grad():
+        torch.nn.init.normal_(prob.word_context.weight, std=0.5)
+        logp.word_context.weight.copy_(prob.word_context.weight)
+        base = prob._project(prob._stage_features(images, prob.stages), images)
+        probs = prob.word_probs_per_image_token(prob.encode_word_tokens(images), images)
+        feat = probs.log().clamp_min(-8.0) / 8.0 + 1.0
+        torch.testing.assert_close(logp.encode_image_tokens(images), base + feat @ logp.word_context.weight.T)
+        assert not torch.allclose(logp.encode_image_tokens(images), prob.encode_image_tokens(images))
+        torch.testing.assert_close(logp(images, ids).word_probs, prob(images, ids).word_probs)
+    again = mmxattn.load(mmxattn.export(logp, tmp_path / "m")).eval()
+    assert again.cfg.word_context_input == "logprob"
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image_tokens(images), logp.encode_image_tokens(images))
