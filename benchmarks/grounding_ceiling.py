@@ -20,8 +20,8 @@ the object's box), so the real ceiling of an 8 x 8 attention map is a little low
     python benchmarks/grounding_ceiling.py [--samples 100,400,1600] [--images 1000] [--json]
 
 Prints, per sample count, the estimate over all grounded words and split as ``grounding_acc_first`` /
-``grounding_acc_later`` split them (first word of a phrase / later words), next to what the model's evaluation
-reports. The last line with ``--json`` is one JSON object.
+``grounding_acc_later`` split them (first word of a phrase / later words): compare them with the ``TEST METRICS``
+line of a main-job run. The last line with ``--json`` is one JSON object.
 """
 
 from __future__ import annotations
