@@ -151,8 +151,8 @@ def main_job_overrides(path: str = _SHAPES_YAML) -> dict[str, Any]:
 
 def main_job_word_phase(path: str = _SHAPES_YAML) -> dict[str, Any]:
     """configs/shapes.yaml's word head (``word_weight``, ``word_head_stage``, ``word_context``,
-    ``word_only_schedule``, ``attn_word_weight``, ``attn_word_objective``, ``attn_word_phrase_words``) and ``word_ratio``: its word-only steps
-    per joint step (``word_only_steps`` over the rest of ``max_epochs`` epochs of ``train_size // batch_size``
+    ``word_only_schedule``, ``attn_word_weight``, ``attn_word_objective``, ``attn_word_phrase_words``) and
+    ``word_ratio``: its word-only steps per joint step (``word_only_steps`` over the rest of ``max_epochs`` epochs of ``train_size // batch_size``
     steps). Empty when the main job has no word head."""
     cfg = _main_job_config(path)
     model = cfg.get("model") or {}
