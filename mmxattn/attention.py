@@ -7,8 +7,9 @@ text-to-image cross-attention, the attentional pooler) is an :class:`Attention`.
 * eager: the readable reference ``softmax(q k^T * scale + bias + mask) @ v``, which is also the only path that can
   hand out the post-softmax weights (see :mod:`mmxattn.capture`).
 
-No-grad calls on the CPU over few scores (CAT's windows, short text batches) take the eager path even when fusion
-is on: SDPA's CPU kernel is slower for such small problems.
+Calls on the CPU over few keys (CAT's windows, short text batches, the decoder reading an image's tokens), with or
+without autograd, take the eager path even when fusion is on: SDPA's CPU kernel is slower for such small problems
+(:func:`set_small_cpu_eager`).
 
 The eager path is used when :func:`set_fused_attention` turned fusion off, when the environment variable
 ``MMXATTN_EAGER_ATTENTION=1`` is set at import, inside :func:`eager_attention`, or while a module is being captured.
@@ -33,6 +34,7 @@ __all__ = [
     "eager_attention",
     "fused_attention_enabled",
     "set_fused_attention",
+    "set_small_cpu_eager",
 ]
 
 _FUSED = os.environ.get("MMXATTN_EAGER_ATTENTION", "0").lower() not in ("1", "true", "yes")
@@ -221,7 +223,7 @@ class Attention(nn.Module):
             out, weights = _eager(q, k, v, self.scale, None, None, dropout_p)
             S = k.shape[2]  # (N, nh, r*L, S) -> (B, nh, L, S): row r*j + i is caption i of context row j
             recorder(weights.view(N, self.num_heads, repeats, L, S).transpose(1, 2).reshape(B, self.num_heads, L, S))
-        elif _small_cpu_inference(q, k.shape[2], dropout_p):
+        elif _small_cpu_problem(q, k.shape[2], dropout_p):
             out, _ = _eager(q, k, v, self.scale, None, None, dropout_p)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
@@ -327,7 +329,7 @@ class Attention(nn.Module):
                 blocked = causal if blocked is None else (blocked | causal)
 
         dropout_p = self.attn_drop if self.training else 0.0
-        if self._recorder is None and _FUSED and not _small_cpu_inference(q, S, dropout_p):
+        if self._recorder is None and _FUSED and not _small_cpu_problem(q, S, dropout_p):
             mask = None
             if blocked is not None or attn_bias is not None:
                 mask = _additive_mask(blocked, attn_bias, q.dtype)
@@ -359,25 +361,41 @@ def uniform_repeats(index: Tensor | None, n: int) -> Tensor | int | None:
     return index
 
 
-# No-grad attention on the CPU over few scores: the eager path (two matmuls, in-place updates) beats SDPA's CPU
-# flash kernel there, whose blocking overhead dominates small problems (measured on 2 cores, time / SDPA's, two
-# runs: CAT-T's IPSA windows 0.71-0.92 (49 tokens, 1.2-2.5M scores), its CPSA rows 0.75-0.94, 24-token causal text
-# batches 0.53-0.6 (1-2.3M scores), 24x80 cross-attention 0.67-0.84 (3.8M); CAT-T's eval forward at 224 px 1-4%
-# faster in all). At 9.8M scores (IPSA, batch 32) the score tensor leaves the cache: SDPA won there in one run
-# (eager 1.5x) and lost in the other (0.81), so the bound stays below it. One-query decoding steps stay on SDPA.
-# Training and GPUs are unaffected.
-_SMALL_CPU_SCORES = 4_000_000
+# Attention on the CPU over few keys: the eager path (two matmuls, in-place updates) beats SDPA's CPU flash kernel
+# there, whose blocking overhead dominates small problems.
+# * No grad (measured on 2 cores, time / SDPA's, two runs): CAT-T's IPSA windows 0.71-0.92 (49 tokens, 1.2-2.5M
+#   scores), its CPSA rows 0.75-0.94, 24-token causal text batches 0.53-0.6 (1-2.3M scores), 24x80 cross-attention
+#   0.67-0.84 (3.8M); CAT-T's eval forward at 224 px 1-4% faster in all. At 9.8M scores (IPSA, batch 32) the score
+#   tensor leaves the cache: SDPA won there in two runs of four (eager 1.09-1.5x) and lost in the others (0.79-0.81),
+#   and at 19.6M it won (1.43), so the bound stays below 9.8M; at 4.2-4.9M (CAT-T's stage 0 at batch 16) the eager
+#   math took 0.71-0.73 of SDPA's time (benchmarks/attention_paths.py, twentieth session). Over 256 keys it lost
+#   even at 4.2M scores (CAT-T's CPSA rows at 448 px, batch 1: 1.8-2.6x SDPA's time), hence the key bound below.
+# * Training (forward + backward, twentieth session, median of 15): CAT-T's IPSA windows at batch 16 0.62 (stage 0)
+#   to 0.88, its CPSA rows 0.42-0.84, the shapes job's windows 0.62-0.93, its 23-token causal text 0.46 and its
+#   69x80 grouped cross-attention 0.56; 128 keys 0.75-0.92. From ~200 keys on SDPA wins (197-token ViT-S 1.12, 245
+#   keys 1.12, causal 256 1.12, 1024 2.5), so the rule is on the key count (both modes); eager also keeps the
+#   post-softmax weights for backward (4 bytes a score), hence the bound on scores.
+# One-query decoding steps stay on SDPA; GPUs are unaffected. set_small_cpu_eager(False) (or
+# MMXATTN_SMALL_CPU_EAGER=0) sends every fused call to SDPA.
+_SMALL_CPU_SCORES = 8_000_000
+_SMALL_CPU_KEYS = 128
+_SMALL_CPU_TRAIN_SCORES = 16_000_000
+_SMALL_CPU_EAGER = os.environ.get("MMXATTN_SMALL_CPU_EAGER", "1").lower() not in ("0", "false", "no")
 
 
-def _small_cpu_inference(q: Tensor, S: int, dropout_p: float) -> bool:
+def set_small_cpu_eager(enabled: bool) -> bool:
+    """Let small CPU attention problems take the eager math instead of SDPA (the default; faster there, same result
+    to rounding) or send every fused call to SDPA. Returns the previous setting."""
+    global _SMALL_CPU_EAGER
+    old, _SMALL_CPU_EAGER = _SMALL_CPU_EAGER, bool(enabled)
+    return old
+
+
+def _small_cpu_problem(q: Tensor, S: int, dropout_p: float) -> bool:
     B, nh, L, _ = q.shape
-    return (
-        q.device.type == "cpu"
-        and not torch.is_grad_enabled()
-        and dropout_p == 0.0
-        and L > 1
-        and B * nh * L * S <= _SMALL_CPU_SCORES
-    )
+    if not (_SMALL_CPU_EAGER and q.device.type == "cpu" and dropout_p == 0.0 and L > 1 and S <= _SMALL_CPU_KEYS):
+        return False
+    return B * nh * L * S <= (_SMALL_CPU_TRAIN_SCORES if torch.is_grad_enabled() else _SMALL_CPU_SCORES)
 
 
 def _additive_mask(blocked: Tensor | None, bias: Tensor | None, dtype: torch.dtype) -> Tensor:

@@ -1,5 +1,7 @@
 """The attention primitive: fused == eager, and both == torch.nn.MultiheadAttention given the same weights."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -11,14 +13,26 @@ from mmxattn.attention import (
     eager_attention,
     fused_attention_enabled,
     set_fused_attention,
+    set_small_cpu_eager,
 )
+
+
+@contextlib.contextmanager
+def sdpa_only():
+    """Every fused call goes to SDPA, also the small CPU problems that would otherwise take the eager math."""
+    old = set_small_cpu_eager(False)
+    try:
+        yield
+    finally:
+        set_small_cpu_eager(old)
 
 
 def _run(attn: Attention, *args, eager: bool, **kw) -> torch.Tensor:
     if eager:
         with eager_attention():
             return attn(*args, **kw)
-    return attn(*args, **kw)
+    with sdpa_only():
+        return attn(*args, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +87,7 @@ def test_small_cpu_no_grad_path_equals_sdpa_and_skips_it(cross, case, monkeypatc
         kw["key_padding_mask"] = kpm
     if case in ("bias", "all"):
         kw["attn_bias"] = torch.randn(H, L, S)
-    sdpa_out = attn(*args, **kw)  # autograd on: the SDPA path
+    sdpa_out = _run(attn, *args, eager=False, **kw)
     eager_out = _run(attn, *args, eager=True, **kw)
 
     calls = []
@@ -92,7 +106,73 @@ def test_small_cpu_no_grad_path_equals_sdpa_and_skips_it(cross, case, monkeypatc
         attn(x[:, :1], *args[1:])  # one query (a decoding step)
         monkeypatch.setattr(attention_module, "_SMALL_CPU_SCORES", B * H * L * S - 1)  # too many scores
         attn(*args, **kw)
-    assert calls == [1, 1]
+        monkeypatch.setattr(attention_module, "_SMALL_CPU_SCORES", B * H * L * S)
+        monkeypatch.setattr(attention_module, "_SMALL_CPU_KEYS", S - 1)  # too many keys
+        attn(*args, **kw)
+    assert calls == [1, 1, 1]
+
+
+@pytest.mark.parametrize("cross", [False, True, "grouped"])
+@pytest.mark.parametrize("case", ["plain", "causal", "padding", "bias", "all"])
+def test_small_cpu_training_path_equals_sdpa_in_values_and_gradients(cross, case, monkeypatch):
+    """With autograd on, CPU attention over few keys takes the eager math too (SDPA's CPU kernel is slower in
+    forward + backward there): output and every gradient (queries, context, bias, weights) must be SDPA's, and
+    many keys, many scores or the switch send it back to SDPA."""
+    import mmxattn.attention as attention_module
+
+    B, L, S, D, H = 4, 7, 9 if cross else 7, 32, 4
+    attn = Attention(D, H, kv_dim=24 if cross else None).train()
+    x = torch.randn(B, L, D)
+    ctx = torch.randn(B // 2 if cross == "grouped" else B, S, 24) if cross else None
+    kw = {}
+    if cross == "grouped":
+        kw["context_index"] = 2
+    if case in ("causal", "all") and not cross:
+        kw["is_causal"] = True
+    if case in ("padding", "all") and cross != "grouped":  # the grouped block takes no masks
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[0, -2:] = True
+        # key 0 stays visible: a query row that sees no key has a constant output, which the eager math gives a
+        # zero gradient and SDPA (its finite "minus infinity" absorbs the scores) a spurious one
+        kpm[2, 1:4] = True
+        kw["key_padding_mask"] = kpm
+    bias = torch.randn(H, L, S) if case in ("bias", "all") and cross != "grouped" else None
+    g = torch.randn(B, L, D)
+
+    def fwd_bwd() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        attn.zero_grad()
+        leaves = [t.clone().requires_grad_(True) for t in (x, ctx, bias) if t is not None]
+        it = iter(leaves)
+        xx = next(it)
+        cc = next(it) if ctx is not None else None
+        bb = next(it) if bias is not None else None
+        args = (xx, cc) if cross else (xx,)
+        out = attn(*args, attn_bias=bb, **kw)
+        out.backward(g)
+        return out.detach(), [t.grad for t in leaves] + [p.grad.clone() for p in attn.parameters()]
+
+    calls = []
+    sdpa = attention_module.F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention_module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    with sdpa_only():
+        ref_out, ref_grads = fwd_bwd()
+    assert len(calls) == 1
+    out, grads = fwd_bwd()
+    assert len(calls) == 1  # the eager math ran
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(ref_grads)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert any(float(t.abs().sum()) > 0 for t in grads)
+
+    monkeypatch.setattr(attention_module, "_SMALL_CPU_KEYS", S - 1)  # too many keys
+    fwd_bwd()
+    monkeypatch.setattr(attention_module, "_SMALL_CPU_KEYS", S)
+    monkeypatch.setattr(attention_module, "_SMALL_CPU_TRAIN_SCORES", B * H * L * S - 1)  # too many scores
+    fwd_bwd()
+    assert len(calls) == 3
 
 
 def _copy_to_mha(attn: Attention, mha: nn.MultiheadAttention, cross: bool) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import mmxattn
+import mmxattn.attention as attention_module
 from mmxattn.presets import create_encoder
 from mmxattn.vision import cat as cat_module
 from mmxattn.vision import windows
@@ -39,8 +40,10 @@ def micro(fixture) -> CATEncoder:
 
 # ---- the official model ------------------------------------------------------------------------------------------
 @needs_ref
-@pytest.mark.parametrize("path", ["fused", "eager", "no_onednn", "sliced"])
+@pytest.mark.parametrize("path", ["fused", "sdpa", "eager", "no_onednn", "sliced"])
 def test_matches_official_fixture(micro, fixture, path, monkeypatch):
+    if path == "sdpa":  # every attention through SDPA (small CPU problems otherwise take the eager math)
+        monkeypatch.setattr(attention_module, "_SMALL_CPU_EAGER", False)
     if path == "no_onednn":
         monkeypatch.setattr(windows, "_ONEDNN", False)
     if path == "sliced":  # memory-saving inference: every block of every stage runs slice by slice

@@ -5,6 +5,7 @@ the context, in outputs, gradients and captured attention weights."""
 import pytest
 import torch
 
+import mmxattn.attention as attention_module
 from mmxattn.attention import Attention, uniform_repeats
 from mmxattn.capture import capture_attention
 from mmxattn.text.towers import MultimodalDecoder
@@ -87,6 +88,7 @@ def test_decoder_takes_the_grouped_path_and_captures_per_caption_maps(monkeypatc
         return sdpa(q, k, v, *a, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    monkeypatch.setattr(attention_module, "_SMALL_CPU_EAGER", False)  # SDPA, not the small problems' eager math
     grouped = dec(x, img, image_index=idx)
     assert seen == [N]  # keys/values projected once per image
     # each cross-attention ran one block of r * T queries per image (self-attention: one row per caption)
