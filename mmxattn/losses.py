@@ -357,7 +357,7 @@ class WordPresenceLoss(nn.Module):
 
     Why a maximum: on the shapes data a transformer encoder read by averaging (mean pooling, attention pooling,
     the decoder's cross-attention early in training) did not learn object shape in hundreds to thousands of steps,
-    while the same encoder read by a maximum over its tokens learnt it in about 200 (README, "What the shapes
+    while the same encoder read by a maximum over its tokens learnt it in about 200 (docs/benchmarks.md, "What the shapes
     models know"). Tokens are scored before they are pooled, so the loss needs the word head itself.
 
     Args:
@@ -435,7 +435,7 @@ class WordAttentionLoss(nn.Module):
     It is the distillation of a captioner's word-to-region attention from a weakly supervised word-region model
     of Zhou et al. 2020 ("More Grounded Image Captioning by Distilling Image-Text Matching Model"), with the
     word head's multiple-instance maps as the teacher. Why here: on the shapes data the word head's own maps peak
-    on the named object more often than the decoder's attention does. Measured in the main job (README, "What the
+    on the named object more often than the decoder's attention does. Measured in the main job (docs/benchmarks.md, "What the
     shapes models know"): with ``objective="map"`` at weight 1 every retrieval metric and CIDEr rose on three
     seeds (means: i2t R@1 0.37 -> 0.41, CIDEr 1.76 -> 1.89) while grounding hardly moved (0.50 -> 0.52): the
     query that predicts a phrase's first word cannot know which object the reference names.
@@ -444,7 +444,7 @@ class WordAttentionLoss(nn.Module):
     consecutive such targets is one phrase, and each of its queries is taught the PRODUCT of the maps of all the
     phrase's words ("red" x "circle": the red circle, where "circle" alone lights up every circle); its weight
     stays its own word's. On the main job's model the product peaks on the named object for 0.77 of the object
-    words, the single word's map for 0.63 (README, "What the shapes models know").
+    words, the single word's map for 0.63 (docs/benchmarks.md, "What the shapes models know").
 
     Args:
         ignore_ids: target ids that never count (pad, bos, eos).

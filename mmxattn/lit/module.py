@@ -61,8 +61,8 @@ class MMXAttnModule(pl.LightningModule):
             :class:`~mmxattn.losses.AttentionEntropyLoss` (``diversity=attn_diversity``) of the decoder's
             cross-attention (heads averaged, queries that predict a caption token): it pushes the decoder to read
             each word from few image places, varying with the image, rather than from the image's average. Off by
-            default: on the shapes data it made the maps sharp but not better grounded, and cost CIDEr (README,
-            "What the shapes models know"). Those layers run the eager attention path in training; no compile.
+            default: on the shapes data it made the maps sharp but not better grounded, and cost CIDEr
+            (docs/benchmarks.md, "What the shapes models know"). Those layers run the eager attention path in training; no compile.
         word_weight: > 0 builds the model's word head (``MMXAttnConfig.word_head``) and adds ``word_weight`` times
             :class:`~mmxattn.losses.WordPresenceLoss`: every image token scores every word, the image's best
             token per word is compared with the words of its captions. A readout that selects (a maximum over
@@ -82,7 +82,7 @@ class MMXAttnModule(pl.LightningModule):
             ``image_stages``) instead of the projected image tokens (``MMXAttnConfig.word_head_stage``); needs
             ``word_weight > 0``. With ``word_only_steps`` only the encoder up to that stage runs in that phase. On
             the shapes data the stage-0 tokens of a conv-stem encoder learnt the shape words that the projected
-            tokens had not (README, "What the shapes models know").
+            tokens had not (docs/benchmarks.md, "What the shapes models know").
         word_context: the decoder and the retrieval pooler also read the word head's probabilities at every image
             token (``MMXAttnConfig.word_context``; detached, so only the word loss trains the head, added through a
             zero-initialised Linear). Needs ``word_weight > 0``.
