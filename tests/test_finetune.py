@@ -272,14 +272,15 @@ def test_separate_lrs_land_in_their_components():
 
 
 @pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < (2, 4), reason="CPU fused AdamW: torch>=2.4")
-def test_cpu_default_is_the_fused_adamw_and_steps_as_torchs_reference_loop():
-    """On the CPU the default optimizer is torch's fused AdamW kernel (torch's own default there is a per-parameter
-    Python loop, ~3x slower for the shapes model's parameters), and its steps equal the loop implementation's given the same
-    gradients (both parameter groups: with and without weight decay; a parameter without a gradient stays)."""
+def test_fused_adamw_on_the_cpu_steps_as_torchs_reference_loop():
+    """``build_optimizer(..., fused=True)`` on the CPU (torch's fused kernel; the default there stays torch's
+    per-parameter loop, with which the documented runs were made) steps as the loop implementation does given the
+    same gradients (both parameter groups: with and without weight decay; a parameter without a gradient stays)."""
     torch.manual_seed(0)
     model = mmxattn.create_model("mmx_tiny", word_head=True, word_context=True)
     ref, init = copy.deepcopy(model), copy.deepcopy(model)
-    opt = build_optimizer(model, lr=1e-2, weight_decay=0.05)
+    assert not build_optimizer(model, lr=1e-2, weight_decay=0.05).defaults["fused"]  # the CPU default: the loop
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.05, fused=True)
     assert opt.defaults["fused"] is True
     ref_named = dict(ref.named_parameters())
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -300,11 +301,7 @@ def test_cpu_default_is_the_fused_adamw_and_steps_as_torchs_reference_loop():
     start = dict(init.named_parameters())
     assert torch.equal(model.get_parameter(skipped), start[skipped])
     assert not torch.allclose(model.decoder.blocks[0].mlp.fc1.weight, start["decoder.blocks.0.mlp.fc1.weight"])
-    # only trainable floating-point parameters decide; nothing to optimise, nothing fused
-    model.register_parameter("step_count", torch.nn.Parameter(torch.zeros(1, dtype=torch.long), requires_grad=False))
-    assert default_fused(model) is True
-    assert default_fused(torch.nn.Linear(2, 2).to(torch.float64)) is True
-    assert default_fused(torch.nn.Module()) is False
+    assert default_fused(model) is False and default_fused(torch.nn.Module()) is False
 
 
 # ------------------------------------------------------------------------------------------------ (e) EMA

@@ -135,10 +135,10 @@ def build_optimizer(
     """AdamW over :func:`param_groups` (two groups), or over :func:`finetune_param_groups` when any per-component
     lr or a layer decay is given (the two-group layout is kept otherwise, so older checkpoints still resume).
 
-    ``fused``: torch's fused AdamW kernel; None chooses it where :func:`default_fused` says (CUDA, and the CPU
-    from torch 2.4 on), torch's default (a per-parameter loop on the CPU) otherwise. Pass False where gradients are
-    clipped under Lightning's mixed precision, which refuses optimizers that unscale gradients themselves (the
-    fused one does)."""
+    ``fused``: torch's fused AdamW kernel; None chooses it where :func:`default_fused` says (CUDA), torch's
+    default otherwise (on the CPU a per-parameter loop; ``True`` there takes the fused CPU kernel of torch >= 2.4).
+    Pass False where gradients are clipped under Lightning's mixed precision, which refuses optimizers that unscale
+    gradients themselves (the fused one does)."""
     if encoder_lr is None and text_lr is None and decoder_lr is None and layer_decay == 1.0:
         groups = param_groups(model, weight_decay)
     else:
@@ -148,21 +148,19 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
-# torch's fused AdamW runs on the CPU from 2.4 on. There torch's own default is a Python loop over the parameters,
-# ~10 elementwise passes each: on the shapes job's 235 tensors (2.8M values) an optimizer step took 10.0 ms looped,
-# 9.3 ms with foreach and 3.6 ms fused (twenty-first session, idle 2-core CPU); whole steps, interleaved: word-only
-# 139 vs 147 ms (0.95), joint 614 vs 611 ms (within noise).
-_FUSED_DEVICES = ("cuda", "cpu") if torch.torch_version.TorchVersion(torch.__version__) >= (2, 4) else ("cuda",)
+# On the CPU torch's default AdamW is a Python loop over the parameters (~10 elementwise passes each); its fused
+# kernel (CPU from torch 2.4 on, `build_optimizer(..., fused=True)`) gives the same steps (to 1e-6 over 40 steps of
+# the shapes job) and took an optimizer step from 10.0 to 3.6 ms there, but whole steps only 0.95x (word-only) and
+# 1.0x (joint), about 12 s of the 14-minute main job, and its two main-job runs landed at the low end of the config's
+# grounding range (0.558 / 0.567 against 0.622 / 0.604 for the same seeds looped; runs of that recipe vary this much
+# with any change of rounding). Too little gain to change what the documented runs used: the CPU default stays torch's.
 
 
 def default_fused(model: nn.Module) -> bool:
     """Whether :func:`build_optimizer` picks the fused AdamW kernel by default: every trainable parameter a
-    floating-point tensor on CUDA, or on the CPU where the installed torch has the CPU kernel (2.4 and later)."""
+    floating-point tensor on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
-    if not params:
-        return False
-    device = params[0].device.type
-    return device in _FUSED_DEVICES and all(p.device.type == device and p.is_floating_point() for p in params)
+    return bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
 
 
 def warmup_cosine(
