@@ -149,14 +149,15 @@ class MMXAttnConfig:
     # None: the word head reads the image tokens the decoder reads (projected to the text width). An encoder stage
     # (at most as deep as the deepest of image_stages; the decoder need not read it): the head reads that stage's
     # own tokens (the stage's channel width, on its token grid), before the projection. On the shapes data the projection's LayerNorm/Linear/position signal slowed the
-    # learning of shape words ~4x (docs/benchmarks.md, "What the shapes models know"); the stage's tokens learn them directly.
+    # learning of shape words ~4x (docs/benchmarks.md, "What the shapes models know"); the stage's tokens learn them
+    # directly.
     word_head_stage: int | None = None
     # True (needs word_head): the decoder and the retrieval pooler also read what the word head sees. Every image
     # token gets Linear(V, W)(p), the word head's probabilities p (B, L, V) of every vocabulary word at that token
     # (with word_head_stage, that stage's maps max-pooled onto each read stage's grid), detached (only the word
     # loss trains the head) through a zero-initialised Linear: a no-op at the start of training. On the shapes
-    # data the word head learns shapes that the captioner's attention does not (docs/benchmarks.md, "What the shapes models
-    # know"). Its cost grows with the vocabulary (a (B, L, V) product per image): meant for small vocabularies.
+    # data the word head learns shapes that the captioner's attention does not (docs/benchmarks.md, "What the shapes
+    # models know"). Its cost grows with the vocabulary (a (B, L, V) product per image): meant for small vocabularies.
     word_context: bool = False
     # What word_context's Linear reads of each probability p: "prob" (p itself) or "logprob" (max(log p, -8) / 8 + 1,
     # also in [0, 1]: 1 where the head is sure, 0 below e^-8). Attention logits are linear in what the tokens carry,

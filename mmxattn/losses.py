@@ -357,8 +357,8 @@ class WordPresenceLoss(nn.Module):
 
     Why a maximum: on the shapes data a transformer encoder read by averaging (mean pooling, attention pooling,
     the decoder's cross-attention early in training) did not learn object shape in hundreds to thousands of steps,
-    while the same encoder read by a maximum over its tokens learnt it in about 200 (docs/benchmarks.md, "What the shapes
-    models know"). Tokens are scored before they are pooled, so the loss needs the word head itself.
+    while the same encoder read by a maximum over its tokens learnt it in about 200 (docs/benchmarks.md, "What the
+    shapes models know"). Tokens are scored before they are pooled, so the loss needs the word head itself.
 
     Args:
         ignore_ids: token ids that are never targets (pad, bos, eos, unk).
@@ -435,8 +435,8 @@ class WordAttentionLoss(nn.Module):
     It is the distillation of a captioner's word-to-region attention from a weakly supervised word-region model
     of Zhou et al. 2020 ("More Grounded Image Captioning by Distilling Image-Text Matching Model"), with the
     word head's multiple-instance maps as the teacher. Why here: on the shapes data the word head's own maps peak
-    on the named object more often than the decoder's attention does. Measured in the main job (docs/benchmarks.md, "What the
-    shapes models know"): with ``objective="map"`` at weight 1 every retrieval metric and CIDEr rose on three
+    on the named object more often than the decoder's attention does. Measured in the main job (docs/benchmarks.md,
+    "What the shapes models know"): with ``objective="map"`` at weight 1 every retrieval metric and CIDEr rose on three
     seeds (means: i2t R@1 0.37 -> 0.41, CIDEr 1.76 -> 1.89) while grounding hardly moved (0.50 -> 0.52): the
     query that predicts a phrase's first word cannot know which object the reference names.
 

@@ -62,7 +62,8 @@ class MMXAttnModule(pl.LightningModule):
             cross-attention (heads averaged, queries that predict a caption token): it pushes the decoder to read
             each word from few image places, varying with the image, rather than from the image's average. Off by
             default: on the shapes data it made the maps sharp but not better grounded, and cost CIDEr
-            (docs/benchmarks.md, "What the shapes models know"). Those layers run the eager attention path in training; no compile.
+            (docs/benchmarks.md, "What the shapes models know"). Those layers run the eager attention path in
+            training; no compile.
         word_weight: > 0 builds the model's word head (``MMXAttnConfig.word_head``) and adds ``word_weight`` times
             :class:`~mmxattn.losses.WordPresenceLoss`: every image token scores every word, the image's best
             token per word is compared with the words of its captions. A readout that selects (a maximum over
