@@ -159,7 +159,7 @@ def build_optimizer(
 def default_fused(model: nn.Module) -> bool:
     """Whether :func:`build_optimizer` picks the fused AdamW kernel by default: every trainable parameter a
     floating-point tensor on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
     return bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
 
 
