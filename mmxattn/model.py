@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import MMXAttnConfig
 from .text.towers import AttentionalPooler, DecodingCache, ImageTokenProjector, MultimodalDecoder, TextEncoder
+from .vision.windows import InferenceLinear, use_inference_linears
 
 __all__ = ["MMXAttn", "MMXAttnOutput", "RetrievalResult", "RERANK_METHODS"]
 
@@ -100,7 +101,8 @@ class MMXAttn(nn.Module):
         self.pooler = AttentionalPooler(t.width, t.heads, cfg.embed_dim)
         self.text = TextEncoder(t, cfg.embed_dim)
         self.decoder = MultimodalDecoder(t, t.width)
-        self.lm_head = nn.Linear(t.width, t.vocab_size, bias=False)
+        # nn.Linear with a packed oneDNN path for no-grad CPU calls (decoding reads the whole head every step)
+        self.lm_head = InferenceLinear(t.width, t.vocab_size, bias=False)
         if t.tie_embeddings:
             self.lm_head.weight = self.text.token_embedding.weight
         self.itm_head = nn.Linear(t.width, 2) if cfg.itm_head else None
@@ -122,6 +124,10 @@ class MMXAttn(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
         self._register_load_state_dict_pre_hook(_accept_0d_for_one_element_params, with_module=True)
         self._init_weights()
+        # the text side's layers: a packed oneDNN path for no-grad CPU calls (decoding, evaluation); training and
+        # other devices run nn.Linear
+        for part in (self.pooler, self.text, self.decoder):
+            use_inference_linears(part)
         # Attached for inference (set by mmxattn.load or the data module); not part of the state dict.
         self.tokenizer = tokenizer
         self.transform = None

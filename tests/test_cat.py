@@ -40,8 +40,10 @@ def micro(fixture) -> CATEncoder:
 
 # ---- the official model ------------------------------------------------------------------------------------------
 @needs_ref
-@pytest.mark.parametrize("path", ["fused", "sdpa", "eager", "no_onednn", "sliced"])
+@pytest.mark.parametrize("path", ["fused", "sdpa", "eager", "no_onednn", "unpacked", "sliced"])
 def test_matches_official_fixture(micro, fixture, path, monkeypatch):
+    if path == "unpacked":  # oneDNN without the cached packed weights
+        monkeypatch.setattr(windows, "_PACKED", False)
     if path == "sdpa":  # every attention through SDPA (small CPU problems otherwise take the eager math)
         monkeypatch.setattr(attention_module, "_SMALL_CPU_EAGER", False)
     if path == "no_onednn":
@@ -261,6 +263,139 @@ def test_onednn_training_path_matches_f_linear(monkeypatch):
     torch.testing.assert_close(fast[1], plain[1], rtol=1e-4, atol=1e-6)
     for n, g in plain[2].items():
         torch.testing.assert_close(fast[2][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+needs_onednn = pytest.mark.skipif(not windows._ONEDNN, reason="no oneDNN in this torch build")
+
+
+def _cat_weights(enc: CATEncoder) -> list[torch.Tensor]:
+    return [m.weight for m in enc.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@needs_onednn
+def test_packed_weights_give_the_unpacked_results_and_follow_every_weight_change(monkeypatch):
+    """No-grad CPU inference packs each weight once; loading a state dict, an optimiser step and an in-place edit
+    must each be seen (a stale packed weight would give the old model's output), and the packed copies stay out
+    of the module (state dict, deepcopy, pickling)."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    enc = create_encoder("cat_pico", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def unpacked() -> torch.Tensor:
+        monkeypatch.setattr(windows, "_PACKED", False)
+        try:
+            with torch.no_grad():
+                return enc(x)
+        finally:
+            monkeypatch.setattr(windows, "_PACKED", True)
+
+    monkeypatch.setattr(windows, "_PACKED", True)
+    with torch.no_grad():
+        first = enc(x)
+    assert all(w in windows._PACKED_CACHE for w in _cat_weights(enc))
+    torch.testing.assert_close(first, unpacked(), rtol=0, atol=1e-6)
+
+    other = create_encoder("cat_pico", num_classes=5)  # another initialisation
+    enc.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded = enc(x)
+    assert (loaded - first).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, unpacked(), rtol=0, atol=1e-6)
+
+    enc.train()
+    opt = torch.optim.SGD(enc.parameters(), lr=0.5)
+    enc(x).square().sum().backward()
+    opt.step()
+    enc.eval()
+    with torch.no_grad():
+        stepped = enc(x)
+    assert (stepped - loaded).abs().max() > 1e-3
+    torch.testing.assert_close(stepped, unpacked(), rtol=0, atol=1e-6)
+
+    with torch.no_grad():
+        enc.layers[0].pre_ipsa_blocks[0].mlp.fc1.weight.mul_(3.0)
+        edited = enc(x)
+    assert (edited - stepped).abs().max() > 1e-4
+    torch.testing.assert_close(edited, unpacked(), rtol=0, atol=1e-6)
+
+    assert set(enc.state_dict()) == set(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(copy.deepcopy(enc)(x), edited, rtol=0, atol=1e-6)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(enc))(x), edited, rtol=0, atol=1e-6)
+
+    assert windows.set_packed_weights(False) is True
+    try:
+        assert len(windows._PACKED_CACHE) == 0
+    finally:
+        windows.set_packed_weights(True)
+
+
+@needs_onednn
+def test_training_steps_pack_no_weights(monkeypatch):
+    # a training step's weights change every step: packing them would only hold stale copies
+    monkeypatch.setattr(windows, "_PACKED", True)
+    enc = create_encoder("cat_pico", num_classes=5).train()
+    enc(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert not any(w in windows._PACKED_CACHE for w in _cat_weights(enc))
+
+
+@needs_onednn
+def test_inference_linear_is_nn_linear_with_a_packed_no_grad_path(monkeypatch):
+    """InferenceLinear: no-grad CPU calls (packed oneDNN) give F.linear's results for every row count, re-pack when
+    the row count or the weight changes, and calls with autograd or under autocast are plain nn.Linear."""
+    monkeypatch.setattr(windows, "_PACKED", True)
+    monkeypatch.setattr(windows, "_INFERENCE_LINEAR_MIN_MACS", 0)
+    torch.manual_seed(0)
+    lin = windows.InferenceLinear(96, 300)
+    plain = torch.nn.Linear(96, 300)
+    plain.load_state_dict(lin.state_dict())
+    assert set(lin.state_dict()) == {"weight", "bias"}
+    for shape in [(1, 96), (8, 96), (3, 7, 96)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            y = lin(x)
+        key = windows._PACKED_CACHE[lin.weight][0]
+        assert key[-1] == x.numel() // 96  # packed for this call's row count
+        torch.testing.assert_close(y, plain(x).detach(), rtol=0, atol=1e-5)
+    strided = torch.randn(4, 9, 96)[:, ::2]  # a non-contiguous input (teacher-forced logits read h[:, :-1])
+    with torch.no_grad():
+        torch.testing.assert_close(lin(strided), plain(strided), rtol=0, atol=1e-5)
+        lin.weight.mul_(-1)  # same row count as the last call: only the weight's version says "re-pack"
+        plain.weight.mul_(-1)
+        torch.testing.assert_close(lin(strided), plain(strided), rtol=0, atol=1e-5)
+
+    x = torch.randn(8, 96, requires_grad=True)
+    lin(x).square().sum().backward()  # autograd: F.linear, nothing cached for this call
+    gx = x.grad.clone()
+    x.grad = None
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lin.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16  # autocast keeps F.linear's semantics
+
+    monkeypatch.setattr(windows, "_INFERENCE_LINEAR_MIN_MACS", 1 << 20)
+    small = windows.InferenceLinear(96, 300)
+    with torch.no_grad():
+        small(torch.randn(8, 96))  # 8 x 28800 multiply-adds: below the bound, F.linear
+    assert small.weight not in windows._PACKED_CACHE
+
+
+def test_model_text_side_uses_inference_linears_and_generates_as_nn_linear(monkeypatch):
+    model = mmxattn.create_model("mmx_tiny").eval()
+    text_linears = [m for part in (model.text, model.decoder, model.pooler) for m in part.modules()]
+    text_linears = [m for m in text_linears if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    assert text_linears and all(type(m) is windows.InferenceLinear for m in text_linears)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model.text.token_embedding.weight.mul_(20)  # sharper logits: greedy choices are not near-ties
+    monkeypatch.setattr(windows, "_INFERENCE_LINEAR_MIN_MACS", 0)  # the tiny model's calls take the packed path too
+    packed = model.generate(images, max_new_tokens=8)
+    monkeypatch.setattr(windows, "_ONEDNN", False)
+    assert torch.equal(packed, model.generate(images, max_new_tokens=8))
 
 
 def test_sliced_inference_pads_like_the_whole_stream_and_keeps_capture_whole(monkeypatch):
