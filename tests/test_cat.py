@@ -344,7 +344,7 @@ def test_training_steps_pack_no_weights(monkeypatch):
 
 @needs_onednn
 def test_inference_linear_is_nn_linear_with_a_packed_no_grad_path(monkeypatch):
-    """InferenceLinear: no-grad CPU calls (packed oneDNN) give F.linear's results for every row count, re-pack when
+    """InferenceLinear: no-grad CPU calls (packed oneDNN; MKL at one row) give F.linear's results for every row count, re-pack when
     the row count or the weight changes, and calls with autograd or under autocast are plain nn.Linear."""
     monkeypatch.setattr(windows, "_PACKED", True)
     monkeypatch.setattr(windows, "_INFERENCE_LINEAR_MIN_MACS", 0)
@@ -357,8 +357,9 @@ def test_inference_linear_is_nn_linear_with_a_packed_no_grad_path(monkeypatch):
         x = torch.randn(shape)
         with torch.no_grad():
             y = lin(x)
-        key = windows._PACKED_CACHE[lin.weight][0]
-        assert key[-1] == x.numel() // 96  # packed for this call's row count
+        *_, rows, mkl = windows._PACKED_CACHE[lin.weight][0]
+        assert rows == x.numel() // 96  # packed for this call's row count
+        assert mkl == (rows == 1 and windows._MKL_ONE_ROW)  # one row: MKL's packed GEMM
         torch.testing.assert_close(y, plain(x).detach(), rtol=0, atol=1e-5)
     strided = torch.randn(4, 9, 96)[:, ::2]  # a non-contiguous input (teacher-forced logits read h[:, :-1])
     with torch.no_grad():

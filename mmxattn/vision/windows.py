@@ -188,16 +188,24 @@ def set_packed_weights(enabled: bool) -> bool:
     return old
 
 
-def _packed_weight(weight: Tensor, rows: int, per_rows: bool = False) -> Tensor:
+def _packed_weight(weight: Tensor, rows: int, per_rows: bool = False, mkl: bool = False) -> Tensor:
     """``weight`` in oneDNN's packed layout, packed on first use (for ``rows`` input rows: the layout oneDNN picks
     for that call, which any row count can use) and again after any change to the weight; with ``per_rows`` also
-    whenever the row count changes."""
-    if not _PACKED or _PACKED_OP is None or weight.is_inference():  # inference tensors carry no version counter
+    whenever the row count changes. ``mkl``: MKL's packed layout for ``torch.ops.mkl._mkl_linear`` instead."""
+    pack = _MKL_PACK_OP if mkl else _PACKED_OP
+    if not _PACKED or pack is None or weight.is_inference():  # inference tensors carry no version counter
         return weight
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()), rows if per_rows else 0)
+    key = (
+        weight.data_ptr(),
+        weight._version,
+        tuple(weight.shape),
+        tuple(weight.stride()),
+        rows if per_rows else 0,
+        mkl,
+    )
     hit = _PACKED_CACHE.get(weight)
     if hit is None or hit[0] != key:
-        hit = (key, _PACKED_OP(weight.detach(), rows))
+        hit = (key, pack(weight.detach(), rows))
         _PACKED_CACHE[weight] = hit
     return hit[1]
 
@@ -229,6 +237,13 @@ class FastLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+# MKL's packed GEMM (what inductor uses for frozen fp32 linears) beats oneDNN's at one row: the 49409 x 256 head
+# took 1.9 ms against 4.8 on one thread (2.1 vs 2.4 on two), but lost from two rows on (3.8 vs 2.8). So one-row
+# calls (greedy decoding of one image) take it where this torch has MKL.
+_MKL_LINEAR_OP = getattr(getattr(torch.ops, "mkl", None), "_mkl_linear", None)
+_MKL_PACK_OP = getattr(getattr(torch.ops, "mkl", None), "_mkl_reorder_linear_weight", None)
+_MKL_ONE_ROW = _MKL_LINEAR_OP is not None and _MKL_PACK_OP is not None and torch.backends.mkl.is_available()
+
 # Below this many multiply-adds a call (rows x weight elements) oneDNN's fixed cost per call (~10 us here) outweighs
 # what packing gains: a 256 x 256 layer at 8 rows took 19 us through F.linear and 25 us packed, 256 -> 768 56 vs 48.
 _INFERENCE_LINEAR_MIN_MACS = 1 << 20
@@ -240,8 +255,9 @@ class InferenceLinear(nn.Linear):
     devices or dtypes and for tiny calls it is ``nn.Linear``. For the text side's layers, whose weights are read far
     more often than they change when decoding, above all the language-model head over a large vocabulary: open_clip's
     49409 x 256 head at 8 rows took 11.5 ms through ``F.linear`` and 3.9 ms packed (one thread; 9.6 vs 1.8 ms on
-    two), and it is read once per decoding step. The packed copy is re-made when the row count changes (oneDNN's
-    layout for 8 rows is not its layout for 1)."""
+    two), and it is read once per decoding step. One-row calls take MKL's packed GEMM instead (1.9 ms for that
+    head). The packed copy is re-made when the row count changes (oneDNN's layout for 8 rows is not its layout for
+    1)."""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
@@ -251,6 +267,10 @@ class InferenceLinear(nn.Linear):
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
             and not _autocast_state("cpu")[1]
         ):
+            if rows == 1 and _MKL_ONE_ROW:
+                w = _packed_weight(self.weight, 1, per_rows=True, mkl=True)
+                if w is not self.weight:  # packed (not turned off)
+                    return _MKL_LINEAR_OP(x.reshape(1, -1), w, self.weight, self.bias, 1).view(*x.shape[:-1], -1)
             return _ONEDNN_OP(x, _packed_weight(self.weight, rows, per_rows=True), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
