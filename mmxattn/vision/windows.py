@@ -179,8 +179,9 @@ _PACKED_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def set_packed_weights(enabled: bool) -> bool:
-    """Let CAT's no-grad CPU linears use weights packed once for oneDNN (the default; same results, faster) or
-    re-pack them on every call. Turning it off drops the packed copies. Returns the previous setting."""
+    """Let the no-grad CPU linears of CAT and of :class:`InferenceLinear` use weights packed once (the default; the
+    same results to rounding, faster) or re-pack them on every call. Turning it off drops the packed copies. Returns
+    the previous setting."""
     global _PACKED
     old, _PACKED = _PACKED, bool(enabled)
     if not _PACKED:
@@ -270,7 +271,8 @@ class InferenceLinear(nn.Linear):
             if rows == 1 and _MKL_ONE_ROW:
                 w = _packed_weight(self.weight, 1, per_rows=True, mkl=True)
                 if w is not self.weight:  # packed (not turned off)
-                    return _MKL_LINEAR_OP(x.reshape(1, -1), w, self.weight, self.bias, 1).view(*x.shape[:-1], -1)
+                    y = _MKL_LINEAR_OP(x.reshape(1, -1).contiguous(), w, self.weight, self.bias, 1)
+                    return y.view(*x.shape[:-1], -1)
             return _ONEDNN_OP(x, _packed_weight(self.weight, rows, per_rows=True), self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
