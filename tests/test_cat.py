@@ -344,8 +344,9 @@ def test_training_steps_pack_no_weights(monkeypatch):
 
 @needs_onednn
 def test_inference_linear_is_nn_linear_with_a_packed_no_grad_path(monkeypatch):
-    """InferenceLinear: no-grad CPU calls (packed oneDNN; MKL at one row) give F.linear's results for every row count, re-pack when
-    the row count or the weight changes, and calls with autograd or under autocast are plain nn.Linear."""
+    """InferenceLinear: no-grad CPU calls (packed oneDNN; MKL at one row) give F.linear's results for every row
+    count, re-pack when the row count or the weight changes, and calls with autograd or under autocast are plain
+    nn.Linear."""
     monkeypatch.setattr(windows, "_PACKED", True)
     monkeypatch.setattr(windows, "_INFERENCE_LINEAR_MIN_MACS", 0)
     torch.manual_seed(0)
