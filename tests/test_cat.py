@@ -400,6 +400,24 @@ def test_model_text_side_uses_inference_linears_and_generates_as_nn_linear(monke
     assert torch.equal(packed, model.generate(images, max_new_tokens=8))
 
 
+def test_models_built_under_inference_mode_run_as_the_others():
+    """Parameters made inside torch.inference_mode() are inference tensors without a version counter; the caches
+    keyed on versions (relative position bias, packed weights) must step aside, not raise."""
+    torch.manual_seed(0)
+    ref_enc, ref_model = create_encoder("cat_pico", num_classes=5).eval(), mmxattn.create_model("mmx_tiny").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        enc = create_encoder("cat_pico", num_classes=5).eval()
+        enc.load_state_dict(ref_enc.state_dict())
+        model = mmxattn.create_model("mmx_tiny").eval()
+        model.load_state_dict(ref_model.state_dict())
+        assert enc.layers[0].pre_ipsa_blocks[0].attn.relative_position_bias_table.is_inference()
+        out, ids = enc(x), model.generate(x, max_new_tokens=6)
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref_enc(x), rtol=0, atol=1e-6)
+    assert torch.equal(ids, ref_model.generate(x, max_new_tokens=6))
+
+
 def test_sliced_inference_pads_like_the_whole_stream_and_keeps_capture_whole(monkeypatch):
     """A size that needs padding (valid mask) gives the same stages sliced or not; capture_attention turns
     slicing off so that every recorded map covers the whole input."""

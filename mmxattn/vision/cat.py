@@ -123,7 +123,13 @@ class WindowAttention(Attention):
         table, index = self.relative_position_bias_table, self.relative_position_index
         # Under torch.compile the gather is part of the graph (cheap, fused); the Python-side cache would be guarded
         # on: its key changes between calls, so every call recompiled (22 s per CAT-T call until dynamo gave up).
-        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
+        # A model built under torch.inference_mode() has inference tensors, which carry no version counter: no cache.
+        if (
+            (torch.is_grad_enabled() and table.requires_grad)
+            or torch.compiler.is_compiling()
+            or table.is_inference()
+            or index.is_inference()
+        ):
             return self._gather_bias()
         key = (table.data_ptr(), table._version, table.dtype, table.device, index.data_ptr(), index._version)
         if key != self._bias_key:
