@@ -358,7 +358,8 @@ def test_inference_linear_is_nn_linear_with_a_packed_no_grad_path(monkeypatch):
         x = torch.randn(shape)
         with torch.no_grad():
             y = lin(x)
-        *_, rows, mkl = windows._PACKED_CACHE[lin.weight][0]
+        *_, rows, mkl, dtype = windows._PACKED_CACHE[lin.weight][0]
+        assert dtype is None  # fp32: the weight itself packed
         assert rows == x.numel() // 96  # packed for this call's row count
         assert mkl == (rows == 1 and windows._MKL_ONE_ROW)  # one row: MKL's packed GEMM
         torch.testing.assert_close(y, plain(x).detach(), rtol=0, atol=1e-5)
@@ -384,6 +385,72 @@ def test_inference_linear_is_nn_linear_with_a_packed_no_grad_path(monkeypatch):
     with torch.no_grad():
         small(torch.randn(8, 96))  # 8 x 28800 multiply-adds: below the bound, F.linear
     assert small.weight not in windows._PACKED_CACHE
+
+
+needs_bf16 = pytest.mark.skipif(
+    not (windows._ONEDNN and windows._BF16_OK), reason="this CPU / torch build has no oneDNN bf16 kernels"
+)
+
+
+@needs_bf16
+def test_cpu_bf16_autocast_runs_cat_and_inference_linears_in_bf16(monkeypatch):
+    """Under CPU autocast to bf16, CAT's linears and InferenceLinear compute what autocast's F.linear computes (bf16
+    in, bf16 out) through oneDNN with packed bf16 weights, re-packed when a weight changes; with autograd they are
+    F.linear under autocast (bf16), and the lean LN -> MLP gives the plain modules' gradients."""
+    monkeypatch.setattr(windows, "_PACKED", True)
+    torch.manual_seed(0)
+    enc = create_encoder("cat_pico", num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = enc(x)
+        with bf16:
+            fast = enc(x)
+            monkeypatch.setattr(windows, "_ONEDNN", False)  # autocast's own F.linear everywhere
+            ref = enc(x)
+            monkeypatch.setattr(windows, "_ONEDNN", True)
+    assert fast.dtype == ref.dtype == torch.bfloat16
+    packed = [windows._PACKED_CACHE[w] for w in _cat_weights(enc)]
+    assert all(key[-1] == torch.bfloat16 and w.dtype == torch.bfloat16 for key, w in packed)
+    scale = full.abs().max().item()
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=0, atol=0.05 * scale)
+    torch.testing.assert_close(fast.float(), full, rtol=0, atol=0.05 * scale)
+    with torch.no_grad():
+        enc.head.weight.mul_(-1)  # a stale bf16 copy would keep the old head
+        with bf16:
+            flipped = enc(x)
+    torch.testing.assert_close(flipped.float() - enc.head.bias * 2, -fast.float(), rtol=0, atol=0.05 * scale)
+
+    # with autograd: F.linear under autocast (bf16), and the lean LN -> MLP's gradients are the plain modules'
+    enc.train()
+
+    def grads(lean: bool) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(windows, "_LEAN_MLP", lean)
+        enc.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with bf16:
+            out = enc(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+        return {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+
+    with bf16:
+        assert enc.head(torch.randn(3, enc.head.in_features)).dtype == torch.bfloat16
+    lean, plain = grads(True), grads(False)
+    assert set(lean) == {n for n, p in enc.named_parameters() if p.requires_grad}
+    for n, g in plain.items():
+        torch.testing.assert_close(lean[n], g, rtol=0, atol=0.05 * g.abs().max().item() + 1e-6, msg=n)
+
+    monkeypatch.setattr(windows, "_INFERENCE_LINEAR_MIN_MACS", 0)
+    lin = windows.InferenceLinear(96, 300)
+    for rows in (1, 8):
+        h = torch.randn(rows, 96)
+        with torch.no_grad(), bf16:
+            y = lin(h)
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y, F.linear(h, lin.weight, lin.bias), rtol=0.02, atol=0.02)
+        key, w = windows._PACKED_CACHE[lin.weight]
+        assert key[-3:] == (rows, False, torch.bfloat16) and w.dtype == torch.bfloat16
 
 
 def test_model_text_side_uses_inference_linears_and_generates_as_nn_linear(monkeypatch):
