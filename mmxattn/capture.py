@@ -96,10 +96,14 @@ def capture_attention(
             f"capture_attention: which={which!r} selects no attention layer of {type(model).__name__}; "
             f"available ({len(names)}): {names[:12]}{' ...' if len(names) > 12 else ''}"
         )
+    busy = [n for n, m in chosen if m._recorder is not None]
+    if busy:  # checked before any layer is touched: the outer capture keeps all of its layers
+        raise RuntimeError(
+            f"capture_attention: {len(busy)} selected layer(s) are already being captured (nested capture), "
+            f"e.g. {busy[0]!r}; select other layers with `which` or capture once outside"
+        )
     maps = AttentionMaps()
     for name, module in chosen:
-        if module._recorder is not None:
-            raise RuntimeError(f"capture_attention: layer {name!r} is already being captured (nested capture)")
         module._recorder = lambda w, _n=name: maps._record(_n, w, to_cpu, keep_grad)
     ok = False
     try:

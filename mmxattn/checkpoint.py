@@ -78,8 +78,23 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
     model.load_state_dict(state, strict=True)
 
 
+def scoring_info(hparams: dict[str, Any] | None) -> dict[str, Any]:
+    """How the training run scored retrieval, from its Lightning hyper-parameters: ``rerank_with`` (the run's
+    re-ranking score, "lm" when its matching head was not trained) and ``itm_trained``; ``{}`` when unknown."""
+    from .model import RERANK_METHODS
+
+    if not isinstance(hparams, dict) or not hparams:
+        return {}
+    itm_trained = float(hparams.get("itm_weight", 0.5)) > 0
+    how = hparams.get("rerank_with", "itm")
+    if how == "itm" and not itm_trained:
+        how = "lm"
+    return {"rerank_with": how if how in RERANK_METHODS else "itm", "itm_trained": itm_trained}
+
+
 def _attach(model: Any, tokenizer_dict: dict | None, preprocess: dict | None) -> None:
     from .data.transforms import build_transforms
+    from .model import RERANK_METHODS
 
     if tokenizer_dict is not None:
         from .text.tokenizer import tokenizer_from_dict
@@ -88,6 +103,18 @@ def _attach(model: Any, tokenizer_dict: dict | None, preprocess: dict | None) ->
     pre = preprocess or {}
     kwargs = {k: tuple(pre[k]) for k in ("mean", "std") if k in pre}
     model.transform = build_transforms(int(pre.get("img_size", model.cfg.vision.img_size)), train=False, **kwargs)
+    if pre.get("rerank_with") in RERANK_METHODS:
+        model.rerank_with_default = pre["rerank_with"]
+    if isinstance(pre.get("itm_trained"), bool):
+        model.itm_trained = pre["itm_trained"]
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or a ``CheckpointError`` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from e
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
@@ -102,19 +129,27 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
             raise CheckpointError(f"{path} is not an exported mmxattn model: missing {missing}")
         from safetensors.torch import load_file
 
-        cfg = config_from_dict(json.loads((path / "config.json").read_text()))
+        raw = _read_json(path / "config.json")
+        try:
+            cfg = config_from_dict(raw)
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: not a valid mmxattn config: {e}") from e
         model = MMXAttn(cfg)
-        state = load_file(str(path / "model.safetensors"))
-        if model.cfg.text.tie_embeddings and "lm_head.weight" not in state:
+        weights = path / "model.safetensors"
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
+            raise CheckpointError(f"{weights}: cannot read the weights ({type(e).__name__}: {e})") from e
+        if model.cfg.text.tie_embeddings and "lm_head.weight" not in state and "text.token_embedding.weight" in state:
             state["lm_head.weight"] = state["text.token_embedding.weight"]  # tied: stored once
-        _load_weights(model, state, path / "model.safetensors")
+        _load_weights(model, state, weights)
         tok = path / "tokenizer.json"
         pre = path / "preprocess.json"
-        _attach(
-            model,
-            json.loads(tok.read_text()) if tok.exists() else None,
-            json.loads(pre.read_text()) if pre.exists() else None,
-        )
+        tok_dict, pre_dict = (_read_json(f) if f.exists() else None for f in (tok, pre))
+        try:
+            _attach(model, tok_dict, pre_dict)
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: its tokenizer.json / preprocess.json is invalid: {e}") from e
     else:
         ckpt = read_checkpoint(path)
         state = _model_state(ckpt, path)
@@ -124,7 +159,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
             raise CheckpointError(f"{path}: its mmxattn_config is invalid: {e}") from e
         model = MMXAttn(cfg)
         _load_weights(model, state, path)
-        _attach(model, ckpt.get("mmxattn_tokenizer"), ckpt.get("mmxattn_preprocess"))
+        pre = {**scoring_info(ckpt.get("hyper_parameters")), **(ckpt.get("mmxattn_preprocess") or {})}
+        _attach(model, ckpt.get("mmxattn_tokenizer"), pre)
     return model.to(device).eval()
 
 
@@ -147,12 +183,22 @@ def export(model: Any, directory: str | Path) -> Path:
 
 
 def preprocess_info(model: Any) -> dict[str, Any]:
-    """Image size and normalisation the model expects (stored with checkpoints and exports)."""
+    """Image size (the config's) and normalisation the model expects (stored with checkpoints and exports): those
+    of the eval transform attached to it (``mmxattn.load`` attaches the stored ones, so a loaded model exports what it was
+    trained with), else the encoder's own, else ImageNet's."""
     from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    visual = model.visual
-    return {
+    visual, transform = model.visual, getattr(model, "transform", None)
+    mean = getattr(transform, "mean", None) or getattr(visual, "mean", IMAGENET_MEAN)
+    std = getattr(transform, "std", None) or getattr(visual, "std", IMAGENET_STD)
+    info = {
         "img_size": int(model.cfg.vision.img_size),
-        "mean": list(getattr(visual, "mean", IMAGENET_MEAN)),
-        "std": list(getattr(visual, "std", IMAGENET_STD)),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
     }
+    # how retrieve() re-ranks by default (see MMXAttn.rerank_with_default), where the model knows it
+    if getattr(model, "rerank_with_default", None) is not None:
+        info["rerank_with"] = model.rerank_with_default
+    if isinstance(getattr(model, "itm_trained", None), bool):
+        info["itm_trained"] = model.itm_trained
+    return info

@@ -124,11 +124,9 @@ def evaluate(
 
 def _trained_rerank_with(ckpt: dict[str, Any]) -> str:
     """The re-ranking score the training run evaluated with ("lm" when its matching head was not trained)."""
-    hp = ckpt.get("hyper_parameters") or {}
-    how = hp.get("rerank_with", "itm")
-    if how == "itm" and float(hp.get("itm_weight", 0.5)) <= 0:
-        how = "lm"
-    return how if how in RERANK_METHODS else "itm"
+    from .checkpoint import scoring_info
+
+    return scoring_info(ckpt.get("hyper_parameters")).get("rerank_with", "itm")
 
 
 def main(argv: list[str] | None = None) -> int:

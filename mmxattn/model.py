@@ -13,6 +13,8 @@ The model knows nothing of Lightning; losses live in :mod:`mmxattn.losses`.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +133,10 @@ class MMXAttn(nn.Module):
         # Attached for inference (set by mmxattn.load or the data module); not part of the state dict.
         self.tokenizer = tokenizer
         self.transform = None
+        # How retrieve() re-ranks by default: the score the training run evaluated with ("lm" when its matching
+        # head was not trained); set by mmxattn.load and by the Lightning module. None: "itm" if there is a head.
+        self.rerank_with_default: str | None = None
+        self.itm_trained: bool | None = None  # False: the ITM head's weights are its initialisation (itm_weight 0)
 
     def _init_weights(self) -> None:
         for name, m in self.named_modules():
@@ -157,16 +163,28 @@ class MMXAttn(nn.Module):
             raise ValueError(f"images must be (B, 3, H, W) float tensors, got shape {tuple(images.shape)}")
         if not images.is_floating_point():
             raise ValueError(f"images must be normalised float tensors, got dtype {images.dtype}; use model.preprocess")
-        return images
+        if images.shape[0] == 0:
+            raise ValueError(f"images: an empty batch {tuple(images.shape)}; give at least one image")
+        dtype = self._image_dtype()
+        return images if images.dtype == dtype else images.to(dtype)  # e.g. fp32 pixels into a bf16 model
+
+    def _image_dtype(self) -> torch.dtype:
+        """The dtype the image encoder's weights hold (what ``images`` are cast to)."""
+        for p in self.visual.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
 
     def _check_ids(self, ids: Tensor | str | Sequence[str]) -> Tensor:
         if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str)):
             if self.tokenizer is None:
                 raise ValueError("texts given as strings but the model has no tokenizer; pass token ids")
-            ids = self.tokenizer(list(ids) if not isinstance(ids, str) else [ids])
+            texts = list(ids) if not isinstance(ids, str) else [ids]
+            ids = self.tokenizer(texts, context_length=self.cfg.text.context_length)  # the model's, whatever the
+            # tokenizer's own default
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
-            raise ValueError(f"token ids must be an integer tensor (B, T), got {got}")
+            got = f"shape {tuple(ids.shape)}, dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"token ids must be an int64 or int32 tensor (B, T), got {got}")
         V = self.cfg.text.vocab_size
         # value checks read the tensor (a graph break under torch.compile, where they are skipped: an id out of
         # range then fails in the embedding lookup instead)
@@ -175,28 +193,50 @@ class MMXAttn(nn.Module):
         return ids.to(self.logit_scale.device).long()
 
     def preprocess(self, images: Any) -> Tensor:
-        """Tensors (B,3,H,W) pass through; PIL images, file paths or a list of them go through ``self.transform``
-        (the eval transform, built from the config when none is attached)."""
+        """Images -> a normalised float batch (B, 3, H, W) on the model's device, in its dtype.
+
+        Tensors (B, 3, H, W) or (3, H, W) are taken as already normalised and pass through (inside a list, a
+        (B, 3, H, W) tensor gives all B images). PIL images (any mode: alpha composited on white, 16-bit and float
+        rescaled, as files are), file paths, encoded bytes and numpy arrays (H, W[, C]; uint8 or float in [0, 1]),
+        alone or in a list, go through ``self.transform`` (the eval transform, built from the config when none is
+        attached). Unreadable files raise ``BadImageError`` naming the file."""
         if isinstance(images, Tensor):
             return self._check_images(images)
+        import numpy as np
         from PIL import Image
+
+        from .data.robust import load_image, to_rgb
 
         if self.transform is None:
             from .data.transforms import build_transforms
 
             self.transform = build_transforms(self.cfg.vision.img_size, train=False)
         items = images if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise ValueError("images: an empty list; give at least one image")
         out = []
-        for item in items:
+        for i, item in enumerate(items):
             if isinstance(item, Tensor):
-                out.append(item if item.dim() == 3 else item[0])
+                if item.dim() not in (3, 4):
+                    raise ValueError(f"images[{i}]: tensors must be (3, H, W) or (B, 3, H, W), got {tuple(item.shape)}")
+                out.extend(self._check_images(item).unbind(0))
+                continue
+            if isinstance(item, np.ndarray):
+                out.append(self.transform(item))
                 continue
             if not isinstance(item, Image.Image):
-                from .data.formats import load_image
-
+                if not isinstance(item, (str, os.PathLike, bytes)):
+                    raise TypeError(
+                        f"images[{i}]: expected a tensor, PIL image, numpy array, file path or bytes, "
+                        f"got {type(item).__name__}"
+                    )
                 item = load_image(item)
-            out.append(self.transform(item.convert("RGB")))
-        return torch.stack(out).to(self.logit_scale.device)
+            out.append(self.transform(to_rgb(item)))
+        sizes = sorted({tuple(t.shape) for t in out})
+        if len(sizes) > 1:
+            raise ValueError(f"images: tensors of different sizes {sizes} cannot form one batch; resize them first")
+        dtype = self._image_dtype()
+        return torch.stack([t.to(out[0].device, dtype) for t in out]).to(self.logit_scale.device)
 
     # ------------------------------------------------------------------ encoders
     def _stage_features(self, images: Tensor, stages: tuple[int, ...]) -> list[Tensor]:
@@ -500,7 +540,7 @@ class MMXAttn(nn.Module):
         texts: Tensor | Sequence[str],
         k: int = 5,
         rerank: int = 0,
-        rerank_with: str = "itm",
+        rerank_with: str | None = None,
         batch_size: int = 256,
         prior_images: int = 8,
         gallery_norm: bool = False,
@@ -518,11 +558,33 @@ class MMXAttn(nn.Module):
         images, evenly spaced) when captions are ranked for an image, so that a specific caption that fits the
         image beats a generic one that fits every image; images ranked for a caption use the log-likelihood (the
         prior is the same for all of them). Re-ranked candidates keep their order above the un-re-ranked rest.
+        ``rerank_with=None`` (the default) takes ``model.rerank_with_default``: what the training run evaluated
+        with, as ``mmxattn.load`` reads it from the checkpoint ("lm" when the matching head was not trained), else
+        ``"itm"`` (``"lm"`` without a head).
         """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"retrieve: k must be an int >= 1, got {k!r}")
+        if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0:
+            raise ValueError(f"retrieve: rerank must be an int >= 0 (0 = off), got {rerank!r}")
+        if rerank_with is None:
+            rerank_with = self.rerank_with_default or ("itm" if self.itm_head is not None else "lm")
         if rerank > 0 and rerank_with not in RERANK_METHODS:
             raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {rerank_with!r}")
+        if rerank > 0 and rerank_with == "itm" and self.itm_trained is False:
+            warnings.warn(
+                "retrieve: re-ranking with the ITM head, which this model's training never trained (itm_weight 0): "
+                "its scores are noise; use rerank_with='lm' or 'pmi'",
+                stacklevel=2,
+            )
         imgs = self.preprocess(images)
         ids = self._check_ids(texts)
+        if rerank > 0 and rerank_with == "pmi" and imgs.shape[0] < 2:
+            warnings.warn(
+                "retrieve: rerank_with='pmi' estimates each caption's prior over the given images, and one image is "
+                "its own prior (every score would be 0); re-ranking with 'lm' instead",
+                stacklevel=2,
+            )
+            rerank_with = "lm"
         img_tokens = torch.cat([self.encode_image_tokens(b) for b in imgs.split(batch_size)])
         img_emb = F.normalize(self.pooler(img_tokens), dim=-1)
         txt_emb, states = [], []

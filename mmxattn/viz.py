@@ -280,7 +280,12 @@ def resolve_encoder_layer(encoder: nn.Module, layer: str | tuple[int, str, int])
         if len(layer) != 3 or str(layer[1]).lower() not in _BLOCKS:
             raise ValueError(f"layer: expected (stage, kind, index) with kind in {sorted(_BLOCKS)}, got {layer!r}")
         stage, kind, index = layer
-        name = f"layers.{int(stage) % len(enc.layers)}.{_BLOCKS[str(kind).lower()]}.{int(index)}.attn"
+        n = len(enc.layers)
+        if not -n <= int(stage) < n:
+            raise ValueError(
+                f"layer: stage {stage} out of range for an encoder with {n} stages (0..{n - 1} or -1..-{n})"
+            )
+        name = f"layers.{int(stage) % n}.{_BLOCKS[str(kind).lower()]}.{int(index)}.attn"
     elif isinstance(layer, str):
         name = layer.removeprefix("visual.")
         name = name if name.endswith(".attn") else name + ".attn"

@@ -93,3 +93,18 @@ def test_keep_grad_records_the_weights_with_their_graph():
     with pytest.raises(ValueError, match="keep_grad"):
         with capture_attention(m, keep_grad=True, to_cpu=True):
             pass
+
+
+def test_an_overlapping_nested_capture_fails_without_touching_the_outer_one():
+    m = Toy()
+    x, ctx = torch.randn(1, 3, 16), torch.randn(1, 4, 8)
+    with capture_attention(m) as outer:
+        with pytest.raises(RuntimeError, match="nested capture"):
+            with capture_attention(m, which="cross_attn"):
+                pass
+        m(x, ctx)  # the outer capture still records both layers
+    assert set(outer) == {"self_attn", "cross_attn"}
+    assert all(mod._recorder is None for mod in m.modules() if isinstance(mod, Attention))
+    with capture_attention(m, which="self_attn") as again:  # nothing left behind: a later capture works
+        m(x, ctx)
+    assert set(again) == {"self_attn"}

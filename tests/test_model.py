@@ -318,3 +318,79 @@ def test_evaluator_pmi_rerank_matches_retrieve():
         assert out[f"t2i_r{k}_rerank"] == pytest.approx((r.t2i_indices[:, :k] == truth).any(1).float().mean().item())
     with pytest.raises(ValueError, match="rerank_with"):
         EvalAccumulator(model, rerank_with="bleu")
+
+
+def test_preprocess_takes_every_documented_input_alike(tmp_path):
+    """A (B, 3, H, W) tensor inside a list gives all B images; PIL images of any mode go through the same
+    conversion as files (alpha on white, 16-bit rescaled), numpy arrays through the transform; an empty input
+    fails clearly; pixels come out in the model's dtype."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    s = model.cfg.vision.img_size
+    x = torch.randn(3, 3, s, s)
+    assert torch.equal(model.preprocess([x]), x)
+    assert torch.equal(model.preprocess([x[:2], x[2]]), x)
+    for empty in ([], (), torch.empty(0, 3, s, s)):
+        with pytest.raises(ValueError, match="empty"):
+            model.preprocess(empty)
+    with pytest.raises(TypeError, match=r"images\[1\].*int"):
+        model.preprocess([x[0], 5])
+
+    rgba = np.zeros((s, s, 4), np.uint8)
+    rgba[..., 0] = 200  # red, but the left half fully transparent: white there once composited
+    rgba[:, s // 2 :, 3] = 255
+    ramp = (np.arange(s * s, dtype=np.uint16).reshape(s, s) * 16).astype(np.uint16)
+    for name, img in (("rgba.png", Image.fromarray(rgba, "RGBA")), ("i16.png", Image.fromarray(ramp))):
+        img.save(tmp_path / name)
+        from_path = model.preprocess(str(tmp_path / name))
+        torch.testing.assert_close(model.preprocess(img), from_path, rtol=0, atol=0)
+        torch.testing.assert_close(model.preprocess(Image.open(tmp_path / name)), from_path, rtol=0, atol=0)
+    white = model.preprocess(Image.new("RGB", (s, s), "white"))
+    torch.testing.assert_close(model.preprocess(Image.fromarray(rgba, "RGBA"))[..., : s // 4], white[..., : s // 4])
+    arr = np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8)
+    torch.testing.assert_close(model.preprocess(arr), model.preprocess(Image.fromarray(arr)))
+
+    model.to(torch.bfloat16)  # paths, PIL images and fp32 tensors all reach a bf16 model in its dtype
+    assert model.preprocess(str(tmp_path / "rgba.png")).dtype == torch.bfloat16
+    assert model.encode_image(x[:1]).dtype == torch.bfloat16
+    assert model.generate([str(tmp_path / "rgba.png")], max_new_tokens=2).shape[0] == 1
+
+
+def test_texts_use_the_models_context_length_and_id_dtype_errors_say_dtype():
+    from mmxattn.text.tokenizer import WordTokenizer
+
+    model = mmxattn.create_model("mmx_tiny")  # context_length 16
+    words = [f"w{i}" for i in range(model.cfg.text.vocab_size - len(WordTokenizer.SPECIALS))]
+    model.tokenizer = WordTokenizer([*WordTokenizer.SPECIALS, *words], context_length=32)
+    assert model.tokenizer.vocab_size == model.cfg.text.vocab_size
+    emb = model.encode_text(["w1 w2 w3", "w4"])
+    assert emb.shape == (2, model.cfg.embed_dim)
+    with pytest.raises(ValueError, match="dtype torch.uint8"):
+        model.encode_text(torch.ones(1, 5, dtype=torch.uint8))
+
+
+def test_retrieve_reranks_by_the_trained_score_and_warns_on_an_untrained_itm_head():
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=4)
+    lm = model.retrieve(images, ids, k=3, rerank=4, rerank_with="lm")
+    itm = model.retrieve(images, ids, k=3, rerank=4, rerank_with="itm")
+    default = model.retrieve(images, ids, k=3, rerank=4)
+    torch.testing.assert_close(default.i2t_scores, itm.i2t_scores)  # nothing known: the head, as before
+    model.rerank_with_default, model.itm_trained = "lm", False  # what load() sets for an itm_weight 0 run
+    default = model.retrieve(images, ids, k=3, rerank=4)
+    torch.testing.assert_close(default.i2t_scores, lm.i2t_scores)
+    assert torch.equal(default.t2i_indices, lm.t2i_indices)
+    with pytest.warns(UserWarning, match="never trained"):
+        model.retrieve(images, ids, k=3, rerank=4, rerank_with="itm")
+    with pytest.warns(UserWarning, match="one image is its own prior"):
+        one = model.retrieve(images[:1], ids, k=2, rerank=3, rerank_with="pmi")
+    torch.testing.assert_close(
+        one.i2t_scores, model.retrieve(images[:1], ids, k=2, rerank=3, rerank_with="lm").i2t_scores
+    )
+    for bad in (dict(k=0), dict(k=-1), dict(k=2, rerank=-3)):
+        with pytest.raises(ValueError, match="k must be|rerank must be"):
+            model.retrieve(images, ids, **bad)

@@ -184,6 +184,9 @@ def test_resolve_encoder_layer_names(model):
     assert viz.resolve_encoder_layer(model.visual, (-1, "ipsa", 0))[1] == 2
     with pytest.raises(ValueError, match="available"):
         viz.resolve_encoder_layer(model, "layers.0.cpsa_blocks.3.attn")
+    for stage in (3, 7, -4):  # a 3-stage encoder: no silent wrap-around
+        with pytest.raises(ValueError, match="out of range"):
+            viz.resolve_encoder_layer(model, (stage, "ipsa", 0))
 
 
 def test_window_tiling_inverts_the_encoder_partition():
