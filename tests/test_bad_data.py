@@ -195,6 +195,31 @@ def test_tracker_end_epoch_summary_and_reset():
     strict.update(9, [("x.jpg", "empty file")])  # under min_samples: no raise during the epoch...
     with pytest.raises(BadDataError, match="x.jpg: empty file"):
         strict.end_epoch()  # ...but the whole epoch is 10% broken
+    strict = SkipTracker(max_fraction=0.05, min_samples=1000)
+    strict.update(9, [("x.jpg", "empty file")])
+    assert strict.n_batches == 1
+    s = strict.end_epoch(complete=False)  # an epoch cut short (max_steps) or resumed mid-way: 10 samples say little
+    assert (s["n_seen"], s["n_skipped"]) == (10, 1)
+
+
+def test_module_tells_a_partial_training_epoch_from_a_whole_one():
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from mmxattn.lit.module import MMXAttnModule
+
+    mod = MMXAttnModule(preset="mmx_tiny", vocab_size=64, pad_id=0, bos_id=1, eos_id=2, context_length=16, img_size=64)
+    tracker = SkipTracker()
+    tracker.n_batches = 5
+    for max_steps, step, n_batches, whole in (
+        (-1, 10, 5, True),  # ran all 5 batches
+        (-1, 10, 8, False),  # resumed mid-epoch: this process saw 5 of 8
+        (12, 12, 5, False),  # stopped by max_steps
+        (-1, 10, float("inf"), True),  # an iterable data set of unknown length that ran out
+    ):
+        fake = SimpleNamespace(max_steps=max_steps, global_step=step, num_training_batches=n_batches)
+        with mock.patch.object(MMXAttnModule, "trainer", new_callable=mock.PropertyMock, return_value=fake):
+            assert mod._epoch_ran_to_its_end(tracker) is whole
 
 
 # ---------------------------------------------------------------------------- end to end: CSV, 2 workers

@@ -220,7 +220,7 @@ class _Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path: Path, ckpt: str | None = None, callbacks=(), num_workers: int = 0) -> list:
+def _fit(tmp_path: Path, ckpt: str | None = None, callbacks=(), num_workers: int = 0, **dm_kw) -> list:
     model = _Recorder()
     trainer = pl.Trainer(
         max_epochs=2,
@@ -235,7 +235,7 @@ def _fit(tmp_path: Path, ckpt: str | None = None, callbacks=(), num_workers: int
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    trainer.fit(model, datamodule=_shapes(train_size=32, num_workers=num_workers), ckpt_path=ckpt)
+    trainer.fit(model, datamodule=_shapes(train_size=32, num_workers=num_workers, **dm_kw), ckpt_path=ckpt)
     return model.seen
 
 
@@ -253,6 +253,25 @@ def test_resume_from_mid_epoch_and_epoch_end_sees_the_same_batches(tmp_path, num
     cases = [("steps/step=2.ckpt", 2), ("steps/step=4.ckpt", 4), ("steps/step=5.ckpt", 5), ("ends/epoch=0.ckpt", 4)]
     for ckpt, done in cases if num_workers == 0 else cases[:1]:
         assert _fit(tmp_path, ckpt=str(tmp_path / ckpt), num_workers=num_workers) == full[done:], ckpt
+
+
+@pytest.mark.filterwarnings("ignore::pytorch_lightning.utilities.warnings.PossibleUserWarning")
+def test_resume_with_another_batch_size_continues_after_the_samples_already_trained(tmp_path):
+    """Saved after 2 batches of 8 (16 samples), resumed with batch_size 4: the rest of epoch 0 is its samples
+    16..31 (not 8..31, which 2 batches of the NEW size would say), with a warning."""
+    every_step = ModelCheckpoint(tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    full = _fit(tmp_path, callbacks=[every_step], batch_size=8)
+    with pytest.warns(UserWarning, match="batch_size 4 instead of the saved run's 8"):
+        rest = _fit(tmp_path, ckpt=str(tmp_path / "steps/step=2.ckpt"), batch_size=4)
+    epoch0 = [i for e, ids, _ in full if e == 0 for i in ids]
+    assert [ids for e, ids, _ in rest if e == 0] == [epoch0[16:20], epoch0[20:24], epoch0[24:28], epoch0[28:32]]
+
+
+def test_a_training_split_smaller_than_one_batch_is_an_error():
+    dm = _shapes(train_size=6, batch_size=8)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        dm.train_dataloader()
 
 
 # ---------------------------------------------------------------------------------------------- real formats

@@ -170,6 +170,59 @@ def test_load_errors_say_what_is_wrong(tmp_path):
         load(d)
     with pytest.raises(CheckpointError, match="missing"):
         load(tmp_path)
+    # damaged files of an export: each error names the file
+    for name, damage in (
+        ("config.json", lambda f: f.write_text("{not json")),
+        ("config.json", lambda f: f.write_text(json.dumps({**cfg, "text": {**cfg["text"], "heads": 3}}))),
+        ("model.safetensors", lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])),
+        ("tokenizer.json", lambda f: f.write_text('{"kind": ')),
+        ("preprocess.json", lambda f: f.write_text("[1, 2")),
+    ):
+        d = export(mmxattn.create_model("mmx_tiny", tokenizer=_tiny_tokenizer()), tmp_path / f"bad_{name}")
+        damage(d / name)
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+            load(d)
+
+
+def _tiny_tokenizer():
+    from mmxattn.text.tokenizer import WordTokenizer
+
+    return WordTokenizer([*WordTokenizer.SPECIALS, *(f"w{i}" for i in range(64 - len(WordTokenizer.SPECIALS)))])
+
+
+def test_loaded_and_exported_models_keep_normalisation_and_the_runs_rerank_score(tmp_path):
+    """A checkpoint of a run that never trained its ITM head loads with "lm" as retrieve()'s default re-ranking
+    score (an explicit "itm" warns); export of the loaded model keeps that and the checkpoint's normalisation."""
+    from mmxattn.checkpoint import preprocess_info
+    from mmxattn.config import config_to_dict
+
+    _, mod, _ = _tiny_fit(tmp_path, steps=0, itm_weight=0.0, rerank_with="itm")
+    assert (mod.model.rerank_with_default, mod.model.itm_trained) == ("lm", False)
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny", tokenizer=_tiny_tokenizer())
+    pre = {**preprocess_info(model), "mean": [0.1, 0.2, 0.3], "std": [0.5, 0.6, 0.7]}
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "mmxattn_config": config_to_dict(model.cfg),
+        "mmxattn_tokenizer": model.tokenizer.to_dict(),
+        "mmxattn_preprocess": pre,
+        "hyper_parameters": {"itm_weight": 0.0, "rerank_with": "itm"},
+    }
+    torch.save(ckpt, tmp_path / "itm0.ckpt")
+    loaded = load(tmp_path / "itm0.ckpt")
+    again = load(export(loaded, tmp_path / "exp"))
+    for m in (loaded, again):
+        assert m.transform.mean == [0.1, 0.2, 0.3] and m.transform.std == [0.5, 0.6, 0.7]
+        assert (m.rerank_with_default, m.itm_trained) == ("lm", False)
+    images = torch.randn(3, 3, 64, 64)
+    texts = ["w1 w2", "w3", "w4 w5 w6"]
+    r = again.retrieve(images, texts, k=2, rerank=3)
+    torch.testing.assert_close(r.i2t_scores, again.retrieve(images, texts, k=2, rerank=3, rerank_with="lm").i2t_scores)
+    with pytest.warns(UserWarning, match="never trained"):
+        again.retrieve(images, texts, k=2, rerank=3, rerank_with="itm")
+    ckpt["hyper_parameters"] = {"itm_weight": 0.5, "rerank_with": "pmi"}
+    torch.save(ckpt, tmp_path / "pmi.ckpt")
+    assert (load(tmp_path / "pmi.ckpt").rerank_with_default, load(tmp_path / "pmi.ckpt").itm_trained) == ("pmi", True)
 
 
 def test_several_captions_per_image_train_with_every_loss(tmp_path, monkeypatch):
@@ -372,3 +425,26 @@ def test_attention_entropy_penalty_sharpens_the_decoder_cross_attention(tmp_path
     (sharp_0, obj_0), (sharp_5, obj_5) = measured[0.0], measured[5.0]
     assert sharp_0 > 0.8  # without the penalty the decoder still looks nearly everywhere
     assert sharp_5 < sharp_0 - 0.1 and obj_5 < obj_0 - 0.1, measured
+
+
+def test_itm_term_is_zero_for_a_batch_without_negatives_and_the_step_goes_on(tmp_path):
+    """One pair, or captions that are all the same string, leave ITM no negative: the term is 0 for that batch
+    (the head still in the graph, with zero gradient), not a crash of the training step."""
+    _, mod, dm = _tiny_fit(tmp_path, steps=0, itm_weight=0.5)
+    mod.train()
+    torch.manual_seed(0)
+    ids1 = mod.model.tokenizer(["a red circle"]) if mod.model.tokenizer else None
+    ids1 = dm.tokenizer(["a red circle"]) if ids1 is None else ids1
+    for images, ids, pos_ids in (
+        (torch.randn(1, 3, 64, 64), ids1, None),
+        (torch.randn(3, 3, 64, 64), ids1.expand(3, -1), torch.zeros(3, dtype=torch.long)),
+    ):
+        out = mod._train_forward(images, ids, None)
+        itm = mod._itm(out, ids, pos_ids)
+        assert itm.item() == 0.0
+        mod.zero_grad(set_to_none=True)
+        itm.backward()
+        assert mod.model.itm_head.weight.grad is not None and not mod.model.itm_head.weight.grad.any()
+    images = torch.randn(3, 3, 64, 64)  # with negatives the term is a real loss
+    ids3 = dm.tokenizer(["a red circle", "two blue squares", "a green star"])
+    assert mod._itm(mod._train_forward(images, ids3, None), ids3, None).item() > 0

@@ -259,13 +259,33 @@ class ResumableLoader(DataLoader):
     resumable" warning on a mid-epoch restart). The position itself comes from the trainer's restored progress
     (``resume_position``); what is saved here is what the order depends on, checked on load."""
 
+    #: (epoch, batches of it already trained) this loader resumes at, set by the data module from the trainer's
+    #: restored progress; the batch count is in batches of the saved run's size (see ``load_state_dict``)
+    resume_at: tuple[int, int] | None = None
+
     def state_dict(self) -> dict[str, Any]:
         s = self.sampler
-        return {"seed": getattr(s, "seed", None), "num_replicas": getattr(s, "num_replicas", None)}
+        return {
+            "seed": getattr(s, "seed", None),
+            "num_replicas": getattr(s, "num_replicas", None),
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         now = self.state_dict()
-        changed = {k: (v, now.get(k)) for k, v in state.items() if now.get(k) != v}
+        saved_bs = state.get("batch_size")
+        if saved_bs is not None and saved_bs != self.batch_size:
+            epoch, done = self.resume_at or (None, 0)
+            if done and hasattr(self.sampler, "resume"):
+                # the position is `done` batches of the SAVED size: resume after those samples, not done x the new size
+                self.sampler.resume(epoch, done * int(saved_bs))
+            warnings.warn(
+                f"resuming with batch_size {self.batch_size} instead of the saved run's {saved_bs}: the rest of the "
+                f"epoch starts after the {done * int(saved_bs)} samples already trained, in batches of the new size",
+                UserWarning,
+                stacklevel=2,
+            )
+        changed = {k: (v, now.get(k)) for k, v in state.items() if k != "batch_size" and now.get(k) != v}
         if changed:
             warnings.warn(
                 f"resuming with a different data order setting {changed} (saved, now): the rest of the epoch will "

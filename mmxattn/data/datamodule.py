@@ -125,7 +125,14 @@ class _CaptionDataModule(pl.LightningDataModule):
         elif trainer is not None:
             sampler.set_epoch(trainer.current_epoch)
         self._sampler = sampler
-        return ResumableLoader(
+        per_step = self.batch_size * world
+        if len(dataset) < per_step:
+            raise ValueError(
+                f"{type(self).__name__}: the training split has {len(dataset)} items, fewer than one batch "
+                f"(batch_size {self.batch_size} x {world} process(es)); full batches only (drop_last), so no step "
+                "would run: lower data.batch_size or add data"
+            )
+        loader = ResumableLoader(
             sampler.dataset,
             sampler=sampler,
             drop_last=True,
@@ -134,6 +141,8 @@ class _CaptionDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
             **self._loader_kwargs(),
         )
+        loader.resume_at = position
+        return loader
 
     def _train_collate(self) -> TrainCollate:
         return TrainCollate(self._tokenizer, captions_per_image=self.train_captions_per_image)

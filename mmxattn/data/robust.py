@@ -230,8 +230,9 @@ class SkipTracker:
 
     ``update`` raises ``BadDataError`` as soon as the epoch's broken share exceeds ``max_fraction`` once at least
     ``min_samples`` samples were seen (so one early bad file does not stop a run); ``end_epoch`` checks the share over
-    the whole epoch regardless of ``min_samples`` (the full epoch is the real share), then returns a summary dict
-    for logging and resets the epoch counters. A whole-shard failure counts as one skipped entry.
+    a whole epoch regardless of ``min_samples`` (the full epoch is the real share; an epoch cut short by
+    ``max_steps`` or resumed mid-way is held to ``min_samples`` as during it), then returns a summary dict for
+    logging and resets the epoch counters. A whole-shard failure counts as one skipped entry.
     """
 
     def __init__(self, max_fraction: float = 0.05, min_samples: int = 1000, max_examples: int = 10) -> None:
@@ -251,6 +252,7 @@ class SkipTracker:
     def _reset(self) -> None:
         self.n_ok = 0
         self.n_skipped = 0
+        self.n_batches = 0  # update() calls this epoch
         self.reasons: Counter[str] = Counter()
         self.examples: list[tuple[str, str]] = []
 
@@ -261,6 +263,7 @@ class SkipTracker:
     def update(self, n_ok: int, skipped: Sequence[tuple[str, str]] = ()) -> None:
         """Record one batch: ``n_ok`` usable samples and the ``batch["skipped"]`` list."""
         self.n_ok += int(n_ok)
+        self.n_batches += 1
         self.total_seen += int(n_ok) + len(skipped)
         for source, reason in skipped:
             self.n_skipped += 1
@@ -285,9 +288,12 @@ class SkipTracker:
             "examples": list(self.examples),
         }
 
-    def end_epoch(self) -> dict[str, Any]:
-        """Summary of the epoch (n_seen, n_skipped, skipped_fraction, reasons, examples); resets the epoch counts."""
-        self._check()
+    def end_epoch(self, complete: bool = True) -> dict[str, Any]:
+        """Summary of the epoch (n_seen, n_skipped, skipped_fraction, reasons, examples); resets the epoch counts.
+        ``complete=False`` (the epoch was cut short or resumed mid-way): its share is checked only over at least
+        ``min_samples`` samples, as during the epoch."""
+        if complete or self.n_seen >= self.min_samples:
+            self._check()
         out = self.summary()
         self._reset()
         return out

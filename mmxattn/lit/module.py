@@ -6,6 +6,7 @@ properties are linked into ``vocab_size`` / ``pad_id`` / ... by :mod:`mmxattn.li
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -252,6 +253,8 @@ class MMXAttnModule(pl.LightningModule):
         if itm_weight <= 0 and self.model.itm_head is not None:
             # an untrained matching head would re-rank at random, and DDP would wait for its gradients
             self.model.itm_head.requires_grad_(False)
+        self.model.itm_trained = itm_weight > 0 and self.model.itm_head is not None
+        self.model.rerank_with_default = "lm" if rerank_with == "itm" and itm_weight <= 0 else rerank_with
         self.contrastive = ContrastiveLoss()
         self.caption_loss = CaptionLoss(pad_id=t.pad_id, label_smoothing=label_smoothing)
         self.itm_loss = ITMLoss()
@@ -432,6 +435,11 @@ class MMXAttnModule(pl.LightningModule):
         img_idx = img_of[torch.cat([rows[vt], neg_i[vi]])]
         txt_idx = torch.cat([neg_t[vt], rows[vi]])
         pos_logits = m.itm_from_decoder(out.decoder_states, ids)
+        if txt_idx.numel() == 0:
+            # no negative anywhere in the batch (one pair, all captions equal, or a batch thinned by skipped
+            # samples): nothing to tell matching from, so the term is zero for this batch (with the head still
+            # in the graph, so DDP sees its gradient)
+            return pos_logits.float().sum() * 0.0
         # every image's keys/values projected once for all the pairs it appears in
         neg_logits = m.itm_logits(out.image_tokens, ids[txt_idx], out.text_states[txt_idx], image_index=img_idx)
         logits = torch.cat([pos_logits, neg_logits]).float()  # (N, 2), fp32 under autocast
@@ -509,13 +517,22 @@ class MMXAttnModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         tracker = getattr(dm, "skip_tracker", None)
         if tracker is not None and hasattr(tracker, "end_epoch"):
-            summary = tracker.end_epoch()
+            summary = tracker.end_epoch(complete=self._epoch_ran_to_its_end(tracker))
             if summary.get("n_skipped"):
                 self.print(
                     f"epoch {self.current_epoch}: skipped {summary['n_skipped']} broken samples, e.g. "
                     f"{summary.get('examples', [])[:3]}"
                 )
             self.log("data/skipped", float(summary.get("n_skipped", 0)), sync_dist=True, reduce_fx="sum")
+
+    def _epoch_ran_to_its_end(self, tracker: Any) -> bool:
+        """Whether this training epoch ran every one of its batches in this process (not stopped by ``max_steps``,
+        not resumed mid-way), so that the broken-sample share the tracker counted is the epoch's."""
+        t = self.trainer
+        if 0 < t.max_steps <= t.global_step:
+            return False
+        n = t.num_training_batches
+        return math.isinf(n) or getattr(tracker, "n_batches", n) >= n
 
     def _phrase_ids(self, words: list[str]) -> tuple[int, ...]:
         """Token ids of ``attn_word_phrase_words`` in the model's tokenizer (looked up when first needed: setup
