@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError, load, read_checkpoint
+from .data.robust import BadDataError
 from .evaluation import METRIC_KEYS, EvalAccumulator
 from .model import RERANK_METHODS
 from .runtime import tune_cpu_allocator
@@ -100,6 +101,9 @@ def evaluate(
 ) -> dict[str, Any]:
     if split not in ("val", "test"):
         raise ValueError(f"--split must be 'val' or 'test', got {split!r}")
+    if getattr(model, "tokenizer", None) is not None and hasattr(dm, "use_tokenizer"):
+        dm.use_tokenizer(model.tokenizer)  # references tokenized as the model was trained (a rebuilt word vocabulary
+        # could number its words otherwise)
     dm.setup("validate" if split == "val" else "test")
     loader = dm.val_dataloader() if split == "val" else dm.test_dataloader()
     if isinstance(loader, list) and not loader:
@@ -111,10 +115,8 @@ def evaluate(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        if "images" not in batch:
-            continue
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        acc.update(batch)
+        acc.update(batch)  # counts the broken samples the loader skipped (a batch of them only has no images)
     out: dict[str, Any] = {k: None for k in METRIC_KEYS}
     out.update(acc.compute())
     if hasattr(dm, "ceilings"):
@@ -157,20 +159,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     overrides = {"num_workers": 0} | ({"batch_size": a.batch_size} if a.batch_size else {})
-    dm = build_datamodule(data, overrides)
+    overrides |= _model_overrides(data, model)
     gen = {"strategy": a.strategy} | ({"num_beams": a.num_beams} if a.strategy == "beam" else {})
-    metrics = evaluate(
-        model,
-        dm,
-        a.split,
-        rerank=a.rerank,
-        rerank_with=a.rerank_with or _trained_rerank_with(ckpt),
-        meteor=not a.no_meteor,
-        gen_kwargs=gen,
-        max_batches=a.max_batches,
-    )
+    try:
+        dm = build_datamodule(data, overrides)
+        metrics = evaluate(
+            model,
+            dm,
+            a.split,
+            rerank=a.rerank,
+            rerank_with=a.rerank_with or _trained_rerank_with(ckpt),
+            meteor=not a.no_meteor,
+            gen_kwargs=gen,
+            max_batches=a.max_batches,
+        )
+    except (FileNotFoundError, ValueError, TypeError, BadDataError) as e:  # data settings or data that do not work
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(metrics, sort_keys=True))
     return 0
+
+
+def _model_overrides(data: dict[str, Any], model: Any) -> dict[str, Any]:
+    """Data-module arguments that must follow the trained model, not the config: its image size and context
+    length; for image-text data also no train file (evaluation never reads it; the model's tokenizer replaces a
+    vocabulary built from it). A config that says otherwise is reported on stderr."""
+    init = dict(data.get("init_args") or {})
+    out: dict[str, Any] = {"img_size": int(model.cfg.vision.img_size), "context_length": model.cfg.text.context_length}
+    for key, value in out.items():
+        if key in init and init[key] != value:
+            print(
+                f"note: evaluating with the model's {key}={value} (the data settings say {init[key]})", file=sys.stderr
+            )
+    if str(data.get("class_path", "")).endswith("ImageTextDataModule") and getattr(model, "tokenizer", None):
+        out |= {"train_path": None, "tokenizer": "openclip"}  # placeholder: evaluate() swaps in the model's
+    return out
 
 
 if __name__ == "__main__":

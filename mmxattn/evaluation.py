@@ -10,6 +10,7 @@ every rank returns the metrics of the whole set.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .capture import capture_attention
 from .data.batching import ground_tokens
+from .data.robust import BadDataError
 from .data.shapes_captions import CaptionCheck, check_caption
 from .data.shapes_render import Scene
 from .metrics import (
@@ -98,10 +100,16 @@ class EvalAccumulator:
 
     def reset(self) -> None:
         self.records: list[dict[str, Any]] = []  # one per image, on the CPU
+        self.skipped: list[tuple[str, str]] = []  # (source, reason) of the broken samples the loader dropped
 
     # ------------------------------------------------------------------ per batch
     @torch.no_grad()
     def update(self, batch: Mapping[str, Any]) -> None:
+        """Add one evaluation batch (an ``EvalCollate`` batch; its broken samples are counted, and a batch of
+        broken samples only, which has no ``images``, adds nothing else)."""
+        self.skipped.extend((str(src), str(why)) for src, why in batch.get("skipped", ()))
+        if "images" not in batch:
+            return
         m = self.model
         images = batch["images"]
         ref_ids = batch["ref_ids"].to(images.device)
@@ -197,6 +205,15 @@ class EvalAccumulator:
         return out
 
     # ------------------------------------------------------------------ whole set
+    def skipped_samples(self) -> list[tuple[str, str]]:
+        """The broken samples skipped so far, across ranks, each once (a padded sampler repeats some)."""
+        skipped = self.skipped
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, skipped)
+            skipped = [s for part in parts for s in part]
+        return list(dict.fromkeys(skipped))
+
     def _gathered(self) -> list[dict[str, Any]]:
         records = self.records
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -213,12 +230,28 @@ class EvalAccumulator:
     @torch.no_grad()
     def compute(self) -> dict[str, float | int | None]:
         recs = self._gathered()
+        skipped = self.skipped_samples()
         if not recs:
+            if skipped:
+                raise BadDataError(
+                    f"evaluation: every one of the {len(skipped)} samples was broken and skipped, e.g. "
+                    + "; ".join(f"{src}: {why}" for src, why in skipped[:5])
+                )
             raise RuntimeError("EvalAccumulator.compute: no evaluation batches were seen")
+        if skipped:
+            warnings.warn(
+                f"evaluation: {len(skipped)} broken sample(s) skipped (metrics are over the other {len(recs)} "
+                f"images), e.g. " + "; ".join(f"{src}: {why}" for src, why in skipped[:3]),
+                stacklevel=2,
+            )
         img = torch.stack([r["image_embed"] for r in recs])
         txt = torch.cat([r["text_embeds"] for r in recs])
         t2i = torch.cat([torch.full((len(r["text_embeds"]),), i, dtype=torch.long) for i, r in enumerate(recs)])
-        out: dict[str, float | int | None] = {"n_images": len(recs), "n_texts": int(txt.shape[0])}
+        out: dict[str, float | int | None] = {
+            "n_images": len(recs),
+            "n_texts": int(txt.shape[0]),
+            "n_skipped": len(skipped),
+        }
         # plain cosine recall, and recall of the gallery-normalised scores (inverted softmax at the model's own
         # temperature: log p(image | text) ranks texts for an image; see metrics.gallery_normalized_scores)
         out.update(retrieval_metrics(img, txt, t2i, norm_scale=float(self.model.get_logit_scale())))

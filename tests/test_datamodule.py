@@ -330,6 +330,31 @@ def test_csv_datamodule_batches_and_skipped_rows(csv_data):
         _check_eval_contract(x, dm.tokenizer)
 
 
+def test_evaluation_counts_broken_samples_and_refuses_an_all_broken_split(csv_data):
+    """evaluate() over a split with a missing image: the metrics are over the readable images, n_skipped says how
+    many were dropped, and a warning names them; a split with no readable image is a BadDataError naming them."""
+    import mmxattn
+    from mmxattn.data.robust import BadDataError
+    from mmxattn.evaluate import evaluate
+
+    test_csv = csv_data / "test.csv"
+    test_csv.write_text("filepath,title\n0.jpg,a photo\n1.jpg,a photo number 1\nmissing.jpg,gone\n")
+    dm = ImageTextDataModule(**_csv_module_kwargs(csv_data, img_size=64), test_path=str(test_csv))
+    t = dm.tokenizer
+    model = mmxattn.create_model(
+        "mmx_tiny", vocab_size=t.vocab_size, pad_id=t.pad_id, bos_id=t.bos_id, eos_id=t.eos_id, context_length=12
+    ).eval()
+    with pytest.warns(UserWarning, match="1 broken sample.*missing.jpg"):
+        out = evaluate(model, dm, "test", rerank=0, meteor=False, gen_kwargs={"max_new_tokens": 3})
+    assert (out["n_images"], out["n_skipped"]) == (2, 1)
+    for name in ("empty.jpg", "text.jpg"):  # files that exist but are not images
+        (csv_data / "imgs" / name).write_bytes(b"" if name == "empty.jpg" else b"<html>not an image</html>")
+    test_csv.write_text("filepath,title\nempty.jpg,gone\ntext.jpg,gone too\n")
+    dm = ImageTextDataModule(**_csv_module_kwargs(csv_data, img_size=64), test_path=str(test_csv))
+    with pytest.raises(BadDataError, match="every one of the 2 samples.*empty.jpg: empty file"):
+        evaluate(model, dm, "test", rerank=0, meteor=False, gen_kwargs={"max_new_tokens": 3})
+
+
 def test_csv_datamodule_per_image_items(csv_data):
     """train_items="images": an epoch is every image once (7 items: 6 images and the missing file, not 8 pairs), each
     with K of its captions; the drawn caption depends on (seed, epoch, index), so a rerun sees the same batches."""

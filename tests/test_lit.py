@@ -448,3 +448,77 @@ def test_itm_term_is_zero_for_a_batch_without_negatives_and_the_step_goes_on(tmp
     images = torch.randn(3, 3, 64, 64)  # with negatives the term is a real loss
     ids3 = dm.tokenizer(["a red circle", "two blue squares", "a green star"])
     assert mod._itm(mod._train_forward(images, ids3, None), ids3, None).item() > 0
+
+
+def test_evaluate_cli_from_another_directory_uses_the_models_size_and_tokenizer(tmp_path, monkeypatch, capsys):
+    """A run trained on a CSV with relative paths and a word vocabulary built from its train file: its checkpoint's
+    data settings hold absolute paths (the CLI evaluates from any directory), evaluation tokenizes the references
+    with the model's own tokenizer and runs at the model's image size whatever a --config says; data settings that
+    do not work end in one "error:" line and exit status 2."""
+    from mmxattn.data.datamodule import ImageTextDataModule
+    from mmxattn.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    make_csv(run / "data", n_images=8, caps=2)
+    kw = dict(train_path="data/pairs.csv", test_path="data/pairs.csv", image_root="data/images", tokenizer="word")
+    dm = ImageTextDataModule(**kw, img_size=64, context_length=16, batch_size=8, num_workers=0)
+    t = dm.tokenizer
+    mod = MMXAttnModule(preset="mmx_tiny", vocab_size=t.vocab_size, pad_id=t.pad_id, bos_id=t.bos_id,
+                        eos_id=t.eos_id, context_length=16, img_size=64, itm_weight=0.0)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    trainer.fit(mod, datamodule=dm)
+    ckpt = run / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    init = torch.load(ckpt, weights_only=True)["mmxattn_data"]["init_args"]
+    assert init["train_path"] == str(run / "data/pairs.csv") and init["image_root"] == str(run / "data/images")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (run / "data/pairs.csv").rename(run / "data/test.csv")  # evaluation never needs the train file...
+    cfg = tmp_path / "other.yaml"  # ...nor a config's image size or vocabulary
+    cfg.write_text(json.dumps({"data": {"class_path": "ImageTextDataModule", "init_args": {
+        **init, "train_path": str(run / "data/test.csv"), "test_path": str(run / "data/test.csv"),
+        "img_size": 96, "batch_size": 4}}}))  # fmt: skip
+    args = ["--ckpt", str(ckpt), "--rerank", "0", "--no-meteor", "--max-batches", "1"]
+    assert evaluate_main([*args, "--config", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert "the model's img_size=64 (the data settings say 96)" in err
+    assert json.loads(out.strip().splitlines()[-1])["n_images"] == 4
+    assert evaluate_main(args) == 2  # the checkpoint's test file is gone: one clear line
+    _, err = capsys.readouterr()
+    assert err.startswith("error:") and "test_path" in err and "Traceback" not in err
+
+
+def test_evaluate_tokenizes_references_with_the_models_tokenizer(tmp_path):
+    from mmxattn.data.datamodule import ImageTextDataModule
+    from mmxattn.evaluate import evaluate
+    from mmxattn.text.tokenizer import WordTokenizer
+
+    paths = make_csv(tmp_path / "data", n_images=4, caps=1)
+    dm = ImageTextDataModule(**paths, tokenizer="word", img_size=64, context_length=16, batch_size=4, num_workers=0)
+    vocab = dm.tokenizer.vocab
+    reordered = WordTokenizer([*vocab[: len(WordTokenizer.SPECIALS)], *reversed(vocab[len(WordTokenizer.SPECIALS) :])],
+                              context_length=16)  # fmt: skip
+    model = mmxattn.create_model("mmx_tiny", vocab_size=len(vocab), context_length=16, tokenizer=reordered,
+                                 pad_id=reordered.pad_id, bos_id=reordered.bos_id, eos_id=reordered.eos_id).eval()  # fmt: skip
+    evaluate(model, dm, "test", rerank=0, meteor=False, gen_kwargs={"max_new_tokens": 2})
+    batch = next(iter(dm.test_dataloader()))
+    assert torch.equal(batch["ref_ids"], reordered([c for refs in batch["references"] for c in refs]))
+
+
+def test_resuming_from_a_damaged_checkpoint_names_it_and_the_others(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"x": torch.ones(2)}, tmp_path / "epoch=0.ckpt")
+    assert torch.equal(io.load_checkpoint(tmp_path / "epoch=0.ckpt")["x"], torch.ones(2))
+    (tmp_path / "last.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: an empty file.*epoch=0\.ckpt"):
+        io.load_checkpoint(tmp_path / "last.ckpt")
+    (tmp_path / "last.ckpt").write_bytes((tmp_path / "epoch=0.ckpt").read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*last\.ckpt"):
+        io.load_checkpoint(tmp_path / "last.ckpt")
+    with pytest.raises(FileNotFoundError):
+        io.load_checkpoint(tmp_path / "nope.ckpt")

@@ -379,6 +379,11 @@ class ImageTextDataModule(_CaptionDataModule):
         self._datasets: dict[str, Dataset] = {}
         self._tokenizer = self._build_tokenizer(tokenizer, context_length)
 
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Tokenize captions with ``tokenizer`` from now on (e.g. a trained model's, so that evaluation references
+        get the ids the model was trained with, whatever vocabulary this module would build)."""
+        self._tokenizer = tokenizer
+
     def _build_tokenizer(self, spec: str, context_length: int) -> Any:
         if spec == "openclip":
             return OpenCLIPTokenizer(context_length=context_length)

@@ -39,4 +39,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        from ..checkpoint import CheckpointError
+
+        p = Path(path)
+        try:
+            if p.is_file() and p.stat().st_size == 0:
+                raise ValueError("an empty file")
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # the weights-only unpickler raises many kinds on damaged or foreign files
+            others = sorted(q.name for q in p.parent.glob("*.ckpt") if q != p) if p.parent.is_dir() else []
+            raise CheckpointError(
+                f"cannot resume from {p}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+                + (f"; other checkpoints there: {others[:5]} (pass one with --ckpt_path)" if others else "")
+            ) from e

@@ -575,8 +575,7 @@ class MMXAttnModule(pl.LightningModule):
         self._evaluator = self._make_evaluator(test=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if "images" in batch:
-            self._evaluator.update(batch)
+        self._evaluator.update(batch)  # counts skipped broken samples too (an all-broken batch has no images)
 
     test_step = validation_step
 
@@ -588,13 +587,23 @@ class MMXAttnModule(pl.LightningModule):
         self.log_dict(numeric, prog_bar=False, rank_zero_only=False)
         self._evaluator.reset()
 
+    def _on_any_rank(self, flag: bool) -> bool:
+        # every rank must take the same branch: computing the metrics gathers across ranks
+        return self.trainer.strategy.reduce_boolean_decision(flag, all=False) if self._trainer is not None else flag
+
     def on_validation_epoch_end(self) -> None:
-        if self._evaluator is not None and self._evaluator.records:
+        if self._evaluator is None:
+            return
+        if self._on_any_rank(bool(self._evaluator.records)):
             self._log_eval("val")
+        elif self._on_any_rank(bool(self._evaluator.skipped)):  # training goes on; the test split must be readable
+            skipped = self._evaluator.skipped_samples()
+            self.print(f"validation: all {len(skipped)} samples were broken and skipped, e.g. {skipped[:3]}")
+            self._evaluator.reset()
 
     def on_test_epoch_end(self) -> None:
-        if self._evaluator is not None and self._evaluator.records:
-            self._log_eval("test")
+        if self._evaluator is not None and self._on_any_rank(bool(self._evaluator.records or self._evaluator.skipped)):
+            self._log_eval("test")  # all broken: BadDataError naming them
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -673,7 +682,7 @@ class MMXAttnModule(pl.LightningModule):
                 checkpoint["mmxattn_data"] = {
                     "class_path": f"{type(dm).__module__}.{type(dm).__name__}",
                     "init_args": {
-                        k: v
+                        k: _absolute_if_local_path(k, v)
                         for k, v in dict(hp).items()
                         # LightningCLI adds "_class_path" (and similar private keys) to the hparams: not init args
                         if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, type(None)))
@@ -777,6 +786,17 @@ def compile_unsupported_reason(device: torch.device | str) -> str | None:
         if not any(shutil.which(c) for c in ([cxx] if cxx else ["g++", "clang++", "c++"])):
             return "no C++ compiler found (inductor's CPU backend needs g++ or clang++; set CXX)"
     return None
+
+
+_PATH_ARGS = ("train_path", "val_path", "test_path", "image_root", "cache_dir")
+
+
+def _absolute_if_local_path(key: str, value: Any) -> Any:
+    """A data module's file or folder argument as an absolute path when it names a local one, so that the
+    checkpoint's data settings rebuild the data from any working directory (shard patterns and URLs unchanged)."""
+    if key in _PATH_ARGS and isinstance(value, str) and value and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
 
 
 def _to_plain(x: Any) -> Any:
