@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batches", type=int, default=None, help="evaluate on the first N batches only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if a.rerank < 0:
+        p.error(f"--rerank must be >= 0 (0 = off), got {a.rerank}")
+    for flag, value in (("--batch-size", a.batch_size), ("--max-batches", a.max_batches), ("--num-beams", a.num_beams)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     tune_cpu_allocator()  # mmxattn.runtime: reuse freed tensor buffers (MMXATTN_TUNE_MALLOC=0: off)
     try:
         ckpt = read_checkpoint(a.ckpt)

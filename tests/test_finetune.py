@@ -343,6 +343,51 @@ def test_ema_weights_evaluated_and_saved_as_plain_tensors(shapes, tmp_path):
     assert again._ema.num_updates == 3
 
 
+def test_testing_an_ema_checkpoint_without_ema_decay_evaluates_the_ema_weights(shapes, tmp_path):
+    torch.manual_seed(0)
+    mod = _module(shapes, ema_decay=0.6, ema_warmup=False)
+    trainer = _trainer(tmp_path, 3)
+    trainer.fit(mod, datamodule=shapes)
+    path = tmp_path / "ema.ckpt"
+    trainer.save_checkpoint(path)
+    averaged = torch.load(path, weights_only=True)["state_dict"]
+    plain = _module(shapes, ema_decay=0.0)
+    tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, limit_test_batches=1,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.warns(UserWarning, match="evaluating the EMA weights"):
+        tester.test(plain, datamodule=shapes, ckpt_path=str(path), weights_only=True)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, averaged[k], rtol=0, atol=0, msg=k)
+
+
+def test_step_checkpoints_hold_the_ema_of_that_step_and_resume_continues_it(shapes, tmp_path):
+    """ModelCheckpoint(every_n_train_steps) saves in on_train_batch_end, before the module's own hook: the EMA
+    update of a step must already be in that step's checkpoint, and a run resumed from it must end with the EMA
+    of the uninterrupted run."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    name = "decoder.blocks.0.mlp.fc1.weight"
+
+    def fit(steps: int, ckpt: str | None = None) -> MMXAttnModule:
+        torch.manual_seed(0)
+        mod = _module(shapes, ema_decay=0.6, ema_warmup=False, itm_weight=0.0)
+        every = ModelCheckpoint(tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
+            default_root_dir=tmp_path, limit_val_batches=0, enable_model_summary=False, callbacks=[every],
+        )  # fmt: skip
+        trainer.fit(mod, datamodule=shapes, ckpt_path=ckpt)
+        return mod
+
+    full = fit(4)
+    assert full._ema.num_updates == 4
+    step2 = torch.load(tmp_path / "steps" / "step=2.ckpt", weights_only=True)
+    assert step2["mmxattn_ema"]["num_updates"] == 2
+    resumed = fit(4, ckpt=str(tmp_path / "steps" / "step=2.ckpt"))
+    assert resumed._ema.num_updates == 4
+    torch.testing.assert_close(resumed._ema.state_dict()[name], full._ema.state_dict()[name])
+
+
 # ------------------------------------------------------------------------------------------------ (f, g) speed
 def _loss_and_grads(mod: MMXAttnModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     mod.train()

@@ -252,18 +252,33 @@ def test_several_captions_per_image_train_with_every_loss(tmp_path, monkeypatch)
     assert all(torch.isfinite(p).all() for p in mod.parameters())
 
 
+@pytest.mark.parametrize("where", ["loss", "forward"])
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_loss(policy, tmp_path, monkeypatch):
-    trainer, mod, dm = _tiny_fit(tmp_path, steps=5, nonfinite=policy)
-    real = mod.contrastive.forward
+def test_nonfinite_loss(policy, where, tmp_path, monkeypatch):
+    """A NaN loss, or a NaN forward (a diverged model: the ITM term's hard-negative sampling sees NaN similarities
+    before any loss is checked), at the third batch: stop with the last good state saved, or skip the batch."""
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=5, nonfinite=policy, itm_weight=0.5)
     calls = {"n": 0}
+    if where == "loss":
+        real = mod.contrastive.forward
 
-    def poisoned(*a, **k):
-        calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 3 else out
+        def poisoned(*a, **k):
+            calls["n"] += 1
+            out = real(*a, **k)
+            return out * float("nan") if calls["n"] == 3 else out
 
-    monkeypatch.setattr(mod.contrastive, "forward", poisoned)
+        monkeypatch.setattr(mod.contrastive, "forward", poisoned)
+    else:
+        import dataclasses
+
+        real = mod._train_forward
+
+        def poisoned(*a, **k):
+            calls["n"] += 1
+            out = real(*a, **k)
+            return dataclasses.replace(out, image_embeds=out.image_embeds * float("nan")) if calls["n"] == 3 else out
+
+        monkeypatch.setattr(mod, "_train_forward", poisoned)
     if policy == "stop":
         with pytest.raises(NonFiniteLossError, match=r"step 2, epoch 0, batch 2"):
             trainer.fit(mod, datamodule=dm)
@@ -522,3 +537,53 @@ def test_resuming_from_a_damaged_checkpoint_names_it_and_the_others(tmp_path):
         io.load_checkpoint(tmp_path / "last.ckpt")
     with pytest.raises(FileNotFoundError):
         io.load_checkpoint(tmp_path / "nope.ckpt")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(gen_strategy="beem"), "strategy must be one of"),
+        (dict(gen_strategy="beam", gen_num_beams=0), "num_beams must be >= 1"),
+        (dict(gen_max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(rerank=-1), "rerank must be an int >= 0"),
+        (dict(rerank_with="foo"), "rerank_with must be one of"),
+    ],
+)
+def test_bad_evaluation_options_fail_when_the_module_is_built(bad, match):
+    with pytest.raises(ValueError, match=match):
+        MMXAttnModule(preset="mmx_tiny", vocab_size=64, pad_id=0, bos_id=1, eos_id=2, context_length=16, **bad)
+
+
+@pytest.mark.parametrize("bad", [["--rerank", "-1"], ["--max-batches", "0"], ["--batch-size", "0"]])
+def test_evaluate_cli_refuses_bad_numbers_before_loading_anything(bad, tmp_path, capsys):
+    from mmxattn.evaluate import main as evaluate_main
+
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--ckpt", str(tmp_path / "never_read.ckpt"), *bad])
+    assert e.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_checkpoints_get_a_plain_files_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"x": torch.ones(1)}, tmp_path / "a.ckpt")
+        torch.save({"x": torch.ones(1)}, tmp_path / "plain.ckpt")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "a.ckpt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.ckpt").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_last_ckpt_of_every_config_is_replaced_by_a_new_run_in_the_same_folder(name):
+    """Lightning's version counter would write "last-v1.ckpt" beside an old run's last.ckpt, and --ckpt_path last,
+    mmxattn.load and the caption CLI would then read the stale one."""
+    import yaml
+
+    callbacks = (yaml.safe_load((CONFIGS / name).read_text()).get("trainer") or {}).get("callbacks") or []
+    last = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    last = [a for a in last if a.get("save_last")]
+    assert all(a.get("enable_version_counter") is False for a in last), last

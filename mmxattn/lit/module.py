@@ -202,6 +202,15 @@ class MMXAttnModule(pl.LightningModule):
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        # evaluation options are checked now, not at the first validation hours into a run
+        from ..generation import GenerationConfig
+        from ..model import RERANK_METHODS
+
+        GenerationConfig(strategy=gen_strategy, max_new_tokens=gen_max_new_tokens, num_beams=gen_num_beams)
+        if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0:
+            raise ValueError(f"rerank must be an int >= 0 (0 = off), got {rerank!r}")
+        if rerank_with not in RERANK_METHODS:
+            raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {rerank_with!r}")
         _check_finetune_args(
             encoder_lr, text_lr, decoder_lr, layer_decay, freeze_encoder_steps, freeze_encoder_trainable_last, ema_decay
         )
@@ -277,7 +286,6 @@ class MMXAttnModule(pl.LightningModule):
         self._frozen = False
         # EMA copy, built before any compile (a plain object: nothing registered, see mmxattn.lit.ema)
         self._ema = ModelEMA(self.model, ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
-        self._ema_step = 0
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
 
@@ -429,6 +437,12 @@ class MMXAttnModule(pl.LightningModule):
         img_of = rows if tii is None else tii  # image row of every pair
         with torch.no_grad():
             sim = out.image_embeds[img_of] @ out.text_embeds.T
+            finite = bool(torch.isfinite(sim).all())
+        if not finite:
+            # a diverged forward: no negatives can be drawn; a NaN term lets the `nonfinite` policy (stop with the
+            # last good state saved, or skip the batch) act on the step as on any other non-finite loss
+            return m.itm_from_decoder(out.decoder_states, ids).float().sum() * float("nan")
+        with torch.no_grad():
             mask = None if tii is None else positive_mask(tii, out.image_embeds.shape[0], pos_ids)[tii]
             neg_t, neg_i = sample_hard_negatives(sim, pos_ids=pos_ids, pos_mask=mask)
         vt, vi = neg_t >= 0, neg_i >= 0
@@ -480,9 +494,6 @@ class MMXAttnModule(pl.LightningModule):
             p.requires_grad_(not frozen)
         self._frozen = frozen
 
-    def on_train_start(self) -> None:
-        self._ema_step = self.global_step  # after a resume, no extra EMA update before the next optimizer step
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._freezable:
             # requires_grad toggling only on one process: DDP's reducer needs a fixed set of gradients
@@ -496,10 +507,13 @@ class MMXAttnModule(pl.LightningModule):
             for p in self._freezable:
                 p.grad = None
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._ema is not None and self.global_step > self._ema_step:  # once per optimizer step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # the EMA update belongs to the optimizer step itself: callbacks' on_train_batch_end (where ModelCheckpoint
+        # saves every_n_train_steps, e.g. last.ckpt) run before the module's, so an update made there was missing
+        # from the step's checkpoint and lost on resume
+        if self._ema is not None:
             self._ema.to(self.device).update(self.model)
-            self._ema_step = self.global_step
 
     def on_train_end(self) -> None:
         self._set_frozen(False)
@@ -698,12 +712,27 @@ class MMXAttnModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ema = checkpoint.get("mmxattn_ema")
-        if ema is not None:  # runs before Lightning loads state_dict: give it the training weights back
+        fitting = self._trainer is not None and getattr(self.trainer.state, "fn", None) == "fit"  # a str enum
+        if ema is not None and self._ema is None and not fitting:
+            # validate/test of an EMA run by a module built without ema_decay: evaluate the EMA weights, which
+            # state_dict already holds (what the run evaluated and what mmxattn.load reads), not the raw ones
+            warnings.warn(
+                "this checkpoint's run kept an EMA of its weights; evaluating the EMA weights (as the run and "
+                "mmxattn.load do) although this module has ema_decay=0",
+                stacklevel=2,
+            )
+        elif ema is not None:  # runs before Lightning loads state_dict: give it the training weights back
             sd = checkpoint["state_dict"]
             averaged = {k: sd[f"model.{k}"] for k in ema["training_weights"]}
             sd.update({f"model.{k}": v for k, v in ema["training_weights"].items()})
             if self._ema is not None:
                 self._ema.load_state_dict(averaged, ema["num_updates"])
+            else:
+                warnings.warn(
+                    "resuming an EMA run with ema_decay=0: training goes on from the training weights and the "
+                    "checkpoint's EMA is dropped",
+                    stacklevel=2,
+                )
         tok = checkpoint.get("mmxattn_tokenizer")
         if tok is not None and self.model.tokenizer is None:
             from ..text.tokenizer import tokenizer_from_dict
