@@ -13,6 +13,7 @@ The model knows nothing of Lightning; losses live in :mod:`mmxattn.losses`.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -562,15 +563,17 @@ class MMXAttn(nn.Module):
         with, as ``mmxattn.load`` reads it from the checkpoint ("lm" when the matching head was not trained), else
         ``"itm"`` (``"lm"`` without a head).
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"retrieve: k must be an int >= 1, got {k!r}")
-        if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0:
+        if isinstance(rerank, bool) or not isinstance(rerank, numbers.Integral) or rerank < 0:
             raise ValueError(f"retrieve: rerank must be an int >= 0 (0 = off), got {rerank!r}")
-        if rerank_with is None:
-            rerank_with = self.rerank_with_default or ("itm" if self.itm_head is not None else "lm")
+        k, rerank = int(k), int(rerank)
+        if rerank_with is None:  # getattr: a model pickled before these attributes existed
+            default = getattr(self, "rerank_with_default", None)
+            rerank_with = default or ("itm" if self.itm_head is not None else "lm")
         if rerank > 0 and rerank_with not in RERANK_METHODS:
             raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {rerank_with!r}")
-        if rerank > 0 and rerank_with == "itm" and self.itm_trained is False:
+        if rerank > 0 and rerank_with == "itm" and getattr(self, "itm_trained", None) is False:
             warnings.warn(
                 "retrieve: re-ranking with the ITM head, which this model's training never trained (itm_weight 0): "
                 "its scores are noise; use rerank_with='lm' or 'pmi'",
