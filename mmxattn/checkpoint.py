@@ -109,6 +109,14 @@ def _attach(model: Any, tokenizer_dict: dict | None, preprocess: dict | None) ->
         model.itm_trained = pre["itm_trained"]
 
 
+def _without_pretrained(cfg: Any) -> Any:
+    """``cfg`` without ``vision_pretrained``: the file holds every weight, so loading must not read (or download)
+    the encoder weights the run started from, which may be gone or elsewhere."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, vision_pretrained=None) if getattr(cfg, "vision_pretrained", None) else cfg
+
+
 def _read_json(path: Path) -> Any:
     """The JSON in ``path``, or a ``CheckpointError`` naming the file."""
     try:
@@ -134,7 +142,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
             cfg = config_from_dict(raw)
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path / 'config.json'}: not a valid mmxattn config: {e}") from e
-        model = MMXAttn(cfg)
+        model = MMXAttn(_without_pretrained(cfg))
         weights = path / "model.safetensors"
         try:
             state = load_file(str(weights))
@@ -157,7 +165,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
             cfg = config_from_dict(ckpt["mmxattn_config"])
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its mmxattn_config is invalid: {e}") from e
-        model = MMXAttn(cfg)
+        model = MMXAttn(_without_pretrained(cfg))
         _load_weights(model, state, path)
         pre = {**scoring_info(ckpt.get("hyper_parameters")), **(ckpt.get("mmxattn_preprocess") or {})}
         _attach(model, ckpt.get("mmxattn_tokenizer"), pre)

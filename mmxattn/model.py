@@ -68,7 +68,24 @@ def build_vision_encoder(cfg: MMXAttnConfig) -> nn.Module:
 
         enc = CATEncoder(cfg.vision)
         if cfg.vision_pretrained:
-            enc.load_pretrained(cfg.vision_pretrained, strict=False)
+            # not strict: a file may cover part of the encoder (e.g. official weights under a conv stem); but a file
+            # that fits nothing is an error, and what did not load is said
+            res = enc.load_pretrained(cfg.vision_pretrained, strict=False)
+            own = [k for k in enc.state_dict() if not k.endswith("relative_position_index")]
+            missing = [k for k in res.missing_keys if not k.endswith("relative_position_index")]
+            if len(missing) == len(own):
+                raise ValueError(
+                    f"vision_pretrained {cfg.vision_pretrained!r}: none of its keys fit the CAT encoder (file keys e.g. "
+                    f"{list(res.unexpected_keys)[:3]}, expected e.g. {own[:3]}); rename them first (CATEncoder."
+                    "load_pretrained(..., key_map=...) or a converted file)"
+                )
+            if missing or res.unexpected_keys:
+                warnings.warn(
+                    f"vision_pretrained {cfg.vision_pretrained!r}: {len(own) - len(missing)} of the encoder's "
+                    f"{len(own)} tensors loaded; {len(missing)} keep their initialisation (e.g. {missing[:3]}), "
+                    f"{len(res.unexpected_keys)} file keys unused (e.g. {list(res.unexpected_keys)[:3]})",
+                    stacklevel=2,
+                )
         return enc
     from .vision.adapters import build_adapter  # timm / open_clip towers behind the same interface
 
@@ -98,6 +115,9 @@ class MMXAttn(nn.Module):
         layers = getattr(self.visual, "layers", None)
         if layers is not None and len(layers) == n_stages:
             unused += list(layers)[max(self.stages) + 1 :]
+            if cfg.vision_backend == "cat":  # CAT merges patches at a stage's END (timm's ConvNeXt at its start)
+                # the last read stage's patch merging feeds only the stages after it
+                unused.append(getattr(layers[max(self.stages)], "downsample", None))
         for m in unused:
             if isinstance(m, nn.Module):
                 m.requires_grad_(False)

@@ -297,7 +297,19 @@ def test_webdataset_sample_dict_and_modes(tmp_path):
     train = list(WebDatasetCaptions(str(tmp_path / "m.tar"), json_caption_fields=("alt",)))
     ok = _ok(train)
     assert [x["caption"] for x in ok] == ["first", "second"] and ok[0]["captions"] == ["first", "second"]
-    assert (ok[0]["key"], ok[0]["image_id"], ok[0]["path"]) == ("k1", "k1", str(tmp_path / "m.tar"))
+    # the image id names the shard too: keys such as 000000 repeat across shards, and evaluation tells images
+    # apart by id
+    assert (ok[0]["key"], ok[0]["image_id"], ok[0]["path"]) == (
+        "k1",
+        f"{tmp_path / 'm.tar'}:k1",
+        str(tmp_path / "m.tar"),
+    )
+    with tarfile.open(tmp_path / "n.tar", "w") as tf:  # the same key in another shard: another image
+        _add(tf, "k1.jpg", jpg)
+        _add(tf, "k1.txt", b"third")
+    ids = {x["image_id"] for x in _ok(list(WebDatasetCaptions([str(tmp_path / "m.tar"), str(tmp_path / "n.tar")],
+                                                              json_caption_fields=("alt",), mode="eval")))}  # fmt: skip
+    assert len(ids) == 2
     assert ok[0]["image"].mode == "RGB"
     assert [x.reason for x in train if isinstance(x, BrokenSample)] == ["empty caption"]
     ev = list(WebDatasetCaptions(str(tmp_path / "m.tar"), json_caption_fields=("alt",), mode="eval"))

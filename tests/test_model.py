@@ -394,3 +394,52 @@ def test_retrieve_reranks_by_the_trained_score_and_warns_on_an_untrained_itm_hea
     for bad in (dict(k=0), dict(k=-1), dict(k=2, rerank=-3)):
         with pytest.raises(ValueError, match="k must be|rerank must be"):
             model.retrieve(images, ids, **bad)
+
+
+def test_vision_pretrained_that_fits_nothing_fails_and_a_partial_one_warns(tmp_path):
+    from safetensors.torch import save_file
+
+    src = mmxattn.create_model("mmx_tiny").visual.state_dict()
+    prefixed = {f"backbone.{k}": v.contiguous() for k, v in src.items()}
+    save_file(prefixed, str(tmp_path / "prefixed.safetensors"))
+    with pytest.raises(ValueError, match="none of its keys fit the CAT encoder"):
+        mmxattn.create_model("mmx_tiny", vision_pretrained=str(tmp_path / "prefixed.safetensors"))
+    part = {k: v.contiguous() for k, v in src.items() if k.startswith("layers.0.")}
+    save_file(part, str(tmp_path / "part.safetensors"))
+    with pytest.warns(UserWarning, match=r"tensors loaded; \d+ keep their initialisation"):
+        m = mmxattn.create_model("mmx_tiny", vision_pretrained=str(tmp_path / "part.safetensors"))
+    for k, v in part.items():
+        torch.testing.assert_close(m.visual.state_dict()[k], v)
+
+
+def test_a_saved_model_loads_without_the_encoder_file_it_started_from(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = mmxattn.create_model("mmx_tiny").visual.state_dict()
+    weights = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in src.items()}, str(weights))
+    model = mmxattn.create_model("mmx_tiny", vision_pretrained=str(weights))
+    with torch.no_grad():
+        model.visual.layers[0].downsample.reduction.weight.mul_(2)  # "fine-tuned" after loading the file
+    exported = mmxattn.export(model, tmp_path / "exp")
+    weights.unlink()
+    again = mmxattn.load(exported)
+    torch.testing.assert_close(again.visual.state_dict(), model.visual.state_dict())
+
+
+@pytest.mark.parametrize("stages", [(0,), (1,), (0, 1)])
+def test_every_trainable_parameter_gets_a_gradient_whatever_stages_are_read(stages):
+    """DDP waits for every parameter that requires grad: encoder parts no read stage reaches (the stages after the
+    deepest read one, and that stage's patch merging) must be frozen."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny", image_stages=stages, drop_path_rate=0.0)
+    images, ids = _batch(model)
+    out = model(images, ids)
+    itm = model.itm_from_decoder(out.decoder_states, ids)
+    loss = out.logits.square().mean() + out.image_embeds.sum() + out.text_embeds.sum() + out.logit_scale + itm.sum()
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad
+    deepest = model.visual.layers[max(stages)]
+    assert deepest.downsample is None or not any(p.requires_grad for p in deepest.downsample.parameters())

@@ -540,7 +540,9 @@ class WebDatasetCaptions(IterableDataset):
             chosen = valid[:1]
         for cap in chosen:
             try:
-                yield _make_sample(img, self.transform, cap, valid, key, url, key)
+                # image id: the key with its shard (keys such as 000000 repeat across shards; evaluation tells
+                # images apart by id)
+                yield _make_sample(img, self.transform, cap, valid, source, url, key)
             except Exception as e:
                 yield BrokenSample(source, f"transform failed ({type(e).__name__}: {e})")
                 return
