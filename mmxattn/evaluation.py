@@ -48,6 +48,15 @@ def grounding_layer_names(model: Any, layers: Sequence[int] | None = None) -> li
     return [f"decoder.blocks.{i}.cross_attn" for i in chosen]
 
 
+def _gather_lists(items: list[Any]) -> list[Any]:
+    """``items`` of every rank, rank by rank (``items`` itself without a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+    return items
+
+
 class EvalAccumulator:
     """Collects what the metrics need, batch by batch, and computes them on the whole set.
 
@@ -207,19 +216,10 @@ class EvalAccumulator:
     # ------------------------------------------------------------------ whole set
     def skipped_samples(self) -> list[tuple[str, str]]:
         """The broken samples skipped so far, across ranks, each once (a padded sampler repeats some)."""
-        skipped = self.skipped
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, skipped)
-            skipped = [s for part in parts for s in part]
-        return list(dict.fromkeys(skipped))
+        return list(dict.fromkeys(_gather_lists(self.skipped)))
 
     def _gathered(self) -> list[dict[str, Any]]:
-        records = self.records
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, records)
-            records = [r for part in parts for r in part]
+        records = _gather_lists(self.records)
         seen, unique = set(), []
         for r in records:  # DistributedSampler pads ranks with repeated images
             if r["image_id"] not in seen:
