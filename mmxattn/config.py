@@ -69,6 +69,8 @@ class CATConfig:
         for name in ("embed_dim", "img_size", "patch_size", "window", "in_chans"):
             if getattr(self, name) < 1:
                 raise _err(n, f"{name} must be positive, got {getattr(self, name)}")
+        if not self.mlp_ratio > 0 or int(self.embed_dim * self.mlp_ratio) < 1:
+            raise _err(n, f"mlp_ratio must give an MLP of at least one unit (> 0), got {self.mlp_ratio}")
         if self.img_size % self.patch_size:
             raise _err(n, f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size} (ape grid)")
         if self.stem not in ("patch", "conv"):

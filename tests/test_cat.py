@@ -245,6 +245,23 @@ def test_load_pretrained_errors_and_key_map():
     create_encoder("cat_pico").load_pretrained(old, key_map=lambda k: k.replace("stages.", "layers."))
 
 
+def test_load_pretrained_names_a_damaged_file_and_never_runs_a_pickle(tmp_path):
+    enc = create_encoder("cat_pico")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for name in ("evil.pth", "empty.pth", "junk.safetensors"):
+        with pytest.raises(ValueError, match=rf"cannot read .*{name.replace('.', '[.]')}"):
+            enc.load_pretrained(tmp_path / name)
+    assert not marker.exists()
+
+
 def test_onednn_training_path_matches_f_linear(monkeypatch):
     enc = create_encoder("cat_pico").train()
     x = torch.randn(2, 3, 64, 64, requires_grad=True)
@@ -648,6 +665,16 @@ def test_lean_mlp_backward_recomputes_layer_norm_under_the_forward_autocast(monk
     for a, b, p in zip(lean, plain, params):
         assert a.dtype == b.dtype == p.dtype
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-2 * b.abs().max().item())
+
+
+def test_an_mlp_ratio_that_leaves_no_mlp_is_a_config_error():
+    from mmxattn.config import CATConfig
+
+    for ratio in (0, -1.0, 0.001):
+        with pytest.raises(ValueError, match="mlp_ratio"):
+            CATConfig(embed_dim=16, depths=(1,), num_heads=(1,), mlp_ratio=ratio)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        create_encoder("cat_pico", mlp_ratio=0)
 
 
 def test_checkpoint_stages_recompute_only_those_stages():

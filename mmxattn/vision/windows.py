@@ -456,12 +456,18 @@ def read_state_dict(src: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]
         path = Path(src)
         if not path.is_file():
             raise FileNotFoundError(f"CATEncoder.load_pretrained: no checkpoint file at {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if path.stat().st_size == 0:
+                raise ValueError("an empty file")
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            obj: object = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj: object = load_file(str(path), device="cpu")
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # damaged, foreign, or a pickle the weights-only loader refuses (never executed)
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ValueError(f"CATEncoder.load_pretrained: cannot read {path}: {first}") from e
     else:
         obj = src
     for wrapper in ("model", "state_dict"):
