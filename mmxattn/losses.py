@@ -554,6 +554,9 @@ def sample_hard_negatives(
         valid = ~p.all(dim=1)  # rows with at least one negative
         w = s.float().masked_fill(p, float("-inf")).softmax(dim=1)  # (B, B); all-positive rows are NaN
         w = torch.where(valid[:, None], w, torch.ones_like(w))  # placeholder weights, result replaced below
+        # a diverged forward (non-finite similarities): draw uniformly among the negatives instead of failing in
+        # multinomial; the loss is non-finite anyway and the caller's non-finite policy acts on it (no host sync)
+        w = torch.where(torch.isfinite(w).all(dim=1, keepdim=True), w, (~p).float() + (~valid[:, None]).float())
         idx = torch.multinomial(w, 1, generator=generator).squeeze(1)  # (B,)
         return idx.masked_fill(~valid, -1)
 

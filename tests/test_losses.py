@@ -400,6 +400,21 @@ def test_hard_negatives_rows_without_negatives_are_minus_one():
         sample_hard_negatives(torch.randn(3, 4))
 
 
+def test_hard_negatives_from_non_finite_similarities_are_still_negatives():
+    """A diverged forward gives NaN similarities: the draw must not fail (the caller's non-finite-loss policy acts
+    on the step) and must still never pick a positive."""
+    pos_ids = torch.tensor([0, 0, 1, 2])
+    for bad in (float("nan"), float("inf")):
+        sim = torch.randn(4, 4)
+        sim[1] = bad
+        for seed in range(20):
+            neg_txt, neg_img = sample_hard_negatives(sim, torch.Generator().manual_seed(seed), pos_ids=pos_ids)
+            for i, j in enumerate(neg_txt.tolist()):
+                assert pos_ids[i] != pos_ids[j]
+            for j, i in enumerate(neg_img.tolist()):
+                assert pos_ids[i] != pos_ids[j]
+
+
 def test_combined_loss_weights_terms():
     img, txt = _embeds()
     logits, labels = _caption_batch()

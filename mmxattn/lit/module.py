@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..capture import capture_attention
+from ..checkpoint import scoring_info
 from ..config import config_to_dict
 from ..evaluation import EvalAccumulator, grounding_layer_names
 from ..losses import (
@@ -263,7 +264,10 @@ class MMXAttnModule(pl.LightningModule):
             # an untrained matching head would re-rank at random, and DDP would wait for its gradients
             self.model.itm_head.requires_grad_(False)
         self.model.itm_trained = itm_weight > 0 and self.model.itm_head is not None
-        self.model.rerank_with_default = "lm" if rerank_with == "itm" and itm_weight <= 0 else rerank_with
+        # the score this run evaluates retrieval with (and what retrieve() defaults to on its checkpoints)
+        self.model.rerank_with_default = scoring_info({"itm_weight": itm_weight, "rerank_with": rerank_with})[
+            "rerank_with"
+        ]
         self.contrastive = ContrastiveLoss()
         self.caption_loss = CaptionLoss(pad_id=t.pad_id, label_smoothing=label_smoothing)
         self.itm_loss = ITMLoss()
@@ -437,12 +441,6 @@ class MMXAttnModule(pl.LightningModule):
         img_of = rows if tii is None else tii  # image row of every pair
         with torch.no_grad():
             sim = out.image_embeds[img_of] @ out.text_embeds.T
-            finite = bool(torch.isfinite(sim).all())
-        if not finite:
-            # a diverged forward: no negatives can be drawn; a NaN term lets the `nonfinite` policy (stop with the
-            # last good state saved, or skip the batch) act on the step as on any other non-finite loss
-            return m.itm_from_decoder(out.decoder_states, ids).float().sum() * float("nan")
-        with torch.no_grad():
             mask = None if tii is None else positive_mask(tii, out.image_embeds.shape[0], pos_ids)[tii]
             neg_t, neg_i = sample_hard_negatives(sim, pos_ids=pos_ids, pos_mask=mask)
         vt, vi = neg_t >= 0, neg_i >= 0
@@ -571,11 +569,10 @@ class MMXAttnModule(pl.LightningModule):
         # captions and re-ranking would cost time (a third of such an epoch on the shapes job) and say nothing
         word_phase = not test and 0 < h.get("word_only_steps", 0) and self.global_step <= h.word_only_steps
         captions = (test or h.val_captions) and not word_phase and self.model.tokenizer is not None
-        rerank_with = "lm" if h.rerank_with == "itm" and h.itm_weight <= 0 else h.rerank_with
         return EvalAccumulator(
             self.eval_model,
             rerank=0 if word_phase else h.rerank,
-            rerank_with=rerank_with,
+            rerank_with=self.model.rerank_with_default,
             captions=captions,
             gen_kwargs=gen,
             meteor=test,
