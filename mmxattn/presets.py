@@ -118,6 +118,19 @@ _TEXT = {f.name for f in dataclasses.fields(TextConfig)}
 _VISION = {f.name for f in dataclasses.fields(CATConfig)}
 
 
+def _sub_fields(key: str, value: Any, cls: type, fields: set[str]) -> dict[str, Any]:
+    """The fields a ``vision=``/``text=`` override sets: a config of ``cls`` or a dict of its field names."""
+    if isinstance(value, cls):
+        return dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise TypeError(f"{key}= takes a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        extra = ' or "preset": an encoder preset name' if cls is CATConfig else ""
+        raise ValueError(f"{key}={{...}} has unknown field(s) {unknown}: not fields of {cls.__name__}{extra}")
+    return value
+
+
 def get_config(name: str | MMXAttnConfig, **overrides: Any) -> MMXAttnConfig:
     """The :class:`MMXAttnConfig` of a preset with overrides.
 
@@ -142,9 +155,15 @@ def get_config(name: str | MMXAttnConfig, **overrides: Any) -> MMXAttnConfig:
     text = dict(base.pop("text"))
     for key, value in overrides.items():
         if key == "vision":
-            vision.update(dataclasses.asdict(value) if isinstance(value, CATConfig) else value)
+            if isinstance(value, str) or (isinstance(value, dict) and "preset" in value):
+                # another encoder preset: its fields replace the model preset's encoder (the model never uses a
+                # classification head, so none is built unless asked for)
+                spec = {"preset": value} if isinstance(value, str) else value
+                vision = dataclasses.asdict(get_encoder_config({"num_classes": 0, **spec}))
+            else:
+                vision.update(_sub_fields("vision", value, CATConfig, _VISION))
         elif key == "text":
-            text.update(dataclasses.asdict(value) if isinstance(value, TextConfig) else value)
+            text.update(_sub_fields("text", value, TextConfig, _TEXT))
         elif key in _TOP:
             base[key] = value
         elif key in _TEXT and key in _VISION:

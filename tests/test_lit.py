@@ -587,3 +587,23 @@ def test_last_ckpt_of_every_config_is_replaced_by_a_new_run_in_the_same_folder(n
     last = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
     last = [a for a in last if a.get("save_last")]
     assert all(a.get("enable_version_counter") is False for a in last), last
+
+
+def test_stand_alone_test_names_the_checkpoint_it_tested(tmp_path, monkeypatch, capsys):
+    """`train.py test --ckpt_path X` reports X, not the best checkpoint of the run that wrote X."""
+    monkeypatch.chdir(tmp_path)
+    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=0)
+    args = [a for a in args if not a.startswith(("--trainer.fast_dev_run", "--data.init_args.train_size"))]
+    args += ["--data.init_args.train_size=8", "--trainer.max_epochs=1", "--trainer.limit_test_batches=1"]
+    cli_main(args + ["--trainer.enable_progress_bar=false"])
+    out = capsys.readouterr().out
+    best = next(s for s in out.splitlines() if s.startswith("best checkpoint: ")).split(": ", 1)[1]
+    assert Path(best).name.startswith("best-") and Path(best).exists()
+    assert f"tested checkpoint: {best}" in out  # after fit, the best one is tested
+
+    other = tmp_path / "copy.ckpt"
+    other.write_bytes(Path(best).read_bytes())
+    cli_main(["test", *args[1:], "--trainer.enable_progress_bar=false", f"--ckpt_path={other}"])
+    out = capsys.readouterr().out
+    assert "TEST METRICS " in out and f"tested checkpoint: {other}" in out
+    assert "best checkpoint" not in out, out

@@ -1,10 +1,13 @@
 """MMXAttn: the public API's contract over every model preset, text-side masking, inputs, retrieval."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import mmxattn
 from mmxattn.capture import capture_attention
+from mmxattn.presets import get_config, get_encoder_config
 
 
 def _batch(model, B=2, seed=0):
@@ -181,6 +184,25 @@ def test_bad_inputs_raise_clear_errors():
         model.encode_text(["a red circle"])
     with pytest.raises(ValueError, match="vocab_size"):
         mmxattn.create_model("mmx_tiny", vocab_size=20, tokenizer=type("T", (), {"vocab_size": 21})())
+
+
+def test_vision_override_can_name_another_encoder_preset_and_bad_fields_are_named():
+    # the encoder of a model preset swapped for another encoder preset, with a field of its own on top
+    cfg = get_config("mmx_tiny", vision={"preset": "cat_shapes", "window": 2})
+    shapes = get_encoder_config("cat_shapes")
+    assert (cfg.vision.embed_dim, cfg.vision.num_heads, cfg.vision.window) == (shapes.embed_dim, shapes.num_heads, 2)
+    assert cfg.vision.num_classes == 0  # the model never reads a classification head
+    assert get_config("mmx_tiny", vision="cat_shapes").vision == dataclasses.replace(shapes, num_classes=0)
+    model = mmxattn.create_model("mmx_tiny", vision={"preset": "cat_shapes"})
+    assert model.visual.cfg.embed_dim == shapes.embed_dim
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['embed'\].*CATConfig"):
+        get_config("mmx_tiny", vision={"embed": 3})
+    with pytest.raises(ValueError, match=r"\['widht'\].*TextConfig"):
+        get_config("mmx_tiny", text={"widht": 3})
+    with pytest.raises(KeyError, match="unknown encoder preset 'nope'"):
+        get_config("mmx_tiny", vision={"preset": "nope"})
+    with pytest.raises(TypeError, match="vision= takes a CATConfig or a dict"):
+        get_config("mmx_tiny", vision=3)
 
 
 def test_several_captions_per_image_forward_equals_repeating_the_images():

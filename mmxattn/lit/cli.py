@@ -74,8 +74,10 @@ class MMXAttnCLI(LightningCLI):
             paths = getattr(cb, "last_paths", None)
             if paths:
                 print(f"attention maps: {Path(paths[0]).parent}", flush=True)
+        tested = getattr(self.trainer, "ckpt_path", None)  # the file `test` loaded (None: the weights in memory)
+        print(f"tested checkpoint: {tested or 'none (the weights in memory)'}", flush=True)
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
-        if best:
+        if best and self.config.get("subcommand") == "fit":
             print(f"best checkpoint: {best}", flush=True)
 
 
