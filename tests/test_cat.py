@@ -221,6 +221,25 @@ def test_load_pretrained_file_and_wrappers(fixture, tmp_path):
     assert torch.equal(headless.ape, sd["ape"])
 
 
+@needs_ref
+def test_weights_of_another_image_size_load_with_the_position_embedding_resized(fixture):
+    """The official 224 px fixture loaded into a 448 px encoder: the same outputs as the 224 px model on 448 px
+    images (which resizes its position embedding on the fly, as SPEC.md's dense-prediction rule says)."""
+    big = create_encoder("cat_micro", img_size=448, num_classes=0).eval()
+    big.load_pretrained(REF / "cat_micro.safetensors")
+    assert big.ape.shape == (1, 112 * 112, 32)
+    small = create_encoder("cat_micro", num_classes=0).eval()
+    small.load_pretrained(REF / "cat_micro.safetensors")
+    x = torch.randn(1, 3, 448, 448, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for a, b in zip(big.forward_features(x), small.forward_features(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # an embedding of another width is still a shape error, named
+    sd = {k[len("model.") :]: v for k, v in fixture.items() if k.startswith("model.")}
+    with pytest.raises(ValueError, match=r"ape: expected \(1, 12544, 32\), given \(1, 3136, 16\)"):
+        big.load_pretrained(dict(sd, ape=sd["ape"][..., :16]))
+
+
 def test_load_pretrained_errors_and_key_map():
     src = create_encoder("cat_pico")
     sd = src.state_dict()

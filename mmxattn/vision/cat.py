@@ -16,6 +16,7 @@ padded up to one window. The smallest accepted image gives a stem grid of at lea
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -476,11 +477,7 @@ class CATEncoder(nn.Module):
     def position_embedding(self, h: int, w: int) -> Tensor:
         """``ape`` for an ``h x w`` stem grid, ``(1, h, w, C)``; resized bicubically when the grid differs."""
         g, C = self.patch_grid, self.ape.shape[-1]
-        pe = self.ape.view(1, g, g, C)
-        if (h, w) != (g, g):
-            pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
-            pe = pe.permute(0, 2, 3, 1)
-        return pe
+        return _resize_grid(self.ape.view(1, g, g, C), h, w)
 
     def forward_features(self, x: Tensor, stages: Iterable[int] | None = None) -> list[Tensor]:
         """Tokens of each requested stage (default: all), ``(B, h_i * w_i, C_i)``, after its last CAB and before
@@ -528,6 +525,8 @@ class CATEncoder(nn.Module):
         renames keys of older releases: a dict of ``old prefix -> new prefix`` (``None`` drops the key) or a
         callable ``key -> new key`` (``None`` drops it). With ``num_classes=0`` a checkpoint's ``head.*`` is
         dropped silently. ``relative_position_index`` buffers missing from the file are kept (they are constants).
+        Weights trained at another image size load: their absolute position embedding is resized bicubically to
+        this encoder's grid, as the forward pass resizes it for other input sizes.
 
         Raises ``ValueError`` listing missing / unexpected keys (when ``strict``) and shape mismatches (always),
         with expected vs given shapes.
@@ -538,6 +537,8 @@ class CATEncoder(nn.Module):
         if self.cfg.num_classes == 0:
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         own = self.state_dict()
+        if "ape" in own and "ape" in sd and sd["ape"].shape != own["ape"].shape:
+            sd["ape"] = _resized_ape(sd["ape"], own["ape"])
         for k in own:
             if k.endswith("relative_position_index") and k not in sd:
                 sd[k] = own[k]
@@ -564,6 +565,27 @@ class CATEncoder(nn.Module):
                 f"CATEncoder.load_pretrained: checkpoint keys do not fit this model: {'; '.join(problems)}{hint}"
             )
         return self.load_state_dict(sd, strict=strict)
+
+
+def _resize_grid(pe: Tensor, h: int, w: int) -> Tensor:
+    """A ``(1, g, g, C)`` position grid resized bicubically to ``(1, h, w, C)`` (unchanged when it fits)."""
+    if pe.shape[1:3] == (h, w):
+        return pe
+    pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False)
+    return pe.permute(0, 2, 3, 1)
+
+
+def _resized_ape(given: Tensor, own: Tensor) -> Tensor:
+    """A checkpoint's absolute position embedding ``(1, g*g, C)`` trained at another image size, resized to this
+    encoder's grid the way :meth:`CATEncoder.position_embedding` resizes it for other input sizes: loading 224 px
+    weights into a 448 px encoder gives the outputs of the 224 px model run on 448 px images. Returned unchanged
+    (and reported as a shape mismatch) when it is not a square grid of the same width."""
+    g = math.isqrt(given.shape[1]) if given.dim() == 3 else 0
+    n = math.isqrt(own.shape[1])
+    if given.dim() != 3 or given.shape[0] != 1 or given.shape[2] != own.shape[2] or g * g != given.shape[1]:
+        return given
+    pe = _resize_grid(given.float().reshape(1, g, g, -1), n, n)
+    return pe.reshape(1, n * n, -1).to(own.dtype)
 
 
 def _fast_projections(attn: Attention) -> Attention:
