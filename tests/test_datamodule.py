@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -458,3 +459,22 @@ def test_wds_datamodule_train_and_eval(tmp_path):
     assert len(refs) == 8 and all(len(r) == 2 for r in refs)
     for x in v:
         _check_eval_contract(x, dm.tokenizer)
+
+
+def test_wds_datamodule_fixed_epoch_length_and_the_ddp_warning(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), (10, 200, 10)).save(buf, format="JPEG")
+    _shard(tmp_path / "shard-0.tar", [(f"k{k}", buf.getvalue(), {"captions": [f"green {k}"]}) for k in range(3)])
+    kw = dict(format="wds", train_path=str(tmp_path), tokenizer="openclip", img_size=32, batch_size=4, num_workers=0)
+    dm = ImageTextDataModule(**kw, samples_per_epoch=10)
+    batches = list(dm.train_dataloader())  # 10 items from 3 samples, 2 full batches (drop_last)
+    assert [len(b["captions"]) for b in batches] == [4, 4]
+    assert dm.val_dataloader() == []  # the fixed length is the train stream's only
+    monkeypatch.setattr(ImageTextDataModule, "_replicas", lambda self: (2, 0))
+    with pytest.warns(UserWarning, match="samples_per_epoch"):
+        ImageTextDataModule(**kw).train_dataloader()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ImageTextDataModule(**kw, samples_per_epoch=8).train_dataloader()
+    with pytest.raises(ValueError, match="samples_per_epoch is for WebDataset"):
+        ImageTextDataModule(format="csv", samples_per_epoch=8)

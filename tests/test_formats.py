@@ -287,6 +287,40 @@ def test_webdataset_shard_shuffle_is_per_epoch_and_exact(tmp_path):
     assert orders[0] != orders[1] or orders[1] != orders[2]
 
 
+def _batches_per_rank(ds_kw: dict, world: int = 2, workers: int = 2) -> list[list[list[str]]]:
+    """Each rank's training batches (drop_last, as ImageTextDataModule loads a stream), as lists of path:key."""
+    out = []
+    for r in range(world):
+        ds = WebDatasetCaptions(rank=r, world_size=world, **ds_kw)
+        loader = DataLoader(ds, batch_size=3, num_workers=workers, drop_last=True, collate_fn=collate_skipping)
+        out.append([[f"{p}:{k}" for p, k in zip(b["path"], b["key"])] for b in loader])
+    return out
+
+
+def test_webdataset_samples_per_epoch_gives_every_rank_the_same_steps(tmp_path):
+    for name, n in (("a", 12), ("b", 3), ("c", 5)):  # unequal shards: 17 vs 3 samples on 2 ranks
+        _shards(tmp_path / name, n_shards=1, per_shard=n)
+    shards = [str(tmp_path / name / "shards-000.tar") for name in "abc"]
+    plain = _batches_per_rank(dict(shards=shards))
+    assert len(plain[0]) != len(plain[1])  # the hazard: DDP would wait at the epoch's end for the shorter rank
+    fixed = _batches_per_rank(dict(shards=shards, samples_per_epoch=48, shuffle_buffer=4))
+    assert len(fixed[0]) == len(fixed[1]) == 2 * 4  # 48 / 4 readers = 12 items each -> 4 batches per worker
+    seen = [x for rank in fixed for b in rank for x in b]
+    every = {f"{p}:s0_{i:03d}" for p, n in zip(shards, (12, 3, 5)) for i in range(n)}
+    assert set(seen) == every and len(seen) == 48  # the short rank re-reads its shard
+    with_shuffle = _batches_per_rank(dict(shards=shards, samples_per_epoch=47, shuffle_shards=True, seed=3))
+    assert len(with_shuffle[0]) == len(with_shuffle[1]) == 2 * 4  # ceil(47 / 4) = 12
+
+
+def test_webdataset_samples_per_epoch_errors(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(RuntimeError, match=r"junk.tar.*gave no usable sample"):
+        list(WebDatasetCaptions(str(tmp_path / "junk.tar"), samples_per_epoch=5))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="samples_per_epoch must be a positive integer"):
+            WebDatasetCaptions(str(tmp_path / "junk.tar"), samples_per_epoch=bad)
+
+
 def test_webdataset_sample_dict_and_modes(tmp_path):
     jpg = _encoded("JPEG")
     with tarfile.open(tmp_path / "m.tar", "w") as tf:

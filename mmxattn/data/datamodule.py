@@ -20,6 +20,7 @@ restart the interrupted epoch from its beginning (shard order is a function of s
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -313,6 +314,9 @@ class ImageTextDataModule(_CaptionDataModule):
         train_augment: RandomResizedCrop over 80-100% of the area in training (no flip, no colour jitter).
         max_broken_fraction: share of broken training samples per epoch above which the run stops.
         shuffle_buffer: wds only, samples shuffled within each reader.
+        samples_per_epoch: wds only, a fixed number of training items per epoch over all ranks and workers (shards
+            are re-read when they run out). Needed for multi-GPU training unless every rank's shards hold the same
+            number of samples: otherwise a rank with fewer batches ends its epoch first and the others wait for it.
         train_captions_per_image: each training item brings up to this many captions of its image (the drawn one
             and the next ones of the image; see ``ShapesDataModule``); 1 = one caption per item.
         train_items: what one training item is. "pairs" (default): every (image, caption) pair, so an image with 5
@@ -351,11 +355,17 @@ class ImageTextDataModule(_CaptionDataModule):
         shuffle_buffer: int = 1000,
         train_captions_per_image: int = 1,
         train_items: str = "pairs",
+        samples_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if samples_per_epoch is not None and format != "wds":
+            raise ValueError(
+                f"samples_per_epoch is for WebDataset streams (format: wds); a {format} epoch is its file's samples"
+            )
+        self.samples_per_epoch = samples_per_epoch
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {tuple(NORMALIZATIONS)}, got {normalization!r}")
         if train_items not in ("pairs", "images"):
@@ -434,6 +444,7 @@ class ImageTextDataModule(_CaptionDataModule):
                 shuffle_shards=mode == "train",
                 shuffle_buffer=self.shuffle_buffer if mode == "train" else 0,
                 seed=self.seed,
+                samples_per_epoch=self.samples_per_epoch if split == "train" else None,
             )
         except (DatasetFormatError, FileNotFoundError) as e:  # say which argument of ours it was
             raise type(e)(f"ImageTextDataModule {split}_path ({self.format}): {e}") from None
@@ -462,6 +473,14 @@ class ImageTextDataModule(_CaptionDataModule):
             raise ValueError("ImageTextDataModule: train_dataloader needs train_path")
         if isinstance(ds, WebDatasetCaptions):
             # a stream: order from (seed, epoch) shard shuffling, per-reader sample shuffling; no sampler
+            world, _ = self._replicas()
+            if world > 1 and ds.samples_per_epoch is None:
+                warnings.warn(
+                    f"WebDataset training on {world} ranks without samples_per_epoch: unless every rank's shards "
+                    "hold the same number of samples, ranks run different numbers of steps and the run can hang at "
+                    "an epoch's end; set --data.init_args.samples_per_epoch",
+                    stacklevel=2,
+                )
             return DataLoader(ds, drop_last=True, collate_fn=self._train_collate(), **self._loader_kwargs())
         return self._map_train_loader(ds)
 

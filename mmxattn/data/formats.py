@@ -381,8 +381,11 @@ class WebDatasetCaptions(IterableDataset):
 
     ``shards``: brace notation ("shards-{000..003}.tar"), a list, or a directory of .tar files. Samples are split
     across ranks (``rank``/``world_size``, default from torch.distributed at iteration time) and DataLoader workers so
-    each sample is yielded exactly once per epoch per data-parallel group. Ranks may get unequal counts (DDP training
-    then needs equal-size shards or a fixed epoch length). ``shuffle_shards`` permutes shards with ``seed + epoch``
+    each sample is yielded exactly once per epoch per data-parallel group. Ranks may then get unequal counts, and DDP
+    training would wait at the epoch's end for the rank with fewer batches: ``samples_per_epoch`` fixes the epoch
+    length instead (over all ranks and workers: every reader yields ``ceil(samples_per_epoch / (world_size *
+    num_workers))`` items, re-reading its shards from the start when they run out, as open_clip's
+    ``--train-num-samples`` does), so every rank runs the same number of steps. ``shuffle_shards`` permutes shards with ``seed + epoch``
     (the same on every rank, so the split stays exact); ``shuffle_buffer`` > 0 shuffles samples within a reader.
     A shard that fails to open or is truncated yields one ``BrokenSample(shard, reason)``; samples read before the
     damage are kept. ``path`` is the shard, ``key`` and ``image_id`` the sample key.
@@ -405,8 +408,14 @@ class WebDatasetCaptions(IterableDataset):
         seed: int = 0,
         min_size: int = 8,
         max_pixels: int | None = None,
+        samples_per_epoch: int | None = None,
     ) -> None:
         _check_mode(mode)
+        if samples_per_epoch is not None and (
+            isinstance(samples_per_epoch, bool) or not isinstance(samples_per_epoch, int) or samples_per_epoch < 1
+        ):
+            raise ValueError(f"samples_per_epoch must be a positive integer or None, got {samples_per_epoch!r}")
+        self.samples_per_epoch = samples_per_epoch
         if (rank is None) != (world_size is None):
             raise ValueError(f"pass both rank and world_size or neither, got rank={rank}, world_size={world_size}")
         if world_size is not None and not 0 <= rank < world_size:
@@ -474,18 +483,40 @@ class WebDatasetCaptions(IterableDataset):
                 yield from pending
                 pending.clear()
 
-        stream: Iterator = raw()
-        if self.shuffle_buffer > 0:
-            stream = wds.shuffle(
-                self.shuffle_buffer,
-                initial=self.shuffle_buffer // 2,
-                seed=self.seed + epoch * 9973 + rank * n_workers + worker,
-            )(stream)
-        for item in stream:
-            if isinstance(item, BrokenSample):
+        def one_pass(n_pass: int) -> Iterator[dict[str, Any] | BrokenSample]:
+            failed.clear()
+            stream: Iterator = raw()
+            if self.shuffle_buffer > 0:
+                stream = wds.shuffle(
+                    self.shuffle_buffer,
+                    initial=self.shuffle_buffer // 2,
+                    seed=self.seed + epoch * 9973 + rank * n_workers + worker + n_pass * 7919,
+                )(stream)
+            for item in stream:
+                if isinstance(item, BrokenSample):
+                    yield item
+                else:
+                    yield from self._decode(item, epoch)
+
+        if self.samples_per_epoch is None:
+            yield from one_pass(0)
+            return
+        quota = -(-self.samples_per_epoch // (world * n_workers))  # the same on every reader
+        n, n_pass = 0, 0
+        while True:
+            usable = False
+            for item in one_pass(n_pass):
+                usable = usable or not isinstance(item, BrokenSample)
                 yield item
-            else:
-                yield from self._decode(item, epoch)
+                n += 1
+                if n == quota:
+                    return
+            if not usable:
+                raise RuntimeError(
+                    f"WebDatasetCaptions: a full pass over this reader's shards {urls} gave no usable sample, so its "
+                    f"samples_per_epoch share ({quota}) cannot be filled"
+                )
+            n_pass += 1
 
     def _captions(self, sample: dict[str, Any]) -> list[Any] | str:
         """The sample's captions, or a reason string when it has none we can read."""
