@@ -607,3 +607,23 @@ def test_stand_alone_test_names_the_checkpoint_it_tested(tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert "TEST METRICS " in out and f"tested checkpoint: {other}" in out
     assert "best checkpoint" not in out, out
+
+
+def test_bad_settings_are_one_error_line_naming_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # configs/finetune_csv.yaml's data/train.csv is not here
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(CONFIGS / "finetune_csv.yaml")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert (
+        f"error: ImageTextDataModule: train_path 'data/train.csv' does not exist (relative to the working directory {tmp_path})"
+        in err
+    )
+    assert "Union subtypes" not in err and "Traceback" not in err
+    shapes = smoke_args("shapes.yaml", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli_main(shapes + ["--model.gen_num_beams=-1"])
+    assert e.value.code == 2 and "error: num_beams must be >= 1, got -1" in capsys.readouterr().err
+    monkeypatch.setenv("MMXATTN_TRACEBACK", "1")  # the traceback, for whoever wants it
+    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+        cli_main(shapes + ["--model.gen_num_beams=-1"])

@@ -376,7 +376,8 @@ class ImageTextDataModule(_CaptionDataModule):
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         for split, p in self.paths.items():  # missing files fail now; format problems in setup (or now, for "word")
             if p is not None and format != "wds" and not os.path.isfile(p):
-                raise FileNotFoundError(f"ImageTextDataModule: {split}_path {p!r} does not exist")
+                where = "" if os.path.isabs(p) else f" (relative to the working directory {os.getcwd()})"
+                raise FileNotFoundError(f"ImageTextDataModule: {split}_path {p!r} does not exist{where}")
         self.image_root, self.img_key, self.caption_key, self.csv_separator = (
             image_root,
             img_key,

@@ -11,6 +11,8 @@ glibc's malloc is told to keep freed tensor buffers (:func:`mmxattn.runtime.tune
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,17 @@ class MMXAttnCLI(LightningCLI):
         parser.add_argument(
             "--metrics_file", type=str | None, default=None, help="also write the final test metrics JSON here"
         )
+
+    def instantiate_classes(self) -> None:
+        # a bad setting (a missing data file, an out-of-range option) is a one-line error naming it, exit status 2,
+        # instead of a traceback through jsonargparse in which the data module's message is one line of many
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
+            if os.environ.get("MMXATTN_TRACEBACK") == "1":
+                raise
+            print(f"error: {_config_error(e)}\n(MMXATTN_TRACEBACK=1 shows the traceback)", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     def _sub(self) -> Any:
         return self.config.get(self.config.get("subcommand")) or self.config
@@ -79,6 +92,21 @@ class MMXAttnCLI(LightningCLI):
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         if best and self.config.get("subcommand") == "fit":
             print(f"best checkpoint: {best}", flush=True)
+
+
+_UNION = "Does not validate against any of the Union subtypes"
+
+
+def _config_error(e: BaseException) -> str:
+    """The message of a failed instantiation; for a class given by class_path (the data module), jsonargparse wraps
+    the class's own error into a union error whose other lines only say that None was not given."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if _UNION not in text or "Errors:" not in text:
+        return text
+    errors = text.split("Errors:", 1)[1].split("\nGiven value", 1)[0]
+    lines = [ln.strip().removeprefix("- ").strip() for ln in errors.splitlines()]
+    ours = [ln for ln in lines if ln and not ln.startswith("Expected a <class 'NoneType'>")]
+    return "; ".join(ours) or text
 
 
 def _after_test(self: MMXAttnCLI) -> None:
