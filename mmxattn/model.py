@@ -345,8 +345,17 @@ class MMXAttn(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def get_logit_scale(self) -> Tensor:
-        # CLIP's clamp (Radford et al. 2021): the temperature multiplier never exceeds max_logit_scale (100).
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale).reshape(())  # a 0-d tensor
+        """The contrastive temperature multiplier, a 0-d tensor, never above ``max_logit_scale`` (100, CLIP's bound:
+        Radford et al. 2021). Above the bound the value is the bound but the gradient still reaches the parameter
+        (a plain ``clamp`` would zero it there, and a temperature Adam pushed past the bound would stick at 100);
+        training also clamps the parameter itself after every step (:meth:`clamp_logit_scale_`), as CLIP does."""
+        s = self.logit_scale.exp().reshape(())
+        return torch.where(s > self.cfg.max_logit_scale, s - s.detach() + self.cfg.max_logit_scale, s)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the learned log-temperature to ``log(max_logit_scale)`` in place (after an optimizer step)."""
+        self.logit_scale.clamp_(max=math.log(self.cfg.max_logit_scale))
 
     def decode(self, image_tokens: Tensor, text_states: Tensor, image_index: Tensor | None = None) -> Tensor:
         """Teacher-forced decoder: text states (B, T, W), image tokens (B, L, D) -> vocabulary logits (B, T, V).

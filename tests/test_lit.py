@@ -627,3 +627,24 @@ def test_bad_settings_are_one_error_line_naming_them(tmp_path, monkeypatch, caps
     monkeypatch.setenv("MMXATTN_TRACEBACK", "1")  # the traceback, for whoever wants it
     with pytest.raises(ValueError, match="num_beams must be >= 1"):
         cli_main(shapes + ["--model.gen_num_beams=-1"])
+
+
+def test_the_learned_temperature_is_bounded_keeps_its_gradient_and_training_clamps_it(tmp_path):
+    model = mmxattn.create_model("mmx_tiny")
+    bound = math.log(model.cfg.max_logit_scale)
+    with torch.no_grad():
+        model.logit_scale.fill_(bound + 0.1)  # where Adam's step can leave it
+    s = model.get_logit_scale()
+    assert s.shape == () and s.item() == model.cfg.max_logit_scale
+    s.backward()  # a plain clamp would give 0 here, and the temperature could never come back down
+    assert model.logit_scale.grad.item() == pytest.approx(model.cfg.max_logit_scale * math.exp(0.1), rel=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(20.0))
+    assert model.get_logit_scale().item() == pytest.approx(20.0)  # below the bound: exp of the parameter
+
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=1, lr=1e-6)
+    with torch.no_grad():
+        mod.model.logit_scale.fill_(bound + 0.5)
+    trainer.fit(mod, datamodule=dm)
+    # CLIP's rule: the parameter is clamped after the step (to the float32 nearest log(100))
+    assert mod.model.logit_scale.item() == torch.tensor(bound).item()

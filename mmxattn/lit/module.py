@@ -507,6 +507,7 @@ class MMXAttnModule(pl.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        self.model.clamp_logit_scale_()  # CLIP's rule: the learned temperature stays within its bound
         # the EMA update belongs to the optimizer step itself: callbacks' on_train_batch_end (where ModelCheckpoint
         # saves every_n_train_steps, e.g. last.ckpt) run before the module's, so an update made there was missing
         # from the step's checkpoint and lost on resume
