@@ -51,11 +51,23 @@ def retrieval_metrics(
             scale (pass the model's learned one); see :func:`gallery_normalized_scores`.
     Returns:
         ``i2t_r{k}``, ``t2i_r{k}`` for every k, and ``rsum`` (their sum, the usual model-selection number).
+
+    Ties are broken at random in expectation: a query whose own item ties with ``t`` others behind ``b`` better ones
+    counts ``clamp((k - b) / (t + 1), 0, 1)`` towards recall@k, so a collapsed model (every score equal) scores
+    chance, not 1. Images without a text are distractors for t2i and left out of i2t. Non-finite embeddings give
+    NaN for every metric (with a warning; a checkpoint monitor then never prefers the run).
     """
     text_to_image = text_to_image.to(image_embeds.device).long()
     n_img, n_txt = image_embeds.shape[0], text_embeds.shape[0]
-    if text_to_image.shape != (n_txt,) or (n_txt and int(text_to_image.max()) >= n_img):
+    if n_img == 0 or n_txt == 0:
+        raise ValueError(f"retrieval_metrics needs at least one image and one text, got {n_img} and {n_txt}")
+    if text_to_image.shape != (n_txt,) or int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n_img:
         raise ValueError(f"text_to_image must be ({n_txt},) indices into {n_img} images")
+    if not (torch.isfinite(image_embeds).all() and torch.isfinite(text_embeds).all()):
+        warnings.warn("retrieval_metrics: non-finite embeddings; every recall is NaN", stacklevel=2)
+        keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in ks]
+        keys += [f"{key}_norm" for key in keys] if norm_scale is not None else []
+        return {**dict.fromkeys(keys, float("nan")), "rsum": float("nan")}
     out = _recall(lambda a, b: image_embeds[a:b] @ text_embeds.T, n_img, n_txt, text_to_image, ks, chunk)
     out["rsum"] = sum(v for key, v in out.items() if key.startswith(("i2t", "t2i")))
     if norm_scale is not None:
@@ -78,7 +90,10 @@ def _recall(scores, n_img: int, n_txt: int, text_to_image: Tensor, ks, chunk: in
     is better): i2t counts the rank of an image's best own text, t2i the rank of a text's image."""
     device = text_to_image.device
     i2t_rank = torch.empty(n_img, dtype=torch.long, device=device)
+    i2t_ties = torch.empty(n_img, dtype=torch.long, device=device)
+    i2t_level_own = torch.empty(n_img, dtype=torch.long, device=device)
     t2i_rank = torch.zeros(n_txt, dtype=torch.long, device=device)
+    t2i_ties = torch.full((n_txt,), -1, dtype=torch.long, device=device)  # the own image ties with itself
     own_score: Tensor | None = None  # score of every text's own image, for t2i ranks accumulated over image chunks
     for s in range(0, n_img, chunk):
         sim = scores(s, min(s + chunk, n_img))  # (c, N_txt)
@@ -88,18 +103,38 @@ def _recall(scores, n_img: int, n_txt: int, text_to_image: Tensor, ks, chunk: in
         own = text_to_image[None, :] == rows[:, None]
         best_own = sim.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (c, 1)
         i2t_rank[s : s + sim.shape[0]] = (sim > best_own).sum(1)  # texts strictly better than its best own text
+        level = sim == best_own
+        i2t_ties[s : s + sim.shape[0]] = (level & ~own).sum(1)  # other images' texts level with it
+        i2t_level_own[s : s + sim.shape[0]] = (level & own).sum(1)  # own texts at that score (one at least)
         mine = (text_to_image >= s) & (text_to_image < s + sim.shape[0])
         own_score[mine] = sim[text_to_image[mine] - s, mine.nonzero().squeeze(1)]
     for s in range(0, n_img, chunk):  # t2i: images strictly better than the text's own image
         sim = scores(s, min(s + chunk, n_img))
         t2i_rank += (sim > own_score[None, :]).sum(0)
+        t2i_ties += (sim == own_score[None, :]).sum(0)
+    captioned = torch.zeros(n_img, dtype=torch.bool, device=device)
+    captioned[text_to_image] = True
     out = {}
     for k in ks:
         if which in ("both", "i2t"):
-            out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
+            c = captioned
+            out[f"i2t_r{k}"] = _expected_hits(i2t_rank[c], i2t_ties[c], k, i2t_level_own[c])
         if which in ("both", "t2i"):
-            out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
+            out[f"t2i_r{k}"] = _expected_hits(t2i_rank, t2i_ties, k, torch.ones_like(t2i_ties))
     return out
+
+
+def _expected_hits(better: Tensor, ties: Tensor, k: int, own: Tensor) -> float:
+    """Mean chance that an own item lands in the top k when ties are broken at random: ``own`` own items and
+    ``ties`` others share one score behind ``better`` items, so ``j = k - better`` of the tied places are in the top
+    k, and the chance that they are all taken by others is C(ties, j) / C(ties + own, j)."""
+    t, m = ties.double(), own.double()
+    j = (k - better).double().clamp(min=0)
+    j = torch.minimum(j, t + m)
+    lg = torch.lgamma
+    all_others = torch.exp(lg(t + 1) - lg((t - j).clamp(min=0) + 1) - lg(t + m + 1) + lg(t + m - j + 1))
+    all_others = torch.where(j > t, torch.zeros_like(all_others), all_others)  # fewer others than places
+    return (1 - all_others).mean().item()
 
 
 def _gallery_lse(image_embeds: Tensor, text_embeds: Tensor, scale: float, chunk: int) -> tuple[Tensor, Tensor]:
@@ -183,8 +218,10 @@ def caption_metrics(
     if empty:
         raise ValueError(f"caption_metrics: {len(empty)} images have no reference caption, e.g. {empty[:3]}")
     keys = list(references)
-    res_raw = {k: [predictions[k]] for k in keys}
-    gts_raw = {k: list(references[k]) for k in keys}
+    # one line per caption: pycocoevalcap hands the PTB tokenizer the captions joined by newlines, and Java also
+    # breaks lines at \r, \f and U+2028, which would shift every later caption onto another image's key
+    res_raw = {k: [" ".join(predictions[k].split())] for k in keys}
+    gts_raw = {k: [" ".join(c.split()) for c in references[k]] for k in keys}
     have_java = java_available()
     if have_java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

@@ -1,5 +1,7 @@
 """Metrics: full-gallery recall against a brute-force count, caption scores through pycocoevalcap, heatmaps."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,48 @@ def test_gallery_normalization_prefers_the_specific_caption():
 def test_retrieval_rejects_bad_mapping():
     with pytest.raises(ValueError, match="text_to_image"):
         retrieval_metrics(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="text_to_image"):  # a negative index read an uninitialised score
+        retrieval_metrics(torch.randn(3, 4), torch.randn(2, 4), torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="at least one image and one text, got 3 and 0"):
+        retrieval_metrics(torch.randn(3, 4), torch.randn(0, 4), torch.zeros(0, dtype=torch.long))
+
+
+def test_ties_count_at_chance_and_a_collapsed_or_nan_model_scores_no_better():
+    """Ties against the query used to count as wins: a model whose embeddings all collapsed to one vector scored
+    recall 1 everywhere (and would have been saved as the best checkpoint by val/rsum)."""
+    n = 20
+    t2i = torch.arange(n).repeat_interleave(2)
+    same = F.normalize(torch.ones(n, 8), dim=-1)
+    m = retrieval_metrics(same, F.normalize(torch.ones(2 * n, 8), dim=-1), t2i, ks=(1, 5), chunk=7)
+    # the expected top-k hit rate under random tie-breaking: 1 own image among 20, 2 own texts among 40
+    assert m["t2i_r1"] == pytest.approx(1 / n) and m["t2i_r5"] == pytest.approx(5 / n)
+    assert m["i2t_r1"] == pytest.approx(2 / (2 * n))
+    assert m["i2t_r5"] == pytest.approx(1 - math.comb(2 * n - 2, 5) / math.comb(2 * n, 5))
+    # averaged over random tie-breaks, brute force gives the same expectation
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randint(0, 2, (12, 3), generator=g).float() + 0.1, dim=-1)  # many exact ties
+    txt = img[torch.arange(12).repeat_interleave(2)].clone()
+    txt[::3] = img[torch.randint(0, 12, (8,), generator=g)]
+    pairs = torch.arange(12).repeat_interleave(2)
+    exact = retrieval_metrics(img, txt, pairs, ks=(1, 3), chunk=5)
+    runs = []
+    for _ in range(400):  # a random tie-break: a tiny random offset per score
+        sim = img @ txt.T + 1e-6 * torch.rand(12, 24, generator=g)
+        runs.append(recall_from_rankings(sim.topk(3, 1).indices, sim.T.topk(3, 1).indices, pairs, ks=(1, 3)))
+    for key in ("i2t_r1", "i2t_r3", "t2i_r1", "t2i_r3"):
+        assert exact[key] == pytest.approx(sum(r[key] for r in runs) / len(runs), abs=0.03), key
+    with pytest.warns(UserWarning, match="non-finite"):
+        bad = retrieval_metrics(torch.full((3, 4), float("nan")), torch.randn(3, 4), torch.arange(3), norm_scale=5.0)
+    assert all(v != v for v in bad.values()) and "rsum" in bad and "t2i_r1_norm" in bad
+
+
+def test_images_without_a_text_are_t2i_distractors_not_i2t_queries():
+    img = torch.eye(4)
+    txt = torch.eye(4)[:2]  # texts of images 0 and 1; images 2 and 3 have none
+    m = retrieval_metrics(img, txt, torch.tensor([0, 1]), ks=(1, 5))
+    assert m["i2t_r5"] == 1.0 and m["i2t_r1"] == 1.0  # over the two captioned images only
+    swapped = retrieval_metrics(img, torch.eye(4)[[1, 0]], torch.tensor([0, 1]), ks=(1, 5))  # each text fits the other
+    assert swapped["i2t_r1"] == 0.0 and swapped["i2t_r5"] == 1.0 and swapped["t2i_r1"] == 0.0
 
 
 REFS = {
@@ -135,6 +179,20 @@ def test_without_java_falls_back_with_a_warning(monkeypatch):
     if with_java is not None:  # the plain tokenizer agrees with PTB on ordinary captions
         assert out["bleu4"] == pytest.approx(with_java["bleu4"])
         assert out["cider"] == pytest.approx(with_java["cider"])
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="the PTB tokenizer needs java")
+def test_line_breaks_inside_captions_do_not_shift_references_between_images():
+    refs = {i: [f"caption number {w} of image {i}", f"another view {w} {i}"] for i, w in enumerate("abcdef")}
+    preds = {i: r[0] for i, r in refs.items()}
+    clean = caption_metrics(preds, refs, meteor=False)
+    assert clean["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    messy_refs = {i: list(r) for i, r in refs.items()}
+    messy_refs[1][1] = "another view\r\nb 1"  # CSV data can hold \r\n
+    messy_preds = {**preds, 2: "caption number\rc of image 2", 3: "caption\u2028number d of\fimage 3"}
+    messy = caption_metrics(messy_preds, messy_refs, meteor=False)
+    for key in ("bleu4", "cider", "rouge_l"):
+        assert messy[key] == pytest.approx(clean[key], abs=1e-6), key
 
 
 def test_caption_metrics_errors():
