@@ -6,7 +6,7 @@ set's ceilings (best achievable retrieval, a held-out reference caption's scores
 the model's numbers can be read against them.
 
 The data come from ``--config`` (a training config's ``data:`` section) or, without one, from the data-module
-settings saved in the checkpoint. Nothing in the checkpoint is executed: it is read with ``weights_only=True``.
+settings saved in the checkpoint (an exported model folder, which has none, needs ``--config``). Nothing in the checkpoint is executed: it is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -133,7 +133,11 @@ def _trained_rerank_with(ckpt: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmxattn.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) written by train.py")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="Lightning checkpoint (.ckpt) written by train.py, or a folder written by mmxattn.export (with --config)",
+    )
     p.add_argument("--config", default=None, help="training config whose data: section to evaluate on")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--rerank", type=int, default=10, help="decoder re-ranking of the top N candidates (0 = off)")
@@ -157,7 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} must be >= 1, got {value}")
     tune_cpu_allocator()  # mmxattn.runtime: reuse freed tensor buffers (MMXATTN_TUNE_MALLOC=0: off)
     try:
-        ckpt = read_checkpoint(a.ckpt)
+        if Path(a.ckpt).is_dir():  # an exported model: weights and tokenizer, but no data settings
+            if a.config is None:
+                raise ValueError(
+                    f"{a.ckpt} is an exported model folder, which stores no data settings; pass --config with a "
+                    "'data:' section (or --ckpt the training checkpoint)"
+                )
+            ckpt = {}
+        else:
+            ckpt = read_checkpoint(a.ckpt)
         data = _data_section(a.config, ckpt)
         model = load(a.ckpt, device=a.device)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             dm,
             a.split,
             rerank=a.rerank,
-            rerank_with=a.rerank_with or _trained_rerank_with(ckpt),
+            rerank_with=a.rerank_with or getattr(model, "rerank_with_default", None) or _trained_rerank_with(ckpt),
             meteor=not a.no_meteor,
             gen_kwargs=gen,
             max_batches=a.max_batches,

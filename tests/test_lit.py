@@ -22,7 +22,8 @@ from mmxattn.lit.checkpoint_io import AtomicCheckpointIO
 from mmxattn.lit.cli import main as cli_main
 from mmxattn.lit.module import MMXAttnModule, NonFiniteLossError
 
-SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "shapes_tensorboard.yaml")
+OVERLAYS = ("shapes_tensorboard.yaml", "ddp.yaml")  # put on top of another config, not run alone
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name not in OVERLAYS)
 
 
 @pytest.mark.slow
@@ -53,6 +54,32 @@ def test_every_shipped_config_runs(config, tmp_path, monkeypatch, capsys):
         assert metrics["n_images"] > 0
         if config == "shapes.yaml":  # generated captions checked against their scenes, with the baseline beside
             assert 0.0 <= metrics["caption_fit"] <= 1.0 and 0.0 <= metrics["constant_caption_fit"] <= 1.0
+
+
+@pytest.mark.parametrize("data_config", ["coco.yaml", "wds.yaml", "finetune_csv.yaml"])
+def test_ddp_overlay_changes_only_the_devices_and_compile(data_config, capsys):
+    """configs/ddp.yaml on top of a data config: that config's model, data, run folder and checkpoints stay (the
+    README's multi-GPU line used gpu_ddp.yaml there, which swapped in the shapes data and mmx_shapes silently)."""
+    import yaml
+
+    def printed(*names: str) -> dict:
+        with pytest.raises(SystemExit) as e:
+            cli_main(["fit", *(a for n in names for a in ("--config", str(CONFIGS / n))), "--print_config"])
+        assert e.value.code in (0, None)
+        return yaml.safe_load(capsys.readouterr().out)
+
+    alone, stacked = printed(data_config), printed(data_config, "ddp.yaml")
+    t = stacked["trainer"]
+    assert (t["accelerator"], t["devices"], t["strategy"], t["precision"]) == ("gpu", -1, "ddp", "bf16-mixed")
+    assert stacked["model"]["compile"] is True
+    assert stacked["data"] == alone["data"]
+    assert {k: v for k, v in stacked["model"].items() if k != "compile"} == {
+        k: v for k, v in alone["model"].items() if k != "compile"
+    }
+    for key in ("default_root_dir", "callbacks", "logger", "max_epochs", "max_steps"):
+        assert t[key] == alone["trainer"][key], key
+    overlay = yaml.safe_load((CONFIGS / "ddp.yaml").read_text())
+    assert set(overlay) == {"trainer", "model"} and set(overlay["model"]) == {"compile"}
 
 
 def test_tensorboard_config_composes(tmp_path, monkeypatch):
@@ -595,6 +622,8 @@ def test_stand_alone_test_names_the_checkpoint_it_tested(tmp_path, monkeypatch, 
     args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=0)
     args = [a for a in args if not a.startswith(("--trainer.fast_dev_run", "--data.init_args.train_size"))]
     args += ["--data.init_args.train_size=8", "--trainer.max_epochs=1", "--trainer.limit_test_batches=1"]
+    # an unfinished in-process wandb run would be reused by later tests
+    args += ["--trainer.logger=pytorch_lightning.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
     cli_main(args + ["--trainer.enable_progress_bar=false"])
     out = capsys.readouterr().out
     best = next(s for s in out.splitlines() if s.startswith("best checkpoint: ")).split(": ", 1)[1]
@@ -624,6 +653,9 @@ def test_bad_settings_are_one_error_line_naming_them(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as e:
         cli_main(shapes + ["--model.gen_num_beams=-1"])
     assert e.value.code == 2 and "error: num_beams must be >= 1, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # no predict split in any data module: not offered at all
+        cli_main(["predict", "--config", str(CONFIGS / "shapes.yaml")])
+    assert e.value.code == 2 and "invalid choice: 'predict'" in capsys.readouterr().err
     monkeypatch.setenv("MMXATTN_TRACEBACK", "1")  # the traceback, for whoever wants it
     with pytest.raises(ValueError, match="num_beams must be >= 1"):
         cli_main(shapes + ["--model.gen_num_beams=-1"])
@@ -648,3 +680,23 @@ def test_the_learned_temperature_is_bounded_keeps_its_gradient_and_training_clam
     trainer.fit(mod, datamodule=dm)
     # CLIP's rule: the parameter is clamped after the step (to the float32 nearest log(100))
     assert mod.model.logit_scale.item() == torch.tensor(bound).item()
+
+
+def test_evaluate_command_takes_an_exported_folder_with_a_config(tmp_path, capsys):
+    from mmxattn.evaluate import main as evaluate_main
+
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=1)
+    trainer.fit(mod, datamodule=dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    export(load(path), tmp_path / "exported")
+    assert evaluate_main(["--ckpt", str(tmp_path / "exported"), "--no-meteor", "--rerank", "0"]) == 2
+    assert "stores no data settings; pass --config" in capsys.readouterr().err
+    data = {"class_path": "mmxattn.data.datamodule.ShapesDataModule", "init_args": dict(dm.hparams)}
+    (tmp_path / "data.yaml").write_text(json.dumps({"data": data}))  # JSON is YAML
+    args = ["--no-meteor", "--rerank", "4", "--config", str(tmp_path / "data.yaml")]
+    assert evaluate_main(["--ckpt", str(tmp_path / "exported"), *args]) == 0
+    from_folder = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluate_main(["--ckpt", str(path), *args]) == 0
+    from_ckpt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert from_folder["n_images"] == 8 and from_folder == from_ckpt  # the same model, the same numbers

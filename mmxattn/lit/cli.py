@@ -1,4 +1,4 @@
-"""LightningCLI entry point: ``python train.py fit|validate|test|predict --config configs/<x>.yaml``.
+"""LightningCLI entry point: ``python train.py fit|validate|test --config configs/<x>.yaml``.
 
 The data module is chosen in the config (``data.class_path``: ShapesDataModule or ImageTextDataModule); its
 tokenizer properties (vocab size, special ids, context length) and image size are linked into the model, so a
@@ -28,6 +28,12 @@ _LINKS = ("vocab_size", "pad_id", "bos_id", "eos_id", "context_length", "img_siz
 
 
 class MMXAttnCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no `predict`: the data modules have no predict split; captions of new images come from
+        # `python -m mmxattn caption` or MMXAttn.caption, so the subcommand would only fail after loading everything
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in _LINKS:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
