@@ -51,7 +51,24 @@ def _data_section(config: str | None, ckpt: dict[str, Any]) -> dict[str, Any]:
     data = ckpt.get("mmxattn_data")
     if not data:
         raise ValueError("the checkpoint stores no data-module settings; pass --config with a 'data:' section")
+    _only_local_paths(data)
     return data
+
+
+def _only_local_paths(data: Any) -> None:
+    """Refuse data settings read from a checkpoint that name a command or a remote URL: WebDataset runs a
+    ``pipe:`` URL as a shell command (and fetches ``http://`` ones through one), so a checkpoint could otherwise run
+    code through its data settings. The same settings given on purpose in a ``--config`` are the user's choice."""
+    init = data.get("init_args") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(init or {}, dict):
+        raise ValueError("the checkpoint's data settings are not a mapping; pass --config with a 'data:' section")
+    for key, value in (init or {}).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, str) and (v.strip().startswith("pipe:") or "://" in v):
+                raise ValueError(
+                    f"the checkpoint's data settings give {key}={v!r}, a command or a remote URL; only local paths are "
+                    "taken from a checkpoint (pass --config with a 'data:' section to use such a source)"
+                )
 
 
 def build_datamodule(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Any:

@@ -700,3 +700,25 @@ def test_evaluate_command_takes_an_exported_folder_with_a_config(tmp_path, capsy
     assert evaluate_main(["--ckpt", str(path), *args]) == 0
     from_ckpt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert from_folder["n_images"] == 8 and from_folder == from_ckpt  # the same model, the same numbers
+
+
+def test_evaluate_never_runs_a_command_named_by_a_checkpoints_data_settings(tmp_path, capsys):
+    """WebDataset runs `pipe:` URLs as shell commands: a checkpoint whose stored data settings name one must not
+    get it run by `python -m mmxattn.evaluate --ckpt` (which rebuilds the data from those settings)."""
+    from mmxattn.evaluate import main as evaluate_main
+
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=1)
+    trainer.fit(mod, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    marker = tmp_path / "MARKER"
+    for path in (f"pipe:touch {marker}; true", "http://example.invalid/x-{000..001}.tar"):
+        ckpt["mmxattn_data"] = {
+            "class_path": "mmxattn.data.datamodule.ImageTextDataModule",
+            "init_args": {"format": "wds", "train_path": None, "test_path": path, "tokenizer": "openclip"},
+        }
+        torch.save(ckpt, tmp_path / "evil.ckpt")  # plain data: weights_only loading accepts it
+        assert evaluate_main(["--ckpt", str(tmp_path / "evil.ckpt"), "--no-meteor", "--rerank", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "a command or a remote URL" in err and "test_path" in err, err
+        assert not marker.exists()
