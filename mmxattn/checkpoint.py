@@ -36,6 +36,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is an empty file, not a checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, IsADirectoryError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from e
     except Exception as e:  # the weights-only unpickler raises many kinds on foreign or corrupt files
         raise CheckpointError(
             f"{path} is not a loadable checkpoint (torch.load with weights_only=True refused it: "

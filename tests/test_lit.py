@@ -722,3 +722,32 @@ def test_evaluate_never_runs_a_command_named_by_a_checkpoints_data_settings(tmp_
         err = capsys.readouterr().err
         assert "a command or a remote URL" in err and "test_path" in err, err
         assert not marker.exists()
+
+
+def test_ckpt_path_file_keeps_the_command_line_and_names_bad_or_foreign_files(tmp_path, monkeypatch, capsys):
+    """Lightning's CLI replaced the model's settings with the checkpoint's for `--ckpt_path FILE` (not for `last`)
+    and tracebacked on damaged files; a checkpoint of another preset was 200 lines of size mismatches."""
+    monkeypatch.chdir(tmp_path)
+    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=0)
+    args = [a for a in args if not a.startswith(("--trainer.fast_dev_run", "--data.init_args.train_size"))]
+    args += ["--data.init_args.train_size=8", "--trainer.max_epochs=1", "--trainer.limit_test_batches=1"]
+    args += ["--trainer.logger=pytorch_lightning.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
+    best = cli_main(args + ["--test_after_fit=false"]).trainer.checkpoint_callback.best_model_path
+    assert best and read_checkpoint(best)["hyper_parameters"]["gen_num_beams"] == 3
+    test = ["test", *args[1:], f"--ckpt_path={best}"]
+    cli = cli_main(test + ["--model.gen_strategy=beam", "--model.gen_num_beams=5"])
+    assert (cli.model.hparams.gen_strategy, cli.model.hparams.gen_num_beams) == ("beam", 5)
+    capsys.readouterr()
+
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(Path(best).read_bytes()[:5000])
+    with pytest.raises(SystemExit) as e:
+        cli_main(["test", *args[1:], f"--ckpt_path={cut}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: --ckpt_path: {cut} is not a loadable checkpoint" in err
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(test + ["--model.preset=mmx_shapes"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "written by a model of another configuration" in err, err
+    assert "preset: 'mmx_tiny' in the checkpoint, 'mmx_shapes' here" in err and "Traceback" not in err

@@ -42,6 +42,38 @@ class MMXAttnCLI(LightningCLI):
             "--metrics_file", type=str | None, default=None, help="also write the final test metrics JSON here"
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's version replaces the model's settings with the checkpoint's hyper-parameters, silently
+        # overriding the config and the command line for `--ckpt_path FILE` (not for `last`), and reads the file
+        # outside the checkpoint IO, so a damaged file was a raw traceback. Here the config and the command line
+        # decide every setting (a checkpoint of another architecture is a clear error when its weights load); the
+        # file is only checked, and it holds every weight, so the run's vision_pretrained file is not needed.
+        sub = self.config.get("subcommand")
+        path = self.config.get(f"{sub}.ckpt_path") if sub else None
+        if not path or path in ("last", "best", "hpc") or str(path).startswith("registry"):
+            return
+        from ..checkpoint import CheckpointError, read_checkpoint
+
+        try:
+            read_checkpoint(path)
+        except (CheckpointError, FileNotFoundError) as e:
+            print(f"error: --ckpt_path: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        overrides = self.config.get(f"{sub}.model.overrides")
+        if isinstance(overrides, dict) and overrides.get("vision_pretrained"):
+            self.config[f"{sub}.model.overrides"] = {k: v for k, v in overrides.items() if k != "vision_pretrained"}
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        from ..checkpoint import CheckpointError
+
+        try:
+            super()._run_subcommand(subcommand)
+        except CheckpointError as e:  # a checkpoint that does not fit: one line naming it, not a traceback
+            if os.environ.get("MMXATTN_TRACEBACK") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
     def instantiate_classes(self) -> None:
         # a bad setting (a missing data file, an out-of-range option) is a one-line error naming it, exit status 2,
         # instead of a traceback through jsonargparse in which the data module's message is one line of many

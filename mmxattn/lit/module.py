@@ -665,6 +665,43 @@ class MMXAttnModule(pl.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another model configuration is one error naming the settings that differ (Lightning's
+        strict load would print a size-mismatch line per tensor and name neither the file nor the setting)."""
+        sd = checkpoint.get("state_dict")
+        if not isinstance(sd, dict):
+            return
+        own = self.state_dict()
+        mismatched = [k for k, v in own.items() if k in sd and tuple(getattr(sd[k], "shape", ())) != tuple(v.shape)]
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        if not (mismatched or missing or unexpected):
+            return
+        from ..checkpoint import CheckpointError
+
+        def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+            if not isinstance(d, dict):
+                return {prefix.rstrip("."): d}
+            return {k: v for key, sub in d.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+
+        theirs, ours = flat(checkpoint.get("mmxattn_config") or {}), flat(config_to_dict(self.model.cfg))
+        diff = [
+            f"{k}: {theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} here"
+            for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k) != ours.get(k)
+        ]
+        preset = (checkpoint.get("hyper_parameters") or {}).get("preset")
+        if preset is not None and preset != self.hparams.get("preset"):
+            diff.insert(0, f"preset: {preset!r} in the checkpoint, {self.hparams.get('preset')!r} here")
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        shown = "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "")
+        raise CheckpointError(
+            f"checkpoint {path or ''} was written by a model of another configuration ({len(mismatched)} tensors of "
+            f"other shapes, {len(missing)} missing, {len(unexpected)} unexpected). Differing settings: "
+            f"{shown or 'none recorded'}. Build the model as the run did (its config, e.g. the config.yaml saved with "
+            "its logs, or the same --model.* settings)"
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain data only, so the file loads with torch.load(weights_only=True).
         if self._ema is not None and self._ema.num_updates > 0:
@@ -709,6 +746,7 @@ class MMXAttnModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_fits(checkpoint)
         ema = checkpoint.get("mmxattn_ema")
         fitting = self._trainer is not None and getattr(self.trainer.state, "fn", None) == "fit"  # a str enum
         if ema is not None and self._ema is None and not fitting:
