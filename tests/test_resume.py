@@ -97,6 +97,28 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert max((ref[k].float() - init[k].float()).abs().max().item() for k in ref if k in init) > 1e-3
 
 
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_save_last_ckpt_and_the_resumed_run_matches_uninterrupted(tmp_path):
+    """A Ctrl-C in the middle of a training step and a SIGTERM (what schedulers send) save last.ckpt at the step
+    they stopped, not only at the periodic save (every 3 steps here), exit non-zero, and resume exactly."""
+    final = {"class_path": "resume_helpers.SaveFinalWeights"}
+    res = _fit(_config(tmp_path, "ref", [{**final, "init_args": {"path": str(tmp_path / "ref.pt")}}]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = torch.load(tmp_path / "ref.pt")
+    for name, signum, after, code, step in (("int", 2, False, 1, 5), ("term", 15, True, 143, 5)):
+        sig = {"class_path": "resume_helpers.SignalAtStep", "init_args": {"step": 5, "signum": signum, "after": after}}
+        out = {**final, "init_args": {"path": str(tmp_path / f"{name}.pt")}}
+        res = _fit(_config(tmp_path, name, [sig, out]))
+        assert res.returncode == code, (name, res.returncode, res.stderr[-2000:])
+        last = tmp_path / name / "ckpt" / "last.ckpt"
+        assert torch.load(last, weights_only=True)["global_step"] == step, name  # the periodic save was at 3
+        res = _fit(_config(tmp_path, name, [out]), "--ckpt_path", "last")
+        assert res.returncode == 0, res.stderr[-3000:]
+        cut = torch.load(tmp_path / f"{name}.pt")
+        worst = max((ref[k].float() - cut[k].float()).abs().max().item() for k in ref)
+        assert worst <= 1e-6, f"{name}: resumed weights differ by {worst}"
+
+
 def _untrained_state():
     import pytorch_lightning as pl
 

@@ -246,7 +246,9 @@ def resume_position(trainer: Any) -> tuple[int, int] | None:
             return int(ep.processed), 0
         if bp.is_last_batch:
             return int(ep.processed) + 1, 0
-        return int(ep.processed), int(bp.current.ready)
+        # batches whose training step ran: a checkpoint saved inside a step (an interrupt) has fetched that batch
+        # ("ready") without training it, and Lightning runs it again
+        return int(ep.processed), int(bp.current.processed)
     except AttributeError:  # a Lightning version with other loop internals: resume at the epoch start
         warnings.warn(
             "resume_position: unknown Lightning loop internals; resuming at the start of the epoch", stacklevel=2

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..viz import figure_to_png, plot_caption_attention, plot_encoder_attention, resolve_encoder_layer
 
-__all__ = ["AttentionMapLogger"]
+__all__ = ["AttentionMapLogger", "InterruptCheckpoint"]
 
 DEFAULT_ENCODER_LAYERS = ("layers.0.pre_ipsa_blocks.0.attn", "layers.0.cpsa_blocks.0.attn")
 
@@ -201,3 +201,24 @@ class AttentionMapLogger(pl.Callback):
                     step=trainer.global_step,
                     caption=[caption for _, _, caption in items],
                 )
+
+
+class InterruptCheckpoint(pl.callbacks.OnExceptionCheckpoint):
+    """Save ``last.ckpt`` when a run is interrupted (Ctrl-C, or SIGTERM as schedulers send before killing a job),
+    so ``--ckpt_path last`` resumes from the interrupted step instead of the last periodic save. Other exceptions
+    (a crash, a non-finite loss) leave the periodic ``last.ckpt`` alone. ``train.py`` adds one beside every
+    ``ModelCheckpoint`` that keeps a ``last.ckpt``."""
+
+    def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
+        super().__init__(dirpath=dirpath, filename=filename)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.state.fn == "fit":
+            rank_zero_info(f"interrupted: saving {self.ckpt_path} (resume with --ckpt_path last)")
+            super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning's OnExceptionCheckpoint deletes its file when a run ends: here that file is the run's last.ckpt
+        pass

@@ -88,6 +88,18 @@ class MMXAttnCLI(LightningCLI):
     def _sub(self) -> Any:
         return self.config.get(self.config.get("subcommand")) or self.config
 
+    def before_fit(self) -> None:
+        # a Ctrl-C or SIGTERM saves last.ckpt where the config keeps one (mmxattn.lit.callbacks.InterruptCheckpoint)
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        from .callbacks import InterruptCheckpoint
+
+        have = {str(cb.dirpath) for cb in self.trainer.callbacks if isinstance(cb, InterruptCheckpoint)}
+        for cb in list(self.trainer.callbacks):
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath and str(cb.dirpath) not in have:
+                self.trainer.callbacks.append(InterruptCheckpoint(cb.dirpath, cb.CHECKPOINT_NAME_LAST))
+                have.add(str(cb.dirpath))
+
     def after_fit(self) -> None:
         cfg = self._sub()
         if getattr(self.trainer, "interrupted", False):
@@ -155,7 +167,16 @@ MMXAttnCLI.after_test = _after_test
 
 
 def main(args: list[str] | None = None) -> MMXAttnCLI:
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
     tune_cpu_allocator()  # reuse freed tensor buffers instead of page-faulting fresh ones (mmxattn.runtime)
+    try:
+        return _cli(args)
+    except SIGTERMException:  # a SystemExit without a code: the run would exit 0, as if it had finished
+        raise SystemExit(128 + 15) from None
+
+
+def _cli(args: list[str] | None) -> MMXAttnCLI:
     return MMXAttnCLI(
         MMXAttnModule,
         None,  # the data module class comes from the config (class_path)

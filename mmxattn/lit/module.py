@@ -290,6 +290,7 @@ class MMXAttnModule(pl.LightningModule):
         self._frozen = False
         # EMA copy, built before any compile (a plain object: nothing registered, see mmxattn.lit.ema)
         self._ema = ModelEMA(self.model, ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
+        self._rng_batch_start: tuple[Any, Any, Any] | None = None  # RNG states as the current training step began
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
 
@@ -493,6 +494,8 @@ class MMXAttnModule(pl.LightningModule):
         self._frozen = frozen
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the RNG streams as this step starts: an interrupt checkpoint taken inside the step saves these
+        self._rng_batch_start = (torch.get_rng_state(), random.getstate(), np.random.get_state())
         if self._freezable:
             # requires_grad toggling only on one process: DDP's reducer needs a fixed set of gradients
             distributed = self._trainer is not None and self.trainer.world_size > 1
@@ -738,10 +741,18 @@ class MMXAttnModule(pl.LightningModule):
                     },
                 }
         checkpoint["mmxattn_preprocess"] = pre
-        np_state = np.random.get_state()
+        torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        progress = getattr(
+            getattr(getattr(self._trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None
+        )
+        now = getattr(progress, "current", None)
+        if now is not None and self._rng_batch_start is not None and now.started > now.processed:
+            # saved in the middle of a training step (an interrupt): the step is redone on resume, so it must draw
+            # the random numbers it drew the first time
+            torch_state, py_state, np_state = self._rng_batch_start
         checkpoint["mmxattn_rng"] = {
-            "torch": torch.get_rng_state(),
-            "python": _to_plain(random.getstate()),
+            "torch": torch_state,
+            "python": _to_plain(py_state),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         }
 
