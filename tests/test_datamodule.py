@@ -266,6 +266,20 @@ def test_resume_with_another_batch_size_continues_after_the_samples_already_trai
         rest = _fit(tmp_path, ckpt=str(tmp_path / "steps/step=2.ckpt"), batch_size=4)
     epoch0 = [i for e, ids, _ in full if e == 0 for i in ids]
     assert [ids for e, ids, _ in rest if e == 0] == [epoch0[16:20], epoch0[20:24], epoch0[24:28], epoch0[28:32]]
+    assert len([e for e, _, _ in rest if e == 1]) == 8  # the next epoch is whole, in batches of 4
+    # a LARGER batch: Lightning counted 3 batches (of 4) done against the new epoch's 4 batches of 8, so only one
+    # more ran and 8 samples of the epoch were never trained; now the rest, samples 12..27, come in 2 batches of 8
+    # (the last 4 do not fill a batch: drop_last, as in every epoch)
+    full4 = _fit(
+        tmp_path / "b4",
+        callbacks=[ModelCheckpoint(tmp_path / "b4", every_n_train_steps=1, save_top_k=-1, filename="{step}")],
+        batch_size=4,
+    )
+    with pytest.warns(UserWarning, match="batch_size 8 instead of the saved run's 4"):
+        rest = _fit(tmp_path, ckpt=str(tmp_path / "b4/step=3.ckpt"), batch_size=8)
+    epoch0 = [i for e, ids, _ in full4 if e == 0 for i in ids]
+    assert [ids for e, ids, _ in rest if e == 0] == [epoch0[12:20], epoch0[20:28]]
+    assert len([e for e, _, _ in rest if e == 1]) == 4
 
 
 def test_a_training_split_smaller_than_one_batch_is_an_error():

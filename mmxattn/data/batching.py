@@ -264,6 +264,8 @@ class ResumableLoader(DataLoader):
     #: (epoch, batches of it already trained) this loader resumes at, set by the data module from the trainer's
     #: restored progress; the batch count is in batches of the saved run's size (see ``load_state_dict``)
     resume_at: tuple[int, int] | None = None
+    #: the restoring trainer's fit loop (set with ``resume_at``): its batch counts are rescaled to a new batch size
+    fit_loop: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         s = self.sampler
@@ -273,6 +275,25 @@ class ResumableLoader(DataLoader):
             "batch_size": self.batch_size,
         }
 
+    def _count_in_new_batches(self, samples_done: int) -> None:
+        """Lightning ends the resumed epoch after ``len(self)`` batches counting those its restored progress says
+        were trained, in batches of the saved size: rescale that count, so that the batches still to come (the
+        samples after ``samples_done``, in batches of the new size) all run."""
+        progress = getattr(getattr(self.fit_loop, "epoch_loop", None), "batch_progress", None)
+        if progress is None:
+            return
+        per_rank = len(self.sampler) if hasattr(self.sampler, "__len__") else None
+        if per_rank is None:
+            return
+        remaining = max(per_rank - samples_done, 0) // self.batch_size  # drop_last, as the loader batches them
+        cur = progress.current
+        ended_on_batch_end = cur.processed > cur.completed  # Lightning adds that batch to `completed` on restart
+        completed = max(len(self) - remaining - int(ended_on_batch_end), 0)
+        delta = completed - cur.completed
+        for counter in (cur, progress.total):
+            counter.completed += delta
+            counter.processed = counter.started = counter.ready = counter.completed + int(ended_on_batch_end)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         now = self.state_dict()
         saved_bs = state.get("batch_size")
@@ -281,6 +302,7 @@ class ResumableLoader(DataLoader):
             if done and hasattr(self.sampler, "resume"):
                 # the position is `done` batches of the SAVED size: resume after those samples, not done x the new size
                 self.sampler.resume(epoch, done * int(saved_bs))
+                self._count_in_new_batches(done * int(saved_bs))
             warnings.warn(
                 f"resuming with batch_size {self.batch_size} instead of the saved run's {saved_bs}: the rest of the "
                 f"epoch starts after the {done * int(saved_bs)} samples already trained, in batches of the new size",

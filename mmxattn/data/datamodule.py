@@ -143,6 +143,7 @@ class _CaptionDataModule(pl.LightningDataModule):
             **self._loader_kwargs(),
         )
         loader.resume_at = position
+        loader.fit_loop = getattr(trainer, "fit_loop", None) if position is not None else None
         return loader
 
     def _train_collate(self) -> TrainCollate:
