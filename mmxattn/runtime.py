@@ -14,6 +14,9 @@ preloading jemalloc or tcmalloc (``LD_PRELOAD``), which this does not need.
 
 Set ``MMXATTN_TUNE_MALLOC=0`` to leave the allocator alone. Only glibc (Linux) is touched; elsewhere this does
 nothing.
+
+:func:`remove_orphaned_files` deletes the temporary files of writers that were killed mid-write (checkpoints, the
+shapes cache), named with the writer's process id.
 """
 
 from __future__ import annotations
@@ -21,9 +24,42 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import sys
+from pathlib import Path
 
-__all__ = ["tune_cpu_allocator", "MALLOC_SETTINGS"]
+__all__ = ["tune_cpu_allocator", "MALLOC_SETTINGS", "remove_orphaned_files"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_files(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Delete the files in ``folder`` matching the glob ``pattern`` whose name carries the id of a process that no
+    longer runs (``pid<N>`` or ``tmp<N>``): what a writer killed mid-write (SIGKILL, power) left behind. Files of
+    live processes (a concurrent writer) and files without a process id are kept. Returns the deleted paths."""
+    gone = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return gone
+    for p in folder.glob(pattern):
+        m = re.search(r"(?:pid|tmp)(\d+)", p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            p.unlink()
+            gone.append(p)
+        except OSError:  # already removed by another cleaner, or not ours to remove
+            pass
+    return gone
+
 
 # mallopt(3) parameters (malloc.h) and the values set: the largest mmap threshold glibc accepts on 64-bit
 # (HEAP_MAX_SIZE / 2 = 32 MiB), no trimming below 2 GiB of free top-of-heap, and 64 MiB of padding per heap growth.

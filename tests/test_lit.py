@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -751,3 +752,19 @@ def test_ckpt_path_file_keeps_the_command_line_and_names_bad_or_foreign_files(tm
     err = capsys.readouterr().err
     assert e.value.code == 2 and "written by a model of another configuration" in err, err
     assert "preset: 'mmx_tiny' in the checkpoint, 'mmx_shapes' here" in err and "Traceback" not in err
+
+
+def test_a_save_killed_mid_write_leaves_no_temporary_file_for_long(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = tmp_path / f".last.ckpt.pid{dead.pid}.abc123.tmp"  # what a SIGKILL during a save leaves
+    live = tmp_path / f".last.ckpt.pid{os.getppid()}.def456.tmp"  # a writer still running
+    other = tmp_path / f".best.ckpt.pid{dead.pid}.x.tmp"  # another checkpoint's: its own next save cleans it
+    for p in (orphan, live, other):
+        p.write_bytes(b"partial")
+    AtomicCheckpointIO().save_checkpoint({"x": torch.ones(1)}, tmp_path / "last.ckpt")
+    assert not orphan.exists() and live.exists() and other.exists()
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["x"].item() == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted([live.name, other.name])

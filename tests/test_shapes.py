@@ -1,6 +1,7 @@
 """The embedded shapes data set: determinism, caption self-consistency, rendering, grounding, holdout, caching,
 and the retrieval ceilings against a brute-force computation."""
 
+import os
 import pickle
 import re
 from collections import Counter
@@ -226,6 +227,28 @@ def test_cache_gives_identical_samples_and_pickles_small(tmp_path):
     loader = torch.utils.data.DataLoader(cached, batch_size=4, num_workers=2, collate_fn=list)
     got = [s["captions"] for batch in loader for s in batch]
     assert got == reference_captions(lazy)
+
+
+def test_a_damaged_cache_is_rebuilt_and_killed_builders_files_removed(tmp_path):
+    import subprocess
+
+    ShapesDataset("val", size=6, seed=9, cache_dir=tmp_path)
+    npy, ann = (next(tmp_path.glob(f"*.{ext}")) for ext in ("npy", "json"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process id that no longer runs
+    orphan = tmp_path / f"{npy.name}.tmp{dead.pid}"
+    live = tmp_path / f"{npy.name}.tmp{os.getppid()}"  # a concurrent builder's (a live process): kept
+    orphan.write_bytes(b"x" * 100)
+    live.write_bytes(b"x")
+    ann.write_text(ann.read_text()[:40])  # cut short
+    with pytest.warns(UserWarning, match=f"shapes cache {ann} is damaged.*rebuilding"):
+        again = ShapesDataset("val", size=6, seed=9, cache_dir=tmp_path)
+    assert again[3]["captions"] == ShapesDataset("val", size=6, seed=9)[3]["captions"]
+    assert not orphan.exists() and live.exists()
+    npy.write_bytes(npy.read_bytes()[:200])  # damaged under a data set already built: a clear error
+    worker_copy = pickle.loads(pickle.dumps(again))  # a DataLoader worker's copy reopens the files
+    with pytest.raises(ValueError, match=f"shapes cache {npy} is damaged.*delete it and it is rebuilt"):
+        worker_copy[0]
 
 
 def test_caption_pick_is_deterministic_per_epoch():

@@ -11,10 +11,12 @@ World and captions: :mod:`mmxattn.data.shapes_render`, :mod:`mmxattn.data.shapes
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..runtime import remove_orphaned_files
 from .shapes_captions import Caption, Meaning, caption_fits, fit_matrix, make_captions, vocabulary
 from .shapes_render import COLOURS, SHAPES, Scene, render_scene, sample_scene
 
@@ -190,8 +193,14 @@ class ShapesDataset(Dataset):
     def _build_cache(self) -> None:
         img_path, ann_path = self.cache_paths()
         if img_path.exists() and ann_path.exists():
-            return
+            problem = self._cache_problem()
+            if problem is None:
+                return
+            warnings.warn(f"shapes cache {problem}: rebuilding it", stacklevel=2)
         self.cache_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        # builders killed mid-write left their temporary files
+        remove_orphaned_files(self.cache_dir, glob.escape(img_path.name) + ".tmp*")  # type: ignore[arg-type]
+        remove_orphaned_files(self.cache_dir, glob.escape(ann_path.name) + ".tmp*")  # type: ignore[arg-type]
         tmp = f".tmp{os.getpid()}"  # concurrent builders (several ranks) each write their own, then rename
         s = self.img_size
         images = np.lib.format.open_memmap(str(img_path) + tmp, mode="w+", dtype=np.uint8, shape=(self.size, s, s, 3))
@@ -207,12 +216,35 @@ class ShapesDataset(Dataset):
         os.replace(str(img_path) + tmp, img_path)
         os.replace(str(ann_path) + tmp, ann_path)
 
+    def _read_cache(self) -> tuple[np.ndarray, list[list]] | str:
+        """The cached images (memory-mapped) and records, or why they cannot be read back (damaged, cut short,
+        another size)."""
+        img_path, ann_path = self.cache_paths()
+        try:
+            images = np.load(img_path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            return f"{img_path} is damaged ({e})"
+        if images.shape != (self.size, self.img_size, self.img_size, 3):
+            return f"{img_path} holds {images.shape}, not {(self.size, self.img_size, self.img_size, 3)}"
+        try:
+            with open(ann_path) as f:
+                records = json.load(f)["records"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{ann_path} is damaged ({type(e).__name__}: {e})"
+        if not isinstance(records, list) or len(records) != self.size:
+            return f"{ann_path} does not hold {self.size} records"
+        return images, records
+
+    def _cache_problem(self) -> str | None:
+        got = self._read_cache()
+        return got if isinstance(got, str) else None
+
     def _cached(self) -> tuple[np.ndarray, list[list]]:
         if self._images is None or self._records is None:
-            img_path, ann_path = self.cache_paths()
-            self._images = np.load(img_path, mmap_mode="r")
-            with open(ann_path) as f:
-                self._records = json.load(f)["records"]
+            got = self._read_cache()
+            if isinstance(got, str):
+                raise ValueError(f"shapes cache {got}; delete it and it is rebuilt")
+            self._images, self._records = got
         return self._images, self._records
 
     def __getstate__(self) -> dict[str, Any]:

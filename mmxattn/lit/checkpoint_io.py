@@ -4,6 +4,7 @@ only then renamed over the old name (``os.replace`` is atomic on POSIX and Windo
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from ..runtime import remove_orphaned_files
 
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
 
@@ -24,7 +27,9 @@ def _current_umask() -> int:
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a save killed mid-write (SIGKILL) leaves its temporary file: delete those of dead writers
+    remove_orphaned_files(path.parent, f".{glob.escape(path.name)}.pid*.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
