@@ -55,13 +55,21 @@ def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
             f"(top-level keys: {sorted(ckpt)[:10]})"
         )
     sd = ckpt["state_dict"]
-    return {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: its state_dict is a {type(sd).__name__}, not a mapping of tensors")
+    return {k[len("model.") :]: v for k, v in sd.items() if isinstance(k, str) and k.startswith("model.")}
 
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     from .model import one_element_params_as_stored
 
     state = dict(state)
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"weights in {source}: {len(not_tensors)} value(s) are not tensors (e.g. {not_tensors[0]}: "
+            f"{type(state[not_tensors[0]]).__name__})"
+        )
     one_element_params_as_stored(model, state)  # 0-d values written before one-element params became (1,)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -71,11 +79,23 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
+    # a float weight given as integers, booleans or complex numbers (or an integer index as floats) would be cast
+    # silently by load_state_dict; other float widths (fp16, bf16, fp64) are fine
+    wrong += [
+        f"{k}: file {state[k].dtype} vs model {own[k].dtype}"
+        for k in own
+        if k in state
+        and (
+            state[k].is_complex()
+            or state[k].is_floating_point() != own[k].is_floating_point()
+            or (not own[k].is_floating_point() and state[k].dtype != own[k].dtype and state[k].dtype == torch.bool)
+        )
+    ]
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"weights in {source} do not fit the model its config describes: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(wrong)} with other shapes (e.g. {wrong[:3]})"
+            f"{len(wrong)} with other shapes or kinds of number (e.g. {wrong[:3]})"
         )
     model.load_state_dict(state, strict=True)
 
@@ -158,7 +178,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
         tok_dict, pre_dict = (_read_json(f) if f.exists() else None for f in (tok, pre))
         try:
             _attach(model, tok_dict, pre_dict)
-        except (TypeError, ValueError, KeyError) as e:
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise CheckpointError(f"{path}: its tokenizer.json / preprocess.json is invalid: {e}") from e
     else:
         ckpt = read_checkpoint(path)
@@ -169,8 +189,13 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
             raise CheckpointError(f"{path}: its mmxattn_config is invalid: {e}") from e
         model = MMXAttn(_without_pretrained(cfg))
         _load_weights(model, state, path)
-        pre = {**scoring_info(ckpt.get("hyper_parameters")), **(ckpt.get("mmxattn_preprocess") or {})}
-        _attach(model, ckpt.get("mmxattn_tokenizer"), pre)
+        try:
+            pre = ckpt.get("mmxattn_preprocess") or {}
+            if not isinstance(pre, dict):
+                raise TypeError(f"mmxattn_preprocess is a {type(pre).__name__}, not a mapping")
+            _attach(model, ckpt.get("mmxattn_tokenizer"), {**scoring_info(ckpt.get("hyper_parameters")), **pre})
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path}: its tokenizer / preprocessing settings are invalid: {e}") from e
     return model.to(device).eval()
 
 

@@ -212,6 +212,42 @@ def test_load_errors_say_what_is_wrong(tmp_path):
             load(d)
 
 
+def test_malformed_checkpoint_fields_and_weights_of_the_wrong_kind_are_named_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    trainer, mod, dm = _tiny_fit(tmp_path, steps=1)
+    trainer.fit(mod, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    good = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    sd = good["state_dict"]
+    bad_fields = {
+        "tokenizer": {"mmxattn_tokenizer": {"kind": "nonsense"}},
+        "tokenizer string": {"mmxattn_tokenizer": "word"},
+        "img_size": {"mmxattn_preprocess": {"img_size": "big"}},
+        "mean": {"mmxattn_preprocess": {"mean": [0.5]}},
+        "itm_weight": {"hyper_parameters": {**good["hyper_parameters"], "itm_weight": "lots"}},
+        "state_dict list": {"state_dict": list(sd.items())},
+        "a float weight": {"state_dict": {**sd, "model.logit_scale": 2.0}},
+        "int weights": {"state_dict": {**sd, "model.pooler.query": sd["model.pooler.query"].to(torch.int8)}},
+        "complex": {"state_dict": {**sd, "model.logit_scale": sd["model.logit_scale"].to(torch.complex64)}},
+    }
+    for what, change in bad_fields.items():
+        path = tmp_path / "bad.ckpt"
+        torch.save({**good, **change}, path)
+        with pytest.raises(CheckpointError, match=str(path).replace(".", r"\.")) as e:
+            load(path)
+        assert e.type is CheckpointError, what
+    half = {**sd, "model.pooler.query": sd["model.pooler.query"].half()}  # another float width is fine
+    torch.save({**good, "state_dict": half}, tmp_path / "half.ckpt")
+    load(tmp_path / "half.ckpt")
+    d = export(load(tmp_path / "m.ckpt"), tmp_path / "exp")
+    weights = load_file(str(d / "model.safetensors"))
+    weights["pooler.query"] = weights["pooler.query"].to(torch.uint8)  # wrecked weights used to load silently
+    save_file(weights, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"pooler\.query: file torch\.uint8 vs model torch\.float32"):
+        load(d)
+
+
 def _tiny_tokenizer():
     from mmxattn.text.tokenizer import WordTokenizer
 
