@@ -114,3 +114,18 @@ def test_lightning_fit_with_bf16_on_one_gpu(strategy, tmp_path, monkeypatch):
     cli = cli_main(args)
     assert cli.trainer.state.finished and cli.trainer.global_step == 2
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+
+
+def test_checkpoints_carry_the_gpus_random_state():
+    """Drop path and hard-negative draws run on the GPU: a resumed run must continue its CUDA generator."""
+    from mmxattn.lit.module import MMXAttnModule
+
+    mod = MMXAttnModule(preset="mmx_tiny").cuda()
+    torch.cuda.manual_seed(123)
+    torch.rand(3, device="cuda")
+    ckpt: dict = {}
+    mod.on_save_checkpoint(ckpt)
+    expected = torch.rand(5, device="cuda")
+    torch.rand(7, device="cuda")  # move the generator on
+    mod.on_load_checkpoint({**ckpt, "state_dict": mod.state_dict()})
+    assert torch.equal(torch.rand(5, device="cuda"), expected)

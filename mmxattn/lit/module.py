@@ -290,7 +290,7 @@ class MMXAttnModule(pl.LightningModule):
         self._frozen = False
         # EMA copy, built before any compile (a plain object: nothing registered, see mmxattn.lit.ema)
         self._ema = ModelEMA(self.model, ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
-        self._rng_batch_start: tuple[Any, Any, Any] | None = None  # RNG states as the current training step began
+        self._rng_batch_start: tuple[Any, ...] | None = None  # RNG states as the current training step began
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
 
@@ -495,7 +495,7 @@ class MMXAttnModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # the RNG streams as this step starts: an interrupt checkpoint taken inside the step saves these
-        self._rng_batch_start = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        self._rng_batch_start = (torch.get_rng_state(), random.getstate(), np.random.get_state(), _cuda_rng_state())
         if self._freezable:
             # requires_grad toggling only on one process: DDP's reducer needs a fixed set of gradients
             distributed = self._trainer is not None and self.trainer.world_size > 1
@@ -742,6 +742,7 @@ class MMXAttnModule(pl.LightningModule):
                 }
         checkpoint["mmxattn_preprocess"] = pre
         torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        cuda_state = _cuda_rng_state()
         progress = getattr(
             getattr(getattr(self._trainer, "fit_loop", None), "epoch_loop", None), "batch_progress", None
         )
@@ -749,12 +750,14 @@ class MMXAttnModule(pl.LightningModule):
         if now is not None and self._rng_batch_start is not None and now.started > now.processed:
             # saved in the middle of a training step (an interrupt): the step is redone on resume, so it must draw
             # the random numbers it drew the first time
-            torch_state, py_state, np_state = self._rng_batch_start
+            torch_state, py_state, np_state, cuda_state = self._rng_batch_start
         checkpoint["mmxattn_rng"] = {
             "torch": torch_state,
             "python": _to_plain(py_state),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         }
+        if cuda_state is not None:  # this process's GPU (drop path and hard-negative draws run there)
+            checkpoint["mmxattn_rng"]["cuda"] = cuda_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_checkpoint_fits(checkpoint)
@@ -788,9 +791,19 @@ class MMXAttnModule(pl.LightningModule):
         rng = checkpoint.get("mmxattn_rng")
         if rng is not None:  # Lightning restores optimizer/scheduler/loops; the RNG streams are ours to restore
             torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.set_rng_state(rng["cuda"], torch.cuda.current_device())
             random.setstate(_to_tuple(rng["python"]))
             name, keys, *rest = rng["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def _cuda_rng_state() -> Tensor | None:
+    """This process's current GPU's generator state (each DDP rank saves its own), or None without CUDA in use;
+    never initialises CUDA, nor touches the other GPUs."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.get_rng_state(torch.cuda.current_device())
 
 
 def _check_finetune_args(
