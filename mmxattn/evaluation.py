@@ -28,7 +28,7 @@ from .metrics import (
     caption_metrics,
     grounding_hits_any,
     grounding_misses,
-    recall_from_rankings,
+    recall_from_candidates,
     retrieval_metrics,
     token_heatmap,
 )
@@ -305,8 +305,10 @@ class EvalAccumulator:
             new = torch.cat(new).cpu().view_as(top)
             if self.rerank_with == "pmi" and query_is_image:
                 new = new - self._log_prior(tokens, ids, top)[top]
-            ranked.append(top.gather(1, new.argsort(dim=1, descending=True)))
-        return recall_from_rankings(ranked[0], ranked[1], t2i, ks=[k for k in (1, 5, 10) if k <= n])
+            ranked.append((top, new))
+        # ties (identical captions score alike) count at chance, as in the plain recall
+        (i2t_c, i2t_s), (t2i_c, t2i_s) = ranked
+        return recall_from_candidates(i2t_c, i2t_s, t2i_c, t2i_s, t2i, ks=[k for k in (1, 5, 10) if k <= n])
 
     def _log_prior(self, tokens: Tensor, ids: Tensor, top: Tensor) -> Tensor:
         """(N_txt,) log prior of the captions among the candidates ``top`` (0 elsewhere: never read), estimated on

@@ -26,6 +26,7 @@ __all__ = [
     "grounding_hits_any",
     "grounding_misses",
     "java_available",
+    "recall_from_candidates",
     "recall_from_rankings",
     "retrieval_metrics",
     "token_heatmap",
@@ -125,16 +126,21 @@ def _recall(scores, n_img: int, n_txt: int, text_to_image: Tensor, ks, chunk: in
 
 
 def _expected_hits(better: Tensor, ties: Tensor, k: int, own: Tensor) -> float:
-    """Mean chance that an own item lands in the top k when ties are broken at random: ``own`` own items and
-    ``ties`` others share one score behind ``better`` items, so ``j = k - better`` of the tied places are in the top
-    k, and the chance that they are all taken by others is C(ties, j) / C(ties + own, j)."""
+    """Mean of :func:`_expected_hit_rates`."""
+    return _expected_hit_rates(better, ties, k, own).mean().item()
+
+
+def _expected_hit_rates(better: Tensor, ties: Tensor, k: int, own: Tensor) -> Tensor:
+    """Per query, the chance that an own item lands in the top k when ties are broken at random: ``own`` own items
+    and ``ties`` others share one score behind ``better`` items, so ``j = k - better`` of the tied places are in the
+    top k, and the chance that they are all taken by others is C(ties, j) / C(ties + own, j)."""
     t, m = ties.double(), own.double()
     j = (k - better).double().clamp(min=0)
     j = torch.minimum(j, t + m)
     lg = torch.lgamma
     all_others = torch.exp(lg(t + 1) - lg((t - j).clamp(min=0) + 1) - lg(t + m + 1) + lg(t + m - j + 1))
     all_others = torch.where(j > t, torch.zeros_like(all_others), all_others)  # fewer others than places
-    return (1 - all_others).mean().item()
+    return 1 - all_others
 
 
 def _gallery_lse(image_embeds: Tensor, text_embeds: Tensor, scale: float, chunk: int) -> tuple[Tensor, Tensor]:
@@ -164,6 +170,41 @@ def gallery_normalized_scores(image_embeds: Tensor, text_embeds: Tensor, scale: 
     """
     sim = scale * (image_embeds @ text_embeds.T)
     return sim.log_softmax(0), sim.log_softmax(1)
+
+
+def recall_from_candidates(
+    i2t_candidates: Tensor,
+    i2t_scores: Tensor,
+    t2i_candidates: Tensor,
+    t2i_scores: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Recall@K over scored candidate lists (e.g. re-ranked top-N lists): ``i2t_candidates`` (N_img, n) text
+    indices with their ``i2t_scores`` (N_img, n), ``t2i_candidates`` (N_txt, n) image indices with ``t2i_scores``.
+    Equal scores are ties broken at random in expectation, as in :func:`retrieval_metrics` (identical captions of
+    several images score alike: which one a sort puts first is not the model's choice). A query whose own item is
+    not among its candidates misses. K larger than the lists' width is not reported."""
+    text_to_image = text_to_image.to(i2t_candidates.device).long()
+    n_img = i2t_candidates.shape[0]
+    own_i = text_to_image[i2t_candidates] == torch.arange(n_img, device=i2t_candidates.device)[:, None]
+    own_t = t2i_candidates == text_to_image[:, None]
+    out = {}
+    for which, own, scores in (("i2t", own_i, i2t_scores), ("t2i", own_t, t2i_scores)):
+        scores = scores.to(own.device).double()
+        best = scores.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (Q, 1)
+        found = own.any(1)
+        better = ((scores > best) & ~own).sum(1)
+        level = scores == best
+        ties, level_own = (level & ~own).sum(1), (level & own).sum(1).clamp(min=1)
+        for k in ks:
+            if k > i2t_candidates.shape[1] or k > t2i_candidates.shape[1]:
+                continue
+            hits = torch.zeros(own.shape[0], dtype=torch.double, device=own.device)
+            if found.any():
+                hits[found] = _expected_hit_rates(better[found], ties[found], k, level_own[found])
+            out[f"{which}_r{k}"] = hits.mean().item()
+    return out
 
 
 def recall_from_rankings(

@@ -126,6 +126,26 @@ def test_ties_count_at_chance_and_a_collapsed_or_nan_model_scores_no_better():
     assert all(v != v for v in bad.values()) and "rsum" in bad and "t2i_r1_norm" in bad
 
 
+def test_recall_over_scored_candidates_equals_the_rankings_and_counts_ties_at_chance():
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(15, 6, generator=g), dim=-1)
+    t2i = torch.arange(15).repeat_interleave(2)
+    txt = F.normalize(img[t2i] + 0.7 * torch.randn(30, 6, generator=g), dim=-1)
+    sim = img @ txt.T
+    i2t_s, i2t_c = sim.topk(10, 1)
+    t2i_s, t2i_c = sim.T.topk(10, 1)
+    ranked = recall_from_rankings(i2t_c, t2i_c, t2i)  # no ties: the same numbers
+    scored = metrics.recall_from_candidates(i2t_c, i2t_s, t2i_c, t2i_s, t2i)
+    assert scored.keys() == ranked.keys() and all(scored[k] == pytest.approx(ranked[k]) for k in ranked)
+    # all candidates level: each query's own item is one of the 10 tied (2 own texts per image)
+    flat_i, flat_t = torch.zeros_like(i2t_s), torch.zeros_like(t2i_s)
+    own_i = (t2i[i2t_c] == torch.arange(15)[:, None]).sum(1).double()
+    own_t = (t2i_c == t2i[:, None]).any(1).double()
+    tied = metrics.recall_from_candidates(i2t_c, flat_i, t2i_c, flat_t, t2i, ks=(1,))
+    expect_i = torch.where(own_i > 0, own_i / 10, torch.zeros_like(own_i)).mean().item()
+    assert tied["i2t_r1"] == pytest.approx(expect_i) and tied["t2i_r1"] == pytest.approx(own_t.mean().item() / 10)
+
+
 def test_images_without_a_text_are_t2i_distractors_not_i2t_queries():
     img = torch.eye(4)
     txt = torch.eye(4)[:2]  # texts of images 0 and 1; images 2 and 3 have none
