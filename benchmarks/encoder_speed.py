@@ -95,7 +95,12 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, bf16: bool = F
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str) -> int:
-    """FLOPs of one forward (eval) or forward + backward (train), counted in fp32 (no autocast)."""
+    """FLOPs of one forward (eval) or forward + backward (train), counted in fp32 (no autocast).
+
+    Attention runs on SDPA's math backend while counting: the counter has no formula for the CPU flash kernel
+    (``_scaled_dot_product_flash_attention_for_cpu``) and counted it as 0, which left out ViT's attention (0.7 of
+    ViT-S's 9.2 GFLOP at 224 px, most of its work at 896 px) and CAT's few SDPA calls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmxattn.vision import windows
@@ -103,7 +108,7 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str) -> int:
     previous = windows._ONEDNN
     windows.set_onednn_linear(False)  # the fused oneDNN op has no FLOP formula
     try:
-        with FlopCounterMode(display=False) as fc:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
             if mode == "eval":
                 with torch.no_grad():
                     model.eval()(x)
@@ -141,19 +146,22 @@ def _status_kb(field: str) -> int:
 
 
 def measure_peak(name: str, size: int, batch: int, mode: str) -> tuple[float, float | None]:
-    """In a fresh interpreter: peak RSS increase (MB) of the first call and, in eval, of the second, each from a
-    peak reset just before it. The first includes one-off costs (kernel code and caches built on first use; in
-    training AdamW's state and the gradients); the second eval call is what every further call of a long inference
-    run costs. (A second training call is not reported: its gradients, held between steps, are freed and
-    re-allocated inside the step, so its peak above the resident set says little.)"""
+    """In a fresh interpreter: peak RSS increase (MB) of the first call and, in eval, of the second, both above the
+    resident set before the first call. The first includes one-off costs (kernel code, caches built on first use;
+    in training AdamW's state and the gradients); the second eval call is what a long inference run holds at its
+    peak, the caches the first call built and kept included (CAT's packed weight copies: until the twenty-fourth
+    session the second call was measured from its own start, which left them out). (A second training call is not
+    reported: its gradients, held between steps, are freed and re-allocated inside the step, so its peak above the
+    resident set says little.)"""
     torch.manual_seed(0)
     step = make_step(build(name, size), torch.randn(batch, 3, size, size), mode)
     peaks: list[float | None] = []
+    gc.collect()
+    base = _status_kb("VmRSS")  # before any call: what the model's weights and the input already take
     for _ in range(2 if mode == "eval" else 1):
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM) to the current RSS
             f.write("5")
-        base = _status_kb("VmRSS")
         step()
         peaks.append((_status_kb("VmHWM") - base) / 1024)
     return peaks[0], (peaks[1] if len(peaks) > 1 else None)
