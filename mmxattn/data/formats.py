@@ -385,8 +385,9 @@ class WebDatasetCaptions(IterableDataset):
     training would wait at the epoch's end for the rank with fewer batches: ``samples_per_epoch`` fixes the epoch
     length instead (over all ranks and workers: every reader yields ``ceil(samples_per_epoch / (world_size *
     num_workers))`` items, re-reading its shards from the start when they run out, as open_clip's
-    ``--train-num-samples`` does), so every rank runs the same number of steps. ``shuffle_shards`` permutes shards with ``seed + epoch``
-    (the same on every rank, so the split stays exact); ``shuffle_buffer`` > 0 shuffles samples within a reader.
+    ``--train-num-samples`` does), so every rank runs the same number of steps. ``shuffle_shards`` permutes shards
+    with ``seed + epoch`` (the same on every rank, so the split stays exact); ``shuffle_buffer`` > 0 shuffles samples
+    within a reader.
     A shard that fails to open or is truncated yields one ``BrokenSample(shard, reason)``; samples read before the
     damage are kept. ``path`` is the shard, ``key`` and ``image_id`` the sample key.
     """
