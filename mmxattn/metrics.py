@@ -54,8 +54,8 @@ def retrieval_metrics(
         ``i2t_r{k}``, ``t2i_r{k}`` for every k, and ``rsum`` (their sum, the usual model-selection number).
 
     Ties are broken at random in expectation: a query whose own item ties with ``t`` others behind ``b`` better ones
-    counts ``clamp((k - b) / (t + 1), 0, 1)`` towards recall@k, so a collapsed model (every score equal) scores
-    chance, not 1. Images without a text are distractors for t2i and left out of i2t. Non-finite embeddings give
+    counts ``clamp((k - b) / (t + 1), 0, 1)`` towards recall@k (with several own texts at that score, the chance
+    that one of them is drawn into the top k), so a collapsed model (every score equal) scores chance, not 1. Images without a text are distractors for t2i and left out of i2t. Non-finite embeddings give
     NaN for every metric (with a warning; a checkpoint monitor then never prefers the run).
     """
     text_to_image = text_to_image.to(image_embeds.device).long()
