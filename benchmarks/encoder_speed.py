@@ -192,17 +192,19 @@ def cuda_peak_mb(step: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def timed(step: Callable[[], None], repeats: int, budget: float) -> list[float]:
-    t0 = time.perf_counter()
-    step()  # warm-up: first-call allocations, oneDNN kernel generation
-    first = time.perf_counter() - t0
-    if first > budget:
-        return [first]
+def timed(step: Callable[[], None], repeats: int, budget: float, warm: bool = False) -> list[float]:
+    """Up to ``repeats`` timed calls, stopping after one that takes longer than ``budget`` seconds. Unless ``warm``,
+    one untimed call first (first-call allocations, oneDNN kernel generation, a torch.compile): never a sample, so
+    a slow model's median is not a cold call's (it used to be, for calls over the budget)."""
+    if not warm:
+        step()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+        if times[-1] > budget:
+            break
     return times
 
 
@@ -253,9 +255,10 @@ def main() -> None:
                     continue
                 steps = {n: make_step(m, x, mode, args.bf16) for n, m in timed_models.items()}
                 samples: dict[str, list[float]] = {n: [] for n in MODELS}
-                for _ in range(2):  # two interleaved rounds: CAT, ViT-S, ViT-Ti, CAT, ...
+                for r in range(2):  # two interleaved rounds: CAT, ViT-S, ViT-Ti, CAT, ... (warm-up in the first)
                     for n in MODELS:
-                        samples[n] += timed(steps[n], max(1, args.repeats // 2 + args.repeats % 2), args.budget)
+                        per_round = max(1, args.repeats // 2 + args.repeats % 2)
+                        samples[n] += timed(steps[n], per_round, args.budget, warm=r > 0)
                 for n in MODELS:
                     t = statistics.median(samples[n])
                     flops = count_flops(models[n].to(device), x, mode)
