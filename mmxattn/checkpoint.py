@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,23 @@ def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     return {k[len("model.") :]: v for k, v in sd.items() if isinstance(k, str) and k.startswith("model.")}
 
 
+def state_dict_mismatch(own: Mapping[str, Any], given: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, other shapes) of the state dict ``given`` against a model's ``own``: the last as
+    ``"key: file (shape) vs config (shape)"``."""
+
+    def shape(v: Any) -> tuple[int, ...]:
+        return tuple(getattr(v, "shape", ()))
+
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    wrong = [
+        f"{k}: file {shape(given[k])} vs config {shape(v)}"
+        for k, v in own.items()
+        if k in given and shape(given[k]) != shape(v)
+    ]
+    return missing, unexpected, wrong
+
+
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     from .model import one_element_params_as_stored
 
@@ -72,13 +90,7 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
         )
     one_element_params_as_stored(model, state)  # 0-d values written before one-element params became (1,)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [
-        f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
+    missing, unexpected, wrong = state_dict_mismatch(own, state)
     # a float weight given as integers, booleans or complex numbers (or an integer index as floats) would be cast
     # silently by load_state_dict; other float widths (fp16, bf16, fp64) are fine
     wrong += [
@@ -88,7 +100,7 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
         and (
             state[k].is_complex()
             or state[k].is_floating_point() != own[k].is_floating_point()
-            or (not own[k].is_floating_point() and state[k].dtype != own[k].dtype and state[k].dtype == torch.bool)
+            or (state[k].dtype == torch.bool and own[k].dtype != torch.bool)
         )
     ]
     if missing or unexpected or wrong:

@@ -6,7 +6,9 @@ set's ceilings (best achievable retrieval, a held-out reference caption's scores
 the model's numbers can be read against them.
 
 The data come from ``--config`` (a training config's ``data:`` section) or, without one, from the data-module
-settings saved in the checkpoint (an exported model folder, which has none, needs ``--config``). Nothing in the checkpoint is executed: it is read with ``weights_only=True``.
+settings saved in the checkpoint (an exported model folder, which has none, needs ``--config``). Nothing in the
+checkpoint is executed: it is read with ``weights_only=True``, and data settings read from it may only name local
+paths.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ def _only_local_paths(data: Any) -> None:
     """Refuse data settings read from a checkpoint that name a command or a remote URL: WebDataset runs a
     ``pipe:`` URL as a shell command (and fetches ``http://`` ones through one), so a checkpoint could otherwise run
     code through its data settings. The same settings given on purpose in a ``--config`` are the user's choice."""
-    init = data.get("init_args") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or not isinstance(init or {}, dict):
+    init = (data.get("init_args") or {}) if isinstance(data, dict) else None
+    if not isinstance(init, dict):
         raise ValueError("the checkpoint's data settings are not a mapping; pass --config with a 'data:' section")
-    for key, value in (init or {}).items():
+    for key, value in init.items():
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, str) and (v.strip().startswith("pipe:") or "://" in v):
                 raise ValueError(
@@ -141,13 +143,6 @@ def evaluate(
     return out
 
 
-def _trained_rerank_with(ckpt: dict[str, Any]) -> str:
-    """The re-ranking score the training run evaluated with ("lm" when its matching head was not trained)."""
-    from .checkpoint import scoring_info
-
-    return scoring_info(ckpt.get("hyper_parameters")).get("rerank_with", "itm")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmxattn.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -202,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             dm,
             a.split,
             rerank=a.rerank,
-            rerank_with=a.rerank_with or getattr(model, "rerank_with_default", None) or _trained_rerank_with(ckpt),
+            # load() set the score the training run evaluated with (checkpoint.scoring_info), where it is known
+            rerank_with=a.rerank_with or model.rerank_with_default or "itm",
             meteor=not a.no_meteor,
             gen_kwargs=gen,
             max_batches=a.max_batches,

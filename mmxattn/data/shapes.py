@@ -193,10 +193,11 @@ class ShapesDataset(Dataset):
     def _build_cache(self) -> None:
         img_path, ann_path = self.cache_paths()
         if img_path.exists() and ann_path.exists():
-            problem = self._cache_problem()
-            if problem is None:
+            got = self._read_cache()  # read once: kept for this process's samples
+            if not isinstance(got, str):
+                self._images, self._records = got
                 return
-            warnings.warn(f"shapes cache {problem}: rebuilding it", stacklevel=2)
+            warnings.warn(f"shapes cache {got}: rebuilding it", stacklevel=2)
         self.cache_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
         # builders killed mid-write left their temporary files
         remove_orphaned_files(self.cache_dir, glob.escape(img_path.name) + ".tmp*")  # type: ignore[arg-type]
@@ -234,10 +235,6 @@ class ShapesDataset(Dataset):
         if not isinstance(records, list) or len(records) != self.size:
             return f"{ann_path} does not hold {self.size} records"
         return images, records
-
-    def _cache_problem(self) -> str | None:
-        got = self._read_cache()
-        return got if isinstance(got, str) else None
 
     def _cached(self) -> tuple[np.ndarray, list[list]]:
         if self._images is None or self._records is None:

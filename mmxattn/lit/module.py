@@ -675,13 +675,11 @@ class MMXAttnModule(pl.LightningModule):
         strategy = type(getattr(self._trainer, "strategy", None)).__name__ if self._trainer is not None else ""
         if not isinstance(sd, dict) or "FSDP" in strategy or "DeepSpeed" in strategy:
             return  # sharded strategies hold other names and shapes here: Lightning's own loading checks those
-        own = self.state_dict()
-        mismatched = [k for k, v in own.items() if k in sd and tuple(getattr(sd[k], "shape", ())) != tuple(v.shape)]
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
+        from ..checkpoint import CheckpointError, state_dict_mismatch
+
+        missing, unexpected, mismatched = state_dict_mismatch(self.state_dict(), sd)
         if not (mismatched or missing or unexpected):
             return
-        from ..checkpoint import CheckpointError
 
         def flat(d: Any, prefix: str = "") -> dict[str, Any]:
             if not isinstance(d, dict):

@@ -580,9 +580,10 @@ def _resized_ape(given: Tensor, own: Tensor) -> Tensor:
     encoder's grid the way :meth:`CATEncoder.position_embedding` resizes it for other input sizes: loading 224 px
     weights into a 448 px encoder gives the outputs of the 224 px model run on 448 px images. Returned unchanged
     (and reported as a shape mismatch) when it is not a square grid of the same width."""
-    g = math.isqrt(given.shape[1]) if given.dim() == 3 else 0
-    n = math.isqrt(own.shape[1])
-    if given.dim() != 3 or given.shape[0] != 1 or given.shape[2] != own.shape[2] or g * g != given.shape[1]:
+    if given.dim() != 3 or given.shape[0] != 1 or given.shape[2] != own.shape[2]:
+        return given
+    g, n = math.isqrt(given.shape[1]), math.isqrt(own.shape[1])
+    if g * g != given.shape[1]:
         return given
     pe = _resize_grid(given.float().reshape(1, g, g, -1), n, n)
     return pe.reshape(1, n * n, -1).to(own.dtype)
