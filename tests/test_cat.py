@@ -4,6 +4,7 @@ checkpoint loading."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -313,9 +314,9 @@ def test_packed_weights_give_the_unpacked_results_and_follow_every_weight_change
     """No-grad CPU inference packs each weight once; loading a state dict, an optimiser step and an in-place edit
     must each be seen (a stale packed weight would give the old model's output), and the packed copies stay out
     of the module (state dict, deepcopy, pickling)."""
-    import copy
     import pickle
 
+    monkeypatch.setattr(windows, "_PACK_KEEP_MAX_ROWS", 1 << 30)  # every call keeps its packed copy
     torch.manual_seed(0)
     enc = create_encoder("cat_pico", num_classes=5).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -367,6 +368,34 @@ def test_packed_weights_give_the_unpacked_results_and_follow_every_weight_change
         assert len(windows._PACKED_CACHE) == 0
     finally:
         windows.set_packed_weights(True)
+
+
+@needs_onednn
+def test_only_small_calls_keep_packed_weights(monkeypatch):
+    """Calls of at most _PACK_KEEP_MAX_ROWS rows keep a packed copy; larger ones pack for the call alone (large
+    enough) or take the plain weight, keep nothing, and give the same results; a kept copy serves every call."""
+    monkeypatch.setattr(windows, "_PACKED", True)
+    monkeypatch.setattr(windows, "_PACK_PER_CALL_MIN_MACS", 0)
+    torch.manual_seed(0)
+    lin = windows.FastLinear(64, 96)
+    x_small, x_mid, x_big = torch.randn(8, 64), torch.randn(600, 64), torch.randn(4000, 64)
+    ref = {n: torch.nn.functional.linear(x, lin.weight, lin.bias) for n, x in (("s", x_small), ("m", x_mid), ("b", x_big))}
+    packs = []
+    real_pack = windows._PACKED_OP
+    monkeypatch.setattr(windows, "_PACKED_OP", lambda w, rows: packs.append(rows) or real_pack(w, rows))
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x_mid), ref["m"], rtol=0, atol=1e-5)  # plain weight: nothing packed
+        assert packs == [] and lin.weight not in windows._PACKED_CACHE
+        torch.testing.assert_close(lin(x_big), ref["b"], rtol=0, atol=1e-5)  # packed for this call only
+        assert packs == [4000] and lin.weight not in windows._PACKED_CACHE
+        torch.testing.assert_close(lin(x_small), ref["s"], rtol=0, atol=1e-5)  # kept
+        assert packs == [4000, 8] and lin.weight in windows._PACKED_CACHE
+        torch.testing.assert_close(lin(x_big), ref["b"], rtol=0, atol=1e-5)  # the kept copy serves it
+        torch.testing.assert_close(lin(x_mid), ref["m"], rtol=0, atol=1e-5)
+        assert packs == [4000, 8]
+        lin.weight.mul_(-1)  # a stale kept copy is not used by a large call
+        torch.testing.assert_close(lin(x_mid), -ref["m"] + 2 * lin.bias, rtol=0, atol=1e-5)
+        torch.testing.assert_close(lin(x_big), -ref["b"] + 2 * lin.bias, rtol=0, atol=1e-5)
 
 
 @needs_onednn
@@ -434,6 +463,7 @@ def test_cpu_bf16_autocast_runs_cat_and_inference_linears_in_bf16(monkeypatch):
     in, bf16 out) through oneDNN with packed bf16 weights, re-packed when a weight changes; with autograd they are
     F.linear under autocast (bf16), and the lean LN -> MLP gives the plain modules' gradients."""
     monkeypatch.setattr(windows, "_PACKED", True)
+    monkeypatch.setattr(windows, "_PACK_KEEP_MAX_ROWS", 1 << 30)  # every call keeps its packed copy
     torch.manual_seed(0)
     enc = create_encoder("cat_pico", num_classes=5).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -539,8 +569,51 @@ def test_sliced_inference_pads_like_the_whole_stream_and_keeps_capture_whole(mon
     for a, b in zip(whole, sliced):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert maps["layers.0.cpsa_blocks.0.attn"].shape[0] == 2 * 32  # (B * C, ...): one map for the whole batch
+
+    # a hooked stage is called as a module (its hooks see a live input); bf16 weights slice to the same result
+    seen = []
+    enc.layers[1].register_forward_hook(lambda m, inp, out: seen.append(inp[0].float().sum().item()))
+    old = cat_module.set_inference_chunk_tokens(50)
+    try:
+        with torch.no_grad():
+            hooked = enc.forward_features(x)
+            enc16 = copy.deepcopy(enc).to(torch.bfloat16)
+            sliced16 = enc16.forward_features(x.to(torch.bfloat16))
+        cat_module.set_inference_chunk_tokens(0)
+        with torch.no_grad():
+            whole16 = enc16.forward_features(x.to(torch.bfloat16))
+    finally:
+        cat_module.set_inference_chunk_tokens(old)
+    assert len(seen) == 3 and all(math.isfinite(v) for v in seen)  # the deep copy keeps the hook
+    for a, b in zip(whole, hooked):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(whole16, sliced16):  # bf16 rounding of the same computation (LN statistics in fp32 both ways)
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05 * a.float().abs().max().item())
     with pytest.raises(ValueError, match="chunk"):
         cat_module.set_inference_chunk_tokens(-1)
+
+
+def test_high_resolution_inference_holds_no_stage_input_beside_its_stream(monkeypatch):
+    """No-grad CPU inference hands each stage its input: the stem's output is freed once stage 0 has its own
+    window-ordered stream (a 896 px CAT-T image: 12.8 MB); a stage called as a module (hooks) keeps it."""
+    import weakref
+
+    torch.manual_seed(0)
+    enc = create_encoder("cat_pico", num_classes=0).eval()
+    x = torch.randn(1, 3, 96, 96)
+    stem_out: list = []
+    alive_in_stage: list[bool] = []
+    enc.patch_embed.register_forward_hook(lambda m, inp, out: stem_out.append(weakref.ref(out)))
+    enc.layers[0].pre_ipsa_blocks[0].register_forward_pre_hook(
+        lambda m, inp: alive_in_stage.append(stem_out[-1]() is not None)
+    )
+    with torch.no_grad():
+        out = enc.forward_features(x)
+        monkeypatch.setattr(cat_module, "_has_hooks", lambda m: True)
+        called = enc.forward_features(x)
+    assert alive_in_stage == [False, True]
+    for a, b in zip(out, called):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_encoder_compiles_for_inference_as_one_graph_that_is_reused():

@@ -160,13 +160,16 @@ def set_inference_chunk_tokens(n: int) -> int:
     return old
 
 
-def _sliced(block: nn.Module, x: Tensor) -> bool:
+def _sliced(module: nn.Module, x: Tensor) -> bool:
+    """Whether ``module`` (a block on a ``(B, L, C)`` stream or patch merging on a ``(B, H, W, C)`` grid) runs
+    sliced: CPU no-grad inference on more than ``_INFER_CHUNK_TOKENS`` tokens, and no attention being recorded."""
+    attn = getattr(module, "attn", None)
     return (
-        0 < _INFER_CHUNK_TOKENS < x.shape[0] * x.shape[1]
+        0 < _INFER_CHUNK_TOKENS < x[..., 0].numel()
         and x.device.type == "cpu"
-        and not block.training
+        and not module.training
         and not torch.is_grad_enabled()
-        and block.attn._recorder is None  # capture_attention records one map per call: never slice then
+        and (attn is None or attn._recorder is None)  # capture_attention records one map per call: never slice then
     )
 
 
@@ -188,8 +191,9 @@ class _PreNormBlock(nn.Module):
     def mix(self, y: Tensor, grid: WindowGrid) -> Tensor:
         raise NotImplementedError
 
-    def add_mix_sliced(self, x: Tensor, y: Tensor, grid: WindowGrid, rows: int) -> None:
-        """``x += mix(y)`` in place, a slice of about ``rows`` tokens at a time (no-grad inference only)."""
+    def add_mix_sliced(self, x: Tensor, grid: WindowGrid, valid: Tensor | None, rows: int) -> None:
+        """``x += mix(LN1(x))`` (padding tokens of LN1's output zeroed) in place, a slice of about ``rows`` tokens
+        at a time, LN1 included (no-grad inference only)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, grid: WindowGrid, valid: Tensor | None = None) -> Tensor:
@@ -203,12 +207,9 @@ class _PreNormBlock(nn.Module):
 
     def _forward_sliced(self, x: Tensor, grid: WindowGrid, valid: Tensor | None, rows: int) -> Tensor:
         # Eval, no autograd: dropout and drop-path are identities and x is this stage's own stream (CATStage),
-        # so both residual branches add into it in place; only LN1's output is held at full size.
-        y = self.norm1(x)
-        if valid is not None:
-            y.masked_fill_(~valid, 0.0)
-        self.add_mix_sliced(x, y, grid, rows)
-        del y
+        # so both residual branches add into it in place, and LN1 is applied a slice at a time too: nothing but
+        # the stream is held at full size.
+        self.add_mix_sliced(x, grid, valid, rows)
         for part in x.view(-1, x.shape[-1]).split(rows):  # views of x
             part.add_(self.mlp(self.norm2(part)))
         return x
@@ -228,13 +229,19 @@ class IPSABlock(_PreNormBlock):
         y = self.attn(y.view(B * grid.num_windows, grid.tokens, C))  # (B*nW, N, C), windows are contiguous
         return self.drop_path(y.view(B, L, C))
 
-    def add_mix_sliced(self, x: Tensor, y: Tensor, grid: WindowGrid, rows: int) -> None:
-        B, L, C = y.shape
-        xw = x.view(B * grid.num_windows, grid.tokens, C)
-        yw = y.view(B * grid.num_windows, grid.tokens, C)
-        step = max(1, rows // grid.tokens)  # whole windows per slice
-        for i in range(0, yw.shape[0], step):
-            xw[i : i + step].add_(self.attn(yw[i : i + step]))
+    def add_mix_sliced(self, x: Tensor, grid: WindowGrid, valid: Tensor | None, rows: int) -> None:
+        B, L, C = x.shape
+        nW, N = grid.num_windows, grid.tokens
+        xw = x.view(B * nW, N, C)
+        # window j of the batch is window j % nW of its image; LN1 works per token, so a slice of whole windows
+        # needs only its own tokens, and adding into them leaves every later slice's tokens as they were
+        vw = None if valid is None else valid.view(nW, N, 1).repeat(B, 1, 1)
+        step = max(1, rows // N)  # whole windows per slice
+        for i in range(0, B * nW, step):
+            y = self.norm1(xw[i : i + step])
+            if vw is not None:
+                y.masked_fill_(~vw[i : i + step], 0.0)
+            xw[i : i + step].add_(self.attn(y))
 
 
 class CPSABlock(_PreNormBlock):
@@ -253,15 +260,34 @@ class CPSABlock(_PreNormBlock):
         y = self.drop_path(self.attn(y).view(B, C, nW, N))  # per-image drop-path works in this layout too
         return y.permute(0, 2, 3, 1)  # (B, nW, N, C) view in window order; the residual add does the copy
 
-    def add_mix_sliced(self, x: Tensor, y: Tensor, grid: WindowGrid, rows: int) -> None:
-        B, L, C = y.shape
+    def add_mix_sliced(self, x: Tensor, grid: WindowGrid, valid: Tensor | None, rows: int) -> None:
+        B, L, C = x.shape
         nW, N = grid.num_windows, grid.tokens
-        xv, yv = x.view(B, nW, N, C), y.view(B, nW, N, C)
+        # CPSA slices channels, and LN1 normalises over channels: its statistics come first, from the whole stream
+        # (two numbers a token), then each slice normalises its own channels. Adding into a slice's channels
+        # leaves the others' inputs as they were, so no full-size LN1 output is needed.
+        # Statistics in fp32 at least (as F.layer_norm computes them), a slice of tokens at a time.
+        dt = torch.promote_types(x.dtype, torch.float32)
+        stats = [torch.var_mean(t.to(dt), dim=-1, correction=0) for t in x.view(-1, C).split(rows)]
+        rstd = (torch.cat([v for v, _ in stats]) + self.norm1.eps).rsqrt_().view(B, nW, N)
+        mean = torch.cat([m for _, m in stats]).view(B, nW, N)
+        del stats
+        w, bias = self.norm1.weight, self.norm1.bias
+        keep = None if valid is None else valid.view(nW, N)
+        xv = x.view(B, nW, N, C)
         step = max(1, rows * C // L)  # whole channels of one image (about rows*C values): CPSA spans all windows
         for b in range(B):
             for c in range(0, C, step):
-                part = yv[b, :, :, c : c + step].permute(2, 0, 1).contiguous()  # (channels, nW, N)
-                xv[b, :, :, c : c + step].add_(self.attn(part).permute(1, 2, 0))
+                xs = xv[b, :, :, c : c + step].permute(2, 0, 1)  # (channels, nW, N), strided
+                part = torch.empty(xs.shape, dtype=dt, device=x.device)  # contiguous: the attention's layout
+                torch.sub(xs, mean[b], out=part).mul_(rstd[b])
+                if w is not None:
+                    part.mul_(w[c : c + step, None, None])
+                if bias is not None:
+                    part.add_(bias[c : c + step, None, None])
+                if keep is not None:
+                    part.masked_fill_(~keep, 0.0)
+                xv[b, :, :, c : c + step].add_(self.attn(part.to(x.dtype)).permute(1, 2, 0))
 
 
 class PatchMerging(nn.Module):
@@ -276,6 +302,16 @@ class PatchMerging(nn.Module):
         H, W = x.shape[1:3]
         if H % 2 or W % 2:
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        if _sliced(self, x):  # bands of output rows: the 4C-wide concatenation and its LayerNorm a band at a time
+            B, H2, W2 = x.shape[0], x.shape[1] // 2, x.shape[2] // 2
+            out = x.new_empty(B, H2, W2, self.reduction.out_features)
+            band = max(1, _INFER_CHUNK_TOKENS // (B * W2))
+            for r in range(0, H2, band):
+                out[:, r : r + band] = self._merge(x[:, 2 * r : 2 * (r + band)])
+            return out
+        return self._merge(x)
+
+    def _merge(self, x: Tensor) -> Tensor:
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x))
 
@@ -317,13 +353,26 @@ class CATStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
         grid = WindowGrid(x.shape[1], x.shape[2], self.window)
-        valid = grid.valid(x.device)
         stream = grid.partition(x)  # (B, nW*N, C) for the whole stage
         # inference adds in place: never into the caller's tensor. Under torch.compile always copy (the compiler
         # removes needless copies; a data-pointer comparison would break the graph there)
         if not torch.is_grad_enabled() and (torch.compiler.is_compiling() or stream.data_ptr() == x.data_ptr()):
             stream = stream.clone()
-        x = stream
+        return self._run_stream(stream, grid)
+
+    def forward_owned(self, box: list[Tensor]) -> Tensor:
+        """``forward(box.pop())`` for a caller that hands over its only reference to the input (no-grad
+        inference): the input is freed once partitioned, or, when the partition is a view of it, the stream adds
+        into it in place. :meth:`CATEncoder.forward_features` uses it so that a high-resolution stage does not hold
+        its input beside its stream; hooks on the stage are not called (it uses ``forward`` when a stage has any)."""
+        x = box.pop()
+        grid = WindowGrid(x.shape[1], x.shape[2], self.window)
+        stream = grid.partition(x)
+        del x
+        return self._run_stream(stream, grid)
+
+    def _run_stream(self, x: Tensor, grid: WindowGrid) -> Tensor:
+        valid = grid.valid(x.device)
         for pre, cpsa, post in zip(self.pre_ipsa_blocks, self.cpsa_blocks, self.post_ipsa_blocks):
             for block in (pre, cpsa, post):
                 x = self._run(block, x, grid, valid)
@@ -495,7 +544,12 @@ class CATEncoder(nn.Module):
         outs: dict[int, Tensor] = {}
         for i in range(last + 1):
             stage = self.layers[i]
-            x = stage(x)  # (B, h_i, w_i, C_i)
+            if inference and x.device.type == "cpu" and not torch.compiler.is_compiling() and not _has_hooks(stage):
+                box = [x]  # x is this method's own tensor (the stem's or the last merging's output): hand it over
+                del x
+                x = stage.forward_owned(box)
+            else:
+                x = stage(x)  # (B, h_i, w_i, C_i)
             if i in wanted:
                 outs[i] = x.flatten(1, 2)
             if i < last:
@@ -587,6 +641,18 @@ def _resized_ape(given: Tensor, own: Tensor) -> Tensor:
         return given
     pe = _resize_grid(given.float().reshape(1, g, g, -1), n, n)
     return pe.reshape(1, n * n, -1).to(own.dtype)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run any forward (pre-)hook of its own or a global one."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+    )
 
 
 def _fast_projections(attn: Attention) -> Attention:

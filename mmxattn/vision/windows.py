@@ -171,8 +171,9 @@ class _OneDNNLinear(torch.autograd.Function):
 # never see it) and keyed on the weight's storage and version, so loading, optimiser steps and in-place edits re-pack
 # it. Packed for the first call's row count, the layout is the one oneDNN picks for that call itself, so those calls
 # give bit-identical results (other row counts: equal to rounding). Paired A/B, CAT-T eval at 224 px (twenty-second
-# session): 0.93 of the time at batch 1, 0.98-0.99 at batch 8. Costs one packed copy of every CAT weight used in
-# no-grad inference. MMXATTN_CAT_PACKED_WEIGHTS=0 or set_packed_weights(False) turns it off.
+# session): 0.93 of the time at batch 1, 0.98-0.99 at batch 8 (twenty-fifth session, another CPU: 1.05 / 1.00, and
+# 0.96 at 896 px). Costs one packed copy of each weight kept; since the twenty-fifth session only small calls keep
+# one (_PACK_KEEP_MAX_ROWS below). MMXATTN_CAT_PACKED_WEIGHTS=0 or set_packed_weights(False) turns it off.
 _PACKED = os.environ.get("MMXATTN_CAT_PACKED_WEIGHTS", "1").lower() not in ("0", "false", "no")
 _PACKED_OP = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
 _PACKED_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -190,12 +191,19 @@ def set_packed_weights(enabled: bool) -> bool:
 
 
 def _packed_weight(
-    weight: Tensor, rows: int, per_rows: bool = False, mkl: bool = False, dtype: torch.dtype | None = None
+    weight: Tensor,
+    rows: int,
+    per_rows: bool = False,
+    mkl: bool = False,
+    dtype: torch.dtype | None = None,
+    keep: str = "cache",
 ) -> Tensor:
     """``weight`` in oneDNN's packed layout, packed on first use (for ``rows`` input rows: the layout oneDNN picks
     for that call, which any row count can use) and again after any change to the weight; with ``per_rows`` also
     whenever the row count changes. ``mkl``: MKL's packed layout for ``torch.ops.mkl._mkl_linear`` instead.
-    ``dtype``: a copy cast to it first (bf16 under CPU autocast); when packing is off, the plain cast copy."""
+    ``dtype``: a copy cast to it first (bf16 under CPU autocast); when packing is off, the plain cast copy.
+    ``keep``: ``"cache"`` keeps the packed copy for later calls; ``"call"`` packs for this call only unless a kept
+    copy is current; ``"reuse"`` takes a kept current copy or else the plain weight (or its cast copy)."""
     pack = _MKL_PACK_OP if mkl else _PACKED_OP
     if not _PACKED or pack is None or weight.is_inference():  # inference tensors carry no version counter
         return weight if dtype is None else weight.detach().to(dtype)
@@ -209,11 +217,38 @@ def _packed_weight(
         dtype,
     )
     hit = _PACKED_CACHE.get(weight)
-    if hit is None or hit[0] != key:
-        plain = weight.detach() if dtype is None else weight.detach().to(dtype)
-        hit = (key, pack(plain, rows))
-        _PACKED_CACHE[weight] = hit
-    return hit[1]
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    plain = weight.detach() if dtype is None else weight.detach().to(dtype)
+    if keep == "reuse":
+        return plain
+    packed = pack(plain, rows)
+    if keep == "cache":
+        _PACKED_CACHE[weight] = (key, packed)
+    return packed
+
+
+# Which of CAT's no-grad linears keep a packed copy of their weight. Per layer the packed weight runs 0.90-0.95 of
+# the plain one's time at every row count (CAT-T's shapes, twenty-fifth session), while packing costs ~0.1 ms plus
+# ~0.3 ms per million weights. Kept copies cost memory (CAT-T: 65 MB, as much as its 896 px batch-1 activations),
+# and pay most where calls are small, so only calls of at most _PACK_KEEP_MAX_ROWS rows keep one (CAT-T at 224 px:
+# stages 3-4 at batch 1, stage 4 at batch 8). Large calls pack for the call alone, where that costs under ~5% of
+# the call (pack + call 0.93-0.98 of the plain call from 3136 rows and 2^28 multiply-adds); the rest take the plain
+# weight (oneDNN re-orders it inside the call). A kept current copy is always used.
+_PACK_KEEP_MAX_ROWS = 512
+_PACK_PER_CALL_MIN_ROWS = 3072
+_PACK_PER_CALL_MIN_MACS = 1 << 28
+
+
+def _cat_weight(weight: Tensor, rows: int, dtype: torch.dtype | None = None) -> Tensor:
+    """The weight a no-grad CAT linear over ``rows`` rows runs with (see ``_PACK_KEEP_MAX_ROWS``)."""
+    if rows <= _PACK_KEEP_MAX_ROWS:
+        keep = "cache"
+    elif rows >= _PACK_PER_CALL_MIN_ROWS and rows * weight.numel() >= _PACK_PER_CALL_MIN_MACS:
+        keep = "call"
+    else:
+        keep = "reuse"
+    return _packed_weight(weight, rows, dtype=dtype, keep=keep)
 
 
 def _onednn_ok(x: Tensor, weight: Tensor) -> bool:
@@ -250,7 +285,12 @@ def _bf16_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, pac
     """No-grad ``linear`` under CPU bf16 autocast: bf16 in, bf16 weight (packed once unless ``packed=False``), bf16
     out, as autocast's F.linear."""
     rows = x.numel() // x.shape[-1]
-    w = _packed_weight(weight, rows, per_rows=per_rows, dtype=torch.bfloat16) if packed else weight.to(torch.bfloat16)
+    if not packed:
+        w = weight.to(torch.bfloat16)
+    elif per_rows:
+        w = _packed_weight(weight, rows, per_rows=True, dtype=torch.bfloat16)
+    else:
+        w = _cat_weight(weight, rows, dtype=torch.bfloat16)
     b = None if bias is None else bias.to(torch.bfloat16)
     return _ONEDNN_OP(x.to(torch.bfloat16), w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
 
@@ -265,7 +305,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False, p
         y = F.linear(x, weight, bias)
     elif _onednn_ok(x, weight):
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            w = _packed_weight(weight, x.numel() // x.shape[-1]) if packed else weight
+            w = _cat_weight(weight, x.numel() // x.shape[-1]) if packed else weight
             return _ONEDNN_OP(x, w, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
         y = _OneDNNLinear.apply(x, weight, bias)
     else:
