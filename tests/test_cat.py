@@ -379,7 +379,9 @@ def test_only_small_calls_keep_packed_weights(monkeypatch):
     torch.manual_seed(0)
     lin = windows.FastLinear(64, 96)
     x_small, x_mid, x_big = torch.randn(8, 64), torch.randn(600, 64), torch.randn(4000, 64)
-    ref = {n: torch.nn.functional.linear(x, lin.weight, lin.bias) for n, x in (("s", x_small), ("m", x_mid), ("b", x_big))}
+    ref = {
+        n: torch.nn.functional.linear(x, lin.weight, lin.bias) for n, x in (("s", x_small), ("m", x_mid), ("b", x_big))
+    }
     packs = []
     real_pack = windows._PACKED_OP
     monkeypatch.setattr(windows, "_PACKED_OP", lambda w, rows: packs.append(rows) or real_pack(w, rows))
