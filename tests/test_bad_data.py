@@ -29,6 +29,7 @@ from mmxattn.data.robust import (
     collate_samples,
     collate_skipping,
     load_image,
+    to_rgb,
 )
 
 
@@ -139,6 +140,60 @@ def test_alpha_is_composited_on_white(tmp_path):
     assert Image.open(path).mode == "P" and "transparency" in Image.open(path).info
     out = load_image(path)
     assert out.getpixel((2, 2)) == (0, 255, 0) and out.getpixel((12, 2)) == (255, 255, 255)
+
+
+def _tiff_with_strip_offsets_of_type(kind: int) -> bytes:
+    """A 16x16 8-bit grey TIFF; StripOffsets stored as TIFF type ``kind`` (4 = LONG is valid; 7 = UNDEFINED makes
+    PIL's decoder raise a raw TypeError, as a byte-flipped TIFF found by fuzzing did)."""
+    data_at = 8 + 2 + 12 * 8 + 4  # header, entry count, 8 entries, next-IFD offset
+    entries = [(256, 3, 16), (257, 3, 16), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, kind, data_at)]
+    entries += [(278, 3, 16), (279, 4, 256)]
+    ifd = struct.pack("<H", len(entries))
+    for tag, typ, value in entries:
+        ifd += struct.pack("<HHI", tag, typ, 1) + (
+            struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+        )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0" * 4 + bytes(range(256))
+
+
+def test_any_decoder_exception_becomes_bad_image_error_naming_the_file(tmp_path, monkeypatch):
+    assert load_image(_tiff_with_strip_offsets_of_type(4)).size == (16, 16)  # the well-formed twin decodes
+    path = tmp_path / "hostile.tif"
+    path.write_bytes(_tiff_with_strip_offsets_of_type(7))
+    with pytest.raises(BadImageError) as ei:
+        load_image(path)
+    assert str(path) in str(ei.value) and ei.value.reason.startswith("truncated/corrupt image")  # (TypeError: ...)
+    # whatever else a PIL plugin raises on hostile bytes (KeyError, ZeroDivisionError...) is named the same way
+    for exc in (KeyError("tag"), ZeroDivisionError("division by zero")):
+
+        def hostile(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(Image, "open", hostile)
+        with pytest.raises(BadImageError, match=rf"x\.jpg: truncated/corrupt image \({type(exc).__name__}"):
+            load_image(_jpeg_bytes(), name="x.jpg")
+
+
+def test_max_pixels_above_pils_limit_is_honoured(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands for PIL's 89 Mpx default
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, "PNG")  # 4096 px: over 2x PIL's limit, where PIL raises inside Image.open
+    assert load_image(png.getvalue(), max_pixels=100_000).size == (64, 64)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's limit restored
+    with pytest.raises(BadImageError, match=r"decompression bomb \(64 x 64\)"):
+        load_image(png.getvalue(), max_pixels=3000)  # above PIL's limit, below the image: our own check
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        load_image(png.getvalue())  # no max_pixels: PIL's limit
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+@pytest.mark.parametrize("mode", ["La", "RGBa"])
+def test_premultiplied_alpha_modes_become_rgb(mode):
+    straight = "LA" if mode == "La" else "RGBA"
+    img = Image.new(straight, (16, 16), (0,) * len(straight))  # fully transparent...
+    img.paste((200,) * (len(straight) - 1) + (255,), (0, 0, 8, 16))  # ...left half opaque
+    out = to_rgb(img.convert(mode))  # PIL has no "La" -> "RGBA" conversion
+    assert out.mode == "RGB" and out.getpixel((2, 2)) == (200, 200, 200) and out.getpixel((12, 2)) == (255, 255, 255)
 
 
 def test_caption_problem():

@@ -492,3 +492,52 @@ def test_wds_datamodule_fixed_epoch_length_and_the_ddp_warning(tmp_path, monkeyp
         ImageTextDataModule(**kw, samples_per_epoch=8).train_dataloader()
     with pytest.raises(ValueError, match="samples_per_epoch is for WebDataset"):
         ImageTextDataModule(format="csv", samples_per_epoch=8)
+
+
+class _EpochSettingRecorder(_Recorder):
+    def on_train_epoch_start(self) -> None:  # as MMXAttnModule does
+        self.trainer.datamodule.set_epoch(self.current_epoch)
+
+
+def _fit_wds(tmp_path: Path, num_workers: int, hook: bool, ckpt: str | None = None, callbacks=()) -> list:
+    model = _EpochSettingRecorder() if hook else _Recorder()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    dm = ImageTextDataModule(format="wds", train_path=str(tmp_path / "shards"), tokenizer="openclip", img_size=16,
+                             batch_size=4, num_workers=num_workers, shuffle_buffer=0)  # fmt: skip
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
+    return model.seen
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::pytorch_lightning.utilities.warnings.PossibleUserWarning")
+@pytest.mark.parametrize("num_workers, hook", [(0, False), (0, True), (1, True)])
+def test_wds_resumed_run_sees_the_uninterrupted_runs_epoch_order(tmp_path, num_workers, hook):
+    """Shard order is a function of (seed, epoch): a run resumed at epoch 1 must not replay epoch 0's order.
+    Lightning only sets samplers' epochs; the data module gives the stream the restored epoch (and ``set_epoch``,
+    which MMXAttnModule calls, reaches it), before persistent workers take their copy."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buf, format="JPEG")
+    (tmp_path / "shards").mkdir()
+    for s in range(6):
+        _shard(tmp_path / "shards" / f"s{s}.tar", [(f"s{s}_{k}", buf.getvalue(), {"captions": [f"shard {s}"]}) for k in range(2)])  # fmt: skip
+    every_step = ModelCheckpoint(tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    epoch_end = ModelCheckpoint(tmp_path / "ends", save_on_train_epoch_end=True, save_top_k=-1, filename="{epoch}")
+    full = _fit_wds(tmp_path, num_workers, hook, callbacks=[every_step, epoch_end])
+    orders = [[c for e, _, caps in full if e == epoch for c in caps] for epoch in range(3)]
+    assert len(full) == 9 and len({tuple(o) for o in orders}) == 3  # 3 batches of 4 per epoch, orders differ
+    # saved at the epoch's end, and at its last batch (Lightning then counts the epoch as done when it restores)
+    for ckpt in ("ends/epoch=0.ckpt", "steps/step=3.ckpt", "ends/epoch=1.ckpt"):
+        done = 6 if ckpt == "ends/epoch=1.ckpt" else 3
+        assert _fit_wds(tmp_path, num_workers, hook, ckpt=str(tmp_path / ckpt)) == full[done:], ckpt

@@ -113,6 +113,66 @@ def test_csv_bad_captions_are_counted_markers(tmp_path):
     assert "b.png" not in by_key  # no valid caption left: a marker instead
 
 
+def test_csv_skip_messages_name_the_first_line_of_a_record(tmp_path):
+    """A quoted caption can span lines: skip messages count physical lines, not records."""
+    for name in ("a.png", "b.png"):
+        _img(tmp_path / name)
+    (tmp_path / "d.csv").write_text('filepath,title\na.png,"a caption\nspanning\nthree lines"\nb.png,   \n,x\n')
+    with pytest.warns(UserWarning, match="line 5"):
+        ds = CsvDataset(tmp_path / "d.csv")
+    assert ds.caption_issues == [("d.csv line 5 (b.png)", "empty caption")]
+    assert [x.source for x in _items(ds) if isinstance(x, BrokenSample)][0] == f"{tmp_path / 'd.csv'} line 6"
+    assert _ok(_items(ds))[0]["caption"] == "a caption\nspanning\nthree lines"
+
+
+def test_csv_unbalanced_quote_is_an_error_naming_file_and_line(tmp_path):
+    """An opening quote that is never closed used to swallow every following row into one caption."""
+    for name in "abcd":
+        _img(tmp_path / f"{name}.png")
+    (tmp_path / "q.csv").write_text('filepath,title\na.png,ok\nb.png,"best day ever\nc.png,a cat\nd.png,a car\n')
+    with pytest.raises(DatasetFormatError, match=r"q\.csv line 3: malformed CSV .*runs on to line 5.*unbalanced"):
+        CsvDataset(tmp_path / "q.csv")
+    (tmp_path / "mid.csv").write_text('filepath,title\na.png,"quoted" then more\n')  # closed mid-field
+    with pytest.raises(DatasetFormatError, match=r"mid\.csv line 2: malformed CSV"):
+        CsvDataset(tmp_path / "mid.csv")
+    # in a large file the swallowed rows overflow the csv module's field limit: the same error, not a raw csv.Error
+    rows = "".join(f"a.png,an ordinary caption number {i}\n" for i in range(4000))
+    (tmp_path / "big.csv").write_text('filepath,title\na.png,"best day ever\n' + rows)
+    with pytest.raises(DatasetFormatError, match=r"big\.csv line 2: malformed CSV \(field larger than field limit"):
+        CsvDataset(tmp_path / "big.csv")
+
+
+def test_tsv_has_no_quoting(tmp_path):
+    """TSV (.tsv/.tab) fields hold quotes literally, as web alt-text does; CSV quoting is for .csv files."""
+    for name in "abcd":
+        _img(tmp_path / f"{name}.png")
+    (tmp_path / "d.tsv").write_text('filepath\ttitle\na.png\t"best day ever\nb.png\ta dog\nc.png\t12" ruler\n')
+    ds = CsvDataset(tmp_path / "d.tsv", mode="eval")
+    assert [(x["key"], x["captions"]) for x in _items(ds)] == [
+        ("a.png", ['"best day ever']),
+        ("b.png", ["a dog"]),
+        ("c.png", ['12" ruler']),
+    ]
+    # a caption wrapped in quotes is kept as written, with a warning (the file may have been written with quoting)
+    (tmp_path / "w.tsv").write_text('filepath\ttitle\na.png\t"a ""red"" car"\n')
+    with pytest.warns(UserWarning, match=r"1 caption\(s\) are wrapped in double quotes.*name it \.csv"):
+        assert CsvDataset(tmp_path / "w.tsv")[0]["caption"] == '"a ""red"" car"'
+    (tmp_path / "w.csv").write_text('filepath\ttitle\na.png\t"a ""red"" car"\n')  # the way to read such a file
+    assert CsvDataset(tmp_path / "w.csv", sep="\t")[0]["caption"] == 'a "red" car'
+
+
+def test_csv_same_image_spelled_differently_is_one_image(tmp_path):
+    for name in ("a.png", "b.png"):
+        _img(tmp_path / "imgs" / name)
+    absolute = tmp_path / "imgs" / "a.png"
+    (tmp_path / "d.csv").write_text(f"filepath,title\na.png,one\n./a.png,two\n{absolute},three\nb.png,four\n")
+    ev = CsvDataset(tmp_path / "d.csv", image_root=tmp_path / "imgs", mode="eval")
+    assert [(x["path"], x["captions"]) for x in _items(ev)] == [
+        (str(absolute), ["one", "two", "three"]),
+        (str(tmp_path / "imgs" / "b.png"), ["four"]),
+    ]
+
+
 def test_csv_setup_errors_name_file_and_problem(tmp_path):
     _img(tmp_path / "a.png")
     with pytest.raises(FileNotFoundError, match="nope.csv"):
@@ -208,6 +268,28 @@ def test_coco_setup_errors(tmp_path):
     (tmp_path / "broken.json").write_text('{"images": [')
     with pytest.raises(DatasetFormatError, match="broken.json: not valid JSON"):
         CocoCaptionsDataset(tmp_path / "broken.json")
+
+
+def test_coco_duplicate_image_id_with_another_file_is_an_error(tmp_path):
+    path = _official(tmp_path)
+    ann = json.loads(path.read_text())
+    ann["images"].append({"id": 1, "file_name": "COCO_1.jpg"})  # the same entry twice: harmless
+    path.write_text(json.dumps(ann))
+    ev = CocoCaptionsDataset(path, tmp_path / "train2014", mode="eval")
+    assert [(x["image_id"], x["captions"]) for x in _items(ev)] == [(1, ["one a", "one b"]), (2, ["two a"])]
+    ann["images"].append({"id": 2, "file_name": "COCO_1.jpg"})  # id 2 again, another file: whose captions?
+    path.write_text(json.dumps(ann))
+    with pytest.raises(DatasetFormatError, match=r"captions_train2014\.json: images\[3\] has id 2 .*'COCO_1\.jpg'"):
+        CocoCaptionsDataset(path, tmp_path / "train2014")
+
+
+def test_karpathy_entry_that_is_not_an_object_is_an_error(tmp_path):
+    path = _karpathy(tmp_path)
+    obj = json.loads(path.read_text())
+    obj["images"].append("junk")
+    path.write_text(json.dumps(obj))
+    with pytest.raises(DatasetFormatError, match=r"dataset_coco\.json: images\[5\] is a str, not an object"):
+        CocoCaptionsDataset(path, split="train")
 
 
 def test_coco_broken_images_become_markers(tmp_path):
@@ -341,12 +423,15 @@ def test_webdataset_sample_dict_and_modes(tmp_path):
     with tarfile.open(tmp_path / "n.tar", "w") as tf:  # the same key in another shard: another image
         _add(tf, "k1.jpg", jpg)
         _add(tf, "k1.txt", b"third")
-    ids = {x["image_id"] for x in _ok(list(WebDatasetCaptions([str(tmp_path / "m.tar"), str(tmp_path / "n.tar")],
-                                                              json_caption_fields=("alt",), mode="eval")))}  # fmt: skip
+    with pytest.warns(UserWarning, match="unusable captions are dropped"):  # m.tar's " "
+        ev = list(WebDatasetCaptions([str(tmp_path / "m.tar"), str(tmp_path / "n.tar")], json_caption_fields=("alt",),
+                                     mode="eval"))  # fmt: skip
+    ids = {x["image_id"] for x in _ok(ev)}
     assert len(ids) == 2
     assert ok[0]["image"].mode == "RGB"
     assert [x.reason for x in train if isinstance(x, BrokenSample)] == ["empty caption"]
-    ev = list(WebDatasetCaptions(str(tmp_path / "m.tar"), json_caption_fields=("alt",), mode="eval"))
+    with pytest.warns(UserWarning, match="unusable captions are dropped"):  # the image stays, without " "
+        ev = list(WebDatasetCaptions(str(tmp_path / "m.tar"), json_caption_fields=("alt",), mode="eval"))
     assert len(ev) == 1 and ev[0]["captions"] == ["first", "second"]
 
 
@@ -372,6 +457,30 @@ def test_webdataset_train_images_mode_one_sample_per_image_caption_per_epoch(tmp
     assert draw(0) == e0  # (seed, epoch, key) decide the caption
     assert draw(1) != e0 or draw(2) != e0
     assert len({c for e in range(4) for c in draw(e).values()}) > 1
+
+
+def test_webdataset_txt_caption_byte_order_mark_is_dropped(tmp_path):
+    with tarfile.open(tmp_path / "m.tar", "w") as tf:  # Windows Notepad saves UTF-8 with a BOM
+        _add(tf, "k.jpg", _encoded("JPEG"))
+        _add(tf, "k.txt", "red circle".encode("utf-8-sig"))
+        _add(tf, "j.jpg", _encoded("JPEG"))
+        _add(tf, "j.json", b"\xef\xbb\xbf" + json.dumps({"caption": "blue square"}).encode())
+    assert [x["caption"] for x in WebDatasetCaptions(tmp_path / "m.tar")] == ["red circle", "blue square"]
+
+
+@pytest.mark.parametrize("mode", ["train_images", "eval"])
+def test_webdataset_unusable_captions_outside_train_mode_are_warned_and_counted(tmp_path, mode):
+    """Mode "train" yields a BrokenSample per unusable caption; per-image modes drop them, but not silently."""
+    with tarfile.open(tmp_path / "m.tar", "w") as tf:
+        for key in ("k1", "k2"):
+            _add(tf, f"{key}.jpg", _encoded("JPEG"))
+            _add(tf, f"{key}.json", json.dumps({"captions": ["one", None, 5, "  ", "two"]}).encode())
+    ds = WebDatasetCaptions(tmp_path / "m.tar", mode=mode, json_caption_fields=("captions",))
+    with pytest.warns(UserWarning, match=r"unusable captions are dropped, e\.g\. .*m\.tar:k1: missing caption") as w:
+        items = list(ds)
+    assert len(items) == 2 and not [x for x in items if isinstance(x, BrokenSample)]
+    assert all(set(x["captions"]) == {"one", "two"} for x in items)
+    assert ds.n_caption_issues == 6 and sum("unusable captions" in str(x.message) for x in w) == 1  # once per reader
 
 
 def test_webdataset_broken_samples_and_shards_are_counted(tmp_path):

@@ -14,7 +14,8 @@ was broken. Under DDP each rank tracks its own share.
 Exact resume (map-style data: shapes, CSV, COCO): the train order is a function of (seed, epoch, rank, world size)
 and each sample of (seed, epoch, index); ``train_dataloader`` reads the restored loop position from the trainer and
 starts the sampler after the batches already trained (see :mod:`mmxattn.data.batching`). WebDataset streams
-restart the interrupted epoch from its beginning (shard order is a function of seed and epoch).
+restart the interrupted epoch from its beginning (shard order is a function of seed and epoch; ``train_dataloader``
+gives the stream the restored epoch, and ``set_epoch`` reaches it too).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class _CaptionDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
         self.skip_tracker = SkipTracker(max_fraction=max_broken_fraction)
         self._sampler: ResumableSampler | None = None
+        self._train_stream: WebDatasetCaptions | None = None  # the train data when it is a stream (no sampler)
 
     # --- tokenizer
     @property
@@ -159,9 +161,22 @@ class _CaptionDataModule(pl.LightningDataModule):
         return True if paths is None else paths.get(split) is not None
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the train sampler's epoch (Lightning does this itself; for use without a Trainer)."""
+        """Set the train sampler's epoch (Lightning does this itself; for use without a Trainer), or a train
+        stream's (Lightning does not: it only reaches samplers)."""
         if self._sampler is not None:
             self._sampler.set_epoch(epoch)
+        if self._train_stream is not None:
+            self._train_stream.set_epoch(epoch)
+
+
+def _epoch_to_run(trainer: Any) -> int:
+    """The epoch a fit is about to run when it asks for the train loader: the one its samplers get (the fit loop's
+    processed epochs), or the next one after a checkpoint from an epoch's last batch (see ``resume_position``)."""
+    position = resume_position(trainer)
+    if position is not None:
+        return position[0]
+    progress = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None), "current", None)
+    return int(progress.processed) if progress is not None else int(getattr(trainer, "current_epoch", 0))
 
 
 # ---------------------------------------------------------------------------------------------------- shapes
@@ -483,6 +498,13 @@ class ImageTextDataModule(_CaptionDataModule):
                     "an epoch's end; set --data.init_args.samples_per_epoch",
                     stacklevel=2,
                 )
+            # the shard order is a function of the epoch: start at the epoch the trainer is about to run (a resumed
+            # run's, not 0). Lightning iterates an unsized loader as soon as it gets it, before on_train_epoch_start
+            # (and persistent workers copy the data set then); later passes count the following epochs
+            trainer = self._trainer_or_none()
+            if trainer is not None:
+                ds.set_epoch(_epoch_to_run(trainer))
+            self._train_stream = ds
             return DataLoader(ds, drop_last=True, collate_fn=self._train_collate(), **self._loader_kwargs())
         return self._map_train_loader(ds)
 

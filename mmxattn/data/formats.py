@@ -155,10 +155,16 @@ class CsvDataset(_MapCaptionDataset):
     """Image-caption pairs from a CSV/TSV file with an image-path column and a caption column.
 
     Column names follow open_clip's ``--csv-img-key filepath --csv-caption-key title`` convention by default. The
-    separator is a tab for ``.tsv``/``.tab`` files and a comma otherwise unless ``sep`` is given. Relative paths are
-    resolved against ``image_root`` (default: the CSV's directory); absolute paths are kept. Rows naming the same
-    image are grouped into one image with several captions. ``check_paths``: how many leading images to look for
-    on disk at construction (if none exists the image root is wrong and we raise; 0 disables).
+    separator is a tab for ``.tsv``/``.tab`` files and a comma otherwise unless ``sep`` is given. Quoting: a CSV
+    field may be double-quoted (to hold the separator, a newline, or ``""`` for a quote); a ``.tsv``/``.tab`` file
+    has no quoting (the TSV convention, as in CC3M-style files: a ``"`` in a field is a literal character, fields
+    hold no tab or newline). A tab-separated file written with CSV quoting (pandas' ``to_csv(sep="\\t")``) is read
+    as CSV when it is not named ``.tsv``/``.tab`` and ``sep="\\t"`` is given. A malformed CSV (an unbalanced quote,
+    a field over the csv module's size limit) raises ``DatasetFormatError`` naming the file and line. Relative paths
+    are resolved against ``image_root`` (default: the CSV's directory); absolute paths are kept. Rows naming the
+    same image (after path normalisation: ``a.png`` and ``./a.png`` are one image) are grouped into one image with
+    several captions. ``check_paths``: how many leading images to look for on disk at construction (if none exists
+    the image root is wrong and we raise; 0 disables).
     """
 
     def __init__(
@@ -176,15 +182,18 @@ class CsvDataset(_MapCaptionDataset):
         check_paths: int = 32,
     ) -> None:
         p = _existing_file(path, "CSV file")
+        tsv = p.suffix.lower() in (".tsv", ".tab")
         if sep is None:
-            sep = "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
+            sep = "\t" if tsv else ","
         root = Path(image_root) if image_root is not None else p.parent
         if not root.is_dir():
             raise FileNotFoundError(f"{p}: image_root {str(root)!r} is not a directory")
         # surrogateescape keeps non-UTF-8 bytes as lone surrogates so one bad caption is skipped, not the whole file
         with open(p, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            reader = csv.reader(f, delimiter=sep)
-            header = [h.strip() for h in next(reader, [])]
+            # strict: a quote that is never closed (or closed mid-field) raises instead of swallowing the next rows
+            reader = csv.reader(f, delimiter=sep, strict=True, quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+            rows = _csv_rows(reader, p)
+            header = [h.strip() for h in next(rows, (1, []))[1]]
             missing = [(k, role) for k, role in ((img_key, "img_key"), (caption_key, "caption_key")) if k not in header]
             if missing:
                 hint = ""
@@ -198,7 +207,8 @@ class CsvDataset(_MapCaptionDataset):
             ci, cc = header.index(img_key), header.index(caption_key)
             by_path: dict[str, _Record] = {}
             broken: list[BrokenSample] = []
-            for line_no, row in enumerate(reader, start=2):
+            quoted = 0  # TSV captions wrapped in double quotes: kept literally, but likely written with CSV quoting
+            for line_no, row in rows:
                 if not any(cell.strip() for cell in row):
                     continue  # blank line
                 rel = row[ci].strip() if ci < len(row) else ""
@@ -207,14 +217,42 @@ class CsvDataset(_MapCaptionDataset):
                 if not rel:
                     broken.append(BrokenSample(f"{p} line {line_no}", f"empty {img_key!r} (image path)"))
                     continue
-                full = os.path.join(root, rel)
+                if tsv and cap is not None and len(cap) > 1 and cap[0] == cap[-1] == '"':
+                    quoted += 1
+                # one image however its path is spelled ("a.png", "./a.png", "imgs//a.png", an absolute path)
+                full = os.path.normpath(os.path.join(root, rel))
                 rec = by_path.get(full)
                 if rec is None:
                     rec = by_path[full] = _Record(path=full, image_id=rel, key=rel)
                 rec.captions.append(cap)
                 rec.origins.append(f"{origin} ({rel})")
+        if quoted:
+            warnings.warn(
+                f"{p}: {quoted} caption(s) are wrapped in double quotes, kept as part of the caption (a .tsv/.tab file "
+                'has no quoting); if the file was written with CSV quoting, name it .csv and pass sep="\\t"',
+                stacklevel=2,
+            )
         records = list(by_path.values())
         super().__init__(records, str(p), mode, transform, min_size, max_pixels, root, check_paths, broken)
+
+
+def _csv_rows(reader: Any, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(first physical line, row) of each record of ``reader`` (a quoted field can span lines, so records are not
+    lines); a malformed record raises ``DatasetFormatError`` naming the file and the line it starts on."""
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if reader.line_num > start:  # a quoted field ran on over the following lines
+                hint = f"; the record runs on to line {reader.line_num}: an unbalanced double quote?"
+            else:
+                hint = "; a stray double quote?" if '"' in str(e) else ""
+            raise DatasetFormatError(f"{path} line {start}: malformed CSV ({e}){hint}") from None
+        yield start, row
+        start = reader.line_num + 1
 
 
 def _coco_format(obj: Any) -> Literal["official", "karpathy"] | None:
@@ -274,6 +312,14 @@ class CocoCaptionsDataset(_MapCaptionDataset):
         for n, im in enumerate(obj["images"]):
             if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
                 raise DatasetFormatError(f"{p}: images[{n}] lacks 'id' or 'file_name': {str(im)[:200]}")
+            seen = by_id.get(im["id"])
+            if seen is not None:
+                if os.path.normpath(str(seen.key)) == os.path.normpath(str(im["file_name"])):
+                    continue  # the same entry twice: harmless
+                raise DatasetFormatError(
+                    f"{p}: images[{n}] has id {im['id']!r} of an earlier entry but file_name {im['file_name']!r} "
+                    f"(the earlier one is {seen.key!r}); captions refer to images by id, so ids must be unique"
+                )
             by_id[im["id"]] = _Record(path=os.path.join(root, im["file_name"]), image_id=im["id"], key=im["file_name"])
         if not obj["annotations"]:
             raise DatasetFormatError(f"{p}: 'annotations' is empty (no captions)")
@@ -299,8 +345,10 @@ class CocoCaptionsDataset(_MapCaptionDataset):
     @staticmethod
     def _karpathy(obj: dict, p: Path, root: Path, split: str | None) -> list[_Record]:
         counts: dict[str, int] = {}
-        for im in obj["images"]:
-            s = im.get("split", "?") if isinstance(im, dict) else "?"
+        for n, im in enumerate(obj["images"]):
+            if not isinstance(im, dict):
+                raise DatasetFormatError(f"{p}: images[{n}] is a {type(im).__name__}, not an object: {str(im)[:200]}")
+            s = im.get("split", "?")
             counts[s] = counts.get(s, 0) + 1
         if split is None:
             raise DatasetFormatError(f"{p} is a Karpathy split file: pass split= (splits in the file: {counts})")
@@ -430,9 +478,14 @@ class WebDatasetCaptions(IterableDataset):
         self.min_size, self.max_pixels = min_size, max_pixels
         self._epoch = 0
         self._iterations = 0  # counts epochs inside persistent workers, where set_epoch from the main process is unseen
+        self.n_caption_issues = 0  # unusable captions dropped outside mode "train" (by this reader: see _drop_captions)
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch = epoch
+        """Make the next pass epoch ``epoch`` and the following ones ``epoch + 1``, ...: a persistent worker keeps
+        the copy of this data set it got when the loader first iterated and counts its passes from that copy's
+        epoch, so set the first epoch (e.g. a resumed run's) before the loader starts."""
+        self._epoch = int(epoch)
+        self._iterations = 0
 
     def _rank_world(self) -> tuple[int, int]:
         if self.world_size is not None:
@@ -523,7 +576,7 @@ class WebDatasetCaptions(IterableDataset):
         """The sample's captions, or a reason string when it has none we can read."""
         if self.text_key in sample:
             try:
-                return [sample[self.text_key].decode("utf-8")]
+                return [sample[self.text_key].decode("utf-8-sig")]  # -sig: drop a byte-order mark if present
             except UnicodeDecodeError:
                 return "caption not valid UTF-8"
         if self.json_key in sample:
@@ -537,6 +590,21 @@ class WebDatasetCaptions(IterableDataset):
                     return list(value) if isinstance(value, list) else [value]
             return f"no caption field {list(self.json_caption_fields)} in .{self.json_key}"
         return f"no caption (expected .{self.text_key} or .{self.json_key})"
+
+    def _drop_captions(self, source: str, reasons: list[str]) -> None:
+        """Unusable captions of a sample that has usable ones, in modes "train_images" and "eval" (where the sample
+        is one image, not one pair, so they are not skipped samples; mode "train" yields a ``BrokenSample`` for
+        each): counted in ``n_caption_issues`` and warned about at the first one, once per reader (a DataLoader
+        worker counts in its own copy), as the map-style data sets warn at construction."""
+        if not reasons:
+            return
+        if self.n_caption_issues == 0:
+            warnings.warn(
+                f"WebDatasetCaptions (mode {self.mode!r}): unusable captions are dropped, e.g. {source}: {reasons[0]} "
+                "(further ones read by this reader are counted in its n_caption_issues, not reported)",
+                stacklevel=2,
+            )
+        self.n_caption_issues += len(reasons)
 
     def _decode(self, sample: dict[str, Any], epoch: int = 0) -> Iterator[dict[str, Any] | BrokenSample]:
         url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
@@ -564,6 +632,8 @@ class WebDatasetCaptions(IterableDataset):
             for why in problems:
                 if why is not None:
                     yield BrokenSample(source, why)
+        else:
+            self._drop_captions(source, [why for why in problems if why is not None])
         if self.mode == "train":
             chosen = valid
         elif self.mode == "train_images":  # a function of (seed, epoch, key), whichever reader decodes the sample

@@ -14,13 +14,14 @@ The mechanism, which works with DataLoader worker processes (where per-worker co
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
-import struct
+import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ __all__ = [
 # "truncated/corrupt"; anything else is "not an image" (an HTML error page saved as .jpg, a text file, ...).
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}  # premultiplied alpha -> the straight-alpha mode PIL converts from
+_PIL_LIMIT_LOCK = threading.Lock()  # held while PIL's global pixel limit is raised for one decode
 
 
 class BadImageError(Exception):
@@ -73,6 +76,9 @@ class BrokenSample:
 def _flatten_alpha(img: Image.Image) -> Image.Image:
     # Composite on white rather than dropping alpha: transparent pixels often hold arbitrary (frequently black) RGB,
     # and white is how a transparent logo or icon looks on the page it was captioned from.
+    # premultiplied modes first: PIL has no "La" -> "RGBA" conversion (it raises), only "La" -> "LA"
+    if img.mode in _PREMULTIPLIED:
+        img = img.convert(_PREMULTIPLIED[img.mode])
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
@@ -122,7 +128,8 @@ def load_image(
 
     ``min_size``: smaller side in pixels below which the image is rejected ("too small (WxH)").
     ``max_pixels``: width*height above which the image is rejected before any pixel is decoded; defaults to PIL's
-    ``Image.MAX_IMAGE_PIXELS`` (PIL itself only warns between 1x and 2x that limit; we skip in both cases).
+    ``Image.MAX_IMAGE_PIXELS`` (PIL itself only warns between 1x and 2x that limit; we skip in both cases). A
+    ``max_pixels`` above PIL's limit is honoured: PIL's limit is raised to it for this decode.
     ``name``: how to name the image in errors when ``src`` is bytes (e.g. "shard-000.tar:000123").
     EXIF orientation is applied, so the pixels match what a viewer (and the caption writer) saw.
     """
@@ -142,20 +149,13 @@ def load_image(
     if not data:
         raise BadImageError(label, "empty file")
     looks_like_image = data.startswith(_IMAGE_MAGIC)
-    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    with _PIL_LIMIT_LOCK:  # not while another call has PIL's limit raised (it would read the raised value)
+        pil_limit = Image.MAX_IMAGE_PIXELS
+    limit = max_pixels if max_pixels is not None else pil_limit
+    raise_pil_limit = limit is not None and pil_limit is not None and limit > pil_limit
     try:
-        with warnings.catch_warnings():
-            # we enforce the pixel limit ourselves below (skip instead of a warning that a long run would ignore)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-        w, h = img.size
-        if limit is not None and w * h > limit:
-            raise BadImageError(label, f"decompression bomb ({w} x {h})")
-        if min(w, h) < min_size:
-            raise BadImageError(label, f"too small ({w}x{h})")
-        img.load()  # decode now, inside the try: a truncated JPEG only fails here
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+        with _pil_limit_raised_to(limit) if raise_pil_limit else contextlib.nullcontext():
+            return _decode(data, label, limit, min_size)
     except BadImageError:
         raise
     except Image.DecompressionBombError as e:  # over 2x PIL's limit: raised by Image.open before we see the size
@@ -163,9 +163,39 @@ def load_image(
         raise BadImageError(label, f"decompression bomb ({m.group(1) if m else '?'} pixels)") from None
     except UnidentifiedImageError:
         raise BadImageError(label, "truncated/corrupt image" if looks_like_image else "not an image") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, MemoryError) as e:
+    except Exception as e:  # OSError, ValueError, struct.error... and whatever else PIL raises on hostile bytes
         reason = "truncated/corrupt image" if looks_like_image else "not an image"
         raise BadImageError(label, f"{reason} ({type(e).__name__}: {e})") from None
+
+
+def _decode(data: bytes, label: str, limit: int | None, min_size: int) -> Image.Image:
+    with warnings.catch_warnings():
+        # we enforce the pixel limit ourselves below (skip instead of a warning that a long run would ignore)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if limit is not None and w * h > limit:
+        raise BadImageError(label, f"decompression bomb ({w} x {h})")
+    if min(w, h) < min_size:
+        raise BadImageError(label, f"too small ({w}x{h})")
+    img.load()  # decode now, inside the caller's try: a truncated JPEG only fails here
+    img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+@contextlib.contextmanager
+def _pil_limit_raised_to(limit: int) -> Iterator[None]:
+    """PIL's global ``Image.MAX_IMAGE_PIXELS`` set to ``limit`` for one decode: PIL checks it in ``Image.open`` (and
+    while loading some formats) before our own check could honour a ``max_pixels`` above it. The lock is held for
+    the decode: concurrent raises cannot restore each other's value, and other threads' ``load_image`` calls wait
+    before reading PIL's limit (DataLoader workers are processes, each with its own)."""
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = limit
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def caption_problem(caption: Any) -> str | None:
