@@ -5,6 +5,7 @@ from .capture import capture_attention
 from .checkpoint import export, load
 from .config import CATConfig, MMXAttnConfig, TextConfig
 from .presets import create_encoder, create_model, list_encoder_presets, list_presets
+from .vision.windows import clear_weight_caches
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "MMXAttnConfig",
     "TextConfig",
     "capture_attention",
+    "clear_weight_caches",
     "create_encoder",
     "create_model",
     "eager_attention",

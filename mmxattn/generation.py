@@ -19,6 +19,8 @@ after its EOS.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable
@@ -57,6 +59,18 @@ class GenerationConfig:
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for name, value in (("num_beams", num_beams), ("top_k", top_k), ("min_new_tokens", min_new_tokens)):
+            _check_int(name, value)
+        if max_new_tokens is not None:
+            _check_int("max_new_tokens", max_new_tokens)
+        for name, value in (
+            ("length_penalty", length_penalty),
+            ("temperature", temperature),
+            ("top_p", top_p),
+            ("repetition_penalty", repetition_penalty),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         if temperature <= 0:
@@ -67,9 +81,17 @@ class GenerationConfig:
             raise ValueError("top_k and min_new_tokens must be >= 0 and repetition_penalty > 0")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        num_beams, top_k, min_new_tokens = int(num_beams), int(top_k), int(min_new_tokens)
+        max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
+        del name, value
         if not use_cache and (static_cache or cuda_graph):
             raise ValueError("static_cache and cuda_graph decode with a cache; they need use_cache=True")
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
 
 
 def _adjust_logits(logits: Tensor, ids: Tensor, step: int, cfg: GenerationConfig, special: dict[str, int]) -> Tensor:
@@ -272,6 +294,11 @@ def generate(
     """
     if (images is None) == (image_tokens is None):
         raise ValueError("generate needs exactly one of images or image_tokens")
+    if image_tokens is not None:
+        width = model.cfg.text.width
+        if not isinstance(image_tokens, Tensor) or image_tokens.dim() != 3 or image_tokens.shape[-1] != width:
+            got = tuple(image_tokens.shape) if isinstance(image_tokens, Tensor) else type(image_tokens).__name__
+            raise ValueError(f"image_tokens must be (B, L, {width}) (model.encode_image_tokens), got {got}")
     cfg = GenerationConfig(strategy=strategy, max_new_tokens=max_new_tokens, **kwargs)
     t = model.cfg.text
     limit = t.context_length - 1

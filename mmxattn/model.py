@@ -12,11 +12,12 @@ The model knows nothing of Lightning; losses live in :mod:`mmxattn.losses`.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,39 @@ class RetrievalResult:
     i2t_scores: Tensor
     t2i_indices: Tensor  # (N_txt, k)
     t2i_scores: Tensor
+
+
+def _in_eval_mode(method: Callable) -> Callable:
+    """Run an inference method with the model in eval mode (dropout and drop-path off, so a model left in train
+    mode still gives its deterministic scores), restoring the caller's mode afterwards, also after an error."""
+
+    @functools.wraps(method)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        was_training = self.training
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+
+    return wrapper
+
+
+def _composited(a: Any, i: int) -> Any:
+    """A numpy image (H, W, C) whose last channel is alpha (C 4, or 2 for grey + alpha) composited on white, as
+    PIL images with alpha are (uint8 stays uint8, floats in [0, 1] stay float); other arrays unchanged."""
+    import numpy as np
+
+    if a.ndim != 3 or a.shape[2] not in (2, 4) or not (a.dtype == np.uint8 or a.dtype.kind == "f"):
+        return a
+    f = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)
+    alpha = f[..., -1:]
+    if np.isnan(alpha).any() or alpha.min() < 0 or alpha.max() > 1:
+        raise ValueError(f"images[{i}]: the alpha channel of a float array must lie in [0, 1]")
+    out = f[..., :-1] * alpha + (1.0 - alpha)
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    return (out * 255.0).round().astype(np.uint8) if a.dtype == np.uint8 else out
 
 
 def build_vision_encoder(cfg: MMXAttnConfig) -> nn.Module:
@@ -183,7 +217,12 @@ class MMXAttn(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) float tensors, got shape {tuple(images.shape)}")
         if not images.is_floating_point():
-            raise ValueError(f"images must be normalised float tensors, got dtype {images.dtype}; use model.preprocess")
+            hint = (
+                "model.preprocess(images) resizes and normalises uint8 pixel tensors"
+                if images.dtype == torch.uint8
+                else "give float tensors normalised as model.transform does, or PIL images / arrays / paths"
+            )
+            raise ValueError(f"images must be normalised float tensors, got dtype {images.dtype}; {hint}")
         if images.shape[0] == 0:
             raise ValueError(f"images: an empty batch {tuple(images.shape)}; give at least one image")
         dtype = self._image_dtype()
@@ -203,6 +242,8 @@ class MMXAttn(nn.Module):
             texts = list(ids) if not isinstance(ids, str) else [ids]
             ids = self.tokenizer(texts, context_length=self.cfg.text.context_length)  # the model's, whatever the
             # tokenizer's own default
+        if isinstance(ids, (list, tuple)) and not ids:
+            raise ValueError("texts: an empty list; give at least one text")
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             got = f"shape {tuple(ids.shape)}, dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"token ids must be an int64 or int32 tensor (B, T), got {got}")
@@ -216,12 +257,14 @@ class MMXAttn(nn.Module):
     def preprocess(self, images: Any) -> Tensor:
         """Images -> a normalised float batch (B, 3, H, W) on the model's device, in its dtype.
 
-        Tensors (B, 3, H, W) or (3, H, W) are taken as already normalised and pass through (inside a list, a
-        (B, 3, H, W) tensor gives all B images). PIL images (any mode: alpha composited on white, 16-bit and float
-        rescaled, as files are), file paths, encoded bytes and numpy arrays (H, W[, C]; uint8 or float in [0, 1]),
-        alone or in a list, go through ``self.transform`` (the eval transform, built from the config when none is
+        Float tensors (B, 3, H, W) or (3, H, W) are taken as already normalised and pass through (inside a list, a
+        (B, 3, H, W) tensor gives all B images). uint8 tensors (torchvision's raw pixels, (3, H, W) or (B, 3, H, W)),
+        PIL images (any mode: alpha composited on white, 16-bit and float rescaled, as files are), file paths,
+        encoded bytes and numpy arrays (H, W[, C]; uint8 or float in [0, 1]; a 4th (or with one colour channel,
+        2nd) channel is alpha and is composited on white, as for PIL images), alone or in a list, go through
+        ``self.transform`` (the eval transform, built from the config and the encoder's normalisation when none is
         attached). Unreadable files raise ``BadImageError`` naming the file."""
-        if isinstance(images, Tensor):
+        if isinstance(images, Tensor) and images.dtype != torch.uint8:
             return self._check_images(images)
         import numpy as np
         from PIL import Image
@@ -229,21 +272,32 @@ class MMXAttn(nn.Module):
         from .data.robust import load_image, to_rgb
 
         if self.transform is None:
-            from .data.transforms import build_transforms
+            from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
 
-            self.transform = build_transforms(self.cfg.vision.img_size, train=False)
+            # the encoder's own normalisation where it states one (timm / open_clip backbones), as exports record
+            mean, std = getattr(self.visual, "mean", IMAGENET_MEAN), getattr(self.visual, "std", IMAGENET_STD)
+            self.transform = build_transforms(self.cfg.vision.img_size, train=False, mean=mean, std=std)
         items = images if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise ValueError("images: an empty list; give at least one image")
         out = []
         for i, item in enumerate(items):
+            if isinstance(item, Tensor) and item.dtype == torch.uint8:  # raw pixels: resized and normalised
+                if item.dim() not in (3, 4) or item.shape[-3] not in (1, 3, 4):
+                    raise ValueError(
+                        f"images[{i}]: uint8 pixel tensors must be (C, H, W) or (B, C, H, W) with C 1, 3 or 4, got "
+                        f"{tuple(item.shape)}"
+                    )
+                for one in item if item.dim() == 4 else item[None]:
+                    out.append(self.transform(_composited(one.permute(1, 2, 0).cpu().numpy(), i)))
+                continue
             if isinstance(item, Tensor):
                 if item.dim() not in (3, 4):
                     raise ValueError(f"images[{i}]: tensors must be (3, H, W) or (B, 3, H, W), got {tuple(item.shape)}")
                 out.extend(self._check_images(item).unbind(0))
                 continue
             if isinstance(item, np.ndarray):
-                out.append(self.transform(item))
+                out.append(self.transform(_composited(item, i)))
                 continue
             if not isinstance(item, Image.Image):
                 if not isinstance(item, (str, os.PathLike, bytes)):
@@ -251,7 +305,9 @@ class MMXAttn(nn.Module):
                         f"images[{i}]: expected a tensor, PIL image, numpy array, file path or bytes, "
                         f"got {type(item).__name__}"
                     )
-                item = load_image(item)
+                item = load_image(item, min_size=1)  # any readable image, as PIL images and arrays are taken
+            if item.width < 1 or item.height < 1:
+                raise ValueError(f"images[{i}]: an empty image ({item.width}x{item.height} pixels)")
             out.append(self.transform(to_rgb(item)))
         sizes = sorted({tuple(t.shape) for t in out})
         if len(sizes) > 1:
@@ -432,6 +488,8 @@ class MMXAttn(nn.Module):
                     raise ValueError(f"word_maps: {w!r} is not one token of the vocabulary (token ids {tok})")
                 ids_list.append(tok[0])
             ids = torch.tensor(ids_list, dtype=torch.long)
+        if not ids.numel():
+            raise ValueError("word_maps: no words given; give at least one word")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.text.vocab_size):
             raise ValueError(f"word_maps: token ids must be in [0, {self.cfg.text.vocab_size})")
         images = self._check_images(images)
@@ -559,11 +617,13 @@ class MMXAttn(nn.Module):
 
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()
+    @_in_eval_mode
     def similarity(self, images: Any, texts: Tensor | Sequence[str]) -> Tensor:
-        """Cosine similarity (N_img, N_txt) of the retrieval embeddings."""
+        """Cosine similarity (N_img, N_txt) of the retrieval embeddings (in eval mode; the model's mode is kept)."""
         return self.encode_image(self.preprocess(images)) @ self.encode_text(texts).T
 
     @torch.no_grad()
+    @_in_eval_mode
     def retrieve(
         self,
         images: Any,
@@ -581,7 +641,7 @@ class MMXAttn(nn.Module):
         :func:`mmxattn.metrics.gallery_normalized_scores` (texts for an image by log p(image | text), a softmax over
         the given images at the model's learned temperature, so a caption that fits this image and few others beats
         a generic one; images for a text by log p(text | image)); the scores returned are then those log-probabilities.
-        With ``rerank=N`` the top N candidates of each query are re-scored by the
+        With ``rerank=N`` the top max(N, k) candidates of each query are re-scored by the
         multimodal decoder (the text's queries cross-attending to the image): ``rerank_with="itm"`` uses the
         image-text matching head (BLIP's re-ranking), ``"lm"`` the caption's length-normalised log-likelihood,
         ``"pmi"`` the caption's log-likelihood minus its log prior (estimated over ``prior_images`` of the
@@ -590,12 +650,15 @@ class MMXAttn(nn.Module):
         prior is the same for all of them). Re-ranked candidates keep their order above the un-re-ranked rest.
         ``rerank_with=None`` (the default) takes ``model.rerank_with_default``: what the training run evaluated
         with, as ``mmxattn.load`` reads it from the checkpoint ("lm" when the matching head was not trained), else
-        ``"itm"`` (``"lm"`` without a head).
+        ``"itm"`` (``"lm"`` without a head). The model runs in eval mode (its own mode is restored).
         """
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"retrieve: k must be an int >= 1, got {k!r}")
         if isinstance(rerank, bool) or not isinstance(rerank, numbers.Integral) or rerank < 0:
             raise ValueError(f"retrieve: rerank must be an int >= 0 (0 = off), got {rerank!r}")
+        for name, value in (("batch_size", batch_size), ("prior_images", prior_images)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"retrieve: {name} must be an int >= 1, got {value!r}")
         k, rerank = int(k), int(rerank)
         if rerank_with is None:  # getattr: a model pickled before these attributes existed
             default = getattr(self, "rerank_with_default", None)
@@ -606,7 +669,7 @@ class MMXAttn(nn.Module):
             warnings.warn(
                 "retrieve: re-ranking with the ITM head, which this model's training never trained (itm_weight 0): "
                 "its scores are noise; use rerank_with='lm' or 'pmi'",
-                stacklevel=2,
+                stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
         imgs = self.preprocess(images)
         ids = self._check_ids(texts)
@@ -614,9 +677,15 @@ class MMXAttn(nn.Module):
             warnings.warn(
                 "retrieve: rerank_with='pmi' estimates each caption's prior over the given images, and one image is "
                 "its own prior (every score would be 0); re-ranking with 'lm' instead",
-                stacklevel=2,
+                stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
             rerank_with = "lm"
+        if gallery_norm and imgs.shape[0] < 2:
+            warnings.warn(
+                "retrieve: gallery_norm=True normalises each text's scores over the given images, and over one image "
+                "every score is 0 (log 1); give several images, or gallery_norm=False for cosine scores",
+                stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
+            )
         img_tokens = torch.cat([self.encode_image_tokens(b) for b in imgs.split(batch_size)])
         img_emb = F.normalize(self.pooler(img_tokens), dim=-1)
         txt_emb, states = [], []

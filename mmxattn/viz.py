@@ -371,10 +371,12 @@ def encoder_attention(
         from PIL import Image
 
         from .data.formats import load_image
+        from .data.robust import to_rgb
         from .data.transforms import build_transforms
 
-        img = img if isinstance(img, Image.Image) else load_image(img)
-        return build_transforms(enc.cfg.img_size, train=False)(img.convert("RGB"))[None]
+        img = img if isinstance(img, Image.Image) else load_image(img, min_size=1)
+        # alpha on white, 16-bit and float rescaled: what the model's own preprocess (and training) does
+        return build_transforms(enc.cfg.img_size, train=False)(to_rgb(img))[None]
 
     wanted = {name for name, _, _ in resolved}
     with _inference(enc):

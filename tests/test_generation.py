@@ -220,3 +220,31 @@ def test_a_failed_graph_capture_warns_once_and_goes_eager(model):
         assert _graphed(victim, auto, boom) is None
     assert not _use_cuda_graph(victim, on_gpu, auto)
     assert _use_cuda_graph(model, on_gpu, auto)  # other models are unaffected
+
+
+def test_generation_options_of_the_wrong_type_or_not_finite_are_named(model, images):
+    """NaN fails every comparison, so NaN options used to pass the range checks (a NaN repetition penalty or length
+    penalty silently changed the captions); floats for integer options failed deep in torch; a bool was taken as
+    1; image_tokens of the wrong shape failed in a matmul."""
+    for name, value in (
+        ("repetition_penalty", float("nan")),
+        ("length_penalty", float("nan")),
+        ("temperature", float("nan")),
+        ("temperature", "0.7"),
+        ("top_p", float("inf")),
+        ("num_beams", 2.5),
+        ("top_k", 2.5),
+        ("min_new_tokens", 1.0),
+        ("max_new_tokens", True),
+        ("max_new_tokens", 5.5),
+    ):
+        with pytest.raises(ValueError, match=name):
+            model.generate(images, strategy="beam" if name == "length_penalty" else "sample", **{name: value})
+    with pytest.raises(ValueError, match="image_tokens"):
+        model.generate(image_tokens=torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="image_tokens"):
+        model.generate(image_tokens=(2, 5, 7))
+    ids = model.generate(images, max_new_tokens=3, num_beams=2, strategy="beam")  # numpy-style ints still work
+    import numpy as np
+
+    assert torch.equal(model.generate(images, max_new_tokens=np.int64(3), num_beams=np.int64(2), strategy="beam"), ids)

@@ -465,3 +465,110 @@ def test_every_trainable_parameter_gets_a_gradient_whatever_stages_are_read(stag
     assert not no_grad, no_grad
     deepest = model.visual.layers[max(stages)]
     assert deepest.downsample is None or not any(p.requires_grad for p in deepest.downsample.parameters())
+
+
+def test_preprocess_takes_raw_pixel_tensors_alpha_arrays_and_tiny_files_as_pil_images_are_taken(tmp_path):
+    """uint8 pixel tensors go through the transform like the same PIL image (the float-tensor error points
+    there); numpy arrays with alpha are composited on white as PIL images are; a readable file of a few pixels is
+    taken as the same PIL image is; an empty image is named."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    s = model.cfg.vision.img_size
+    rgb = np.random.default_rng(0).integers(0, 256, (s, s, 3), dtype=np.uint8)
+    from_pil = model.preprocess(Image.fromarray(rgb))
+    raw = torch.from_numpy(rgb).permute(2, 0, 1)
+    torch.testing.assert_close(model.preprocess(raw), from_pil, rtol=0, atol=0)
+    torch.testing.assert_close(model.preprocess(torch.stack([raw, raw])), torch.cat([from_pil, from_pil]))
+    with pytest.raises(ValueError, match="model.preprocess"):
+        model.encode_image(raw[None])
+
+    rgba = np.random.default_rng(1).integers(0, 256, (s, s, 4), dtype=np.uint8)
+    rgba[:, : s // 2, 3] = 0  # left half transparent
+    from_pil = model.preprocess(Image.fromarray(rgba, "RGBA"))
+    pixel = 1 / 255 / min(model.transform.std)  # one grey level, normalised
+    for arr in (rgba, rgba.astype(np.float32) / 255):
+        torch.testing.assert_close(model.preprocess(arr), from_pil, rtol=0, atol=pixel * 1.01)
+    la = np.stack([rgb[..., 0], rgba[..., 3]], axis=-1)
+    torch.testing.assert_close(
+        model.preprocess(la), model.preprocess(Image.fromarray(la, "LA")), rtol=0, atol=pixel * 1.01
+    )
+
+    tiny = Image.fromarray(rgb[:6, :6])
+    tiny.save(tmp_path / "tiny.png")
+    torch.testing.assert_close(model.preprocess(str(tmp_path / "tiny.png")), model.preprocess(tiny), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="empty image"):
+        model.preprocess(Image.new("RGB", (0, 0)))
+
+
+def test_preprocess_normalises_as_the_encoder_states_and_as_an_export_records(tmp_path):
+    """A backbone with its own normalisation (timm ViT: mean/std 0.5) is fed pixels normalised its way, before and
+    after export + load (preprocess used ImageNet's statistics while the export recorded the encoder's)."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = mmxattn.create_model(
+        "mmx_tiny",
+        vision_backend="timm:vit_tiny_patch16_224.augreg_in21k",
+        vision_pretrained=None,
+        image_stages=(-1,),
+        vision={"img_size": 64},
+    ).eval()
+    assert tuple(model.visual.mean) != (0.485, 0.456, 0.406)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    live = model.preprocess(img)
+    mean = torch.tensor(model.visual.mean).view(3, 1, 1)
+    std = torch.tensor(model.visual.std).view(3, 1, 1)
+    pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(live[0], (pixels - mean) / std, rtol=0, atol=1e-5)
+    model.transform = None
+    mmxattn.export(model, tmp_path / "exp")
+    torch.testing.assert_close(mmxattn.load(tmp_path / "exp").preprocess(img), live, rtol=0, atol=0)
+
+
+def test_similarity_and_retrieve_score_in_eval_mode_and_keep_the_callers_mode():
+    """A model left in train mode (dropout, drop-path) gives the same scores as in eval mode, call after call, and
+    stays in train mode; bad batch sizes and empty word or text lists are named."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny", vision={"drop_path_rate": 0.5})
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    images, ids = _batch(model, B=3)
+    model.eval()
+    ref_sim, ref = model.similarity(images, ids), model.retrieve(images, ids, k=2, rerank=2, rerank_with="lm")
+    model.train()
+    for _ in range(2):
+        torch.testing.assert_close(model.similarity(images, ids), ref_sim, rtol=0, atol=1e-6)
+        got = model.retrieve(images, ids, k=2, rerank=2, rerank_with="lm")
+        torch.testing.assert_close(got.i2t_scores, ref.i2t_scores, rtol=0, atol=1e-5)
+        assert torch.equal(got.t2i_indices, ref.t2i_indices)
+    assert model.training and all(m.training for m in model.modules())
+    for bad in ({"batch_size": 0}, {"prior_images": 0, "rerank": 2, "rerank_with": "pmi"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            model.retrieve(images, ids, **bad)
+    with pytest.raises(ValueError, match="empty list"):
+        model.encode_text([])
+    with pytest.raises(ValueError, match="at least one word"):
+        mmxattn.create_model("mmx_tiny", word_head=True).word_maps(images, torch.empty(0, dtype=torch.long))
+    with pytest.warns(UserWarning, match="gallery_norm"):
+        model.retrieve(images[:1], ids, k=1, gallery_norm=True)
+
+
+def test_weight_caches_are_cleared_after_edits_through_data():
+    """Edits through ``param.data`` bypass the version counter the no-grad caches check;
+    ``mmxattn.clear_weight_caches(model)`` makes the next call use the new weights."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    other = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model)
+    with torch.no_grad():
+        model.encode_image(images), model.encode_text(ids)  # caches filled
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.data.copy_(q.data)
+        mmxattn.clear_weight_caches(model)
+        torch.testing.assert_close(model.encode_image(images), other.encode_image(images), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.encode_text(ids), other.encode_text(ids), rtol=0, atol=1e-6)

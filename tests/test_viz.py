@@ -332,3 +332,16 @@ def test_callback_logs_to_wandb_offline(tmp_path, monkeypatch):
     media = list(tmp_path.rglob("media/images/attention/*.png"))
     assert len(media) == 2, media  # caption + encoder of one image
     assert sorted(p.name for p in cb.last_paths) == ["epoch000_img0_caption.png", "epoch000_img0_encoder.png"]
+
+
+def test_encoder_only_attention_converts_images_as_the_model_does(model):
+    """An encoder given alone (no model.preprocess) converts PIL images the way training and the model do: alpha
+    composited on white, 16-bit rescaled (``convert("RGB")`` showed a transparent image black and a 16-bit ramp
+    nearly white)."""
+    enc = model.visual
+    clear = PIL.Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ramp = PIL.Image.fromarray((np.tile(np.linspace(0, 65535, 64), (64, 1))).astype(np.uint16))
+    (shown_clear,) = viz.encoder_attention(enc, clear, ["layers.0.pre_ipsa_blocks.0.attn"])
+    (shown_ramp,) = viz.encoder_attention(enc, ramp, ["layers.0.pre_ipsa_blocks.0.attn"])
+    assert shown_clear.image.min() > 0.98  # white
+    assert abs(shown_ramp.image.mean().item() - 0.5) < 0.05  # the ramp's mean grey, not white

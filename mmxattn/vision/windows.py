@@ -41,6 +41,7 @@ __all__ = [
     "set_lean_mlp",
     "set_onednn_linear",
     "set_packed_weights",
+    "clear_weight_caches",
     "stage_grid_sizes",
     "use_inference_linears",
 ]
@@ -169,7 +170,7 @@ class _OneDNNLinear(torch.autograd.Function):
 # Without autograd, oneDNN re-orders a plain weight into its blocked layout on every call. So no-grad calls use a
 # copy of the weight packed once, cached per Parameter (weakly: the module, its state dict, deepcopy and pickling
 # never see it) and keyed on the weight's storage and version, so loading, optimiser steps and in-place edits re-pack
-# it. Packed for the first call's row count, the layout is the one oneDNN picks for that call itself, so those calls
+# it (edits through ``param.data`` bypass the version counter: clear_weight_caches() after those). Packed for the first call's row count, the layout is the one oneDNN picks for that call itself, so those calls
 # give bit-identical results (other row counts: equal to rounding). Paired A/B, CAT-T eval at 224 px (twenty-second
 # session): 0.93 of the time at batch 1, 0.98-0.99 at batch 8 (twenty-fifth session, another CPU: 1.05 / 1.00, and
 # 0.96 at 896 px). Costs one packed copy of each weight kept; since the twenty-fifth session only small calls keep
@@ -188,6 +189,21 @@ def set_packed_weights(enabled: bool) -> bool:
     if not _PACKED:
         _PACKED_CACHE.clear()
     return old
+
+
+def clear_weight_caches(module: nn.Module | None = None) -> None:
+    """Drop the copies no-grad inference keeps of ``module``'s weights (every module's when ``None``): packed
+    linear weights and CAT's gathered relative position bias. They follow every change made through the parameters
+    themselves (loading, optimiser steps, in-place edits), but an edit through ``param.data`` bypasses the version
+    counter they check: call this after one (e.g. after swapping in EMA weights with ``p.data.copy_(...)``)."""
+    if module is None:
+        _PACKED_CACHE.clear()
+        return
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            _PACKED_CACHE.pop(p, None)
+        if hasattr(m, "_bias_key"):
+            m._bias, m._bias_key = None, None
 
 
 def _packed_weight(
