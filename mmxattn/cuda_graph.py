@@ -77,7 +77,10 @@ def cached(model: nn.Module, key: tuple, build: Callable[[], Any]) -> Any:
     held = _REGISTRY.setdefault(model, OrderedDict())
     entry = held.get(key)
     if entry is None or entry[0] != weights:
-        entry = (weights, build())
+        # never out of inference tensors: Lightning evaluates under torch.inference_mode(), and a graph's static
+        # buffers built there could not be refilled in place by a later call outside it (model.caption after fit)
+        with torch.inference_mode(False):
+            entry = (weights, build())
         held[key] = entry
         while len(held) > _PER_MODEL:
             held.popitem(last=False)

@@ -122,7 +122,11 @@ def _sample(logp: Tensor, cfg: GenerationConfig) -> Tensor:
         drop_sorted = cum - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token that crosses top_p
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=cfg.generator).squeeze(1)
+    probs = logits.softmax(-1)
+    gen = cfg.generator
+    if gen is not None and gen.device != probs.device:  # e.g. a CPU generator for a CUDA model: draw on its device
+        return torch.multinomial(probs.to(gen.device), 1, generator=gen).squeeze(1).to(probs.device)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
 def _recording(model: Any) -> bool:

@@ -79,6 +79,39 @@ def test_cuda_graph_decoding_matches_eager_and_is_reused():
     assert len(maps.calls["decoder.blocks.0.cross_attn"]) >= 4
 
 
+def test_cuda_graphs_survive_inference_mode_and_follow_in_place_weight_loads():
+    """Graphs first built under torch.inference_mode() (Lightning's evaluation) serve later calls outside it (their
+    buffers are refilled in place); an in-place weight load keeps the graphs (same addresses) and they compute the
+    new weights' result (the encoder graph gathers the relative position bias itself instead of reading a cached
+    copy); a CPU generator samples for a CUDA model."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny", vocab_size=40, context_length=14).cuda().eval()
+    other = mmxattn.create_model("mmx_tiny", vocab_size=40, context_length=14).cuda().eval()
+    with torch.no_grad():
+        for m in (model, other):
+            m.text.token_embedding.weight.mul_(20)  # sharp logits: no near-ties for kernel order to flip
+    images = torch.randn(3, 3, 64, 64, device="cuda")
+    with torch.inference_mode():
+        first = model.generate(images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback to eager decoding warns
+        assert torch.equal(model.generate(images), first)
+        held = cuda_graph.held_graphs(model)
+        model.load_state_dict(other.state_dict())
+        assert torch.equal(model.generate(images), other.generate(images, cuda_graph=False))
+        assert cuda_graph.held_graphs(model) == held
+        torch.testing.assert_close(
+            generation._encode_images(model, images, graphed=True),
+            other.encode_image_tokens(images),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    runs = [model.generate(images, strategy="sample", generator=torch.Generator().manual_seed(0)) for _ in range(2)]
+    assert runs[0].device.type == "cuda" and torch.equal(runs[0], runs[1])
+
+
 def test_trained_fixture_captions_on_the_gpu_match_the_cpu():
     """The trained tiny checkpoint captions shapes images on the GPU (CUDA-graph decoding, the default there) as on
     the CPU (growing cache), greedy and beam."""

@@ -125,11 +125,14 @@ class WindowAttention(Attention):
         # Under torch.compile the gather is part of the graph (cheap, fused); the Python-side cache would be guarded
         # on: its key changes between calls, so every call recompiled (22 s per CAT-T call until dynamo gave up).
         # A model built under torch.inference_mode() has inference tensors, which carry no version counter: no cache.
+        # While a CUDA graph is captured the gather is recorded in it: a cached bias would be read at its address on
+        # every replay, stale after an in-place weight load (which keeps the graph) and freed once the cache moves on.
         if (
             (torch.is_grad_enabled() and table.requires_grad)
             or torch.compiler.is_compiling()
             or table.is_inference()
             or index.is_inference()
+            or (table.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
             return self._gather_bias()
         key = (table.data_ptr(), table._version, table.dtype, table.device, index.data_ptr(), index._version)
