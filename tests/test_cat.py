@@ -838,3 +838,13 @@ def test_conv_stem_sees_beyond_its_patch_and_keeps_the_token_grid():
     # the official weights fit only the patchify stem: strict loading names the stem's keys
     with pytest.raises(RuntimeError, match="patch_embed.proj"):
         encs["conv"].load_state_dict(encs["patch"].state_dict(), strict=True)
+
+
+def test_inference_slices_are_even_where_a_divisor_allows():
+    """Slices of one size (oneDNN keeps compiled kernels per shape): the largest divisor of the total from half the
+    requested size up, else the requested size (a remainder slice then)."""
+    even = cat_module._even_step
+    assert even(50176, 8192) == 7168  # CAT-T's 896 px stage-0 tokens: 7 slices of 7168, not 6 of 8192 + 1024
+    assert even(1024, 167) == 128 and even(64, 10) == 8
+    assert even(101, 10) == 10  # prime: no divisor in [5, 10]
+    assert even(30, 50) == 30 and even(7, 1) == 1

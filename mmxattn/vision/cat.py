@@ -176,6 +176,18 @@ def _sliced(module: nn.Module, x: Tensor) -> bool:
     )
 
 
+def _even_step(total: int, step: int) -> int:
+    """A slice size for ``total`` items of at most ``step``: the largest divisor of ``total`` from ``step // 2`` up,
+    so that every slice has one shape (oneDNN compiles and keeps kernels per shape: a remainder slice costs a second
+    set, ~0.6 MB per linear layer), else ``step``."""
+    if step >= total:
+        return total
+    for d in range(step, max(1, step // 2) - 1, -1):
+        if total % d == 0:
+            return d
+    return step
+
+
 class _PreNormBlock(nn.Module):
     """``x = x + DropPath(mix(LN1(x)))``, ``x = x + DropPath(MLP(LN2(x)))`` on a stream in window order.
 
@@ -213,7 +225,8 @@ class _PreNormBlock(nn.Module):
         # so both residual branches add into it in place, and LN1 is applied a slice at a time too: nothing but
         # the stream is held at full size.
         self.add_mix_sliced(x, grid, valid, rows)
-        for part in x.view(-1, x.shape[-1]).split(rows):  # views of x
+        flat = x.view(-1, x.shape[-1])
+        for part in flat.split(_even_step(flat.shape[0], rows)):  # views of x
             part.add_(self.mlp(self.norm2(part)))
         return x
 
@@ -239,7 +252,7 @@ class IPSABlock(_PreNormBlock):
         # window j of the batch is window j % nW of its image; LN1 works per token, so a slice of whole windows
         # needs only its own tokens, and adding into them leaves every later slice's tokens as they were
         vw = None if valid is None else valid.view(nW, N, 1).repeat(B, 1, 1)
-        step = max(1, rows // N)  # whole windows per slice
+        step = _even_step(B * nW, max(1, rows // N))  # whole windows per slice
         for i in range(0, B * nW, step):
             y = self.norm1(xw[i : i + step])
             if vw is not None:
@@ -278,7 +291,9 @@ class CPSABlock(_PreNormBlock):
         w, bias = self.norm1.weight, self.norm1.bias
         keep = None if valid is None else valid.view(nW, N)
         xv = x.view(B, nW, N, C)
-        step = max(1, rows * C // L)  # whole channels of one image (about rows*C values): CPSA spans all windows
+        step = _even_step(
+            C, max(1, rows * C // L)
+        )  # whole channels of one image (about rows*C values): CPSA spans all windows
         for b in range(B):
             for c in range(0, C, step):
                 xs = xv[b, :, :, c : c + step].permute(2, 0, 1)  # (channels, nW, N), strided
@@ -308,7 +323,7 @@ class PatchMerging(nn.Module):
         if _sliced(self, x):  # bands of output rows: the 4C-wide concatenation and its LayerNorm a band at a time
             B, H2, W2 = x.shape[0], x.shape[1] // 2, x.shape[2] // 2
             out = x.new_empty(B, H2, W2, self.reduction.out_features)
-            band = max(1, _INFER_CHUNK_TOKENS // (B * W2))
+            band = _even_step(H2, max(1, _INFER_CHUNK_TOKENS // (B * W2)))
             for r in range(0, H2, band):
                 out[:, r : r + band] = self._merge(x[:, 2 * r : 2 * (r + band)])
             return out
