@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import config_from_dict, config_to_dict
 
-__all__ = ["CheckpointError", "export", "load", "read_checkpoint"]
+__all__ = ["CheckpointError", "export", "load", "read_checkpoint", "tokenizer_mismatch"]
 
 EXPORT_FILES = ("config.json", "model.safetensors")
 
@@ -126,14 +126,45 @@ def scoring_info(hparams: dict[str, Any] | None) -> dict[str, Any]:
     return {"rerank_with": how if how in RERANK_METHODS else "itm", "itm_trained": itm_trained}
 
 
-def _attach(model: Any, tokenizer_dict: dict | None, preprocess: dict | None) -> None:
+def tokenizer_mismatch(tokenizer: Any, text_cfg: Any) -> list[str]:
+    """How ``tokenizer`` does not fit a model's ``TextConfig`` (empty: it fits). Its vocabulary must be the model's
+    (the same rule as the model and the Lightning module apply: every id names one row of the token embedding and
+    LM head) and its pad/bos/eos ids the config's (the text encoder masks, and generation starts and stops, by the
+    config's ids)."""
+    out = []
+    if tokenizer.vocab_size != text_cfg.vocab_size:
+        out.append(f"vocab_size {tokenizer.vocab_size} vs the model's {text_cfg.vocab_size}")
+    for name in ("pad_id", "bos_id", "eos_id"):
+        if getattr(tokenizer, name) != getattr(text_cfg, name):
+            out.append(f"{name} {getattr(tokenizer, name)} vs the model's {getattr(text_cfg, name)}")
+    return out
+
+
+def _at_context_length(tokenizer: Any, context_length: int) -> Any:
+    """``tokenizer`` padding to the model's ``context_length`` by default (the model encodes texts at its own length
+    whatever the tokenizer's; this makes ``model.tokenizer(texts)`` give ids the model reads, too)."""
+    if tokenizer.context_length == context_length:
+        return tokenizer
+    from .text.tokenizer import tokenizer_from_dict
+
+    return tokenizer_from_dict({**tokenizer.to_dict(), "context_length": context_length})
+
+
+def _attach(model: Any, tokenizer_dict: dict | None, preprocess: dict | None, tokenizer_source: Path) -> None:
     from .data.transforms import build_transforms
     from .model import RERANK_METHODS
 
     if tokenizer_dict is not None:
         from .text.tokenizer import tokenizer_from_dict
 
-        model.tokenizer = tokenizer_from_dict(tokenizer_dict)
+        tok = tokenizer_from_dict(tokenizer_dict)
+        problems = tokenizer_mismatch(tok, model.cfg.text)
+        if problems:
+            raise CheckpointError(
+                f"{tokenizer_source}: its tokenizer does not fit the model's config ({'; '.join(problems)}): its ids "
+                "would name other words than the weights were trained with"
+            )
+        model.tokenizer = _at_context_length(tok, model.cfg.text.context_length)
     pre = preprocess or {}
     kwargs = {k: tuple(pre[k]) for k in ("mean", "std") if k in pre}
     model.transform = build_transforms(int(pre.get("img_size", model.cfg.vision.img_size)), train=False, **kwargs)
@@ -189,7 +220,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
         pre = path / "preprocess.json"
         tok_dict, pre_dict = (_read_json(f) if f.exists() else None for f in (tok, pre))
         try:
-            _attach(model, tok_dict, pre_dict)
+            _attach(model, tok_dict, pre_dict, tok)
+        except CheckpointError:
+            raise
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise CheckpointError(f"{path}: its tokenizer.json / preprocess.json is invalid: {e}") from e
     else:
@@ -205,7 +238,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
             pre = ckpt.get("mmxattn_preprocess") or {}
             if not isinstance(pre, dict):
                 raise TypeError(f"mmxattn_preprocess is a {type(pre).__name__}, not a mapping")
-            _attach(model, ckpt.get("mmxattn_tokenizer"), {**scoring_info(ckpt.get("hyper_parameters")), **pre})
+            _attach(model, ckpt.get("mmxattn_tokenizer"), {**scoring_info(ckpt.get("hyper_parameters")), **pre}, path)
+        except CheckpointError:
+            raise
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise CheckpointError(f"{path}: its tokenizer / preprocessing settings are invalid: {e}") from e
     return model.to(device).eval()
@@ -213,18 +248,28 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
 
 def export(model: Any, directory: str | Path) -> Path:
     """Write ``model.safetensors``, ``config.json``, ``tokenizer.json`` (if the model has a tokenizer) and
-    ``preprocess.json`` to ``directory``; :func:`load` reads it back."""
+    ``preprocess.json`` to ``directory``; :func:`load` reads it back. A tokenizer that does not fit the model's
+    config (another vocabulary size or other special ids) is a ``CheckpointError``, before anything is written."""
     from safetensors.torch import save_file
 
     d = Path(directory)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        problems = tokenizer_mismatch(tokenizer, model.cfg.text)
+        if problems:
+            raise CheckpointError(
+                f"cannot export to {d}: the model's tokenizer does not fit its config ({'; '.join(problems)}); "
+                "attach the tokenizer the model was trained with"
+            )
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.text.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors stores no aliases; load() re-ties it
     save_file(state, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(config_to_dict(model.cfg), indent=2))
-    if model.tokenizer is not None:
-        (d / "tokenizer.json").write_text(json.dumps(model.tokenizer.to_dict()))
+    if tokenizer is not None:  # at the model's context length, as load() attaches it
+        tok_dict = {**tokenizer.to_dict(), "context_length": int(model.cfg.text.context_length)}
+        (d / "tokenizer.json").write_text(json.dumps(tok_dict))
     (d / "preprocess.json").write_text(json.dumps(preprocess_info(model)))
     return d
 

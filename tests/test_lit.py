@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -252,6 +253,54 @@ def _tiny_tokenizer():
     from mmxattn.text.tokenizer import WordTokenizer
 
     return WordTokenizer([*WordTokenizer.SPECIALS, *(f"w{i}" for i in range(64 - len(WordTokenizer.SPECIALS)))])
+
+
+def test_export_and_load_refuse_a_tokenizer_that_does_not_fit_the_model(tmp_path):
+    """A tokenizer of another vocabulary size or other special ids names other words than the weights were
+    trained with: export refuses it before writing anything, and load refuses such a tokenizer.json or checkpoint
+    tokenizer, naming the file. A tokenizer of another context length is attached at the model's."""
+    from mmxattn.config import config_to_dict
+    from mmxattn.text.tokenizer import OpenCLIPTokenizer, WordTokenizer
+
+    def small(**kw):
+        return mmxattn.create_model("mmx_tiny", vocab_size=10, context_length=10, **kw).eval()
+
+    fits = WordTokenizer([*WordTokenizer.SPECIALS, *(f"w{i}" for i in range(6))], context_length=10)
+    model = small()
+    for wrong, match in (
+        (OpenCLIPTokenizer(context_length=10), "vocab_size 49409 vs the model's 10"),
+        (WordTokenizer([*WordTokenizer.SPECIALS, "a"], context_length=10), "vocab_size 5 vs the model's 10"),
+    ):
+        model.tokenizer = wrong
+        with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path / 'out'))}.*{match}"):
+            export(model, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    other_ids = small(pad_id=3, eos_id=2, bos_id=1)  # same vocabulary size, another pad id
+    other_ids.tokenizer = fits
+    with pytest.raises(CheckpointError, match="pad_id 0 vs the model's 3"):
+        export(other_ids, tmp_path / "out")
+    # an exported folder whose tokenizer.json does not fit
+    model.tokenizer = fits
+    d = export(model, tmp_path / "exp")
+    assert load(d).tokenizer.to_dict() == fits.to_dict()
+    (d / "tokenizer.json").write_text(json.dumps(OpenCLIPTokenizer(context_length=10).to_dict()))
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: its tokenizer does not fit.*vocab_size 49409"):
+        load(d)
+    # a Lightning checkpoint whose tokenizer does not fit
+    ckpt = {
+        "mmxattn_config": config_to_dict(model.cfg),
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "mmxattn_tokenizer": WordTokenizer([*WordTokenizer.SPECIALS, "a"], context_length=10).to_dict(),
+    }
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp_path / 'm.ckpt'))}: its tokenizer does not fit"):
+        load(tmp_path / "m.ckpt")
+    torch.save({**ckpt, "mmxattn_tokenizer": fits.to_dict()}, tmp_path / "m.ckpt")
+    assert load(tmp_path / "m.ckpt").tokenizer.to_dict() == fits.to_dict()
+    # another context length: harmless (the model encodes texts at its own), attached at the model's
+    model.tokenizer = WordTokenizer(fits.vocab, context_length=32)
+    again = load(export(model, tmp_path / "ctx"))
+    assert again.tokenizer.context_length == 10 and again.tokenizer.vocab == fits.vocab
 
 
 def test_loaded_and_exported_models_keep_normalisation_and_the_runs_rerank_score(tmp_path):
@@ -804,3 +853,29 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_for_long(tmp_path):
     assert not orphan.exists() and live.exists() and other.exists()
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["x"].item() == 1.0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted([live.name, other.name])
+
+
+def test_fused_adamw_is_refused_when_clipping_under_a_loss_scaler():
+    """The fused AdamW unscales gradients inside its step, so a precision plugin with a loss scaler skips the
+    unscaling before clipping: FSDP's 16-mixed clipped gradients still multiplied by the scale (65536), clipping
+    every step and shrinking every update. With clipping under any scaler (or Lightning's mixed precision) the
+    optimizer is the unfused one; without clipping, or without a scaler, fused stays allowed."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+
+    mod = MMXAttnModule(preset="mmx_tiny", vocab_size=64, pad_id=0, bos_id=1, eos_id=2, context_length=16, img_size=64)
+
+    class ScaledPlugin(Precision):  # stands for FSDPPrecision("16-mixed"): a Precision subclass holding a scaler
+        scaler = object()
+
+    cases = [
+        (1.0, ScaledPlugin(), False),
+        (1.0, MixedPrecision("bf16-mixed", "cpu"), False),
+        (1.0, Precision(), True),
+        (None, ScaledPlugin(), True),
+    ]
+    for clip, plugin, allowed in cases:
+        mod._trainer = SimpleNamespace(gradient_clip_val=clip, precision_plugin=plugin)
+        assert mod._fused_adamw_allowed() is allowed, (clip, type(plugin).__name__)
+    mod._trainer = None

@@ -4,9 +4,11 @@ weights equal those of an uninterrupted run (CPU, deterministic) within 1e-6."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 
@@ -128,3 +130,128 @@ def _untrained_state():
     pl.seed_everything(0)
     dm = ShapesDataModule(train_size=8, val_size=8, test_size=8, batch_size=8, num_workers=0)
     return mmxattn.create_model("mmx_tiny", vocab_size=dm.vocab_size, context_length=dm.context_length).state_dict()
+
+
+# ---------------------------------------------------------------------------------------- the run's tokenizer
+
+
+def _word_run(root: Path, rows: list[str], steps: int):
+    """A CSV run with tokenizer="word" (the vocabulary is rebuilt from the train file at every start)."""
+    from PIL import Image
+
+    from mmxattn.data.datamodule import ImageTextDataModule
+    from mmxattn.lit.module import MMXAttnModule
+
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    for k in range(4):
+        Image.new("RGB", (32, 32), (60 * k, 90, 30)).save(root / "imgs" / f"{k}.jpg")
+    (root / "train.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    dm = ImageTextDataModule(
+        train_path=str(root / "train.csv"),
+        image_root=str(root / "imgs"),
+        tokenizer="word",
+        img_size=32,
+        batch_size=4,
+        num_workers=0,
+        context_length=8,
+    )
+    t = dm.tokenizer
+    mod = MMXAttnModule(
+        preset="mmx_tiny",
+        vocab_size=t.vocab_size,
+        pad_id=t.pad_id,
+        bos_id=t.bos_id,
+        eos_id=t.eos_id,
+        context_length=8,
+        img_size=32,
+        warmup_steps=1,
+        itm_weight=0.0,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(root),
+    )
+    return trainer, mod, dm
+
+
+class _RecordIds(pl.Callback):
+    """Every training batch's (captions, ids)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[str], torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((list(batch["captions"]), batch["ids"].clone()))
+
+
+def test_resume_after_the_word_vocabulary_changed_goes_on_with_the_checkpoints_tokenizer(tmp_path):
+    """A small edit of the train file rebuilds a word vocabulary of the same size in another order: resuming must
+    not give every embedding row another word. The checkpoint's tokenizer wins, for the model and the data (its
+    batches are tokenized with it), with a warning naming what changed."""
+    first = ["0.jpg,red red red circle", "1.jpg,blue circle", "2.jpg,red square", "3.jpg,blue square"]
+    trainer, mod, dm = _word_run(tmp_path, first, steps=1)
+    trainer.fit(mod, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=True)["mmxattn_tokenizer"]["vocab"]
+
+    edited = ["0.jpg,red circle", "1.jpg,blue blue blue circle", "2.jpg,red square", "3.jpg,blue square"]
+    trainer, mod, dm = _word_run(tmp_path, edited, steps=2)
+    assert dm.tokenizer.vocab != saved and dm.tokenizer.vocab_size == len(saved)  # what the edit did
+    record = _RecordIds()
+    trainer.callbacks.append(record)
+    with pytest.warns(UserWarning, match=r"a\.ckpt was trained with another tokenizer.*id 4 is 'blue' here, 'red'"):
+        trainer.fit(mod, datamodule=dm, ckpt_path=str(tmp_path / "a.ckpt"))
+    assert mod.model.tokenizer.vocab == saved and dm.tokenizer.vocab == saved
+    assert record.seen, "no training batch after the resume"
+    for captions, ids in record.seen:
+        assert torch.equal(ids, mod.model.tokenizer(captions, context_length=8))
+    # nothing changed: no warning, the data's own tokenizer object stays
+    trainer, mod, dm = _word_run(tmp_path / "same", first, steps=2)
+    own = dm.tokenizer
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*another tokenizer.*")
+        trainer.fit(mod, datamodule=dm, ckpt_path=str(tmp_path / "a.ckpt"))
+    assert dm.tokenizer is own and mod.model.tokenizer is own
+
+
+def test_resume_with_a_data_module_that_cannot_take_the_checkpoints_tokenizer_is_an_error(tmp_path):
+    from mmxattn.checkpoint import CheckpointError
+    from mmxattn.data.datamodule import ShapesDataModule
+    from mmxattn.lit.module import MMXAttnModule
+
+    def run(steps: int):
+        dm = ShapesDataModule(
+            train_size=8, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp_path)
+        )
+        mod = MMXAttnModule(
+            preset="mmx_tiny",
+            vocab_size=dm.vocab_size,
+            pad_id=dm.pad_id,
+            bos_id=dm.bos_id,
+            eos_id=dm.eos_id,
+            context_length=dm.context_length,
+            img_size=64,
+            warmup_steps=1,
+            itm_weight=0.0,
+        )
+        kw = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=steps, num_sanity_val_steps=0, limit_val_batches=0, **kw)
+        return trainer, mod, dm
+
+    trainer, mod, dm = run(1)
+    trainer.fit(mod, datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    vocab = ckpt["mmxattn_tokenizer"]["vocab"]
+    vocab[4], vocab[5] = vocab[5], vocab[4]  # the run was trained with another word order
+    torch.save(ckpt, tmp_path / "b.ckpt")
+    trainer, mod, dm = run(2)
+    with pytest.raises(CheckpointError, match=r"b\.ckpt was trained with another tokenizer.*ShapesDataModule cannot"):
+        trainer.fit(mod, datamodule=dm, ckpt_path=str(tmp_path / "b.ckpt"))

@@ -98,6 +98,24 @@ def test_bpe_serialisation_round_trip(tmp_path, bpe):
     assert pickle.loads(pickle.dumps(bpe)).to_dict() == d
 
 
+@pytest.mark.parametrize("clean", ["lower", "whitespace"])
+def test_bpe_text_spelling_a_special_token_is_ordinary_text(clean):
+    """open_clip's pattern matches "<end_of_text>" / "<start_of_text>" (any case) as the special ids: a caption
+    holding that text (alt-text, code) got an eos mid-caption and lost its end. User text never yields specials."""
+    tok = OpenCLIPTokenizer(context_length=32, clean=clean)
+    plain = tok(["html tag on a sign"])[0]
+    for cap in ["html tag <end_of_text> on a sign", "a <start_of_text> b", "x <END_OF_TEXT>y", "&lt;end_of_text&gt;"]:
+        ids = tok(cap)[0]
+        n = int((ids != tok.pad_id).sum()) - 2
+        _layout_ok(tok, ids, n_content=n)  # one bos, one eos at the end, no special id in between
+        assert (ids == tok.eos_id).sum() == 1 and (ids == tok.bos_id).sum() == 1, cap
+        text = tok.decode(ids)
+        assert "of" in text.lower() and "text" in text.lower(), (cap, text)  # nothing after it was lost
+        assert torch.equal(tok(text)[0], ids)  # decode -> encode round trip still holds
+    # ordinary text encodes exactly as open_clip's own tokenizer (pattern only lost its special alternatives)
+    assert torch.equal(plain[plain != tok.pad_id][1:-1], torch.tensor(tok._bpe.encode("html tag on a sign")))
+
+
 # ----------------------------------------------------------------------------------------------------- word
 
 
@@ -151,6 +169,44 @@ def test_word_serialisation_round_trip(tmp_path, word):
         warnings.simplefilter("ignore")
         assert torch.equal(loaded(texts), word(texts))
     assert tokenizer_from_dict(json.loads(json.dumps(word.to_dict()))).vocab == word.vocab
+
+
+def test_word_tokenizer_unicode_normalises_words():
+    """NFC ("café" precomposed) and NFD (decomposed, e.g. text from macOS) spellings are one word, in the
+    vocabulary and when encoding."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "Café crème") for form in ("NFC", "NFD"))
+    assert nfc != nfd
+    tok = WordTokenizer.build([nfc, nfd, "café"], context_length=8)
+    assert tok.vocab[4:] == ["café", "crème"] and all(unicodedata.is_normalized("NFC", w) for w in tok.vocab)
+    assert torch.equal(tok(nfd), tok(nfc)) and tok.unk_id not in tok(nfd)[0].tolist()
+    assert WordTokenizer.normalize_word(nfd.split()[0]) == WordTokenizer.normalize_word(nfc.split()[0]) == "café"
+
+
+def test_word_vocab_saved_in_another_normal_form_still_loads_and_matches_both_spellings(tmp_path):
+    """A vocabulary built before normalisation may hold NFD words: it loads, keeps its ids, and both spellings of
+    such a word find its entry (an NFC entry of its own, where one exists, keeps its id)."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    old = {"type": "word", "context_length": 6, "vocab": [*WordTokenizer.SPECIALS, nfd, "crème"]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(old, ensure_ascii=False), encoding="utf-8")
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab == old["vocab"] and tok.vocab_size == 6
+    assert tok(nfc)[0, 1] == tok(nfd)[0, 1] == 4
+    both = tokenizer_from_dict({**old, "vocab": [*WordTokenizer.SPECIALS, nfd, nfc]})
+    assert both(nfd)[0, 1] == both(nfc)[0, 1] == 5  # the NFC entry
+    assert both.decode([1, 4, 5, 2]) == f"{nfd} {nfc}"  # every saved id still decodes
+
+
+def test_word_text_spelling_a_special_token_is_a_word():
+    tok = WordTokenizer.build(["a pad b", "<eos> here"], context_length=8)
+    for text in ["a <pad> b", "<eos> here", "<bos> <unk>"]:
+        ids = tok(text)[0]
+        n = len(text.split())
+        _layout_ok(tok, ids, n_content=n)
+    assert tok.decode(tok("a <pad> b")[0]) == "a pad b"
 
 
 # ----------------------------------------------------------------------------------------------------- shared

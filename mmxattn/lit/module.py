@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..capture import capture_attention
-from ..checkpoint import scoring_info
+from ..checkpoint import scoring_info, tokenizer_mismatch
 from ..config import config_to_dict
 from ..evaluation import EvalAccumulator, grounding_layer_names
 from ..losses import (
@@ -306,10 +306,10 @@ class MMXAttnModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         tok = getattr(dm, "tokenizer", None)
         if tok is not None:
-            if tok.vocab_size != self.model.cfg.text.vocab_size:
-                raise ValueError(
-                    f"data tokenizer vocab_size {tok.vocab_size} != model vocab_size {self.model.cfg.text.vocab_size}"
-                )
+            # On a resume the checkpoint's tokenizer replaces this one afterwards (on_load_checkpoint runs later).
+            problems = tokenizer_mismatch(tok, self.model.cfg.text)
+            if problems:
+                raise ValueError(f"the data's tokenizer does not fit the model: {'; '.join(problems)}")
             self.model.tokenizer = tok
         if stage == "fit" and self.hparams.compile and self._compiled is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -647,13 +647,17 @@ class MMXAttnModule(pl.LightningModule):
 
     def _fused_adamw_allowed(self) -> bool:
         """False when the trainer clips gradients under Lightning's mixed precision (bf16-mixed / 16-mixed): its
-        clipping refuses optimizers that unscale gradients themselves, as the fused AdamW does."""
+        clipping refuses optimizers that unscale gradients themselves, as the fused AdamW does; and under any
+        precision plugin with a loss scaler (FSDP's 16-mixed), which lets a fused optimizer skip the unscaling
+        before clipping, so the norm would be clipped on gradients still multiplied by the loss scale."""
         if self._trainer is None:
             return True
         from pytorch_lightning.plugins.precision import MixedPrecision
 
         trainer = self.trainer
-        return not (trainer.gradient_clip_val and isinstance(trainer.precision_plugin, MixedPrecision))
+        plugin = trainer.precision_plugin
+        scaled = isinstance(plugin, MixedPrecision) or getattr(plugin, "scaler", None) is not None
+        return not (trainer.gradient_clip_val and scaled)
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
@@ -758,6 +762,52 @@ class MMXAttnModule(pl.LightningModule):
         if cuda_state is not None:  # this process's GPU (drop path and hard-negative draws run there)
             checkpoint["mmxattn_rng"]["cuda"] = cuda_state
 
+    def _use_checkpoint_tokenizer(self, saved: Any) -> None:
+        """The checkpoint's weights were trained with its tokenizer, so it wins over the one this run built: a word
+        vocabulary rebuilt from a slightly edited train file can hold as many words in another order, and every
+        embedding row would silently name another word. The data module is given the saved tokenizer too (its
+        ``use_tokenizer``), with a warning naming what changed; a data module that cannot switch is an error.
+
+        Runs after ``setup`` (which attached the data's tokenizer). Fine-tuning a loaded model on data with a new
+        tokenizer does not come here: only ``fit/validate/test(ckpt_path=...)`` and ``load_from_checkpoint`` do."""
+        from ..checkpoint import CheckpointError
+        from ..text.tokenizer import tokenizer_from_dict
+
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        where = f"checkpoint {path}" if path else "the checkpoint"
+        try:
+            if not isinstance(saved, dict):
+                raise TypeError(f"mmxattn_tokenizer is a {type(saved).__name__}, not a mapping")
+            tok = tokenizer_from_dict(saved)
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{where}: its tokenizer (mmxattn_tokenizer) is invalid: {e}") from e
+        problems = tokenizer_mismatch(tok, self.model.cfg.text)
+        if problems:
+            raise CheckpointError(f"{where}: its tokenizer does not fit its model's config: {'; '.join(problems)}")
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        current = getattr(dm, "tokenizer", None)
+        if current is None:
+            current = self.model.tokenizer
+        if current is not None and _same_tokenizer(current, tok):
+            self.model.tokenizer = current
+            return
+        if dm is not None and getattr(dm, "tokenizer", None) is not None:
+            change = _tokenizer_change(current, tok)
+            if not callable(getattr(dm, "use_tokenizer", None)):
+                raise CheckpointError(
+                    f"{where} was trained with another tokenizer than the data module's ({change}), and "
+                    f"{type(dm).__name__} cannot switch to the checkpoint's: its weights would read every caption "
+                    "with other ids. Use the data settings the run was trained with"
+                )
+            warnings.warn(
+                f"{where} was trained with another tokenizer than the one the data module built ({change}): "
+                "continuing with the checkpoint's tokenizer, for the model and the data (its weights were trained "
+                "with it)",
+                stacklevel=2,
+            )
+            dm.use_tokenizer(tok)
+        self.model.tokenizer = tok
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_checkpoint_fits(checkpoint)
         ema = checkpoint.get("mmxattn_ema")
@@ -783,10 +833,8 @@ class MMXAttnModule(pl.LightningModule):
                     stacklevel=2,
                 )
         tok = checkpoint.get("mmxattn_tokenizer")
-        if tok is not None and self.model.tokenizer is None:
-            from ..text.tokenizer import tokenizer_from_dict
-
-            self.model.tokenizer = tokenizer_from_dict(tok)
+        if tok is not None:
+            self._use_checkpoint_tokenizer(tok)
         rng = checkpoint.get("mmxattn_rng")
         if rng is not None:  # Lightning restores optimizer/scheduler/loops; the RNG streams are ours to restore
             torch.set_rng_state(rng["torch"])
@@ -795,6 +843,33 @@ class MMXAttnModule(pl.LightningModule):
             random.setstate(_to_tuple(rng["python"]))
             name, keys, *rest = rng["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def _same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers encode alike: their settings compared as the installed code writes them (an
+    open_clip tokenizer saved under another open_clip version with the same BPE file is the same tokenizer)."""
+    try:
+        return a.to_dict() == b.to_dict()
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+def _tokenizer_change(old: Any, new: Any) -> str:
+    """What differs between the data's tokenizer ``old`` and the checkpoint's ``new``, in a few words."""
+    a = old.to_dict() if callable(getattr(old, "to_dict", None)) else {"type": type(old).__name__}
+    b = new.to_dict()
+    if a.get("type") != b.get("type"):
+        return f"the data's is {a.get('type')!r}, the checkpoint's {b.get('type')!r}"
+    if isinstance(a.get("vocab"), list) and isinstance(b.get("vocab"), list):
+        va, vb = a["vocab"], b["vocab"]
+        moved = [f"id {i} is {x!r} here, {y!r} in the checkpoint" for i, (x, y) in enumerate(zip(va, vb)) if x != y]
+        only_data = sorted(set(va) - set(vb))
+        parts = [f"{len(moved)} of {min(len(va), len(vb))} ids name another word (e.g. {'; '.join(moved[:3])})"]
+        if only_data:
+            parts.append(f"words of the data unknown to the checkpoint: {only_data[:5]}")
+        return ", ".join(parts)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} in the data, {b.get(k)!r} in the checkpoint" for k in keys[:5])
 
 
 def _cuda_rng_state() -> Tensor | None:

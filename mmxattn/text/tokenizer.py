@@ -9,6 +9,8 @@ Every tokenizer lays out ids the same way, fixed length ``context_length``::
   not flood its log).
 * The empty string encodes as ``[bos, eos, pad, ...]``.
 * ``pad_id`` differs from every real token, so the caption loss may ignore it without ignoring a word.
+* Text never produces a special id: a caption that spells out a special token (``"<end_of_text>"``, ``"<pad>"``)
+  is encoded as the ordinary text it is.
 * ``decode`` stops at the first ``eos`` and drops ``bos``/``pad``; out-of-vocabulary ids raise ``ValueError``.
 
 Serialisation is plain JSON (``to_dict`` / ``tokenizer_from_dict``, ``save`` / ``load_tokenizer`` writing
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import string
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -189,6 +192,26 @@ def _simple_tokenizer(clean: str):
     return SimpleTokenizer(clean=clean)
 
 
+@lru_cache(maxsize=4)
+def _ordinary_pattern(clean: str):
+    """open_clip's pre-tokenisation pattern without its special-token alternatives.
+
+    open_clip's pattern starts with ``<start_of_text>|<end_of_text>|`` (case-insensitive), so a caption holding
+    that text would encode as the special ids (an eos mid-caption cuts the rest off). Without them the text is
+    split like any other ("<", "end", "_", ...)."""
+    bpe = _simple_tokenizer(clean)
+    specials = "|".join(bpe.decoder[i] for i in bpe.all_special_ids) + "|"
+    pattern = bpe.pat.pattern
+    if not pattern.startswith(specials):
+        raise RuntimeError(
+            f"open_clip's tokenizer pattern no longer starts with its special tokens ({specials!r}); "
+            "mmxattn.text.tokenizer needs updating for this open_clip version"
+        )
+    import regex  # open_clip's own regex engine (its pattern uses \p{L} classes)
+
+    return regex.compile(pattern[len(specials) :], bpe.pat.flags)
+
+
 @lru_cache(maxsize=1)
 def _bpe_sha256() -> str:
     from open_clip.tokenizer import default_bpe
@@ -218,6 +241,7 @@ class OpenCLIPTokenizer(_TokenizerBase):
             raise ValueError(f"clean must be one of {self.CLEAN_CHOICES}, got {clean!r}")
         self.clean = clean
         self._bpe = _simple_tokenizer(clean)
+        self._pattern = _ordinary_pattern(clean)
         n_bpe = self._bpe.vocab_size  # 49408 = 49406 BPE tokens + sot + eot
         self.bos_id = self._bpe.sot_token_id
         self.eos_id = self._bpe.eot_token_id
@@ -226,7 +250,13 @@ class OpenCLIPTokenizer(_TokenizerBase):
         self._drop_ids = frozenset({self.bos_id, self.pad_id})
 
     def _encode_text(self, text: str) -> list[int]:
-        return self._bpe.encode(text)
+        # SimpleTokenizer.encode with the special tokens taken out of its pattern: user text never yields bos/eos
+        bpe = self._bpe
+        ids: list[int] = []
+        for token in self._pattern.findall(bpe.clean_fn(text)):
+            token = "".join(bpe.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(bpe.encoder[t] for t in bpe.bpe(token).split(" "))
+        return ids
 
     def _decode_ids(self, ids: list[int]) -> str:
         return " ".join(self._bpe.decode(ids).split())  # "</w>" became spaces: collapse, strip the trailing one
@@ -267,7 +297,8 @@ class WordTokenizer(_TokenizerBase):
 
     Specials: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3, then the words.
 
-    Normalisation: split on whitespace; each word is lowercased and has leading/trailing punctuation stripped
+    Normalisation: split on whitespace; each word is Unicode-normalised (NFC: "café" typed precomposed or
+    decomposed is one word), lowercased and has leading/trailing punctuation stripped
     ("Square." -> "square", "don't" stays); a word made only of punctuation is kept as is ("!" -> "!"). Nothing is
     ever split or dropped, so ONE whitespace word is ONE token: word i of ``text.split()`` sits at token position
     ``i + 1`` (after bos) -- the grounding metric relies on this (``word_token_positions``). Unknown words map to
@@ -290,13 +321,17 @@ class WordTokenizer(_TokenizerBase):
             raise ValueError(f"vocab has duplicate entries, e.g. {dup!r}")
         self.vocab = vocab
         self._index = {w: i for i, w in enumerate(vocab)}
+        # Vocabularies saved before words were NFC-normalised may hold other forms; encoding normalises, so the
+        # entry is also found under its NFC form (unless that form is an entry of its own).
+        for i, w in enumerate(vocab):
+            self._index.setdefault(unicodedata.normalize("NFC", w), i)
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
         self.vocab_size = len(vocab)
         self._drop_ids = frozenset({self.pad_id, self.bos_id})
 
     @staticmethod
     def normalize_word(word: str) -> str:
-        w = word.lower()
+        w = unicodedata.normalize("NFC", word).lower()
         return w.strip(string.punctuation) or w
 
     @classmethod

@@ -151,12 +151,14 @@ class DecodingCache:
 
 
 class TextEncoder(nn.Module):
-    """Causal transformer over ``[tokens (T), CLS]``; CLS sits at the fixed last position T.
+    """Causal transformer over ``[tokens (T), CLS]``; CLS comes last and always carries the position code of index
+    ``context_length`` (the index it has in training, where T = ``context_length``), whatever the ids' width T.
 
     The padding of every row is masked as keys, so CLS sees exactly the row's real tokens wherever padding
     starts (open_clip builds its CLS mask from the wrong ids in some versions; here the mask is the pad ids
-    themselves). Token states are causal, hence independent of what follows: the decoder can read them and
-    generation can cache them.
+    themselves), and since neither its position code nor its keys depend on the pad columns, a caption embeds the
+    same padded to any width (alone, in a batch with longer captions, or as ids cut from ``generate``). Token
+    states are causal, hence independent of what follows: the decoder can read them and generation can cache them.
     """
 
     def __init__(self, cfg: TextConfig, embed_dim: int) -> None:
@@ -180,7 +182,8 @@ class TextEncoder(nn.Module):
         if T > self.cfg.context_length:
             raise ValueError(f"token ids have {T} positions; this model's context_length is {self.cfg.context_length}")
         x = self.token_embedding(ids) + self.positional_embedding[:T]  # (B, T, W)
-        cls = (self.cls_token + self.positional_embedding[T]).expand(B, 1, -1)
+        # CLS at the fixed index context_length, not T: trailing pad columns must not change the embedding
+        cls = (self.cls_token + self.positional_embedding[self.cfg.context_length]).expand(B, 1, -1)
         x = torch.cat([x, cls], dim=1)  # (B, T+1, W)
         pad = torch.cat([ids == self.cfg.pad_id, ids.new_zeros(B, 1, dtype=torch.bool)], dim=1)  # (B, T+1)
         for blk in self.blocks:
@@ -298,10 +301,19 @@ class ImageTokenProjector(nn.Module):
         self._pos_cache: dict[tuple[int, int, str], Tensor] = {}
 
     def _pos(self, h: int, w: int, device: torch.device) -> Tensor:
+        """The (h*w, D) position code of a grid, built once per (h, w, device) and cached."""
         key = (h, w, str(device))
-        if key not in self._pos_cache:
-            self._pos_cache[key] = sincos_2d(h, w, self.width, device)
-        return self._pos_cache[key]
+        pos = self._pos_cache.get(key)
+        if pos is None:
+            if torch.is_inference_mode_enabled():
+                # A code built under inference_mode would be an inference tensor, which autograd refuses to save
+                # for backward: once cached, every later training step would fail. Build a normal tensor.
+                with torch.inference_mode(False):
+                    pos = sincos_2d(h, w, self.width, device)
+            else:
+                pos = sincos_2d(h, w, self.width, device)
+            self._pos_cache[key] = pos
+        return pos
 
     def forward(self, stage_tokens: Sequence[Tensor], grids: Sequence[tuple[int, int]]) -> Tensor:
         out = []
