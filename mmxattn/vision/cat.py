@@ -282,27 +282,32 @@ class CPSABlock(_PreNormBlock):
         # CPSA slices channels, and LN1 normalises over channels: its statistics come first, from the whole stream
         # (two numbers a token), then each slice normalises its own channels. Adding into a slice's channels
         # leaves the others' inputs as they were, so no full-size LN1 output is needed.
-        # Statistics in fp32 at least (as F.layer_norm computes them), a slice of tokens at a time.
+        # Statistics in fp32 at least, a slice of tokens at a time, by LayerNorm's own kernel (unit affine; its
+        # output slice is dropped): the mean and 1/std F.layer_norm itself would use
         dt = torch.promote_types(x.dtype, torch.float32)
-        stats = [torch.var_mean(t.to(dt), dim=-1, correction=0) for t in x.view(-1, C).split(rows)]
-        rstd = (torch.cat([v for v, _ in stats]) + self.norm1.eps).rsqrt_().view(B, nW, N)
-        mean = torch.cat([m for _, m in stats]).view(B, nW, N)
-        del stats
+        mean_l, rstd_l = [], []
+        for t in x.view(-1, C).split(_even_step(B * L, rows)):
+            _, m, r = torch.native_layer_norm(t.to(dt), (C,), None, None, self.norm1.eps)
+            mean_l.append(m)
+            rstd_l.append(r)
+        mean = torch.cat(mean_l).view(B, nW, N, 1)
+        rstd = torch.cat(rstd_l).view(B, nW, N, 1)
+        del mean_l, rstd_l
         w, bias = self.norm1.weight, self.norm1.bias
         keep = None if valid is None else valid.view(nW, N)
         xv = x.view(B, nW, N, C)
-        step = _even_step(
-            C, max(1, rows * C // L)
-        )  # whole channels of one image (about rows*C values): CPSA spans all windows
+        # whole channels of one image (about rows*C values): CPSA spans all windows
+        step = _even_step(C, max(1, rows * C // L))
         for b in range(B):
             for c in range(0, C, step):
-                xs = xv[b, :, :, c : c + step].permute(2, 0, 1)  # (channels, nW, N), strided
-                part = torch.empty(xs.shape, dtype=dt, device=x.device)  # contiguous: the attention's layout
-                torch.sub(xs, mean[b], out=part).mul_(rstd[b])
+                # normalised in token order (nW, N, channels), then one copy into the attention's (channels, nW, N)
+                y = (xv[b, :, :, c : c + step] - mean[b]).mul_(rstd[b])
                 if w is not None:
-                    part.mul_(w[c : c + step, None, None])
+                    y.mul_(w[c : c + step])
                 if bias is not None:
-                    part.add_(bias[c : c + step, None, None])
+                    y.add_(bias[c : c + step])
+                part = y.permute(2, 0, 1).contiguous()
+                del y
                 if keep is not None:
                     part.masked_fill_(~keep, 0.0)
                 xv[b, :, :, c : c + step].add_(self.attn(part.to(x.dtype)).permute(1, 2, 0))
