@@ -305,7 +305,9 @@ class ImageTokenProjector(nn.Module):
         key = (h, w, str(device))
         pos = self._pos_cache.get(key)
         if pos is None:
-            if torch.is_inference_mode_enabled():
+            # (is_compiling first: torch.compile cannot trace is_inference_mode_enabled; compiled training runs
+            # outside inference mode)
+            if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
                 # A code built under inference_mode would be an inference tensor, which autograd refuses to save
                 # for backward: once cached, every later training step would fail. Build a normal tensor.
                 with torch.inference_mode(False):
