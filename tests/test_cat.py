@@ -848,3 +848,24 @@ def test_inference_slices_are_even_where_a_divisor_allows():
     assert even(1024, 167) == 128 and even(64, 10) == 8
     assert even(101, 10) == 10  # prime: no divisor in [5, 10]
     assert even(30, 50) == 30 and even(7, 1) == 1
+
+
+def test_wider_streams_slice_fewer_tokens(monkeypatch):
+    """A slice holds about the same bytes at every width: 8192 tokens of a 64-channel stream, 4096 of a 128-channel
+    one (its qkv and MLP intermediates are twice as wide)."""
+    enc = create_encoder("cat_t", num_classes=0).eval()
+    seen: dict[int, int] = {}
+    real = cat_module._PreNormBlock._forward_sliced
+
+    def spy(self, x, grid, valid, rows):
+        seen[x.shape[-1]] = rows
+        return real(self, x, grid, valid, rows)
+
+    monkeypatch.setattr(cat_module._PreNormBlock, "_forward_sliced", spy)
+    old = cat_module.set_inference_chunk_tokens(500)
+    try:
+        with torch.no_grad():
+            enc.forward_features(torch.randn(1, 3, 224, 224), stages=[1])  # 3136 and 784 tokens: both sliced
+    finally:
+        cat_module.set_inference_chunk_tokens(old)
+    assert seen == {64: 500, 128: 250}
