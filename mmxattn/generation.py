@@ -308,9 +308,9 @@ def generate(
     limit = t.context_length - 1
     n_new = limit if cfg.max_new_tokens is None else min(cfg.max_new_tokens, limit)
     special = {"pad": t.pad_id, "bos": t.bos_id, "eos": t.eos_id}
-    was_training = model.training
-    model.eval()
-    try:
+    from .model import eval_mode
+
+    with eval_mode(model):
         if image_tokens is None:
             pixels = model.preprocess(images)
             if _use_cuda_graph(model, pixels, cfg):
@@ -320,8 +320,6 @@ def generate(
         if strategy == "beam":
             return _beam(model, image_tokens, n_new, cfg, special)
         return _greedy_or_sample(model, image_tokens, n_new, cfg, special)
-    finally:
-        model.train(was_training)
 
 
 # Asking the device whether every row has ended makes the host wait for it; on a GPU only every 4th step asks, and

@@ -12,12 +12,13 @@ The model knows nothing of Lightning; losses live in :mod:`mmxattn.losses`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,37 +64,49 @@ class RetrievalResult:
     t2i_scores: Tensor
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode (dropout and drop-path off) inside the block, the caller's mode restored afterwards,
+    also after an error: inference called in the middle of training (callbacks) or on a model left in train mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def _in_eval_mode(method: Callable) -> Callable:
-    """Run an inference method with the model in eval mode (dropout and drop-path off, so a model left in train
-    mode still gives its deterministic scores), restoring the caller's mode afterwards, also after an error."""
+    """An inference method run under :func:`eval_mode` (a model left in train mode still gives its scores)."""
 
     @functools.wraps(method)
     def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return method(self, *args, **kwargs)
-        finally:
-            self.train(was_training)
 
     return wrapper
 
 
 def _composited(a: Any, i: int) -> Any:
     """A numpy image (H, W, C) whose last channel is alpha (C 4, or 2 for grey + alpha) composited on white, as
-    PIL images with alpha are (uint8 stays uint8, floats in [0, 1] stay float); other arrays unchanged."""
+    PIL images with alpha are: uint8 arrays through the same PIL conversion (a PIL image comes back), floats in
+    [0, 1] by the same formula (a float array comes back); other arrays unchanged."""
     import numpy as np
 
     if a.ndim != 3 or a.shape[2] not in (2, 4) or not (a.dtype == np.uint8 or a.dtype.kind == "f"):
         return a
-    f = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)
+    if a.dtype == np.uint8:
+        from PIL import Image
+
+        from .data.robust import to_rgb
+
+        return to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGBA" if a.shape[2] == 4 else "LA"))
+    f = a.astype(np.float32)
     alpha = f[..., -1:]
     if np.isnan(alpha).any() or alpha.min() < 0 or alpha.max() > 1:
         raise ValueError(f"images[{i}]: the alpha channel of a float array must lie in [0, 1]")
     out = f[..., :-1] * alpha + (1.0 - alpha)
-    if out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
-    return (out * 255.0).round().astype(np.uint8) if a.dtype == np.uint8 else out
+    return np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out
 
 
 def build_vision_encoder(cfg: MMXAttnConfig) -> nn.Module:

@@ -59,13 +59,10 @@ ALPHA = 0.5
 @contextlib.contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
     """eval mode + no_grad, restoring the previous mode (callbacks run this in the middle of training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    from .model import eval_mode
+
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _device(model: nn.Module) -> torch.device:

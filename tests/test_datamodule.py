@@ -221,10 +221,9 @@ class _Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path: Path, ckpt: str | None = None, callbacks=(), num_workers: int = 0, **dm_kw) -> list:
-    model = _Recorder()
-    trainer = pl.Trainer(
-        max_epochs=2,
+def _recording_trainer(tmp_path: Path, max_epochs: int, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=max_epochs,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -236,6 +235,11 @@ def _fit(tmp_path: Path, ckpt: str | None = None, callbacks=(), num_workers: int
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
+
+
+def _fit(tmp_path: Path, ckpt: str | None = None, callbacks=(), num_workers: int = 0, **dm_kw) -> list:
+    model = _Recorder()
+    trainer = _recording_trainer(tmp_path, 2, callbacks)
     trainer.fit(model, datamodule=_shapes(train_size=32, num_workers=num_workers, **dm_kw), ckpt_path=ckpt)
     return model.seen
 
@@ -501,19 +505,7 @@ class _EpochSettingRecorder(_Recorder):
 
 def _fit_wds(tmp_path: Path, num_workers: int, hook: bool, ckpt: str | None = None, callbacks=()) -> list:
     model = _EpochSettingRecorder() if hook else _Recorder()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=bool(callbacks),
-        callbacks=list(callbacks),
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = _recording_trainer(tmp_path, 3, callbacks)
     dm = ImageTextDataModule(format="wds", train_path=str(tmp_path / "shards"), tokenizer="openclip", img_size=16,
                              batch_size=4, num_workers=num_workers, shuffle_buffer=0)  # fmt: skip
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt)

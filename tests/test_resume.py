@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from lit_helpers import data_linked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,18 +156,7 @@ def _word_run(root: Path, rows: list[str], steps: int):
         num_workers=0,
         context_length=8,
     )
-    t = dm.tokenizer
-    mod = MMXAttnModule(
-        preset="mmx_tiny",
-        vocab_size=t.vocab_size,
-        pad_id=t.pad_id,
-        bos_id=t.bos_id,
-        eos_id=t.eos_id,
-        context_length=8,
-        img_size=32,
-        warmup_steps=1,
-        itm_weight=0.0,
-    )
+    mod = MMXAttnModule(preset="mmx_tiny", **data_linked(dm), img_size=32, warmup_steps=1, itm_weight=0.0)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=steps,
@@ -230,17 +220,7 @@ def test_resume_with_a_data_module_that_cannot_take_the_checkpoints_tokenizer_is
         dm = ShapesDataModule(
             train_size=8, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp_path)
         )
-        mod = MMXAttnModule(
-            preset="mmx_tiny",
-            vocab_size=dm.vocab_size,
-            pad_id=dm.pad_id,
-            bos_id=dm.bos_id,
-            eos_id=dm.eos_id,
-            context_length=dm.context_length,
-            img_size=64,
-            warmup_steps=1,
-            itm_weight=0.0,
-        )
+        mod = MMXAttnModule(preset="mmx_tiny", **data_linked(dm), img_size=64, warmup_steps=1, itm_weight=0.0)
         kw = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
         trainer = pl.Trainer(accelerator="cpu", max_steps=steps, num_sanity_val_steps=0, limit_val_batches=0, **kw)
         return trainer, mod, dm
