@@ -1,64 +1,172 @@
-"""``python -m mmxattn caption --ckpt PATH IMAGE...``: inference from the command line.
+"""``python -m mmxattn COMMAND --ckpt PATH ...``: inference from the command line.
 
 Subcommands (argparse subparsers; ``python -m mmxattn --help`` lists them):
 
 * ``caption``: one caption per image, as ``path<TAB>caption`` lines or (``--json``) one JSON list of
   ``{"image", "caption"}`` objects, in the order the images were given.
+* ``retrieve``: :meth:`MMXAttn.retrieve` from the shell. Text-to-image (``--text`` queries over a gallery given as
+  ``--images`` or ``--image-dir``) or image-to-text (``--query-image`` over the lines of a ``--captions`` file);
+  ``query<TAB>rank<TAB>score<TAB>result`` lines per query, best first, or (``--json``) a JSON list of
+  ``{"query", "results"}`` objects. ``-k`` above the gallery size shows the whole gallery, as ``retrieve`` does,
+  with a note on stderr.
+* ``attention``: captions one image and writes the per-word cross-attention figure
+  (:func:`mmxattn.viz.plot_caption_attention`) as a PNG; prints the caption and the PNG's path.
+* ``export``: :func:`mmxattn.export` of a checkpoint to a directory (refusing a non-empty one without ``--force``);
+  prints the directory.
 
-Every image is decoded before the model is loaded, so a bad path fails at once. Bad input (an unreadable image, a
-file that is not an mmxattn checkpoint) prints ``error: ...`` naming it to stderr and exits with status 2, without
-a traceback. Training and evaluation have their own entry points (see the epilog of ``--help``).
+Inputs are checked before the model is loaded (every image decoded, the captions file read, the output path's
+directory writable), so bad input fails at once. Bad input (an unreadable image, an empty gallery or captions file,
+a file that is not an mmxattn checkpoint, an output that cannot be written) prints ``error: ...`` naming it to
+stderr and exits with status 2, without a traceback; warnings of the new commands are printed as ``warning: ...``
+lines. Training and evaluation have their own entry points (see the epilog of ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-EPILOG = """other entry points:
+EPILOG = """commands:
+  caption    one caption per image
+  retrieve   text-to-image search over images, or image-to-text over a captions file (top-k with scores)
+  attention  caption one image and write its per-word cross-attention figure as a PNG
+  export     write a checkpoint as a directory (safetensors + JSON) that mmxattn.load reads
+
+other entry points:
   train      python train.py fit --config configs/shapes.yaml   (LightningCLI; `make train`)
   evaluate   python -m mmxattn.evaluate --ckpt PATH [--split test]   (metrics of a checkpoint as JSON)
 
-example:
+examples:
   python -m mmxattn caption --ckpt runs/shapes/checkpoints/last.ckpt a.png b.jpg --strategy beam --json
+  python -m mmxattn retrieve --ckpt my_model --image-dir photos/ --text "a red circle" -k 3 --rerank 10
+  python -m mmxattn retrieve --ckpt my_model --captions captions.txt --query-image a.png
+  python -m mmxattn attention --ckpt my_model a.png --out a_attention.png
+  python -m mmxattn export --ckpt runs/shapes/checkpoints/last.ckpt --out my_model
 """
+
+# the re-ranking scores of MMXAttn.retrieve (mmxattn.model.RERANK_METHODS; a test keeps the two equal)
+RERANK_CHOICES = ("itm", "lm", "pmi")
 
 
 class UsageError(Exception):
     """Bad input from the command line: printed as ``error: ...``, exit status 2."""
 
 
+def _add_ckpt(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="Lightning checkpoint (.ckpt) written by train.py, or a directory written by mmxattn.export",
+    )
+
+
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam"], help="decoding (default: greedy)")
+    p.add_argument("--num-beams", type=int, default=3, help="beams for --strategy beam (default: 3)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="longest caption in tokens (default: fill the context)"
+    )
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mmxattn",
-        description="mmxattn inference: captions for images from a trained checkpoint.",
+        description="mmxattn inference from a trained checkpoint: caption images, retrieve images or captions, "
+        "draw caption attention maps, export checkpoints.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
     c = sub.add_parser(
         "caption",
         help="caption images with a trained checkpoint",
         description="Print one caption per image: 'path<TAB>caption' lines, or a JSON list with --json.",
     )
     c.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
-    c.add_argument(
-        "--ckpt",
-        required=True,
-        help="Lightning checkpoint (.ckpt) written by train.py, or a directory written by mmxattn.export",
-    )
-    c.add_argument("--strategy", default="greedy", choices=["greedy", "beam"], help="decoding (default: greedy)")
-    c.add_argument("--num-beams", type=int, default=3, help="beams for --strategy beam (default: 3)")
-    c.add_argument(
-        "--max-new-tokens", type=int, default=None, help="longest caption in tokens (default: fill the context)"
-    )
+    _add_ckpt(c)
+    _add_generation(c)
     c.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    c.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_device(c)
     c.add_argument("--json", action="store_true", help='print a JSON list of {"image", "caption"} objects')
     c.set_defaults(func=cmd_caption)
+
+    r = sub.add_parser(
+        "retrieve",
+        help="text-to-image or image-to-text retrieval (top-k with scores)",
+        description="Text-to-image: rank the gallery (--images or --image-dir) for each --text. Image-to-text: rank "
+        "the lines of --captions for each --query-image. Prints 'query<TAB>rank<TAB>score<TAB>result' lines, best "
+        "first, or a JSON list of {query, results} with --json. Scores are embedding cosines, or with --rerank the "
+        "decoder's scores (see MMXAttn.retrieve).",
+    )
+    _add_ckpt(r)
+    gallery = r.add_mutually_exclusive_group()
+    gallery.add_argument("--images", nargs="+", metavar="IMG", help="gallery images for --text queries")
+    gallery.add_argument(
+        "--image-dir", metavar="DIR", help="gallery: the image files in DIR (by name; not recursive, others skipped)"
+    )
+    r.add_argument("--text", action="append", metavar="TEXT", help="a text query (repeat for several)")
+    r.add_argument("--captions", metavar="FILE", help="image-to-text: a UTF-8 file of captions, one per line")
+    r.add_argument(
+        "--query-image", action="append", metavar="IMG", help="image-to-text: a query image (repeat for several)"
+    )
+    r.add_argument("-k", type=int, default=5, help="results per query (default: 5)")
+    r.add_argument(
+        "--rerank", type=int, default=0, metavar="N", help="re-score each query's top max(N, k) with the decoder"
+    )
+    r.add_argument(
+        "--rerank-with",
+        choices=RERANK_CHOICES,
+        default=None,
+        help="re-ranking score (default: the one the training run evaluated with, as mmxattn.load reads it)",
+    )
+    r.add_argument(
+        "--gallery-norm", action="store_true", help="rank by scores normalised over the given images (see retrieve)"
+    )
+    r.add_argument("--batch-size", type=int, default=256, help="images / texts per forward pass (default: 256)")
+    _add_device(r)
+    r.add_argument("--json", action="store_true", help='print a JSON list of {"query", "results"} objects')
+    r.set_defaults(func=cmd_retrieve)
+
+    a = sub.add_parser(
+        "attention",
+        help="caption one image and write its per-word cross-attention figure (PNG)",
+        description="Caption IMAGE and write one heatmap panel per generated word (where the decoder's "
+        "cross-attention looked) to --out as a PNG; prints the caption, then the PNG's path.",
+    )
+    a.add_argument("image", metavar="IMAGE", help="an image file (any format PIL reads)")
+    _add_ckpt(a)
+    a.add_argument("--out", required=True, metavar="PNG", help="the PNG file to write (parent folders are created)")
+    _add_generation(a)
+    a.add_argument("--max-words", type=int, default=12, help="panels drawn, one per word (default: 12)")
+    a.add_argument("--dpi", type=int, default=None, help="resolution of the PNG (default: mmxattn.viz.DEFAULT_DPI)")
+    _add_device(a)
+    a.add_argument("--json", action="store_true", help='print a JSON object {"image", "caption", "out"}')
+    a.set_defaults(func=cmd_attention)
+
+    e = sub.add_parser(
+        "export",
+        help="write a checkpoint as an exported directory (safetensors + JSON)",
+        description="Load --ckpt and write model.safetensors, config.json, tokenizer.json and preprocess.json to "
+        "--out (mmxattn.export), which mmxattn.load and --ckpt read; prints the directory.",
+    )
+    _add_ckpt(e)
+    e.add_argument("--out", required=True, metavar="DIR", help="the directory to write (created if missing)")
+    e.add_argument(
+        "--force", action="store_true", help="write into a non-empty DIR (the export's files are replaced, others kept)"
+    )
+    e.set_defaults(func=cmd_export)
     return p
 
 
@@ -67,12 +175,15 @@ def _gen_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--num-beams must be >= 1, got {a.num_beams}")
     if a.max_new_tokens is not None and a.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
-    if a.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {a.batch_size}")
     kw: dict[str, Any] = {"strategy": a.strategy, "max_new_tokens": a.max_new_tokens}
     if a.strategy == "beam":
         kw["num_beams"] = a.num_beams
     return kw
+
+
+def _at_least(flag: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}")
 
 
 def _read_images(paths: Sequence[str]) -> list[Any]:
@@ -82,13 +193,13 @@ def _read_images(paths: Sequence[str]) -> list[Any]:
     images = []
     for path in paths:
         try:
-            images.append(load_image(path))
+            images.append(load_image(path, min_size=1))  # any readable image, as model.preprocess takes
         except BadImageError as e:
             raise UsageError(f"image {e}") from None
     return images
 
 
-def _load_model(ckpt: str, device: str | None) -> Any:
+def _load_model(ckpt: str, device: str | None, need_tokenizer: bool = True) -> Any:
     import torch
 
     from .checkpoint import CheckpointError, load
@@ -100,13 +211,43 @@ def _load_model(ckpt: str, device: str | None) -> Any:
         raise UsageError(str(e)) from None
     except RuntimeError as e:  # e.g. an unknown or unavailable --device
         raise UsageError(f"cannot put the model on device {device!r}: {str(e).splitlines()[0]}") from None
-    if model.tokenizer is None:
+    if need_tokenizer and model.tokenizer is None:
         raise UsageError(f"{ckpt} has no tokenizer, so its token ids cannot be turned into captions")
     return model
 
 
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Warnings raised inside the block printed as one ``warning: ...`` line each on stderr (no source lines)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
+
+
+def _check_writable(path: Path, flag: str, directory: bool) -> None:
+    """Fail before any work when ``path`` (a file, or with ``directory`` a folder) cannot be written: its nearest
+    existing folder (missing ones are created on writing) must be a writable directory."""
+    if not directory and path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, not a file name")
+    if directory and path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    existing = path if directory else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: cannot be written, {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot be written, {existing} is not writable")
+
+
+# ---------------------------------------------------------------------------------------------- caption
 def cmd_caption(a: argparse.Namespace) -> int:
     gen = _gen_kwargs(a)
+    _at_least("--batch-size", a.batch_size, 1)
     images = _read_images(a.images)
     model = _load_model(a.ckpt, a.device)
     captions: list[str] = []
@@ -117,6 +258,188 @@ def cmd_caption(a: argparse.Namespace) -> int:
     else:
         for p, c in zip(a.images, captions):
             print(f"{p}\t{c}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- retrieve
+def _image_dir(directory: str) -> list[str]:
+    """The image files of ``directory`` by name (extensions PIL knows; hidden files and sub-folders skipped)."""
+    from PIL import Image
+
+    d = Path(directory)
+    if not d.exists():
+        raise UsageError(f"--image-dir {d}: not found")
+    if not d.is_dir():
+        raise UsageError(f"--image-dir {d}: not a directory")
+    known = {ext.lower() for ext in Image.registered_extensions()}
+    try:
+        files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+    except OSError as e:
+        raise UsageError(f"--image-dir {d}: cannot be listed ({e.strerror or e})") from None
+    paths = [str(f) for f in files if f.suffix.lower() in known]
+    if not paths:
+        raise UsageError(f"--image-dir {d}: no image files in it ({len(files)} other files)")
+    return paths
+
+
+def _read_captions(path: str) -> tuple[list[str], list[int]]:
+    """Non-blank lines of ``path`` (stripped) and their 1-based line numbers."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UsageError(f"--captions {path}: file not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"--captions {path}: is a directory, not a file of captions") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--captions {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"--captions {path}: cannot read file ({e.strerror or e})") from None
+    lines = [(n, s.strip()) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
+    if not lines:
+        raise UsageError(f"--captions {path}: no captions in it (one caption per line)")
+    return [s for _, s in lines], [n for n, _ in lines]
+
+
+def _note_unknown_words(model: Any, texts: Sequence[str], what: str) -> None:
+    """A note on stderr when texts hold words outside a word-level vocabulary (read as ``<unk>``: they match
+    nothing, which a shell user otherwise never learns)."""
+    unk = getattr(model.tokenizer, "unk_id", None)
+    if unk is None:
+        return
+    ids = model.tokenizer(list(texts), context_length=model.cfg.text.context_length)  # (N, T)
+    bad = [t for t, row in zip(texts, ids) if bool((row == unk).any())]
+    if bad:
+        shown = ", ".join(repr(t) for t in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        print(f"note: {len(bad)} of {len(texts)} {what} have words the model does not know (read as <unk>): {shown}",
+              file=sys.stderr)  # fmt: skip
+
+
+def cmd_retrieve(a: argparse.Namespace) -> int:
+    text_to_image = a.text is not None
+    image_to_text = a.captions is not None or a.query_image is not None
+    if text_to_image and image_to_text:
+        raise UsageError("give --text (text-to-image) or --captions with --query-image (image-to-text), not both")
+    if not text_to_image and not image_to_text:
+        raise UsageError(
+            "nothing to retrieve: give --text QUERY with --images/--image-dir (text-to-image), "
+            "or --captions FILE with --query-image IMG (image-to-text)"
+        )
+    _at_least("-k", a.k, 1)
+    _at_least("--rerank", a.rerank, 0)
+    _at_least("--batch-size", a.batch_size, 1)
+    if text_to_image:
+        if a.images is None and a.image_dir is None:
+            raise UsageError("--text needs a gallery to search: --images IMG... or --image-dir DIR")
+        blank = [t for t in a.text if not t.strip()]
+        if blank:
+            raise UsageError(f"--text {blank[0]!r}: an empty query")
+        queries: list[str] = list(a.text)
+        results = a.images if a.images is not None else _image_dir(a.image_dir)
+        images = _read_images(results)
+        texts, lines = queries, None
+    else:
+        if a.captions is None or a.query_image is None:
+            missing = "--captions FILE" if a.captions is None else "--query-image IMG"
+            raise UsageError(
+                f"image-to-text retrieval needs --captions FILE and --query-image IMG; {missing} is missing"
+            )
+        if a.images is not None or a.image_dir is not None:
+            raise UsageError(
+                "--images/--image-dir are the gallery of a --text search; with --captions use --query-image"
+            )
+        queries = list(a.query_image)
+        images = _read_images(queries)
+        texts, lines = _read_captions(a.captions)
+        results = texts
+    model = _load_model(a.ckpt, a.device)
+    _note_unknown_words(model, texts, "queries" if text_to_image else "captions")
+    kind = "images" if text_to_image else "captions"
+    if a.k > len(results):  # retrieve clamps k to the gallery (as here); say so
+        print(f"note: -k {a.k} is more than the {len(results)} {kind}; showing all {len(results)}", file=sys.stderr)
+    with _warnings_as_lines():
+        try:
+            res = model.retrieve(
+                images,
+                texts,
+                k=a.k,
+                rerank=a.rerank,
+                rerank_with=a.rerank_with,
+                batch_size=a.batch_size,
+                gallery_norm=a.gallery_norm,
+            )
+        except RuntimeError as e:  # e.g. out of memory on --device
+            raise UsageError(f"retrieval failed: {str(e).splitlines()[0]} (try a smaller --batch-size)") from None
+    indices, scores = (res.t2i_indices, res.t2i_scores) if text_to_image else (res.i2t_indices, res.i2t_scores)
+    out = []
+    for q, row_i, row_s in zip(queries, indices.tolist(), scores.float().tolist()):
+        ranked = []
+        for rank, (i, s) in enumerate(zip(row_i, row_s), 1):
+            item: dict[str, Any] = {"rank": rank, "index": i, "score": s}
+            if text_to_image:
+                item["image"] = results[i]
+            else:
+                item["caption"] = results[i]
+                item["line"] = lines[i]
+            ranked.append(item)
+        out.append({"query": q, "results": ranked})
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        key = "image" if text_to_image else "caption"
+        for q in out:
+            for item in q["results"]:
+                print(f"{q['query']}\t{item['rank']}\t{item['score']:.4f}\t{item[key]}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def cmd_attention(a: argparse.Namespace) -> int:
+    gen = _gen_kwargs(a)
+    _at_least("--max-words", a.max_words, 1)
+    _at_least("--dpi", a.dpi, 1)
+    out = Path(a.out)
+    _check_writable(out, "--out", directory=False)
+    image = _read_images([a.image])[0]
+    model = _load_model(a.ckpt, a.device)
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:  # with pyplot up (a notebook calling main), switching would close
+        matplotlib.use("Agg")  # its figures; viz draws on bare Figures, which never need pyplot's backend
+    from .viz import figure_to_png, plot_caption_attention
+
+    with _warnings_as_lines():
+        caption = model.caption([image], **gen)[0]  # what `caption` prints for this image
+        fig = plot_caption_attention(model, image, max_words=a.max_words, **gen)
+    try:
+        path = figure_to_png(fig, out, **({} if a.dpi is None else {"dpi": a.dpi}))
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write the PNG ({e.strerror or e})") from None
+    if a.json:
+        print(json.dumps({"image": a.image, "caption": caption, "out": str(path)}, indent=2))
+    else:
+        print(caption)
+        print(path)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- export
+def cmd_export(a: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, export
+
+    out = Path(a.out)
+    _check_writable(out, "--out", directory=True)
+    if out.is_dir() and Path(a.ckpt).exists() and out.resolve() == Path(a.ckpt).resolve():
+        raise UsageError(f"--out {out}: is the checkpoint being exported; give another directory")
+    if out.is_dir() and any(out.iterdir()) and not a.force:
+        raise UsageError(f"--out {out}: directory is not empty; --force writes the export into it")
+    model = _load_model(a.ckpt, "cpu", need_tokenizer=False)  # export writes CPU tensors
+    try:
+        path = export(model, out)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write the export ({e.strerror or e})") from None
+    print(path)
     return 0
 
 

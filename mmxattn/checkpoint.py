@@ -248,7 +248,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
 
 def export(model: Any, directory: str | Path) -> Path:
     """Write ``model.safetensors``, ``config.json``, ``tokenizer.json`` (if the model has a tokenizer) and
-    ``preprocess.json`` to ``directory``; :func:`load` reads it back. A tokenizer that does not fit the model's
+    ``preprocess.json`` to ``directory``; :func:`load` reads it back. Those files are replaced in a folder that holds
+    them (a ``tokenizer.json`` there is removed when the model has none); other files are left alone. A tokenizer that does not fit the model's
     config (another vocabulary size or other special ids) is a ``CheckpointError``, before anything is written."""
     from safetensors.torch import save_file
 
@@ -270,6 +271,8 @@ def export(model: Any, directory: str | Path) -> Path:
     if tokenizer is not None:  # at the model's context length, as load() attaches it
         tok_dict = {**tokenizer.to_dict(), "context_length": int(model.cfg.text.context_length)}
         (d / "tokenizer.json").write_text(json.dumps(tok_dict))
+    else:  # one left by an earlier export into this folder would be loaded with these weights
+        (d / "tokenizer.json").unlink(missing_ok=True)
     (d / "preprocess.json").write_text(json.dumps(preprocess_info(model)))
     return d
 

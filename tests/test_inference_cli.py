@@ -1,19 +1,28 @@
-"""``python -m mmxattn caption``: captions for image files from the shipped tiny checkpoint, as text lines or JSON,
-the same captions as ``model.caption``; bad images and bad checkpoints give one clear line and exit status 2."""
+"""``python -m mmxattn``: the inference CLI on the shipped tiny checkpoint (and the same model as a ``.ckpt`` file).
+
+``caption`` prints the captions of ``model.caption``; ``retrieve`` the rankings of ``model.retrieve`` (both
+directions, with its re-ranking and gallery normalisation); ``attention`` a PNG of the per-word cross-attention and
+the caption; ``export`` a directory ``mmxattn.load`` reads back to the same weights. Bad input gives one clear line
+naming it and exit status 2."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mmxattn
-from mmxattn.__main__ import main
+from mmxattn.__main__ import RERANK_CHOICES, main
+from mmxattn.checkpoint import preprocess_info
+from mmxattn.config import config_to_dict
 from mmxattn.data.datamodule import ShapesDataModule
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_shapes"
@@ -51,6 +60,10 @@ def test_help_lists_subcommands_and_other_entry_points(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "caption" in out and "train.py" in out and "mmxattn.evaluate" in out
+    assert all(cmd in out for cmd in ("retrieve", "attention", "export"))
+    from mmxattn.model import RERANK_METHODS
+
+    assert RERANK_CHOICES == RERANK_METHODS  # --rerank-with offers what retrieve takes
 
 
 def test_caption_plain_and_json_match_the_api(model, images, capsys):
@@ -70,6 +83,15 @@ def test_caption_options_reach_generation(model, images, capsys):
     out = capsys.readouterr().out
     assert out == f"{images[0]}\t{beam}\n"
     assert 1 <= len(out.split("\t")[1].split()) <= 3
+
+
+def test_caption_takes_any_readable_image_as_the_api_does(model, tmp_path, capsys):
+    """A 4 x 3 pixel image is captioned as model.caption captions it (the data pipeline's 8-pixel floor for
+    training files does not apply to inference)."""
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (4, 3), (200, 30, 30)).save(tiny)
+    assert main(["caption", "--ckpt", str(FIXTURE), str(tiny)]) == 0
+    assert capsys.readouterr().out == f"{tiny}\t{model.caption([Image.open(tiny)])[0]}\n"
 
 
 def test_bad_image_path_exits_2_naming_the_file(images, tmp_path):
@@ -92,3 +114,254 @@ def test_bad_checkpoint_gives_the_checkpoint_error(images, tmp_path, capsys):
     assert "not an exported mmxattn model" in capsys.readouterr().err
     assert main(["caption", "--ckpt", str(FIXTURE), "--num-beams", "0", str(images[0])]) == 2
     assert "--num-beams" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- retrieve / attention / export
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
+    """A folder of five shapes test images (img0..img4.png) and a text file the gallery skips; their first
+    reference captions (caption i was written for image i)."""
+    d = tmp_path_factory.mktemp("gallery")
+    ds = ShapesDataModule(val_size=8, test_size=5, num_workers=0).dataset("test")
+    for i in range(5):
+        Image.fromarray(ds[i]["image"]).save(d / f"img{i}.png")
+    (d / "notes.txt").write_text("not part of the gallery")
+    return d, [str(d / f"img{i}.png") for i in range(5)], [ds[i]["captions"][0] for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def ckpt_file(model, tmp_path_factory) -> Path:
+    """The fixture model as a Lightning-style ``.ckpt`` (the keys ``MMXAttnModule.on_save_checkpoint`` writes and
+    ``mmxattn.load`` reads), so the commands also run on a checkpoint file, as after training."""
+    path = tmp_path_factory.mktemp("ckpt") / "run.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save(
+        {
+            "state_dict": state,
+            "mmxattn_config": config_to_dict(model.cfg),
+            "mmxattn_tokenizer": model.tokenizer.to_dict(),
+            "mmxattn_preprocess": preprocess_info(model),
+        },
+        path,
+    )
+    return path
+
+
+def _texts(texts: list[str]) -> list[str]:
+    return [arg for t in texts for arg in ("--text", t)]
+
+
+def _ranked(indices, scores, results: list[str], key: str) -> list[dict]:
+    return [
+        {"rank": n, "index": i, "score": s, key: results[i]}
+        for n, (i, s) in enumerate(zip(indices.tolist(), scores.float().tolist()), 1)
+    ]
+
+
+def test_retrieve_text_to_image_lines_match_the_api(model, gallery, capsys):
+    d, paths, captions = gallery
+    texts = captions[:3]
+    expected = model.retrieve(paths, texts, k=3)
+    # the tiny model scores the image a caption was written for highest for some of them: those come first
+    sim = model.similarity(paths, texts)  # (N_img, N_txt)
+    own_first = [j for j in range(len(texts)) if int(sim[:, j].argmax()) == j]
+    assert own_first, sim
+    assert main(["retrieve", "--ckpt", str(FIXTURE), "--image-dir", str(d), *_texts(texts), "-k", "3"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 9 and all(len(r) == 4 for r in rows)
+    for j, t in enumerate(texts):
+        mine = rows[3 * j : 3 * j + 3]
+        assert [r[:2] for r in mine] == [[t, "1"], [t, "2"], [t, "3"]]
+        assert [r[3] for r in mine] == [paths[i] for i in expected.t2i_indices[j].tolist()]  # notes.txt skipped
+        assert [float(r[2]) for r in mine] == pytest.approx(expected.t2i_scores[j].tolist(), abs=1e-4)
+    for j in own_first:
+        assert rows[3 * j][3] == paths[j]
+
+
+@pytest.mark.parametrize(
+    "extra, kwargs",
+    [
+        ([], {}),
+        (["--rerank", "4"], {"rerank": 4}),
+        (["--rerank", "4", "--rerank-with", "lm"], {"rerank": 4, "rerank_with": "lm"}),
+        (["--gallery-norm"], {"gallery_norm": True}),
+    ],
+)
+def test_retrieve_json_equals_the_api_with_its_options(model, gallery, ckpt_file, extra, kwargs, capsys):
+    _, paths, captions = gallery
+    texts = captions[1:3]
+    expected = model.retrieve(paths, texts, k=2, **kwargs)
+    args = ["retrieve", "--ckpt", str(ckpt_file), "--images", *paths, *_texts(texts), "-k", "2", "--json", *extra]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"query": t, "results": _ranked(expected.t2i_indices[j], expected.t2i_scores[j], paths, "image")}
+        for j, t in enumerate(texts)
+    ]
+
+
+def test_retrieve_image_to_text_from_a_captions_file(model, gallery, tmp_path, capsys):
+    _, paths, captions = gallery
+    f = tmp_path / "captions.txt"
+    f.write_text(f"{captions[0]}\n\n  {captions[1]}  \n" + "\n".join(captions[2:]) + "\n\n", encoding="utf-8")
+    lines = [1, 3, 4, 5, 6]  # line numbers of the five captions (blank lines skipped, spaces stripped)
+    queries = [paths[3], paths[0]]
+    expected = model.retrieve(queries, captions, k=2, rerank=3)
+    base = ["retrieve", "--ckpt", str(FIXTURE), "--captions", str(f), "--query-image", queries[0]]
+    assert main([*base, "--query-image", queries[1], "-k", "2", "--rerank", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = []
+    for q, (idx, sc) in enumerate(zip(expected.i2t_indices, expected.i2t_scores)):
+        ranked = _ranked(idx, sc, captions, "caption")
+        for r in ranked:
+            r["line"] = lines[r["index"]]
+        want.append({"query": queries[q], "results": ranked})
+    assert got == want
+    assert main([*base, "-k", "2", "--rerank", "3"]) == 0  # plain lines: query image, rank, score, caption
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [[r[0], r[1], r[3]] for r in rows] == [
+        [queries[0], str(r["rank"]), r["caption"]] for r in want[0]["results"]
+    ]
+
+
+def test_retrieve_k_above_the_gallery_shows_all_with_a_note(gallery, capsys):
+    d, paths, captions = gallery
+    assert main(["retrieve", "--ckpt", str(FIXTURE), "--image-dir", str(d), "--text", captions[0], "-k", "50"]) == 0
+    out, err = capsys.readouterr()
+    assert sorted(line.split("\t")[3] for line in out.splitlines()) == paths
+    assert "-k 50" in err and "5 images" in err and "error" not in err
+
+
+def test_retrieve_bad_input_exits_2_naming_it(gallery, tmp_path, capsys):
+    d, paths, captions = gallery
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts_only").mkdir()
+    (tmp_path / "texts_only" / "a.txt").write_text("x")
+    (tmp_path / "fake.png").write_text("not an image")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    missing = str(tmp_path / "missing.png")
+    ckpt = ["--ckpt", str(FIXTURE)]
+    t2i = [*ckpt, "--text", captions[0]]
+    i2t = [*ckpt, "--query-image", paths[0]]
+    cases = [
+        ([*t2i, "--images", paths[0], missing], [missing, "not found"]),
+        ([*t2i, "--images", str(tmp_path / "fake.png")], [str(tmp_path / "fake.png"), "not an image"]),
+        ([*t2i, "--image-dir", str(tmp_path / "empty")], [str(tmp_path / "empty"), "no image files"]),
+        ([*t2i, "--image-dir", str(tmp_path / "texts_only")], [str(tmp_path / "texts_only"), "no image files"]),
+        ([*t2i, "--image-dir", str(tmp_path / "nowhere")], [str(tmp_path / "nowhere"), "not found"]),
+        ([*i2t, "--captions", str(tmp_path / "blank.txt")], [str(tmp_path / "blank.txt"), "no captions"]),
+        ([*i2t, "--captions", str(tmp_path / "none.txt")], [str(tmp_path / "none.txt"), "not found"]),
+        ([*ckpt, "--query-image", missing, "--captions", str(tmp_path / "blank.txt")], [missing]),
+        ([*t2i, "--image-dir", str(d), "-k", "0"], ["-k must be >= 1"]),
+        ([*t2i, "--image-dir", str(d), "--rerank", "-1"], ["--rerank must be >= 0"]),
+        (["--ckpt", str(tmp_path / "no.ckpt"), "--text", "x", "--image-dir", str(d)], [str(tmp_path / "no.ckpt")]),
+        ([*ckpt, "--image-dir", str(d)], ["nothing to retrieve"]),
+        ([*t2i, "--image-dir", str(d), "--captions", str(tmp_path / "blank.txt")], ["not both"]),
+        ([*t2i], ["--images", "--image-dir"]),
+        ([*i2t], ["--captions FILE is missing"]),
+        ([*ckpt, "--text", " ", "--image-dir", str(d)], ["--text ' '", "empty query"]),
+    ]
+    for args, named in cases:
+        assert main(["retrieve", *args]) == 2, args
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and err.count("\n") == 1 and out == "", (args, err)
+        assert all(n in err for n in named), (args, err)
+
+
+def test_attention_writes_a_png_and_prints_the_caption(model, images, tmp_path, capsys):
+    expected = model.caption([Image.open(images[0])])[0]
+    out = tmp_path / "new folder" / "map.png"
+    assert main(["attention", "--ckpt", str(FIXTURE), str(images[0]), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [expected, str(out)]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width >= 400 and im.height >= 200
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 20  # a drawn figure, not a blank canvas
+    beam = model.caption([Image.open(images[1])], strategy="beam", num_beams=2, max_new_tokens=3)[0]
+    out2 = tmp_path / "beam.png"
+    args = ["--strategy", "beam", "--num-beams", "2", "--max-new-tokens", "3", "--max-words", "2", "--json"]
+    assert main(["attention", "--ckpt", str(FIXTURE), str(images[1]), "--out", str(out2), *args]) == 0
+    assert json.loads(capsys.readouterr().out) == {"image": str(images[1]), "caption": beam, "out": str(out2)}
+    with Image.open(out2) as im:
+        assert im.format == "PNG"
+
+
+def test_attention_draws_with_agg_whatever_the_environment_asks(images, tmp_path):
+    out = tmp_path / "map.png"
+    code = (
+        "import sys, matplotlib; from mmxattn.__main__ import main; rc = main(sys.argv[1:]); "
+        "print(matplotlib.get_backend()); sys.exit(rc)"
+    )
+    args = ["attention", "--ckpt", str(FIXTURE), str(images[0]), "--out", str(out)]
+    env = {**os.environ, "MPLBACKEND": "TkAgg"}  # an interactive backend a desktop user may have set
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].lower() == "agg" and out.stat().st_size > 0
+
+
+def test_attention_bad_input_exits_2_naming_it(images, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    missing = str(tmp_path / "missing.png")
+    ok_out = str(tmp_path / "map.png")
+    base = ["attention", "--ckpt", str(FIXTURE)]
+    cases = [
+        ([*base, missing, "--out", ok_out], [missing, "not found"]),
+        ([*base, str(images[0]), "--out", str(tmp_path / "a_file" / "map.png")], [str(tmp_path / "a_file")]),
+        ([*base, str(images[0]), "--out", str(tmp_path)], [str(tmp_path), "is a directory"]),
+        ([*base, str(images[0]), "--out", ok_out, "--max-words", "0"], ["--max-words"]),
+        (["attention", "--ckpt", str(tmp_path / "no.ckpt"), str(images[0]), "--out", ok_out], ["no.ckpt"]),
+    ]
+    for args, named in cases:
+        assert main(args) == 2, args
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and err.count("\n") == 1 and out == "", (args, err)
+        assert all(n in err for n in named), (args, err)
+    assert not Path(ok_out).exists()
+
+
+def test_export_writes_a_directory_that_loads_to_the_same_model(model, ckpt_file, images, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", "--ckpt", str(ckpt_file), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}\n"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocess.json",
+        "tokenizer.json",
+    ]
+    loaded = mmxattn.load(out)
+    theirs = loaded.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+    img = Image.open(images[0])
+    assert loaded.caption([img]) == model.caption([img])
+    # a non-empty directory: refused, untouched, unless --force
+    config = (out / "config.json").read_text()
+    (out / "config.json").write_text("{}")
+    assert main(["export", "--ckpt", str(ckpt_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "not empty" in err and "--force" in err
+    assert (out / "config.json").read_text() == "{}"
+    assert main(["export", "--ckpt", str(ckpt_file), "--out", str(out), "--force"]) == 0
+    assert (out / "config.json").read_text() == config
+    capsys.readouterr()
+
+
+def test_export_bad_input_exits_2_naming_it(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    copy = tmp_path / "copy"
+    shutil.copytree(FIXTURE, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    cases = [
+        ([str(tmp_path / "no.ckpt"), str(tmp_path / "out")], [str(tmp_path / "no.ckpt"), "not found"]),
+        ([str(tmp_path / "a_file"), str(tmp_path / "out")], [str(tmp_path / "a_file"), "not a loadable checkpoint"]),
+        ([str(FIXTURE), str(tmp_path / "a_file")], [str(tmp_path / "a_file"), "not a directory"]),
+        ([str(FIXTURE), str(tmp_path / "a_file" / "out")], [str(tmp_path / "a_file")]),
+        ([str(copy), str(copy), "--force"], [str(copy), "is the checkpoint"]),
+    ]
+    for (ckpt, out, *extra), named in cases:
+        assert main(["export", "--ckpt", ckpt, "--out", out, *extra]) == 2, (ckpt, out)
+        stdout, err = capsys.readouterr()
+        assert err.startswith("error: ") and err.count("\n") == 1 and stdout == "", (ckpt, out, err)
+        assert all(n in err for n in named), (ckpt, out, err)
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before

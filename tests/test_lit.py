@@ -879,3 +879,19 @@ def test_fused_adamw_is_refused_when_clipping_under_a_loss_scaler():
         mod._trainer = SimpleNamespace(gradient_clip_val=clip, precision_plugin=plugin)
         assert mod._fused_adamw_allowed() is allowed, (clip, type(plugin).__name__)
     mod._trainer = None
+
+
+def test_export_into_a_folder_of_an_earlier_export_leaves_no_stale_tokenizer(tmp_path):
+    """Exporting a model without a tokenizer over an earlier export removes that export's tokenizer.json: load
+    would otherwise attach it to weights it was never trained with. Other files in the folder are kept."""
+    from mmxattn.text.tokenizer import WordTokenizer
+
+    model = mmxattn.create_model("mmx_tiny", vocab_size=10, context_length=10).eval()
+    model.tokenizer = WordTokenizer([*WordTokenizer.SPECIALS, *(f"w{i}" for i in range(6))], context_length=10)
+    d = export(model, tmp_path / "exp")
+    (d / "notes.txt").write_text("mine")
+    assert load(d).tokenizer is not None
+    model.tokenizer = None
+    export(model, d)
+    assert not (d / "tokenizer.json").exists() and load(d).tokenizer is None
+    assert (d / "notes.txt").read_text() == "mine"
