@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -140,6 +141,23 @@ def test_csv_unbalanced_quote_is_an_error_naming_file_and_line(tmp_path):
     (tmp_path / "big.csv").write_text('filepath,title\na.png,"best day ever\n' + rows)
     with pytest.raises(DatasetFormatError, match=r"big\.csv line 2: malformed CSV \(field larger than field limit"):
         CsvDataset(tmp_path / "big.csv")
+
+
+def test_csv_rows_merged_by_a_quote_closed_in_a_later_row_are_warned(tmp_path):
+    """An unbalanced quote that a later stray quote closes is valid CSV (one long multi-line caption), so it cannot be
+    an error; the continued lines that start with an image path and the separator give it away: a warning naming the
+    record's line. A caption that legitimately spans lines (with commas) gives none."""
+    for name in "abcd":
+        _img(tmp_path / f"{name}.png")
+    (tmp_path / "m.csv").write_text('filepath,title\na.png,ok\nb.png,"best day ever\nc.png,a cat\nd.png,a 12"\n')
+    with pytest.warns(UserWarning, match=r"m\.csv: 1 caption\(s\) span several lines .*line 3\)"):
+        ds = CsvDataset(tmp_path / "m.csv", mode="eval")
+    assert len(ds) == 2  # what the warning is about: c.png and d.png were swallowed into b.png's caption
+    assert ds[1]["captions"] == ["best day ever\nc.png,a cat\nd.png,a 12"]
+    (tmp_path / "fine.csv").write_text('filepath,title\na.png,"a caption, then\non a new line, more"\nb.png,x\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(CsvDataset(tmp_path / "fine.csv", mode="eval")) == 2
 
 
 def test_tsv_has_no_quoting(tmp_path):

@@ -160,7 +160,9 @@ class CsvDataset(_MapCaptionDataset):
     has no quoting (the TSV convention, as in CC3M-style files: a ``"`` in a field is a literal character, fields
     hold no tab or newline). A tab-separated file written with CSV quoting (pandas' ``to_csv(sep="\\t")``) is read
     as CSV when it is not named ``.tsv``/``.tab`` and ``sep="\\t"`` is given. A malformed CSV (an unbalanced quote,
-    a field over the csv module's size limit) raises ``DatasetFormatError`` naming the file and line. Relative paths
+    a field over the csv module's size limit) raises ``DatasetFormatError`` naming the file and line; an unbalanced
+    quote that a stray quote in a later row closes is valid CSV, and is warned about (naming the line) when the
+    merged caption's continued lines start with an image path and the separator. Relative paths
     are resolved against ``image_root`` (default: the CSV's directory); absolute paths are kept. Rows naming the
     same image (after path normalisation: ``a.png`` and ``./a.png`` are one image) are grouped into one image with
     several captions. ``check_paths``: how many leading images to look for on disk at construction (if none exists
@@ -208,6 +210,7 @@ class CsvDataset(_MapCaptionDataset):
             by_path: dict[str, _Record] = {}
             broken: list[BrokenSample] = []
             quoted = 0  # TSV captions wrapped in double quotes: kept literally, but likely written with CSV quoting
+            merged: list[int] = []  # multi-line captions holding what look like rows of their own
             for line_no, row in rows:
                 if not any(cell.strip() for cell in row):
                     continue  # blank line
@@ -219,6 +222,8 @@ class CsvDataset(_MapCaptionDataset):
                     continue
                 if tsv and cap is not None and len(cap) > 1 and cap[0] == cap[-1] == '"':
                     quoted += 1
+                if cap is not None and "\n" in cap and _looks_like_rows(cap, sep):
+                    merged.append(line_no)
                 # one image however its path is spelled ("a.png", "./a.png", "imgs//a.png", an absolute path)
                 full = os.path.normpath(os.path.join(root, rel))
                 rec = by_path.get(full)
@@ -226,6 +231,14 @@ class CsvDataset(_MapCaptionDataset):
                     rec = by_path[full] = _Record(path=full, image_id=rel, key=rel)
                 rec.captions.append(cap)
                 rec.origins.append(f"{origin} ({rel})")
+        if merged:
+            shown = ", ".join(str(n) for n in merged[:5]) + (", ..." if len(merged) > 5 else "")
+            warnings.warn(
+                f"{p}: {len(merged)} caption(s) span several lines that start with an image path and a {sep!r} "
+                f"(record(s) starting on line {shown}): a double quote opened in one row and closed by a stray quote "
+                "in a later one merges the rows between into one caption; check those lines' quotes",
+                stacklevel=2,
+            )
         if quoted:
             warnings.warn(
                 f"{p}: {quoted} caption(s) are wrapped in double quotes, kept as part of the caption (a .tsv/.tab file "
@@ -234,6 +247,20 @@ class CsvDataset(_MapCaptionDataset):
             )
         records = list(by_path.values())
         super().__init__(records, str(p), mode, transform, min_size, max_pixels, root, check_paths, broken)
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _looks_like_rows(caption: str, sep: str) -> bool:
+    """Whether a line after the first of a multi-line caption starts like a row of the file: an image file name,
+    then the separator (``b.png,a dog``). A quoted caption that legitimately spans lines rarely does; rows merged
+    by an unbalanced quote that a later stray quote closed always do."""
+    for line in caption.split("\n")[1:]:
+        head, found, _ = line.partition(sep)
+        if found and head.strip().strip('"').lower().endswith(_IMAGE_SUFFIXES):
+            return True
+    return False
 
 
 def _csv_rows(reader: Any, path: Path) -> Iterator[tuple[int, list[str]]]:
