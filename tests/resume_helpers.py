@@ -51,3 +51,33 @@ class SignalAtStep(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.after and trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class InterruptAt(pl.Callback):
+    """Stop a run at micro-batch ``batch_idx`` of epoch 0 as an interrupt would: ``where`` is a hook of the batch
+    ("on_before_backward", "on_after_backward", "on_before_optimizer_step": a Ctrl-C there, i.e. a
+    KeyboardInterrupt raised in the middle of the training step) or "sigterm" (what Lightning's SIGTERM handler
+    does, called in-process: it sets a flag, and the loop stops once the batch is done)."""
+
+    def __init__(self, batch_idx: int, where: str) -> None:
+        self.batch_idx, self.where, self._current = batch_idx, where, -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._current = batch_idx if trainer.current_epoch == 0 else -1
+
+    def _hit(self, where: str) -> None:
+        if self._current == self.batch_idx and self.where == where:
+            raise KeyboardInterrupt
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._hit("on_before_backward")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._hit("on_after_backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._hit("on_before_optimizer_step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.where == "sigterm" and self._current == self.batch_idx:
+            trainer._signal_connector._sigterm_notifier_fn(signal.SIGTERM, None)

@@ -1,5 +1,6 @@
 """An interrupted run resumes without losing work: SIGKILL mid-epoch, `fit --ckpt_path last`, and the final
-weights equal those of an uninterrupted run (CPU, deterministic) within 1e-6."""
+weights equal those of an uninterrupted run (CPU, deterministic) within 1e-6; with gradient accumulation, a Ctrl-C
+or SIGTERM in the middle of a window too (exactly)."""
 
 import os
 import subprocess
@@ -114,7 +115,9 @@ def test_ctrl_c_and_sigterm_save_last_ckpt_and_the_resumed_run_matches_uninterru
         res = _fit(_config(tmp_path, name, [sig, out]))
         assert res.returncode == code, (name, res.returncode, res.stderr[-2000:])
         last = tmp_path / name / "ckpt" / "last.ckpt"
-        assert torch.load(last, weights_only=True)["global_step"] == step, name  # the periodic save was at 3
+        ckpt = torch.load(last, weights_only=True)
+        assert ckpt["global_step"] == step, name  # the periodic save was at 3
+        assert "mmxattn_partial_grads" not in ckpt  # no gradient accumulation: nothing to carry over
         res = _fit(_config(tmp_path, name, [out]), "--ckpt_path", "last")
         assert res.returncode == 0, res.stderr[-3000:]
         cut = torch.load(tmp_path / f"{name}.pt")
@@ -235,3 +238,120 @@ def test_resume_with_a_data_module_that_cannot_take_the_checkpoints_tokenizer_is
     trainer, mod, dm = run(2)
     with pytest.raises(CheckpointError, match=r"b\.ckpt was trained with another tokenizer.*ShapesDataModule cannot"):
         trainer.fit(mod, datamodule=dm, ckpt_path=str(tmp_path / "b.ckpt"))
+
+
+# ---------------------------------------------------------------------------------------- gradient accumulation
+
+ACCUM = 3  # micro-batches per optimizer step; 6 training batches an epoch: windows 0-2 and 3-5
+
+
+def _accum_fit(
+    root: Path, *callbacks: pl.Callback, ckpt_path: Path | None = None, fp16: bool = False
+) -> dict[str, torch.Tensor]:
+    """One epoch of the tiny model with ``accumulate_grad_batches=ACCUM``, last.ckpt saved on an interrupt (as
+    train.py does); the final weights (an interrupt's exception goes through). ``fp16``: 16-mixed with its loss scaler (the
+    Trainer would turn "16-mixed" into bf16 on the CPU, so the plugin is given)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from mmxattn.data.datamodule import ShapesDataModule
+    from mmxattn.lit.callbacks import InterruptCheckpoint
+    from mmxattn.lit.module import MMXAttnModule
+
+    pl.seed_everything(0)
+    dm = ShapesDataModule(
+        img_size=32, train_size=24, val_size=4, test_size=4, batch_size=4, num_workers=0, cache_dir=str(root.parent)
+    )
+    mod = MMXAttnModule(preset="mmx_tiny", **data_linked(dm), img_size=32, warmup_steps=1, lr=0.002)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=ACCUM,
+        deterministic=True,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(root),
+        callbacks=[InterruptCheckpoint(root / "ckpt"), *callbacks],
+        plugins=[MixedPrecision("16-mixed", "cpu")] if fp16 else None,
+    )
+    trainer.fit(mod, datamodule=dm, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    return {k: v.detach().clone() for k, v in mod.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def accum_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return _accum_fit(tmp_path_factory.mktemp("accum_ref"))
+
+
+def _interrupt(root: Path, where: str, batch: int, fp16: bool = False) -> dict:
+    """Run until InterruptAt(batch, where) stops it; last.ckpt, loaded."""
+    import signal
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from resume_helpers import InterruptAt
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:  # Lightning exits (SystemExit 1) on a KeyboardInterrupt, and ignores SIGINT from then on
+        with pytest.raises(SIGTERMException if where == "sigterm" else SystemExit):
+            _accum_fit(root, InterruptAt(batch, where), fp16=fp16)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    return torch.load(root / "ckpt" / "last.ckpt", weights_only=True)
+
+
+def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    assert a.keys() == b.keys()
+    return {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+
+
+@pytest.mark.parametrize(
+    "where, batch, mid_window",
+    [
+        ("on_before_backward", 4, True),  # Ctrl-C in the forward of micro-batch 2 of 3: the step is redone
+        ("on_after_backward", 1, True),  # ... right after its backward (its gradient is already in .grad)
+        ("on_before_optimizer_step", 2, True),  # ... at the window's last micro-batch, before the optimizer step
+        ("sigterm", 3, True),  # SIGTERM: stops after micro-batch 1 of 3
+        ("sigterm", 2, False),  # ... after a window's optimizer step
+        ("on_before_backward", 3, False),  # Ctrl-C in the forward of a window's first micro-batch
+    ],
+)
+def test_interrupted_run_with_gradient_accumulation_resumes_exactly(
+    tmp_path, accum_reference, where, batch, mid_window
+):
+    """An interrupt in the middle of an accumulation window: the resumed run's first optimizer step sums the same
+    micro-batch gradients as the uninterrupted run's (those accumulated before the interrupt are in last.ckpt),
+    so the final weights are equal."""
+    ckpt = _interrupt(tmp_path, where, batch)
+    assert ckpt["global_step"] == (batch + (where == "sigterm")) // ACCUM  # where the run stopped
+    resumed = _accum_fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    differ = _differ(accum_reference, resumed)
+    assert not differ, f"{where} at batch {batch}: {len(differ)} tensors differ, by up to {max(differ.values())}"
+    # gradients are saved only when the window is unfinished (nothing at a window's start, nor without accumulation)
+    assert ("mmxattn_partial_grads" in ckpt) == mid_window
+    if where == "on_before_backward" and mid_window:
+        # a checkpoint written before the partial gradients were saved (no key) still resumes, as it always did:
+        # the window's earlier micro-batches are lost, so the weights differ (what the saved gradients prevent)
+        del ckpt["mmxattn_partial_grads"]
+        torch.save(ckpt, tmp_path / "old.ckpt")
+        with pytest.warns(UserWarning, match="resumed at batch 4, in the middle of an accumulation window of 3"):
+            old = _accum_fit(tmp_path, ckpt_path=tmp_path / "old.ckpt")
+        assert max(_differ(accum_reference, old).values()) > 1e-4
+
+
+def test_16_mixed_interrupt_mid_window_resumes_exactly_with_the_scaled_gradients(tmp_path):
+    """16-mixed (its loss scaler, here on the CPU): the saved gradients are those of the scaled loss, and the
+    checkpoint's GradScaler state gives the resumed micro-batches the same scale, so they add up as in the
+    uninterrupted run. Once the window's optimizer step has begun the scaler has unscaled them: they are not
+    saved (with a warning) and the resume goes on as it always did."""
+    reference = _accum_fit(tmp_path / "ref", fp16=True)
+    ckpt = _interrupt(tmp_path / "cut", "on_after_backward", 4, fp16=True)
+    saved = ckpt["mmxattn_partial_grads"]
+    assert saved["restore"] == "after_backward" and saved["loss_scale"] == ckpt["MixedPrecision"]["scale"] > 1
+    resumed = _accum_fit(tmp_path / "cut", ckpt_path=tmp_path / "cut" / "ckpt" / "last.ckpt", fp16=True)
+    differ = _differ(reference, resumed)
+    assert not differ, f"{len(differ)} tensors differ, by up to {max(differ.values())}"
+    with pytest.warns(UserWarning, match="written during an optimizer step"):
+        ckpt = _interrupt(tmp_path / "step", "on_before_optimizer_step", 5, fp16=True)
+    assert "mmxattn_partial_grads" not in ckpt

@@ -6,6 +6,7 @@ properties are linked into ``vocab_size`` / ``pad_id`` / ... by :mod:`mmxattn.li
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -150,6 +151,9 @@ class MMXAttnModule(pl.LightningModule):
     Trainer-level gradient clipping, ``accumulate_grad_batches``, the non-finite skip and a second code path for
     freezing, EMA and compile. It is not implemented: for more negatives use more devices (the loss gathers
     embeddings across ranks with gradients) or a larger per-device batch (``bf16-mixed``, grad checkpointing).
+    A run interrupted in the middle of an accumulation window (Ctrl-C, SIGTERM, any save there) keeps the window's
+    gradients so far in its checkpoint (``mmxattn_partial_grads``), and the resumed run's step sums the same K
+    micro-batches as an uninterrupted run's (on one process; under DDP each rank's partial sums are not saved).
     """
 
     def __init__(
@@ -291,6 +295,12 @@ class MMXAttnModule(pl.LightningModule):
         # EMA copy, built before any compile (a plain object: nothing registered, see mmxattn.lit.ema)
         self._ema = ModelEMA(self.model, ema_decay, warmup=ema_warmup) if ema_decay > 0 else None
         self._rng_batch_start: tuple[Any, ...] | None = None  # RNG states as the current training step began
+        # which training batch last began ((epoch, batch_idx)) and how far its gradients got: "forward" (.grad as
+        # before it), "backward" (running, or stopped part-way), "done" (.grad includes it), "stepping" (the
+        # optimizer step has begun to change .grad: unscaling, dropping frozen ones, clipping)
+        self._grad_progress = SimpleNamespace(batch=None, stage=None)
+        self._pending_grads: dict[str, Any] | None = None  # a resumed window's saved gradients, not yet put back
+        self._resumed_fit = False  # a fit resumed from a checkpoint whose first training batch has not begun
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
 
@@ -496,20 +506,35 @@ class MMXAttnModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # the RNG streams as this step starts: an interrupt checkpoint taken inside the step saves these
         self._rng_batch_start = (torch.get_rng_state(), random.getstate(), np.random.get_state(), _cuda_rng_state())
+        if self._resumed_fit:
+            self._resumed_fit = False
+            self._first_resumed_batch(batch_idx)
+        elif self._pending_grads is not None:  # the redone micro-batch ran no backward this time (skipped)
+            self._pending_grads = None
+            warnings.warn(
+                "the checkpoint's partial accumulation gradients were not put back (the redone micro-batch ran no "
+                "backward): this optimizer step sums fewer micro-batches",
+                stacklevel=2,
+            )
+        self._grad_progress.batch, self._grad_progress.stage = (self.current_epoch, batch_idx), "forward"
         if self._freezable:
             # requires_grad toggling only on one process: DDP's reducer needs a fixed set of gradients
             distributed = self._trainer is not None and self.trainer.world_size > 1
             self._set_frozen(self.encoder_frozen() and not distributed)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._grad_progress.stage = "stepping"  # .grad is about to change (frozen ones dropped, then clipping)
         # Runs before gradient clipping and the step: dropped gradients make AdamW skip the parameter (no update,
         # no weight decay, no moments), and the clipping norm covers only what is trained.
         if self.encoder_frozen():
             for p in self._freezable:
                 p.grad = None
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any | None = None) -> None:
+        closure = optimizer_closure
+        if closure is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            closure = functools.partial(self._closure_then_unscaling, closure)
+        super().optimizer_step(epoch, batch_idx, optimizer, closure)
         self.model.clamp_logit_scale_()  # CLIP's rule: the learned temperature stays within its bound
         # the EMA update belongs to the optimizer step itself: callbacks' on_train_batch_end (where ModelCheckpoint
         # saves every_n_train_steps, e.g. last.ckpt) run before the module's, so an update made there was missing
@@ -517,8 +542,138 @@ class MMXAttnModule(pl.LightningModule):
         if self._ema is not None:
             self._ema.to(self.device).update(self.model)
 
+    def _closure_then_unscaling(self, closure: Any) -> Any:
+        out = closure()  # training step and backward of the window's last micro-batch
+        self._grad_progress.stage = "stepping"  # 16-mixed: the loss scaler unscales .grad right after this
+        return out
+
     def on_train_end(self) -> None:
         self._set_frozen(False)
+
+    # ------------------------------------------------------------------ accumulation windows across a resume
+    # Lightning counts the micro-batches of an accumulation window by the epoch's batch index (it zeroes .grad
+    # before the backward of batch_idx % K == 0 and steps after that of (batch_idx + 1) % K == 0), and a resumed
+    # run goes on from the batch its checkpoint stopped at: mid-window, the .grad that the earlier micro-batches
+    # had summed must come back, or that step sums fewer than K of them. on_save_checkpoint stores it, the first
+    # resumed batch puts it back.
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        progress = self._grad_progress
+        progress.stage = "backward"
+        if loss.requires_grad:
+            # "done" is set by the autograd engine itself as the backward's last act: a Ctrl-C that arrives during
+            # the backward (C++) is raised only once it is back in Python code, and must find the stage "done".
+            # The callback is a builtin (setattr on a plain namespace): no Python code, nothing to interrupt.
+            done = functools.partial(setattr, progress, "stage", "done")
+            queue = torch.autograd.Variable._execution_engine.queue_callback
+            loss.register_hook(lambda _grad: queue(done))
+        super().backward(loss, *args, **kwargs)
+
+    def on_after_backward(self) -> None:
+        self._grad_progress.stage = "done"
+        pending = self._pending_grads
+        if pending is not None and pending["restore"] == "after_backward":  # the first resumed batch (checked)
+            # the interrupted micro-batch has been redone (same weights, data and random numbers): .grad becomes
+            # what it was then, its gradient added to those of the window's micro-batches before it
+            self._put_back_grads(pending)
+
+    def _partial_grads_to_save(self) -> dict[str, Any] | None:
+        """What ``checkpoint["mmxattn_partial_grads"]`` holds when a checkpoint is written in the middle of an
+        accumulation window: the parameters' summed gradients (by name, those that are not None), the batch at
+        which a resume puts them back (before it runs, or right after its backward when the checkpoint was taken
+        after the backward of a micro-batch that the resume redoes), and what must not have changed. None when
+        the next batch starts a window (Lightning zeroes .grad there), without accumulation, or where they cannot
+        be saved (warned)."""
+        trainer = self._trainer
+        if trainer is None or getattr(trainer.state, "fn", None) != "fit" or trainer.accumulate_grad_batches <= 1:
+            return None
+        if self._pending_grads is not None:  # saved again before the resumed batch they belong to got them
+            return self._pending_grads
+        now = trainer.fit_loop.epoch_loop.batch_progress.current
+        # the batch a resume from this checkpoint runs first: an unfinished one is redone (the RNG states above)
+        resume_at = now.processed
+        if resume_at % trainer.accumulate_grad_batches == 0 or resume_at >= trainer.num_training_batches:
+            return None
+        epoch, last = self.current_epoch, self._grad_progress
+        if last.batch == (epoch, resume_at) and last.stage in ("forward", "done"):
+            restore = "batch_start" if last.stage == "forward" else "after_backward"
+        elif last.batch == (epoch, resume_at - 1) and last.stage in ("forward", "done"):
+            restore = "batch_start"  # that batch ran to its end (no backward at all when it was skipped)
+        else:
+            why = {
+                "backward": "during a backward pass (the gradients may be partly summed)",
+                "stepping": "during an optimizer step (the gradients were being unscaled, dropped or clipped)",
+            }.get(last.stage, "outside a training batch")
+            return self._partial_grads_lost(f"the checkpoint was written {why}")
+        if trainer.world_size > 1 or trainer.strategy.handles_gradient_accumulation:
+            return self._partial_grads_lost(
+                f"{type(trainer.strategy).__name__} on {trainer.world_size} processes keeps a partial sum per rank"
+            )
+        # 16-mixed: .grad holds gradients of the scaled loss. The scale changes only in scaler.update(), after a
+        # window's optimizer step, and the checkpoint holds the GradScaler's state: the resumed micro-batches are
+        # scaled alike, so the saved and the new gradients add up as in the uninterrupted run. The scale is kept
+        # to check that (a resume under another precision, or a changed scaler, drops the gradients).
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return {
+            "grads": {n: p.grad.detach() for n, p in self.named_parameters() if p.grad is not None},
+            "epoch": epoch,
+            "batch_idx": resume_at,
+            "restore": restore,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "loss_scale": None if scaler is None else float(scaler.get_scale()),
+        }
+
+    def _partial_grads_lost(self, why: str) -> None:
+        warnings.warn(
+            f"checkpoint written in the middle of an accumulation window, without the window's gradients so far "
+            f"({why}): a run resumed from it sums fewer than accumulate_grad_batches micro-batches at its first "
+            "optimizer step",
+            stacklevel=3,
+        )
+        return None
+
+    def _first_resumed_batch(self, batch_idx: int) -> None:
+        """The first training batch of a resumed fit: it gets the saved gradients of its window, if any."""
+        pending, trainer = self._pending_grads, self.trainer
+        k = trainer.accumulate_grad_batches
+        if pending is None:
+            if batch_idx % k != 0 and trainer.world_size == 1:
+                warnings.warn(
+                    f"resumed at batch {batch_idx}, in the middle of an accumulation window of {k}, from a checkpoint "
+                    "without the window's gradients so far (mmxattn_partial_grads; written by an older version, or "
+                    "during a backward pass or an optimizer step): this optimizer step sums fewer micro-batches",
+                    stacklevel=2,
+                )
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = None if scaler is None else float(scaler.get_scale())
+        wanted = (pending["epoch"], pending["batch_idx"], pending["accumulate_grad_batches"], pending["loss_scale"])
+        if (self.current_epoch, batch_idx, k, scale) != wanted:
+            self._pending_grads = None
+            warnings.warn(
+                "the checkpoint's partial accumulation gradients (mmxattn_partial_grads) are for epoch "
+                f"{wanted[0]}, batch {wanted[1]}, accumulate_grad_batches={wanted[2]}, loss scale {wanted[3]}; this "
+                f"run resumed at epoch {self.current_epoch}, batch {batch_idx}, accumulate_grad_batches={k}, loss "
+                f"scale {scale}: they are dropped, and this optimizer step sums fewer micro-batches",
+                stacklevel=2,
+            )
+        elif pending["restore"] == "batch_start":
+            self._put_back_grads(pending)  # no zero_grad inside a window: the backward adds to these
+
+    def _put_back_grads(self, pending: dict[str, Any]) -> None:
+        self._pending_grads = None
+        grads = pending["grads"]
+        named = dict(self.named_parameters())
+        bad = sorted(n for n, g in grads.items() if n not in named or tuple(g.shape) != tuple(named[n].shape))
+        if bad:
+            warnings.warn(
+                f"the checkpoint's partial accumulation gradients do not fit this model ({bad[:3]}): dropped",
+                stacklevel=3,
+            )
+            return
+        for name, p in named.items():  # a parameter without a saved gradient had none then
+            g = grads.get(name)
+            p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
 
     @property
     def eval_model(self) -> Any:
@@ -761,6 +916,9 @@ class MMXAttnModule(pl.LightningModule):
         }
         if cuda_state is not None:  # this process's GPU (drop path and hard-negative draws run there)
             checkpoint["mmxattn_rng"]["cuda"] = cuda_state
+        partial = self._partial_grads_to_save()
+        if partial is not None:
+            checkpoint["mmxattn_partial_grads"] = partial
 
     def _use_checkpoint_tokenizer(self, saved: Any) -> None:
         """The checkpoint's weights were trained with its tokenizer, so it wins over the one this run built: a word
@@ -843,6 +1001,11 @@ class MMXAttnModule(pl.LightningModule):
             random.setstate(_to_tuple(rng["python"]))
             name, keys, *rest = rng["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        # a checkpoint of a run stopped mid-window: its gradients go back at the first resumed batch (after
+        # Lightning restored the loops and the precision plugin's loss scale); absent in older checkpoints
+        self._resumed_fit = fitting
+        partial = checkpoint.get("mmxattn_partial_grads")
+        self._pending_grads = partial if fitting and isinstance(partial, dict) else None
 
 
 def _same_tokenizer(a: Any, b: Any) -> bool:
