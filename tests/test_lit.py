@@ -895,3 +895,23 @@ def test_export_into_a_folder_of_an_earlier_export_leaves_no_stale_tokenizer(tmp
     export(model, d)
     assert not (d / "tokenizer.json").exists() and load(d).tokenizer is None
     assert (d / "notes.txt").read_text() == "mine"
+
+
+def test_a_new_fit_in_the_folder_of_a_finished_run_trains_anew(tmp_path, monkeypatch, capsys):
+    """`train.py fit` without --ckpt_path in a folder that holds an earlier run's last.ckpt starts a new run (with
+    Lightning's OnExceptionCheckpoint among the callbacks, fit silently restored that file and, the old run being
+    finished, trained nothing). Resuming is what `--ckpt_path last` is for."""
+    monkeypatch.chdir(tmp_path)
+    args = smoke_args("shapes.yaml", tmp_path, fast_dev_run=0)
+    args = [a for a in args if not a.startswith(("--trainer.fast_dev_run", "--data.init_args.train_size"))]
+    args += ["--data.init_args.train_size=8", "--trainer.max_epochs=1", "--trainer.limit_test_batches=1"]
+    args += ["--trainer.logger=pytorch_lightning.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
+    args += ["--trainer.enable_progress_bar=false"]
+    cli = cli_main(args + ["--seed_everything=0"])
+    last = Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt"
+    old = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    cli = cli_main(args + ["--seed_everything=1"])
+    new = {k: v.detach() for k, v in cli.model.state_dict().items()}
+    assert cli.trainer.global_step == 2  # trained its own steps
+    assert any(not torch.equal(old[k], new[k]) for k in old if k in new and old[k].is_floating_point())
+    capsys.readouterr()

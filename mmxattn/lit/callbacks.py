@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -203,22 +204,33 @@ class AttentionMapLogger(pl.Callback):
                 )
 
 
-class InterruptCheckpoint(pl.callbacks.OnExceptionCheckpoint):
+class InterruptCheckpoint(pl.callbacks.Checkpoint):
     """Save ``last.ckpt`` when a run is interrupted (Ctrl-C, or SIGTERM as schedulers send before killing a job),
     so ``--ckpt_path last`` resumes from the interrupted step instead of the last periodic save. Other exceptions
     (a crash, a non-finite loss) leave the periodic ``last.ckpt`` alone. ``train.py`` adds one beside every
-    ``ModelCheckpoint`` that keeps a ``last.ckpt``."""
+    ``ModelCheckpoint`` that keeps a ``last.ckpt``.
+
+    Not Lightning's ``OnExceptionCheckpoint``: with one of those among the callbacks, ``fit`` without a
+    ``ckpt_path`` silently resumes from it, so re-running a finished (or changed) config in the same folder would
+    restore the old run's ``last.ckpt`` instead of training anew. Resuming is asked for with ``--ckpt_path last``."""
+
+    FILE_EXTENSION = ".ckpt"
 
     def __init__(self, dirpath: str | Path, filename: str = "last") -> None:
-        super().__init__(dirpath=dirpath, filename=filename)
+        super().__init__()
+        if not filename:
+            raise ValueError("InterruptCheckpoint: the filename cannot be empty")
+        # set now, not in setup: an interrupt can come at any moment
+        self.dirpath = dirpath
+        self.filename = filename
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.dirpath, self.filename + self.FILE_EXTENSION)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.state.fn == "fit":
             rank_zero_info(f"interrupted: saving {self.ckpt_path} (resume with --ckpt_path last)")
-            super().on_exception(trainer, pl_module, exception)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lightning's OnExceptionCheckpoint deletes its file when a run ends: here that file is the run's last.ckpt
-        pass
+            trainer.save_checkpoint(self.ckpt_path)
