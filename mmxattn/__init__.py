@@ -6,6 +6,7 @@ from .checkpoint import export, load
 from .config import CATConfig, MMXAttnConfig, TextConfig
 from .presets import create_encoder, create_model, list_encoder_presets, list_presets
 from .vision.windows import clear_weight_caches
+from .zeroshot import classify, zero_shot_classifier
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "MMXAttnConfig",
     "TextConfig",
     "capture_attention",
+    "classify",
     "clear_weight_caches",
     "create_encoder",
     "create_model",
@@ -24,4 +26,5 @@ __all__ = [
     "list_presets",
     "load",
     "set_fused_attention",
+    "zero_shot_classifier",
 ]

@@ -22,8 +22,8 @@ from torch import Tensor
 from .capture import capture_attention
 from .data.batching import ground_tokens
 from .data.robust import BadDataError
-from .data.shapes_captions import CaptionCheck, check_caption
-from .data.shapes_render import Scene
+from .data.shapes_captions import NUMBERS, CaptionCheck, check_caption
+from .data.shapes_render import COLOURS, SHAPES, Scene
 from .metrics import (
     caption_metrics,
     grounding_hits_any,
@@ -33,11 +33,43 @@ from .metrics import (
     token_heatmap,
 )
 from .model import RERANK_METHODS
+from .zeroshot import zero_shot_classifier
 
-__all__ = ["EvalAccumulator", "METRIC_KEYS", "caption_check_metrics", "grounding_layer_names"]
+__all__ = [
+    "EvalAccumulator",
+    "METRIC_KEYS",
+    "ZEROSHOT_TASKS",
+    "caption_check_metrics",
+    "grounding_layer_names",
+    "zeroshot_labels",
+]
 
 # Keys `python -m mmxattn.evaluate` always prints (None where a metric does not apply).
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "cider", "bleu4", "grounding_acc", "n_images")
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+# Zero-shot classification of shapes images (mmxattn.zeroshot): per task, the class names and the prompt templates,
+# in the data's own grammar (shapes_captions: "[there is | a picture of] a red object", "two shapes"). Colour and
+# shape have one answer on single-object images only; the count of objects on every image.
+ZEROSHOT_TASKS: dict[str, tuple[tuple[str, ...], tuple[Any, ...]]] = {
+    "colour": (
+        COLOURS,
+        (lambda c: f"{_a(c)} shape", lambda c: f"{_a(c)} object", lambda c: f"there is {_a(c)} object"),
+    ),
+    "shape": (SHAPES, (_a, lambda c: f"there is {_a(c)}", lambda c: f"a picture of {_a(c)}")),
+    "count": (tuple(f"{NUMBERS[n]} shape{'s' * (n > 1)}" for n in range(1, 5)), ("{}", "a picture of {}")),
+}
+
+
+def zeroshot_labels(scene: Scene) -> tuple[int, int, int]:
+    """The classes of ``scene`` in :data:`ZEROSHOT_TASKS` order: (colour, shape, count), as indices into each
+    task's class names; colour and shape are -1 (no single answer) unless the scene has exactly one object."""
+    one = scene.n == 1
+    return (scene.colour[0] if one else -1, scene.shape[0] if one else -1, scene.n - 1)
 
 
 def grounding_layer_names(model: Any, layers: Sequence[int] | None = None) -> list[str]:
@@ -79,6 +111,12 @@ class EvalAccumulator:
     :func:`mmxattn.data.shapes_captions.check_caption`). ``grounding_acc`` teacher-forces the references, so the
     query that predicts a phrase's first word cannot know which of the image's objects the reference will name;
     in its own caption the model chose the object.
+
+    Batches with ``scenes`` also score zero-shot classification (``zeroshot=True``; :mod:`mmxattn.zeroshot`, the
+    retrieval embeddings only, at the cost of one text-encoder pass over the class prompts):
+    ``zeroshot_colour_acc`` and ``zeroshot_shape_acc`` over the ``zeroshot_n_single`` single-object images (the only
+    ones with one colour and one shape), ``zeroshot_count_acc`` (how many objects: one to four) over all of them;
+    prompts in :data:`ZEROSHOT_TASKS`.
     """
 
     def __init__(
@@ -93,6 +131,7 @@ class EvalAccumulator:
         grounding: bool = True,
         grounding_layers: Sequence[int] | None = None,
         prior_images: int = 8,
+        zeroshot: bool = True,
     ) -> None:
         if rerank_with not in RERANK_METHODS:
             raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {rerank_with!r}")
@@ -105,6 +144,7 @@ class EvalAccumulator:
         self.meteor = meteor
         self.grounding = grounding
         self.grounding_names = grounding_layer_names(model, grounding_layers)
+        self.zeroshot = zeroshot
         self.reset()
 
     def reset(self) -> None:
@@ -144,6 +184,9 @@ class EvalAccumulator:
             gen = self._hits(
                 batch, tokens, m.text(gen_ids)[1], torch.arange(len(preds), device=images.device), per_image
             )
+        labels = None
+        if self.zeroshot and batch.get("scenes") is not None:
+            labels = [zeroshot_labels(sc if isinstance(sc, Scene) else Scene(*sc)) for sc in batch["scenes"]]
         for i, image_id in enumerate(batch["image_ids"]):
             sel = ref_img == i
             self.records.append(
@@ -159,6 +202,7 @@ class EvalAccumulator:
                     "checked": checks is not None,
                     "check": checks[i] if checks is not None else None,
                     "grounding_gen": gen[i] if gen is not None else None,
+                    "zeroshot": labels[i] if labels is not None else None,
                 }
             )
 
@@ -279,6 +323,24 @@ class EvalAccumulator:
             n_later = total - n_first
             out["grounding_acc_later" + suffix] = sum(x[0] - x[4] for x in g) / n_later if n_later else None
         out.update(caption_check_metrics([r["check"] for r in recs if r["checked"]]))
+        out.update(self._zero_shot(recs, img))
+        return out
+
+    def _zero_shot(self, recs: list[dict[str, Any]], img: Tensor) -> dict[str, float | int | None]:
+        """Zero-shot accuracy of every task of :data:`ZEROSHOT_TASKS` (None where no image has its label)."""
+        out: dict[str, float | int | None] = {f"zeroshot_{t}_acc": None for t in ZEROSHOT_TASKS}
+        rows = [i for i, r in enumerate(recs) if r.get("zeroshot") is not None]
+        labels = torch.tensor([recs[i]["zeroshot"] for i in rows], dtype=torch.long).reshape(-1, len(ZEROSHOT_TASKS))
+        out["zeroshot_n_single"] = int((labels[:, 0] >= 0).sum())
+        if not rows or getattr(self.model, "tokenizer", None) is None:
+            return out
+        emb = img[rows]  # (n, E), CPU float32
+        for j, (task, (names, templates)) in enumerate(ZEROSHOT_TASKS.items()):
+            keep = labels[:, j] >= 0
+            if keep.any():
+                w = zero_shot_classifier(self.model, list(names), list(templates)).cpu()  # (E, C)
+                pred = (emb[keep] @ w).argmax(1)  # the logit scale and the softmax change no argmax
+                out[f"zeroshot_{task}_acc"] = int((pred == labels[keep, j]).sum()) / int(keep.sum())
         return out
 
     def _reranked(self, recs, img: Tensor, txt: Tensor, t2i: Tensor) -> dict[str, float]:
