@@ -279,7 +279,24 @@ def _image_dir(directory: str) -> list[str]:
     paths = [str(f) for f in files if f.suffix.lower() in known]
     if not paths:
         raise UsageError(f"--image-dir {d}: no image files in it ({len(files)} other files)")
-    return paths
+    # a folder of photos often holds a few broken files: skipped (named on stderr) before the model loads, not a
+    # stop after half the gallery is encoded. Only headers are read here; the pixels are decoded batch by batch.
+    good, bad = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                ok = im.width > 0 and im.height > 0
+        except Exception as e:  # noqa: BLE001 - whatever PIL raises for a damaged or foreign file
+            ok, why = False, str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        else:
+            why = "empty image"
+        (good if ok else bad).append(path if ok else (path, why))
+    if bad:
+        print(f"warning: --image-dir {d}: skipped {len(bad)} unreadable file(s), e.g. {bad[0][0]}: {bad[0][1]}",
+              file=sys.stderr)  # fmt: skip
+    if not good:
+        raise UsageError(f"--image-dir {d}: none of its {len(paths)} image files can be read")
+    return good
 
 
 def _read_captions(path: str) -> tuple[list[str], list[int]]:
@@ -335,7 +352,9 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
             raise UsageError(f"--text {blank[0]!r}: an empty query")
         queries: list[str] = list(a.text)
         results = a.images if a.images is not None else _image_dir(a.image_dir)
-        images = _read_images(results)
+        # the gallery goes to retrieve as paths: it decodes them a batch at a time (a folder of photos is never
+        # held decoded at once); an unreadable file stops the run there, named
+        images: list[Any] = list(results)
         texts, lines = queries, None
     else:
         if a.captions is None or a.query_image is None:
@@ -353,9 +372,8 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
         results = texts
     model = _load_model(a.ckpt, a.device)
     _note_unknown_words(model, texts, "queries" if text_to_image else "captions")
-    kind = "images" if text_to_image else "captions"
-    if a.k > len(results):  # retrieve clamps k to the gallery (as here); say so
-        print(f"note: -k {a.k} is more than the {len(results)} {kind}; showing all {len(results)}", file=sys.stderr)
+    from .data.formats import BadImageError
+
     with _warnings_as_lines():
         try:
             res = model.retrieve(
@@ -366,9 +384,15 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
                 rerank_with=a.rerank_with,
                 batch_size=a.batch_size,
                 gallery_norm=a.gallery_norm,
+                direction="t2i" if text_to_image else "i2t",  # the other direction is not shown: not computed
             )
+        except BadImageError as e:
+            raise UsageError(f"image {e}") from None
         except RuntimeError as e:  # e.g. out of memory on --device
             raise UsageError(f"retrieval failed: {str(e).splitlines()[0]} (try a smaller --batch-size)") from None
+    kind = "images" if text_to_image else "captions"
+    if a.k > len(results):  # retrieve clamps k to the gallery (as here); say so (once it has read the gallery)
+        print(f"note: -k {a.k} is more than the {len(results)} {kind}; showing all {len(results)}", file=sys.stderr)
     indices, scores = (res.t2i_indices, res.t2i_scores) if text_to_image else (res.i2t_indices, res.i2t_scores)
     out = []
     for q, row_i, row_s in zip(queries, indices.tolist(), scores.float().tolist()):

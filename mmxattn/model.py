@@ -56,12 +56,83 @@ class MMXAttnOutput:
 
 @dataclass
 class RetrievalResult:
-    """Top-k both ways. ``i2t_indices[i]`` are text indices for image i, best first; ``t2i_*`` likewise."""
+    """Top-k rankings. ``i2t_indices[i]`` are text indices for image i, best first, with their ``i2t_scores``;
+    ``t2i_*`` likewise image indices for text j. Both directions by default; the fields of a direction that
+    ``MMXAttn.retrieve(direction=...)`` was not asked for are None."""
 
-    i2t_indices: Tensor  # (N_img, k)
-    i2t_scores: Tensor
-    t2i_indices: Tensor  # (N_txt, k)
-    t2i_scores: Tensor
+    i2t_indices: Tensor | None  # (N_img, k)
+    i2t_scores: Tensor | None
+    t2i_indices: Tensor | None  # (N_txt, k)
+    t2i_scores: Tensor | None
+
+
+# What MMXAttn.retrieve ranks: texts for every image and images for every text, or one of the two.
+RETRIEVE_DIRECTIONS = ("both", "i2t", "t2i")
+
+
+def _gallery_parts(images: Any, batch_size: int) -> Iterator[tuple[Any, int]]:
+    """``images`` (anything :meth:`MMXAttn.preprocess` takes) cut into ``(part, first)`` of ``batch_size`` images
+    each (the last may hold fewer), in order, with ``first`` the place in ``images`` of ``part[0]`` (what errors
+    name). A (B, 3, H, W) tensor, alone or as an item of a list, is sliced where it straddles two parts."""
+    if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] > 0:
+        for start in range(0, images.shape[0], batch_size):
+            yield images[start : start + batch_size], 0
+        return
+    if not isinstance(images, (list, tuple)) or not images:
+        yield images, 0  # one image, or what preprocess names as an error (an empty list, an empty batch)
+        return
+    part: list[Any] = []
+    first = have = 0  # part[0] is images[first]; part holds `have` images
+    for i, item in enumerate(images):
+        n = item.shape[0] if isinstance(item, Tensor) and item.dim() == 4 else 1
+        start = 0
+        while True:
+            if not part:
+                first = i
+            take = min(n - start, batch_size - have)
+            part.append(item if take == n else item[start : start + take])
+            have, start = have + take, start + take
+            if have == batch_size:
+                yield part, first
+                part, have = [], 0
+            if start >= n:
+                break
+    if part:
+        yield part, first
+
+
+class _CandidateTokens:
+    """The image tokens of those gallery images that may still be among some text's top ``m`` by the scores seen
+    so far, kept while the gallery streams past one batch at a time: re-ranking images for texts reads no others.
+    An image is dropped once each text has ``m`` images scoring above it; ties and NaN (which ``topk`` ranks
+    first) are kept, so every image of the final ``topk`` over the same scores is here (at most ``m`` per text,
+    plus ties, plus one batch, are held at any time)."""
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+        self.best: Tensor | None = None  # (N_txt, <= m): each text's best scores so far
+        self.index: Tensor | None = None  # (n,) gallery index of each kept image
+        self.scores: Tensor | None = None  # (n, N_txt)
+        self.tokens: Tensor | None = None  # (n, L, D)
+
+    def add(self, first: int, scores: Tensor, tokens: Tensor) -> None:
+        """Gallery images ``first, first + 1, ...``: their scores (b, N_txt) against every text, tokens (b, L, D)."""
+        index = torch.arange(first, first + scores.shape[0], device=scores.device)
+        seen = scores.T if self.best is None else torch.cat([self.best, scores.T], 1)  # (N_txt, <= m + b)
+        self.best = seen.topk(min(self.m, seen.shape[1]), dim=1).values
+        if self.index is not None:
+            index, scores = torch.cat([self.index, index]), torch.cat([self.scores, scores])
+            tokens = torch.cat([self.tokens, tokens])
+        if self.best.shape[1] == self.m:  # each text's m-th best so far: no image below it can enter its top m
+            keep = ((scores >= self.best[:, -1]) | scores.isnan()).any(1)
+            index, scores, tokens = index[keep], scores[keep], tokens[keep]
+        self.index, self.scores, self.tokens = index, scores, tokens
+
+    def rows(self, n_images: int) -> Tensor:
+        """(n_images,) the row of ``self.tokens`` of every gallery image, -1 where its tokens were dropped."""
+        rows = torch.full((n_images,), -1, dtype=torch.long, device=self.index.device)
+        rows[self.index] = torch.arange(self.index.shape[0], device=self.index.device)
+        return rows
 
 
 @contextlib.contextmanager
@@ -267,7 +338,7 @@ class MMXAttn(nn.Module):
             raise ValueError(f"token ids must lie in [0, {V}); got min {int(ids.min())}, max {int(ids.max())}")
         return ids.to(self.logit_scale.device).long()
 
-    def preprocess(self, images: Any) -> Tensor:
+    def preprocess(self, images: Any, *, index_offset: int = 0) -> Tensor:
         """Images -> a normalised float batch (B, 3, H, W) on the model's device, in its dtype.
 
         Float tensors (B, 3, H, W) or (3, H, W) are taken as already normalised and pass through (inside a list, a
@@ -276,7 +347,8 @@ class MMXAttn(nn.Module):
         encoded bytes and numpy arrays (H, W[, C]; uint8 or float in [0, 1]; a 4th (or with one colour channel,
         2nd) channel is alpha and is composited on white, as for PIL images), alone or in a list, go through
         ``self.transform`` (the eval transform, built from the config and the encoder's normalisation when none is
-        attached). Unreadable files raise ``BadImageError`` naming the file."""
+        attached). Unreadable files raise ``BadImageError`` naming the file; other bad items are named by their place
+        in the list (``images[i]``), counted from ``index_offset`` (where ``images`` is one batch of a larger list)."""
         if isinstance(images, Tensor) and images.dtype != torch.uint8:
             return self._check_images(images)
         import numpy as np
@@ -294,7 +366,7 @@ class MMXAttn(nn.Module):
         if not items:
             raise ValueError("images: an empty list; give at least one image")
         out = []
-        for i, item in enumerate(items):
+        for i, item in enumerate(items, index_offset):
             if isinstance(item, Tensor) and item.dtype == torch.uint8:  # raw pixels: resized and normalised
                 if item.dim() not in (3, 4) or item.shape[-3] not in (1, 3, 4):
                     raise ValueError(
@@ -647,6 +719,7 @@ class MMXAttn(nn.Module):
         batch_size: int = 256,
         prior_images: int = 8,
         gallery_norm: bool = False,
+        direction: str = "both",
     ) -> RetrievalResult:
         """Rank texts for every image and images for every text.
 
@@ -664,6 +737,15 @@ class MMXAttn(nn.Module):
         ``rerank_with=None`` (the default) takes ``model.rerank_with_default``: what the training run evaluated
         with, as ``mmxattn.load`` reads it from the checkpoint ("lm" when the matching head was not trained), else
         ``"itm"`` (``"lm"`` without a head). The model runs in eval mode (its own mode is restored).
+
+        ``direction="i2t"`` ranks (and re-ranks) only texts for images, ``"t2i"`` only images for texts; the other
+        direction's fields of the result are None, and those asked for equal what ``"both"`` gives.
+
+        The images (anything :meth:`preprocess` takes) are preprocessed and encoded ``batch_size`` at a time, so a
+        large gallery of files holds one batch of pixels at a time; image token sequences are kept only for
+        re-ranking: every image's where images are queries (``"both"``, ``"i2t"``), with ``"t2i"`` only those that
+        can still be among some text's candidates. Pooled embeddings are computed per batch, so scores may differ
+        in the last bits between batch sizes (the rankings do not, short of near-ties).
         """
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"retrieve: k must be an int >= 1, got {k!r}")
@@ -672,6 +754,8 @@ class MMXAttn(nn.Module):
         for name, value in (("batch_size", batch_size), ("prior_images", prior_images)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"retrieve: {name} must be an int >= 1, got {value!r}")
+        if direction not in RETRIEVE_DIRECTIONS:
+            raise ValueError(f"retrieve: direction must be one of {RETRIEVE_DIRECTIONS}, got {direction!r}")
         k, rerank = int(k), int(rerank)
         if rerank_with is None:  # getattr: a model pickled before these attributes existed
             default = getattr(self, "rerank_with_default", None)
@@ -684,42 +768,72 @@ class MMXAttn(nn.Module):
                 "its scores are noise; use rerank_with='lm' or 'pmi'",
                 stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
-        imgs = self.preprocess(images)
+        want_i2t, want_t2i = direction != "t2i", direction != "i2t"
         ids = self._check_ids(texts)
-        if rerank > 0 and rerank_with == "pmi" and imgs.shape[0] < 2:
+        txt_emb, states = [], []
+        for b in ids.split(batch_size):
+            e, s = self.text(b)
+            txt_emb.append(F.normalize(e, dim=-1))
+            if rerank > 0:  # the decoder reads the token states when re-ranking, and only then
+                states.append(s)
+        txt_emb = torch.cat(txt_emb)  # (N_txt, E)
+        scale = float(self.get_logit_scale()) if gallery_norm else 0.0
+        from .metrics import gallery_normalized_scores
+
+        # The gallery streams past one batch at a time. Kept: pooled embeddings and scores; image tokens only for
+        # re-ranking, all of them where every image is a query, else (t2i) those still among some text's top
+        # max(rerank, k), since the candidates are known only once the whole gallery is scored.
+        img_emb, cos, t2i_norm, tokens = [], [], [], []
+        track = _CandidateTokens(max(rerank, k)) if rerank > 0 and not want_i2t else None
+        n_img = 0
+        for x in self._gallery_batches(images, batch_size):
+            tok = self.encode_image_tokens(x)  # (b, L, D)
+            emb = F.normalize(self.pooler(tok), dim=-1)  # (b, E)
+            img_emb.append(emb)
+            t2i_block = None  # (b, N_txt): how the texts score these images, where images are ranked for texts
+            if not gallery_norm:
+                t2i_block = emb @ txt_emb.T  # cosine
+                cos.append(t2i_block)
+            elif want_t2i:  # log p(text | image), a softmax over the texts of each image's row
+                t2i_block = gallery_normalized_scores(emb, txt_emb, scale)[1]
+                t2i_norm.append(t2i_block)
+            if track is not None:
+                track.add(n_img, t2i_block, tok)
+            elif rerank > 0:
+                tokens.append(tok)
+            n_img += tok.shape[0]
+        img_emb = torch.cat(img_emb)  # (N_img, E)
+        if rerank > 0 and rerank_with == "pmi" and n_img < 2:
             warnings.warn(
                 "retrieve: rerank_with='pmi' estimates each caption's prior over the given images, and one image is "
                 "its own prior (every score would be 0); re-ranking with 'lm' instead",
                 stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
             rerank_with = "lm"
-        if gallery_norm and imgs.shape[0] < 2:
+        if gallery_norm and n_img < 2:
             warnings.warn(
                 "retrieve: gallery_norm=True normalises each text's scores over the given images, and over one image "
                 "every score is 0 (log 1); give several images, or gallery_norm=False for cosine scores",
                 stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
-        img_tokens = torch.cat([self.encode_image_tokens(b) for b in imgs.split(batch_size)])
-        img_emb = F.normalize(self.pooler(img_tokens), dim=-1)
-        txt_emb, states = [], []
-        for b in ids.split(batch_size):
-            e, s = self.text(b)
-            txt_emb.append(F.normalize(e, dim=-1))
-            states.append(s)
-        sim = img_emb @ torch.cat(txt_emb).T  # (N_img, N_txt)
-        by_image, by_text = sim, sim.T
-        if gallery_norm:
-            from .metrics import gallery_normalized_scores
-
-            i2t_s, t2i_s = gallery_normalized_scores(img_emb, torch.cat(txt_emb), float(self.get_logit_scale()))
-            by_image, by_text = i2t_s, t2i_s.T
-        states_all = torch.cat(states)
+        sim = torch.cat(cos) if cos else None  # (N_img, N_txt) cosine
+        by_image = by_text = None
+        if want_i2t:  # i2t with gallery_norm: log p(image | text), a softmax over the whole gallery
+            by_image = gallery_normalized_scores(img_emb, txt_emb, scale)[0] if gallery_norm else sim
+        if want_t2i:
+            by_text = (torch.cat(t2i_norm) if gallery_norm else sim).T  # (N_txt, N_img)
+        states_all = torch.cat(states) if rerank > 0 else None
+        img_tokens = track.tokens if track is not None else torch.cat(tokens) if rerank > 0 else None
+        token_rows = track.rows(n_img) if track is not None else None  # gallery index -> row of img_tokens
         prior = None
-        if rerank > 0 and rerank_with == "pmi":
-            ref = torch.linspace(0, img_tokens.shape[0] - 1, min(prior_images, img_tokens.shape[0])).round().long()
+        if rerank > 0 and rerank_with == "pmi" and want_i2t:  # the prior is subtracted for image queries only
+            ref = torch.linspace(0, n_img - 1, min(prior_images, n_img)).round().long()
             prior = self.caption_log_prior(img_tokens[ref], ids, states_all, batch_size)
-        out = []
+        out: list[Tensor | None] = []
         for scores, query_is_image in ((by_image, True), (by_text, False)):
+            if scores is None:
+                out += [None, None]
+                continue
             kk = min(k, scores.shape[1])
             if rerank > 0:
                 n = min(max(rerank, kk), scores.shape[1])
@@ -727,6 +841,10 @@ class MMXAttn(nn.Module):
                 q = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(top_i).reshape(-1)
                 c = top_i.reshape(-1)
                 im, tx = (q, c) if query_is_image else (c, q)
+                if token_rows is not None:
+                    im = token_rows[im]
+                    if bool((im < 0).any()):  # _CandidateTokens keeps every possible candidate; never expected
+                        raise RuntimeError("retrieve: a candidate image's tokens were not kept (a bug; please report)")
                 new = torch.cat(
                     [
                         self.pair_scores(img_tokens, a, ids[b], states_all[b], rerank_with)
@@ -741,6 +859,19 @@ class MMXAttn(nn.Module):
                 s, i = scores.topk(kk, dim=1)
                 out += [i, s]
         return RetrievalResult(i2t_indices=out[0], i2t_scores=out[1], t2i_indices=out[2], t2i_scores=out[3])
+
+    def _gallery_batches(self, images: Any, batch_size: int) -> Iterator[Tensor]:
+        """``images`` (anything :meth:`preprocess` takes) as preprocessed batches (b, 3, H, W) of ``batch_size``
+        images (the last may hold fewer), each preprocessed only when asked for: a gallery of files is held one
+        batch of pixels at a time. Errors name an item by its place in ``images``, as ``preprocess(images)`` does."""
+        size = None
+        for part, first in _gallery_parts(images, batch_size):
+            x = self.preprocess(part, index_offset=first)
+            if size is not None and x.shape[1:] != size:  # as preprocess refuses within one batch
+                sizes = sorted({tuple(size), tuple(x.shape[1:])})
+                raise ValueError(f"images: tensors of different sizes {sizes} cannot form one batch; resize them first")
+            size = x.shape[1:]
+            yield x
 
     def pair_scores(self, image_tokens: Tensor, image_rows: Tensor, ids: Tensor, states: Tensor, how: str) -> Tensor:
         """Decoder score (P,) of P (image, caption) pairs: image ``image_tokens[image_rows[p]]`` with caption

@@ -178,6 +178,28 @@ def test_retrieve_text_to_image_lines_match_the_api(model, gallery, capsys):
         assert rows[3 * j][3] == paths[j]
 
 
+def test_retrieve_image_dir_skips_unreadable_files_and_names_them(model, gallery, tmp_path, capsys):
+    """A broken file in a folder gallery is skipped before the model loads (named on stderr), and the ranking is
+    that of the readable images; a folder of broken files only is an error."""
+    import shutil
+
+    d, paths, captions = gallery
+    mixed = tmp_path / "mixed"
+    shutil.copytree(d, mixed)
+    (mixed / "0_broken.png").write_bytes(b"\x89PNG not really")
+    good = [str(mixed / Path(p).name) for p in paths]
+    expected = model.retrieve(good, captions[:1], k=2, direction="t2i")
+    assert main(["retrieve", "--ckpt", str(FIXTURE), "--image-dir", str(mixed), "--text", captions[0], "-k", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped 1 unreadable file(s)" in err and "0_broken.png" in err
+    assert [line.split("\t")[3] for line in out.splitlines()] == [good[i] for i in expected.t2i_indices[0].tolist()]
+    only = tmp_path / "only_broken"
+    only.mkdir()
+    (only / "a.jpg").write_bytes(b"nope")
+    assert main(["retrieve", "--ckpt", str(FIXTURE), "--image-dir", str(only), "--text", "x"]) == 2
+    assert "none of its 1 image files can be read" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra, kwargs",
     [

@@ -418,6 +418,124 @@ def test_retrieve_reranks_by_the_trained_score_and_warns_on_an_untrained_itm_hea
             model.retrieve(images, ids, **bad)
 
 
+_FIELDS = ("i2t_indices", "i2t_scores", "t2i_indices", "t2i_scores")
+
+
+def _gallery_files(model, tmp_path, n, seed=0):
+    """``n`` small PNG files of random pixels (what a folder gallery holds), their paths."""
+    import numpy as np
+    from PIL import Image
+
+    s = model.cfg.vision.img_size
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (s + 5, s, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("gallery_norm", [False, True])
+@pytest.mark.parametrize("rerank_with", [None, "itm", "lm", "pmi"])
+def test_retrieve_one_direction_equals_that_direction_of_both(rerank_with, gallery_norm):
+    """direction="i2t" / "t2i" gives exactly the fields "both" gives, the other side None; images ranked for texts
+    keep only the tokens of images that can be candidates (here 3 texts x top 2 of 9 images, streamed 2 at a time)."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=9, seed=2)
+    ids = ids[:3]
+    kw = dict(k=2, rerank=0 if rerank_with is None else 2, rerank_with=rerank_with, gallery_norm=gallery_norm)
+    kw.update(batch_size=2, prior_images=3)
+    both = model.retrieve(images, ids, **kw)
+    assert torch.equal(both.i2t_scores, model.retrieve(images, ids, direction="both", **kw).i2t_scores)
+    read = []  # rows of the image tokens re-ranking reads
+
+    def pair_scores(image_tokens, *args):
+        read.append(image_tokens.shape[0])
+        return type(model).pair_scores(model, image_tokens, *args)
+
+    model.pair_scores = pair_scores
+    for direction in ("i2t", "t2i"):
+        read.clear()
+        one = model.retrieve(images, ids, direction=direction, **kw)
+        for f in _FIELDS:
+            if f.startswith(direction):
+                assert torch.equal(getattr(one, f), getattr(both, f)), (direction, f)
+            else:
+                assert getattr(one, f) is None, (direction, f)
+        if rerank_with is None:
+            assert read == []
+        elif direction == "t2i":  # the candidates (at most 3 texts x 2), not the 9 images
+            assert read and max(read) <= 6, read
+        else:  # every image is a query
+            assert read and max(read) == 9
+
+
+@pytest.mark.parametrize("rerank", [0, 3])
+def test_retrieve_preprocesses_the_gallery_a_batch_at_a_time(tmp_path, rerank):
+    """A gallery of files (and a batched tensor straddling two batches) is preprocessed batch_size images at a
+    time, to the same pixels as all at once: the result is the one of the preprocessed tensor at that batch size,
+    and a batch of all ranks alike (scores to float rounding: pooled embeddings are computed per batch)."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=3, seed=4)
+    gallery = [*_gallery_files(model, tmp_path, 2), images, *_gallery_files(model, tmp_path, 2, seed=1)[1:]]
+    pixels = model.preprocess(gallery)  # (6, 3, H, W), all at once
+    assert pixels.shape[0] == 6
+    counts = []
+    preprocess = model.preprocess
+
+    def recording(images, **kwargs):
+        out = preprocess(images, **kwargs)
+        counts.append(out.shape[0])
+        return out
+
+    model.preprocess = recording
+    kw = dict(k=3, rerank=rerank, rerank_with="lm")
+    got = model.retrieve(gallery, ids, batch_size=2, **kw)
+    assert counts == [2, 2, 2]
+    ref = model.retrieve(pixels, ids, batch_size=2, **kw)
+    for f in _FIELDS:
+        assert torch.equal(getattr(got, f), getattr(ref, f)), f
+    counts.clear()
+    whole = model.retrieve(gallery, ids, batch_size=6, **kw)
+    assert counts == [6]
+    for f in _FIELDS:
+        if f.endswith("indices"):
+            assert torch.equal(getattr(got, f), getattr(whole, f)), f
+        else:
+            torch.testing.assert_close(getattr(got, f), getattr(whole, f), rtol=0, atol=1e-5)
+
+
+def test_retrieve_names_a_bad_image_in_the_middle_of_the_gallery(tmp_path):
+    """Preprocessed batch by batch, a bad item is still named by its place in the whole gallery (or its path)."""
+    from mmxattn.data.robust import BadImageError
+
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=3)
+    paths = _gallery_files(model, tmp_path, 5)
+    missing = str(tmp_path / "missing.png")
+    with pytest.raises(BadImageError, match="missing.png: file not found"):
+        model.retrieve([*paths[:3], missing, paths[4]], ids, batch_size=2)
+    with pytest.raises(TypeError, match=r"images\[3\]: expected .* got int"):
+        model.retrieve([*paths[:3], 5, paths[4]], ids, batch_size=2)
+    with pytest.raises(TypeError, match=r"images\[1\]: expected .* got int"):  # after a tensor of 3 images
+        model.retrieve([images, 5], ids, batch_size=2)
+    odd = torch.randn(3, model.cfg.vision.img_size // 2, model.cfg.vision.img_size // 2)
+    with pytest.raises(ValueError, match="different sizes"):  # alone in its batch, refused as in one batch
+        model.retrieve([images[0], images[1], odd], ids, batch_size=2)
+    with pytest.raises(ValueError, match="empty list"):
+        model.retrieve([], ids)
+
+
+def test_retrieve_direction_must_be_a_known_one():
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=2)
+    for bad in ("image-to-text", "T2I", None):
+        with pytest.raises(ValueError, match=r"direction must be one of \('both', 'i2t', 't2i'\)"):
+            model.retrieve(images, ids, direction=bad)
+
+
 def test_vision_pretrained_that_fits_nothing_fails_and_a_partial_one_warns(tmp_path):
     from safetensors.torch import save_file
 
