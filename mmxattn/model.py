@@ -350,7 +350,7 @@ class MMXAttn(nn.Module):
         attached). Unreadable files raise ``BadImageError`` naming the file; other bad items are named by their place
         in the list (``images[i]``), counted from ``index_offset`` (where ``images`` is one batch of a larger list)."""
         if isinstance(images, Tensor) and images.dtype != torch.uint8:
-            return self._check_images(images)
+            return self._check_images(images).to(self.logit_scale.device)  # a CPU batch for a CUDA model moves
         import numpy as np
         from PIL import Image
 

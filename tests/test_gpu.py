@@ -132,6 +132,20 @@ def test_trained_fixture_captions_on_the_gpu_match_the_cpu():
         assert len(set(got)) > 5  # real, varied captions
 
 
+def test_cpu_float_tensors_reach_a_cuda_model():
+    """Normalised float pixel tensors made on the CPU (e.g. by a CPU model's preprocess or a torchvision pipeline)
+    are moved to a CUDA model's device by the notebook API, as paths and PIL images are."""
+    from pathlib import Path
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "tiny_shapes"
+    cpu, gpu = mmxattn.load(fixture), mmxattn.load(fixture, device="cuda")
+    x = torch.randn(3, 3, cpu.cfg.vision.img_size, cpu.cfg.vision.img_size)
+    assert gpu.preprocess(x).is_cuda and gpu.preprocess([x[0], x[1:]]).is_cuda
+    assert len(gpu.caption(x)) == 3
+    assert torch.allclose(gpu.similarity(x, ["a red circle"]).cpu(), cpu.similarity(x, ["a red circle"]), atol=1e-4)
+    assert gpu.retrieve(x, ["a red circle"], k=2, direction="t2i").t2i_indices.shape == (1, 2)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lightning_fit_with_bf16_on_one_gpu(strategy, tmp_path, monkeypatch):
     """The shapes config trains on one GPU with bf16-mixed under Lightning's DDP and FSDP strategies (Lightning's
