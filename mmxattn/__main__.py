@@ -132,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-ranking score (default: the one the training run evaluated with, as mmxattn.load reads it)",
     )
     r.add_argument(
-        "--gallery-norm", action="store_true", help="rank by scores normalised over the given images (see retrieve)"
+        "--gallery-norm",
+        action="store_true",
+        help="rank by scores normalised over the queries (see retrieve): over the --text queries, or over the "
+        "--query-image images; needs several queries",
     )
     r.add_argument("--batch-size", type=int, default=256, help="images / texts per forward pass (default: 256)")
     _add_device(r)
@@ -273,7 +276,12 @@ def _image_dir(directory: str) -> list[str]:
         raise UsageError(f"--image-dir {d}: not a directory")
     known = {ext.lower() for ext in Image.registered_extensions()}
     try:
-        files = sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith("."))
+        # a dangling symlink is an unreadable image (skipped and named below), not a silently missing one
+        files = sorted(
+            f
+            for f in d.iterdir()
+            if (f.is_file() or (f.is_symlink() and not f.exists())) and not f.name.startswith(".")
+        )
     except OSError as e:
         raise UsageError(f"--image-dir {d}: cannot be listed ({e.strerror or e})") from None
     paths = [str(f) for f in files if f.suffix.lower() in known]
@@ -311,7 +319,9 @@ def _read_captions(path: str) -> tuple[list[str], list[int]]:
         raise UsageError(f"--captions {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise UsageError(f"--captions {path}: cannot read file ({e.strerror or e})") from None
-    lines = [(n, s.strip()) for n, s in enumerate(text.splitlines(), 1) if s.strip()]
+    # lines as editors and `sed -n Np` count them: read_text's universal newlines made "\r\n" and "\r" into
+    # "\n"; str.splitlines would also cut at U+2028, U+0085, form feeds..., splitting a caption and its numbering
+    lines = [(n, s.strip()) for n, s in enumerate(text.split("\n"), 1) if s.strip()]
     if not lines:
         raise UsageError(f"--captions {path}: no captions in it (one caption per line)")
     return [s for _, s in lines], [n for n, _ in lines]
@@ -352,6 +362,10 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
             raise UsageError(f"--text {blank[0]!r}: an empty query")
         queries: list[str] = list(a.text)
         results = a.images if a.images is not None else _image_dir(a.image_dir)
+        missing = [p for p in results if not Path(p).is_file()]
+        if missing:  # named before the model loads; files that exist are decoded batch by batch in retrieve
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UsageError(f"image {missing[0]}: not found{more}")
         # the gallery goes to retrieve as paths: it decodes them a batch at a time (a folder of photos is never
         # held decoded at once); an unreadable file stops the run there, named
         images: list[Any] = list(results)

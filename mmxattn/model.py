@@ -810,10 +810,19 @@ class MMXAttn(nn.Module):
                 stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
             rerank_with = "lm"
-        if gallery_norm and n_img < 2:
+        if gallery_norm and want_i2t and n_img < 2:
             warnings.warn(
                 "retrieve: gallery_norm=True normalises each text's scores over the given images, and over one image "
                 "every score is 0 (log 1); give several images, or gallery_norm=False for cosine scores",
+                stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
+            )
+        if gallery_norm and want_t2i and txt_emb.shape[0] < 2:
+            # images for a text are ranked by log p(text | image), a softmax over the given TEXTS: with one text
+            # every image scores 0 and the ranking is arbitrary
+            warnings.warn(
+                "retrieve: gallery_norm=True ranks images for a text by log p(text | image), normalised over the "
+                "given texts, and with one text every image scores 0 (log 1), so their order is arbitrary; give "
+                "several texts, or gallery_norm=False for cosine scores",
                 stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
         sim = torch.cat(cos) if cos else None  # (N_img, N_txt) cosine

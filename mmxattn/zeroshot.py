@@ -155,6 +155,28 @@ def _usable_templates(
     return templates
 
 
+def _warn_same_tokens(fn: str, names: list[str], ids: Tensor, context_length: int) -> None:
+    """Warn where distinct class names give the same token ids in every template (``ids``: (C, T_ * L)): cut at
+    the context length (the tokenizer says so once per session only) or differing only in ``<unk>`` words, their
+    classifier columns are identical, as duplicate names' are."""
+    _, group = torch.unique(ids, dim=0, return_inverse=True)  # (C,) one id per distinct token sequence
+    if int(group.max()) + 1 == len(names):
+        return
+    same: dict[int, list[str]] = {}
+    for name, g in zip(names, group.tolist()):
+        if name not in same.setdefault(g, []):  # duplicate names are warned about by _check_class_names
+            same[g].append(name)
+    clashes = [ns for ns in same.values() if len(ns) > 1]
+    if clashes:
+        warnings.warn(
+            f"{fn}: {len(clashes)} group(s) of distinct class names read as the same tokens in every template, e.g. "
+            + "; ".join(" = ".join(repr(n) for n in ns[:3]) for ns in clashes[:3])
+            + f" (cut at context_length={context_length}, or words read as <unk>): their classifier columns are "
+            "identical, so they share their probability and the first of them wins; give shorter or distinct names",
+            stacklevel=4,  # _warn_same_tokens -> _build_classifier -> the public function -> its caller
+        )
+
+
 def zero_shot_classifier(
     model: Any,
     class_names: Iterable[str],
@@ -168,8 +190,9 @@ def zero_shot_classifier(
     (e.g. to choose "a"/"an"); one template alone may be given as is. ``None``: :data:`DEFAULT_TEMPLATES` (those
     the model's vocabulary can read). Texts go through ``model.encode_text`` (needs ``model.tokenizer``;
     ``mmxattn.load`` attaches it) ``batch_size`` at a time, without gradients and in eval mode (the model's mode
-    is restored). Duplicate class names warn (their columns are identical); names or user templates with words a
-    word-level vocabulary does not know warn (they read as ``<unk>``).
+    is restored). Duplicate class names warn (their columns are identical), as do distinct names that read as the
+    same tokens (cut at the context length); names or user templates with words a word-level vocabulary does not
+    know warn (they read as ``<unk>``).
     """
     return _build_classifier("zero_shot_classifier", model, class_names, templates, batch_size)[0]
 
@@ -189,9 +212,11 @@ def _build_classifier(
         )
     temps = _usable_templates(fn, model, temps, names, default)
     prompts = [_fill(t, name, i, fn) for name in names for i, t in enumerate(temps)]  # class-major: (C * T_)
+    ids = model.tokenizer(prompts, context_length=model.cfg.text.context_length)  # (C * T_, L), as encode_text
+    _warn_same_tokens(fn, names, ids.view(len(names), -1), model.cfg.text.context_length)
     with torch.no_grad(), eval_mode(model):
         emb = torch.cat(
-            [model.encode_text(prompts[s : s + batch_size]).float() for s in range(0, len(prompts), batch_size)]
+            [model.encode_text(ids[s : s + batch_size]).float() for s in range(0, len(prompts), batch_size)]
         )  # (C * T_, E), each row L2-normalised
     emb = emb.view(len(names), len(temps), -1).mean(1)  # (C, E)
     return F.normalize(emb, dim=-1).T.contiguous(), names  # (E, C)

@@ -200,6 +200,23 @@ def test_retrieve_image_dir_skips_unreadable_files_and_names_them(model, gallery
     assert "none of its 1 image files can be read" in capsys.readouterr().err
 
 
+def test_image_dir_follows_symlinks_and_names_a_dangling_one(tmp_path, capsys):
+    """--image-dir: a symlink to an image is an image of the gallery; a dangling one (a moved photo) is an unreadable
+    file, skipped and named like a broken one, not silently left out; sub-folders and hidden files are not read."""
+    from mmxattn.__main__ import _image_dir
+
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(d / "a.png")
+    Image.new("RGB", (8, 8)).save(d / "sub" / "b.png")
+    Image.new("RGB", (8, 8)).save(d / ".hidden.png")
+    (d / "link.png").symlink_to(d / "a.png")
+    (d / "moved.jpg").symlink_to(d / "no_such.jpg")
+    assert _image_dir(str(d)) == [str(d / "a.png"), str(d / "link.png")]
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable file(s)" in err and "moved.jpg" in err
+
+
 @pytest.mark.parametrize(
     "extra, kwargs",
     [
@@ -243,6 +260,18 @@ def test_retrieve_image_to_text_from_a_captions_file(model, gallery, tmp_path, c
     assert [[r[0], r[1], r[3]] for r in rows] == [
         [queries[0], str(r["rank"]), r["caption"]] for r in want[0]["results"]
     ]
+
+
+def test_captions_file_lines_are_the_lines_an_editor_shows(tmp_path):
+    """A BOM, CRLF and old-Mac CR endings are line ends; a U+2028, U+0085 or form feed inside a caption (text pasted
+    from the web) is not: the caption stays whole and keeps the line number an editor or `sed -n Np` shows."""
+    from mmxattn.__main__ import _read_captions
+
+    f = tmp_path / "captions.txt"
+    f.write_bytes("\ufeffa red circle\r\na blue\u2028square\r\n\r\na green\x0ctriangle\ra grey\x85star\n".encode())
+    texts, lines = _read_captions(str(f))
+    assert texts == ["a red circle", "a blue\u2028square", "a green\x0ctriangle", "a grey\x85star"]
+    assert lines == [1, 2, 4, 5]
 
 
 def test_retrieve_k_above_the_gallery_shows_all_with_a_note(gallery, capsys):

@@ -1,6 +1,7 @@
 """MMXAttn: the public API's contract over every model preset, text-side masking, inputs, retrieval."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -469,6 +470,23 @@ def test_retrieve_one_direction_equals_that_direction_of_both(rerank_with, galle
             assert read and max(read) <= 6, read
         else:  # every image is a query
             assert read and max(read) == 9
+
+
+def test_retrieve_gallery_norm_warns_where_a_direction_has_one_item_to_normalise_over():
+    """gallery_norm ranks images for a text by log p(text | image), a softmax over the TEXTS: with one text (the
+    CLI's usual text-to-image search) every image scores 0 and the order is arbitrary, which is warned about as the
+    one-image case of the other direction is; with several texts, or one image ranked by t2i only, nothing warns."""
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=4, seed=3)
+    with pytest.warns(UserWarning, match="with one text every image scores 0"):
+        one = model.retrieve(images, ids[:1], k=4, gallery_norm=True, direction="t2i")
+    assert torch.equal(one.t2i_scores, torch.zeros(1, 4))  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.retrieve(images, ids[:2], k=4, gallery_norm=True, direction="t2i")
+        model.retrieve(images[:1], ids[:2], k=4, gallery_norm=True, direction="t2i")  # texts over one image: fine
+        model.retrieve(images, ids[:1], k=4, gallery_norm=True, direction="i2t")  # over the 4 images
 
 
 @pytest.mark.parametrize("rerank", [0, 3])

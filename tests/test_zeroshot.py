@@ -219,6 +219,24 @@ def test_a_model_without_tokenizer_says_so(model):
         model.tokenizer = tok
 
 
+def test_distinct_names_cut_to_the_same_tokens_warn_every_time(model):
+    """Class names longer than the context length are cut by the tokenizer, which says so once per session: two
+    names that differ only after the cut give identical columns (as duplicate names do), and every classifier
+    built from them says so; names that the cut leaves distinct do not warn."""
+    n = model.cfg.text.context_length
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.tokenizer(["red " * (2 * n)], context_length=n)  # an earlier truncation: the tokenizer's one warning
+    long = ["a red square " * n + "red", "a red square " * n + "blue"]
+    for _ in range(2):
+        with pytest.warns(UserWarning, match=r"distinct class names read as the same tokens.*context_length=24"):
+            w = zero_shot_classifier(model, [*long, "green"], TEMPLATES)
+        torch.testing.assert_close(w[:, 0], w[:, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zero_shot_classifier(model, ["red square", "blue square", "red"], TEMPLATES)
+
+
 def test_exported_from_the_package():
     assert mmxattn.classify is classify and mmxattn.zero_shot_classifier is zero_shot_classifier
     assert {"classify", "zero_shot_classifier"} <= set(mmxattn.__all__)
