@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import numbers
 import os
-import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import eval_mode
+from .model import _gallery_parts, eval_mode
 
 __all__ = ["DEFAULT_TEMPLATES", "ZeroShotResult", "classify", "zero_shot_classifier"]
 
@@ -223,42 +222,26 @@ def _build_classifier(
 
 
 def _image_batches(images: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
-    """(index of the first image, a chunk ``model.preprocess`` takes) over ``images``: a batch tensor is split,
-    a list cut into chunks, any other iterable (a generator over a folder) read a chunk at a time, one image alone
-    given whole."""
+    """(index of the first image, a chunk ``model.preprocess`` takes) over ``images``: tensors and lists are cut
+    as ``MMXAttn.retrieve`` cuts its gallery (``batch_size`` images a chunk, a batched tensor split where it
+    straddles two), any other iterable (a generator over a folder) is read ``batch_size`` items at a time, one
+    image alone given whole."""
     import numpy as np
     from PIL import Image
 
-    if isinstance(images, Tensor):
-        if images.dim() == 4:
-            for s in range(0, images.shape[0], batch_size):
-                yield s, images[s : s + batch_size]
-            return
-        yield 0, images
+    if isinstance(images, (list, tuple)) and not images:
+        return  # classify names the empty input itself
+    if isinstance(images, (Tensor, list, tuple)):
+        for part, first in _gallery_parts(images, batch_size):
+            yield first, part
         return
     if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not isinstance(images, Iterable):
         yield 0, [images]
-        return
-    if isinstance(images, (list, tuple)):
-        for s in range(0, len(images), batch_size):
-            yield s, list(images[s : s + batch_size])
         return
     it, s = iter(images), 0
     while chunk := list(itertools.islice(it, batch_size)):
         yield s, chunk
         s += len(chunk)
-
-
-def _preprocess(model: Any, chunk: Any, start: int) -> Tensor:
-    """``model.preprocess(chunk)``; its errors name an image by its index within ``chunk``, here made an index
-    into all the images."""
-    try:
-        return model.preprocess(chunk)
-    except (ValueError, TypeError) as e:
-        if start == 0 or type(e) not in (ValueError, TypeError):
-            raise
-        msg = re.sub(r"images\[(\d+)\]", lambda m: f"images[{start + int(m.group(1))}]", str(e))
-        raise type(e)(msg) from e
 
 
 def _check_classifier(model: Any, w: Tensor) -> Tensor:
@@ -312,7 +295,7 @@ def classify(
     with torch.no_grad(), eval_mode(model):
         scale = model.get_logit_scale().float()
         for start, chunk in _image_batches(images, batch_size):
-            emb = model.encode_image(_preprocess(model, chunk, start)).float()  # (b, E), L2-normalised
+            emb = model.encode_image(model.preprocess(chunk, index_offset=start)).float()  # (b, E), L2-normalised
             logits.append((scale * emb @ w).cpu())  # (b, C)
     if not logits:
         raise ValueError(f"{fn}: images is empty; give at least one image")

@@ -306,3 +306,23 @@ def test_evaluator_reports_zero_shot_accuracy(model, eval_batch):
         acc.update(b)
         out = acc.compute()
         assert all(out[f"zeroshot_{t}_acc"] is None for t in ZEROSHOT_TASKS) and out["zeroshot_n_single"] == 0
+
+
+def test_classify_encodes_batch_size_images_at_a_time_whatever_the_input_form(model, monkeypatch):
+    """A list holding one large batched tensor is cut like a list of images (retrieve's gallery cutting), so no
+    forward pass exceeds batch_size; the result equals one pass over all."""
+    x = model.preprocess([Image.new("RGB", (40, 40), (40 * i, 200 - 30 * i, 90)) for i in range(5)])  # (5, 3, H, W)
+    names = ["red", "green", "blue"]
+    whole = classify(model, x, names, batch_size=64)
+    sizes = []
+    real = model.preprocess
+
+    def recording(images, **kw):
+        out = real(images, **kw)
+        sizes.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(model, "preprocess", recording)
+    got = classify(model, [x[:1], x[1:]], names, batch_size=2)
+    assert sizes == [2, 2, 1]
+    assert torch.allclose(got.probs, whole.probs, atol=1e-5) and torch.equal(got.indices, whole.indices)
