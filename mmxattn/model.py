@@ -373,6 +373,8 @@ class MMXAttn(nn.Module):
                         f"images[{i}]: uint8 pixel tensors must be (C, H, W) or (B, C, H, W) with C 1, 3 or 4, got "
                         f"{tuple(item.shape)}"
                     )
+                if item.numel() == 0:
+                    raise ValueError(f"images[{i}]: an empty uint8 pixel tensor {tuple(item.shape)}")
                 for one in item if item.dim() == 4 else item[None]:
                     out.append(self.transform(_composited(one.permute(1, 2, 0).cpu().numpy(), i)))
                 continue

@@ -635,6 +635,8 @@ def test_preprocess_takes_raw_pixel_tensors_alpha_arrays_and_tiny_files_as_pil_i
     torch.testing.assert_close(model.preprocess(str(tmp_path / "tiny.png")), model.preprocess(tiny), rtol=0, atol=0)
     with pytest.raises(ValueError, match="empty image"):
         model.preprocess(Image.new("RGB", (0, 0)))
+    with pytest.raises(ValueError, match=r"images\[1\]: an empty uint8 pixel tensor \(0, 3, 8, 8\)"):
+        model.preprocess([raw, torch.zeros(0, 3, 8, 8, dtype=torch.uint8)])
 
 
 def test_preprocess_normalises_as_the_encoder_states_and_as_an_export_records(tmp_path):
