@@ -696,11 +696,22 @@ class MMXAttn(nn.Module):
         return generate(self, images, max_new_tokens=max_new_tokens, strategy=strategy, **kwargs)
 
     @torch.no_grad()
-    def caption(self, images: Any, **gen_kwargs: Any) -> list[str]:
-        """Captions for tensors, PIL images or image paths (one string per image)."""
+    def caption(self, images: Any, batch_size: int | None = None, **gen_kwargs: Any) -> list[str]:
+        """Captions for tensors, PIL images or image paths (one string per image; anything :meth:`preprocess`
+        takes). ``batch_size``: images read, preprocessed and captioned that many at a time (a folder of photos
+        never sits in memory at once); None captions them all in one batch. Greedy and beam captions do not depend
+        on it; sampled ones do (the random draws follow the batch layout)."""
         if self.tokenizer is None:
             raise RuntimeError("model.caption needs model.tokenizer (mmxattn.load attaches it)")
-        return self.tokenizer.batch_decode(self.generate(images, **gen_kwargs))
+        if batch_size is None:
+            return self.tokenizer.batch_decode(self.generate(images, **gen_kwargs))
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"caption: batch_size must be an int >= 1 (or None: one batch), got {batch_size!r}")
+        out: list[str] = []
+        for part, first in _gallery_parts(images, int(batch_size)):
+            pixels = self.preprocess(part, index_offset=first)
+            out += self.tokenizer.batch_decode(self.generate(pixels, **gen_kwargs))
+        return out
 
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()

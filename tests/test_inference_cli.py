@@ -416,3 +416,26 @@ def test_export_bad_input_exits_2_naming_it(tmp_path, capsys):
         assert all(n in err for n in named), (ckpt, out, err)
     assert not (tmp_path / "out").exists()
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
+def test_caption_in_batches_equals_one_batch_and_reads_batch_size_images_at_a_time(model, gallery, monkeypatch):
+    """model.caption(batch_size=N) preprocesses and captions N images at a time (a folder never sits in memory at
+    once) and gives the captions of one batch of all, greedy and beam; bad values are named."""
+    _, paths, _ = gallery
+    for kw in ({}, {"strategy": "beam", "num_beams": 2}):
+        whole = model.caption(paths, **kw)
+        sizes = []
+        real = model.preprocess
+
+        def recording(images, **pkw):
+            out = real(images, **pkw)
+            if not isinstance(images, torch.Tensor):  # generate passes the preprocessed batch through it again
+                sizes.append(out.shape[0])
+            return out
+
+        monkeypatch.setattr(model, "preprocess", recording)
+        assert model.caption(paths, batch_size=2, **kw) == whole
+        monkeypatch.undo()
+        assert max(sizes) == 2 and sum(sizes) == len(paths)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        model.caption(paths, batch_size=0)
