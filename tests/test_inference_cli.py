@@ -422,17 +422,17 @@ def test_caption_in_batches_equals_one_batch_and_reads_batch_size_images_at_a_ti
     """model.caption(batch_size=N) preprocesses and captions N images at a time (a folder never sits in memory at
     once) and gives the captions of one batch of all, greedy and beam; bad values are named."""
     _, paths, _ = gallery
+    sizes, real = [], model.preprocess
+
+    def recording(images, **pkw):
+        out = real(images, **pkw)
+        if not isinstance(images, torch.Tensor):  # generate passes the preprocessed batch through it again
+            sizes.append(out.shape[0])
+        return out
+
     for kw in ({}, {"strategy": "beam", "num_beams": 2}):
         whole = model.caption(paths, **kw)
-        sizes = []
-        real = model.preprocess
-
-        def recording(images, **pkw):
-            out = real(images, **pkw)
-            if not isinstance(images, torch.Tensor):  # generate passes the preprocessed batch through it again
-                sizes.append(out.shape[0])
-            return out
-
+        sizes.clear()
         monkeypatch.setattr(model, "preprocess", recording)
         assert model.caption(paths, batch_size=2, **kw) == whole
         monkeypatch.undo()
