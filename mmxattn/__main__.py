@@ -14,8 +14,9 @@ Subcommands (argparse subparsers; ``python -m mmxattn --help`` lists them):
 * ``export``: :func:`mmxattn.export` of a checkpoint to a directory (refusing a non-empty one without ``--force``);
   prints the directory.
 
-Inputs are checked before the model is loaded (every image decoded, the captions file read, the output path's
-directory writable), so bad input fails at once. Bad input (an unreadable image, an empty gallery or captions file,
+Inputs are checked before the model is loaded (every image file's header read, the captions file read, the output
+path's directory writable), so bad input fails at once; pixels are decoded a batch at a time (a truncated file
+still fails there, named). Bad input (an unreadable image, an empty gallery or captions file,
 a file that is not an mmxattn checkpoint, an output that cannot be written) prints ``error: ...`` naming it to
 stderr and exits with status 2, without a traceback; warnings of the new commands are printed as ``warning: ...``
 lines. Training and evaluation have their own entry points (see the epilog of ``--help``).
@@ -248,19 +249,40 @@ def _check_writable(path: Path, flag: str, directory: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- caption
+def _check_headers(paths: Sequence[str]) -> None:
+    """Fail before the model loads on a missing file or one PIL cannot open (its header only: the pixels are
+    decoded a batch at a time, so many large photos are never held decoded at once)."""
+    from PIL import Image
+
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"image {path}: not found")
+        if not p.is_file():
+            raise UsageError(f"image {path}: not a file")
+        try:
+            with Image.open(p) as im:
+                im.size  # noqa: B018 - the header is read
+        except Exception as e:  # noqa: BLE001 - whatever PIL raises for a damaged or foreign file
+            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise UsageError(f"image {path}: cannot be read as an image ({why})") from None
+
+
 def cmd_caption(a: argparse.Namespace) -> int:
     gen = _gen_kwargs(a)
     _at_least("--batch-size", a.batch_size, 1)
-    images = _read_images(a.images)
+    _check_headers(a.images)
     model = _load_model(a.ckpt, a.device)
     captions: list[str] = []
-    for i in range(0, len(images), a.batch_size):
-        captions += model.caption(images[i : i + a.batch_size], **gen)
+    for i in range(0, len(a.images), a.batch_size):
+        paths = a.images[i : i + a.batch_size]
+        batch = model.caption(_read_images(paths), **gen)  # decoded a batch at a time
+        if not a.json:  # lines as they come: a long run shows progress, and an interrupt keeps what was printed
+            for p, c in zip(paths, batch):
+                print(f"{p}\t{c}", flush=True)
+        captions += batch
     if a.json:
         print(json.dumps([{"image": p, "caption": c} for p, c in zip(a.images, captions)], indent=2))
-    else:
-        for p, c in zip(a.images, captions):
-            print(f"{p}\t{c}")
     return 0
 
 

@@ -439,3 +439,16 @@ def test_caption_in_batches_equals_one_batch_and_reads_batch_size_images_at_a_ti
         assert max(sizes) == 2 and sum(sizes) == len(paths)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         model.caption(paths, batch_size=0)
+
+
+def test_caption_reads_headers_first_and_names_a_truncated_file_at_its_batch(model, images, tmp_path, capsys):
+    """Only headers are read before the model loads (pixels are decoded a batch at a time); a file whose header
+    is fine but whose data is cut off fails at its batch, named, after the captions of the batches before it."""
+    whole = Path(images[0]).read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(whole[: len(whole) // 2])
+    first = model.caption([Image.open(images[0])])[0]
+    assert main(["caption", "--ckpt", str(FIXTURE), "--batch-size", "1", str(images[0]), str(cut)]) == 2
+    out, err = capsys.readouterr()
+    assert out == f"{images[0]}\t{first}\n"
+    assert str(cut) in err and err.startswith("error: image ")
