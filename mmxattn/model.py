@@ -716,9 +716,16 @@ class MMXAttn(nn.Module):
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()
     @_in_eval_mode
-    def similarity(self, images: Any, texts: Tensor | Sequence[str]) -> Tensor:
-        """Cosine similarity (N_img, N_txt) of the retrieval embeddings (in eval mode; the model's mode is kept)."""
-        return self.encode_image(self.preprocess(images)) @ self.encode_text(texts).T
+    def similarity(self, images: Any, texts: Tensor | Sequence[str], batch_size: int | None = None) -> Tensor:
+        """Cosine similarity (N_img, N_txt) of the retrieval embeddings (in eval mode; the model's mode is kept).
+        ``batch_size``: images read, preprocessed and encoded that many at a time (None: all in one batch)."""
+        txt = self.encode_text(texts)
+        if batch_size is None:
+            return self.encode_image(self.preprocess(images)) @ txt.T
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"similarity: batch_size must be an int >= 1 (or None: one batch), got {batch_size!r}")
+        parts = _gallery_parts(images, int(batch_size))
+        return torch.cat([self.encode_image(self.preprocess(p, index_offset=i)) @ txt.T for p, i in parts])
 
     @torch.no_grad()
     @_in_eval_mode

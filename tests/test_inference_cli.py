@@ -418,7 +418,9 @@ def test_export_bad_input_exits_2_naming_it(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
 
 
-def test_caption_in_batches_equals_one_batch_and_reads_batch_size_images_at_a_time(model, gallery, monkeypatch):
+def test_caption_and_similarity_in_batches_equal_one_batch_and_read_batch_size_images_at_a_time(
+    model, gallery, monkeypatch
+):
     """model.caption(batch_size=N) preprocesses and captions N images at a time (a folder never sits in memory at
     once) and gives the captions of one batch of all, greedy and beam; bad values are named."""
     _, paths, _ = gallery
@@ -439,6 +441,11 @@ def test_caption_in_batches_equals_one_batch_and_reads_batch_size_images_at_a_ti
         assert max(sizes) == 2 and sum(sizes) == len(paths)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         model.caption(paths, batch_size=0)
+    texts = ["a red circle", "two shapes"]
+    sizes.clear()
+    monkeypatch.setattr(model, "preprocess", recording)
+    torch.testing.assert_close(model.similarity(paths, texts, batch_size=2), model.similarity(paths, texts))
+    assert sizes[:3] == [2, 2, 1]  # then the one batch of all
 
 
 def test_caption_reads_headers_first_and_names_a_truncated_file_at_its_batch(model, images, tmp_path, capsys):
