@@ -248,9 +248,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Any:
 
 def export(model: Any, directory: str | Path) -> Path:
     """Write ``model.safetensors``, ``config.json``, ``tokenizer.json`` (if the model has a tokenizer) and
-    ``preprocess.json`` to ``directory``; :func:`load` reads it back. Those files are replaced in a folder that holds
-    them (a ``tokenizer.json`` there is removed when the model has none); other files are left alone. A tokenizer that does not fit the model's
-    config (another vocabulary size or other special ids) is a ``CheckpointError``, before anything is written."""
+    ``preprocess.json`` to ``directory``; :func:`load` reads it back. Those files are replaced in a folder that
+    holds them (a ``tokenizer.json`` there is removed when the model has none); other files are left alone. A
+    tokenizer that does not fit the model's config (another vocabulary size or other special ids) is a
+    ``CheckpointError``, before anything is written."""
     from safetensors.torch import save_file
 
     d = Path(directory)

@@ -116,7 +116,7 @@ def test_bad_checkpoint_gives_the_checkpoint_error(images, tmp_path, capsys):
     assert "--num-beams" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------- retrieve / attention / export
+# ---------------------------------------------------------------------------------------- retrieve / attention / export
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
     """A folder of five shapes test images (img0..img4.png) and a text file the gallery skips; their first

@@ -249,8 +249,8 @@ def _accum_fit(
     root: Path, *callbacks: pl.Callback, ckpt_path: Path | None = None, fp16: bool = False
 ) -> dict[str, torch.Tensor]:
     """One epoch of the tiny model with ``accumulate_grad_batches=ACCUM``, last.ckpt saved on an interrupt (as
-    train.py does); the final weights (an interrupt's exception goes through). ``fp16``: 16-mixed with its loss scaler (the
-    Trainer would turn "16-mixed" into bf16 on the CPU, so the plugin is given)."""
+    train.py does); the final weights (an interrupt's exception goes through). ``fp16``: 16-mixed with its loss
+    scaler (the Trainer would turn "16-mixed" into bf16 on the CPU, so the plugin is given)."""
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     from mmxattn.data.datamodule import ShapesDataModule
