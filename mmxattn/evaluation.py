@@ -115,7 +115,8 @@ class EvalAccumulator:
     Batches with ``scenes`` also score zero-shot classification (``zeroshot=True``; :mod:`mmxattn.zeroshot`, the
     retrieval embeddings only, at the cost of one text-encoder pass over the class prompts):
     ``zeroshot_colour_acc`` and ``zeroshot_shape_acc`` over the ``zeroshot_n_single`` single-object images (the only
-    ones with one colour and one shape), ``zeroshot_count_acc`` (how many objects: one to four) over all of them;
+    ones with one colour and one shape), ``zeroshot_count_acc`` (how many objects: one to four) over all of them,
+    each with ``zeroshot_<task>_majority``, the accuracy of always the most frequent class over the same images;
     prompts in :data:`ZEROSHOT_TASKS`.
     """
 
@@ -329,6 +330,7 @@ class EvalAccumulator:
     def _zero_shot(self, recs: list[dict[str, Any]], img: Tensor) -> dict[str, float | int | None]:
         """Zero-shot accuracy of every task of :data:`ZEROSHOT_TASKS` (None where no image has its label)."""
         out: dict[str, float | int | None] = {f"zeroshot_{t}_acc": None for t in ZEROSHOT_TASKS}
+        out |= {f"zeroshot_{t}_majority": None for t in ZEROSHOT_TASKS}
         rows = [i for i, r in enumerate(recs) if r.get("zeroshot") is not None]
         labels = torch.tensor([recs[i]["zeroshot"] for i in rows], dtype=torch.long).reshape(-1, len(ZEROSHOT_TASKS))
         out["zeroshot_n_single"] = int((labels[:, 0] >= 0).sum())
@@ -338,6 +340,8 @@ class EvalAccumulator:
         for j, (task, (names, templates)) in enumerate(ZEROSHOT_TASKS.items()):
             keep = labels[:, j] >= 0
             if keep.any():
+                # the baseline over the same images: always the class most frequent among them
+                out[f"zeroshot_{task}_majority"] = int(labels[keep, j].bincount().max()) / int(keep.sum())
                 w = zero_shot_classifier(self.model, list(names), list(templates)).cpu()  # (E, C)
                 pred = (emb[keep] @ w).argmax(1)  # the logit scale and the softmax change no argmax
                 out[f"zeroshot_{task}_acc"] = int((pred == labels[keep, j]).sum()) / int(keep.sum())

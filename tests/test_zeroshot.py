@@ -296,6 +296,10 @@ def test_evaluator_reports_zero_shot_accuracy(model, eval_batch):
         keep = labels[:, j] >= 0
         pred = (emb[keep] @ zero_shot_classifier(model, list(names), list(templates))).argmax(1)
         assert out[f"zeroshot_{task}_acc"] == pytest.approx((pred == labels[keep, j]).float().mean().item())
+        # the baseline over the same images: the most frequent class's share
+        assert out[f"zeroshot_{task}_majority"] == pytest.approx(
+            labels[keep, j].bincount().max().item() / int(keep.sum())
+        )
     # measured on the tiny fixture: colour 0.99, shape 1.0 over 252 single-object images of 1000; count 0.47
     # (majority classes 0.14, 0.20, 0.26)
     assert out["zeroshot_colour_acc"] >= 0.75 and out["zeroshot_shape_acc"] >= 0.75
@@ -306,6 +310,7 @@ def test_evaluator_reports_zero_shot_accuracy(model, eval_batch):
         acc.update(b)
         out = acc.compute()
         assert all(out[f"zeroshot_{t}_acc"] is None for t in ZEROSHOT_TASKS) and out["zeroshot_n_single"] == 0
+        assert all(out[f"zeroshot_{t}_majority"] is None for t in ZEROSHOT_TASKS)
 
 
 def test_classify_encodes_batch_size_images_at_a_time_whatever_the_input_form(model, monkeypatch):

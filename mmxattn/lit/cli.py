@@ -127,11 +127,6 @@ class MMXAttnCLI(LightningCLI):
             metrics["constant_caption"] = self.datamodule.constant_caption()
             if hasattr(self.datamodule, "caption_fit_rate"):  # caption_fit's baseline
                 metrics["constant_caption_fit"] = self.datamodule.caption_fit_rate(metrics["constant_caption"], "test")
-        if hasattr(self.datamodule, "caption_fit_rate") and metrics.get("zeroshot_count_acc") is not None:
-            from ..evaluate import zeroshot_majority
-
-            # the zero-shot accuracies' baseline: always the most frequent class
-            metrics["zeroshot_majority"] = zeroshot_majority(self.datamodule.dataset("test"))
         out = json.dumps(metrics, sort_keys=True)
         print("\nTEST METRICS " + out, flush=True)
         path = cfg.get("metrics_file")
