@@ -459,3 +459,20 @@ def test_caption_reads_headers_first_and_names_a_truncated_file_at_its_batch(mod
     out, err = capsys.readouterr()
     assert out == f"{images[0]}\t{first}\n"
     assert str(cut) in err and err.startswith("error: image ")
+
+
+def test_a_closed_pipe_stops_the_cli_quietly(images):
+    """`python -m mmxattn caption ... | head -1`: the reader closing the pipe ends the command without a
+    traceback (exit 141, as a shell reports SIGPIPE)."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmxattn", "caption", "--ckpt", str(FIXTURE), *map(str, images)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    proc.stdout.close()  # the reader is gone before the first line is written (as `head` after its lines)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
