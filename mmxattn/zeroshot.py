@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import _gallery_parts, eval_mode
-
 __all__ = ["DEFAULT_TEMPLATES", "ZeroShotResult", "classify", "zero_shot_classifier"]
 
 # Generic prompts. Each "{}" is replaced by the class name. With a word-level vocabulary (the shapes models) a
@@ -213,6 +211,8 @@ def _build_classifier(
     prompts = [_fill(t, name, i, fn) for name in names for i, t in enumerate(temps)]  # class-major: (C * T_)
     ids = model.tokenizer(prompts, context_length=model.cfg.text.context_length)  # (C * T_, L), as encode_text
     _warn_same_tokens(fn, names, ids.view(len(names), -1), model.cfg.text.context_length)
+    from .model import eval_mode  # here: `import mmxattn` stays free of the model's imports (timm)
+
     with torch.no_grad(), eval_mode(model):
         emb = torch.cat(
             [model.encode_text(ids[s : s + batch_size]).float() for s in range(0, len(prompts), batch_size)]
@@ -232,6 +232,8 @@ def _image_batches(images: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
     if isinstance(images, (list, tuple)) and not images:
         return  # classify names the empty input itself
     if isinstance(images, (Tensor, list, tuple)):
+        from .model import _gallery_parts
+
         for part, first in _gallery_parts(images, batch_size):
             yield first, part
         return
@@ -292,6 +294,8 @@ def classify(
             raise ValueError(f"{fn}: class_names= goes with a classifier tensor; classes already gives the names")
         w, names = _build_classifier(fn, model, classes, templates, batch_size)
     logits = []
+    from .model import eval_mode
+
     with torch.no_grad(), eval_mode(model):
         scale = model.get_logit_scale().float()
         for start, chunk in _image_batches(images, batch_size):

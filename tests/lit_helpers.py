@@ -1,5 +1,5 @@
-"""Shared pieces of the Lightning tests: tiny data sets in the real formats and CLI argument sets that shrink a
-shipped config to a CPU smoke run. Not a test module."""
+"""Shared pieces of the tests: tiny data sets in the real formats, CLI argument sets that shrink a shipped config to
+a CPU smoke run, and a recorder of a model's preprocess calls. Not a test module."""
 
 from __future__ import annotations
 
@@ -114,3 +114,21 @@ def data_linked(dm) -> dict[str, int]:
         vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
         context_length=dm.context_length,
     )  # fmt: skip
+
+
+def record_preprocess_batches(model, monkeypatch) -> list[int]:
+    """Patch ``model.preprocess`` to record the batch size of every call that reads raw images (not a call that
+    passes an already preprocessed tensor through, as ``generate`` does): the list it appends to is returned."""
+    import torch
+
+    sizes: list[int] = []
+    real = model.preprocess
+
+    def recording(images, **kwargs):
+        out = real(images, **kwargs)
+        if not isinstance(images, torch.Tensor):
+            sizes.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(model, "preprocess", recording)
+    return sizes

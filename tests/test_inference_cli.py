@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lit_helpers import record_preprocess_batches
 from PIL import Image
 
 import mmxattn
@@ -424,26 +425,16 @@ def test_caption_and_similarity_in_batches_equal_one_batch_and_read_batch_size_i
     """model.caption(batch_size=N) preprocesses and captions N images at a time (a folder never sits in memory at
     once) and gives the captions of one batch of all, greedy and beam; bad values are named."""
     _, paths, _ = gallery
-    sizes, real = [], model.preprocess
-
-    def recording(images, **pkw):
-        out = real(images, **pkw)
-        if not isinstance(images, torch.Tensor):  # generate passes the preprocessed batch through it again
-            sizes.append(out.shape[0])
-        return out
-
     for kw in ({}, {"strategy": "beam", "num_beams": 2}):
         whole = model.caption(paths, **kw)
-        sizes.clear()
-        monkeypatch.setattr(model, "preprocess", recording)
+        sizes = record_preprocess_batches(model, monkeypatch)
         assert model.caption(paths, batch_size=2, **kw) == whole
         monkeypatch.undo()
         assert max(sizes) == 2 and sum(sizes) == len(paths)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         model.caption(paths, batch_size=0)
     texts = ["a red circle", "two shapes"]
-    sizes.clear()
-    monkeypatch.setattr(model, "preprocess", recording)
+    sizes = record_preprocess_batches(model, monkeypatch)
     torch.testing.assert_close(model.similarity(paths, texts, batch_size=2), model.similarity(paths, texts))
     assert sizes[:3] == [2, 2, 1]  # then the one batch of all
 
@@ -476,3 +467,15 @@ def test_a_closed_pipe_stops_the_cli_quietly(images):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_importing_the_package_and_the_cli_stays_light():
+    """`import mmxattn` and the CLI's parser load neither the model code nor timm (seconds of imports): the CLI's
+    --help and errors in its arguments answer at once, and the model is imported only when a command needs it."""
+    code = (
+        "import sys, mmxattn, mmxattn.__main__ as m; m.build_parser(); "
+        "print(sorted(k for k in ('mmxattn.model', 'timm', 'pytorch_lightning') if k in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from lit_helpers import record_preprocess_batches
 
 import mmxattn
 from mmxattn.capture import capture_attention
@@ -490,7 +491,7 @@ def test_retrieve_gallery_norm_warns_where_a_direction_has_one_item_to_normalise
 
 
 @pytest.mark.parametrize("rerank", [0, 3])
-def test_retrieve_preprocesses_the_gallery_a_batch_at_a_time(tmp_path, rerank):
+def test_retrieve_preprocesses_the_gallery_a_batch_at_a_time(tmp_path, monkeypatch, rerank):
     """A gallery of files (and a batched tensor straddling two batches) is preprocessed batch_size images at a
     time, to the same pixels as all at once: the result is the one of the preprocessed tensor at that batch size,
     and a batch of all ranks alike (scores to float rounding: pooled embeddings are computed per batch)."""
@@ -500,15 +501,7 @@ def test_retrieve_preprocesses_the_gallery_a_batch_at_a_time(tmp_path, rerank):
     gallery = [*_gallery_files(model, tmp_path, 2), images, *_gallery_files(model, tmp_path, 2, seed=1)[1:]]
     pixels = model.preprocess(gallery)  # (6, 3, H, W), all at once
     assert pixels.shape[0] == 6
-    counts = []
-    preprocess = model.preprocess
-
-    def recording(images, **kwargs):
-        out = preprocess(images, **kwargs)
-        counts.append(out.shape[0])
-        return out
-
-    model.preprocess = recording
+    counts = record_preprocess_batches(model, monkeypatch)
     kw = dict(k=3, rerank=rerank, rerank_with="lm")
     got = model.retrieve(gallery, ids, batch_size=2, **kw)
     assert counts == [2, 2, 2]

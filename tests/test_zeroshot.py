@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lit_helpers import record_preprocess_batches
 from PIL import Image
 
 import mmxattn
@@ -319,15 +320,7 @@ def test_classify_encodes_batch_size_images_at_a_time_whatever_the_input_form(mo
     x = model.preprocess([Image.new("RGB", (40, 40), (40 * i, 200 - 30 * i, 90)) for i in range(5)])  # (5, 3, H, W)
     names = ["red", "green", "blue"]
     whole = classify(model, x, names, batch_size=64)
-    sizes = []
-    real = model.preprocess
-
-    def recording(images, **kw):
-        out = real(images, **kw)
-        sizes.append(out.shape[0])
-        return out
-
-    monkeypatch.setattr(model, "preprocess", recording)
+    sizes = record_preprocess_batches(model, monkeypatch)
     got = classify(model, [x[:1], x[1:]], names, batch_size=2)
     assert sizes == [2, 2, 1]
     assert torch.allclose(got.probs, whole.probs, atol=1e-5) and torch.equal(got.indices, whole.indices)
