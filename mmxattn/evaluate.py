@@ -24,11 +24,11 @@ import torch
 
 from .checkpoint import CheckpointError, load, read_checkpoint
 from .data.robust import BadDataError
-from .evaluation import METRIC_KEYS, ZEROSHOT_TASKS, EvalAccumulator, zeroshot_labels
+from .evaluation import METRIC_KEYS, EvalAccumulator
 from .model import RERANK_METHODS
 from .runtime import tune_cpu_allocator
 
-__all__ = ["build_datamodule", "evaluate", "main", "shapes_reference_scores", "zeroshot_majority"]
+__all__ = ["build_datamodule", "evaluate", "main", "shapes_reference_scores"]
 
 _ALLOWED_DATA = {
     "mmxattn.data.datamodule.ShapesDataModule",
@@ -89,8 +89,7 @@ def build_datamodule(data: dict[str, Any], overrides: dict[str, Any] | None = No
 def shapes_reference_scores(dm: Any, split: str) -> dict[str, Any]:
     """Caption-metric ceilings of the shapes data: one held-out reference per image scored against the others,
     and the constant (most frequent training) caption scored against all but that held-out one (and the share of
-    the images it is true of: its ``caption_fit``), and the zero-shot tasks' majority-class accuracy
-    (:func:`zeroshot_majority`)."""
+    the images it is true of: its ``caption_fit``)."""
     from .metrics import caption_metrics
 
     ds = dm.dataset(split)
@@ -104,19 +103,7 @@ def shapes_reference_scores(dm: Any, split: str) -> dict[str, Any]:
         "heldout_reference": {k: heldout_scores[k] for k in ("cider", "bleu4")},
         "constant_caption": {"caption": const, **{k: constant_scores[k] for k in ("cider", "bleu4")}}
         | {"caption_fit": dm.caption_fit_rate(const, split)},
-        "zeroshot_majority": zeroshot_majority(ds),
     }
-
-
-def zeroshot_majority(ds: Any) -> dict[str, float | None]:
-    """Per zero-shot task of the shapes data (``EvalAccumulator``'s ``zeroshot_<task>_acc``), the accuracy of
-    always answering the class most frequent in ``ds`` (a ShapesDataset): the baseline a model must beat."""
-    labels = torch.tensor([zeroshot_labels(ds.scene(i)) for i in range(len(ds))], dtype=torch.long)
-    out: dict[str, float | None] = {}
-    for j, task in enumerate(ZEROSHOT_TASKS):
-        y = labels[:, j][labels[:, j] >= 0]
-        out[task] = float(y.bincount().max()) / len(y) if len(y) else None
-    return out
 
 
 @torch.no_grad()
