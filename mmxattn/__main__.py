@@ -249,23 +249,31 @@ def _check_writable(path: Path, flag: str, directory: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- caption
-def _check_headers(paths: Sequence[str]) -> None:
-    """Fail before the model loads on a missing file or one PIL cannot open (its header only: the pixels are
-    decoded a batch at a time, so many large photos are never held decoded at once)."""
+def _header_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a readable image (missing, not a file, a header PIL cannot open, no pixels), or None.
+    Only the header is read: the pixels are decoded a batch at a time, so many large photos are never held decoded
+    at once."""
     from PIL import Image
 
+    p = Path(path)
+    if not p.exists():
+        return "not found"
+    if not p.is_file():
+        return "not a file"
+    try:
+        with Image.open(p) as im:
+            empty = im.width < 1 or im.height < 1
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises for a damaged or foreign file
+        return f"cannot be read as an image ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+    return "an empty image" if empty else None
+
+
+def _check_headers(paths: Sequence[str]) -> None:
+    """Fail before the model loads on the first path that is not a readable image (:func:`_header_problem`)."""
     for path in paths:
-        p = Path(path)
-        if not p.exists():
-            raise UsageError(f"image {path}: not found")
-        if not p.is_file():
-            raise UsageError(f"image {path}: not a file")
-        try:
-            with Image.open(p) as im:
-                im.size  # noqa: B018 - the header is read
-        except Exception as e:  # noqa: BLE001 - whatever PIL raises for a damaged or foreign file
-            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            raise UsageError(f"image {path}: cannot be read as an image ({why})") from None
+        why = _header_problem(path)
+        if why is not None:
+            raise UsageError(f"image {path}: {why}")
 
 
 def cmd_caption(a: argparse.Namespace) -> int:
@@ -311,16 +319,9 @@ def _image_dir(directory: str) -> list[str]:
         raise UsageError(f"--image-dir {d}: no image files in it ({len(files)} other files)")
     # a folder of photos often holds a few broken files: skipped (named on stderr) before the model loads, not a
     # stop after half the gallery is encoded. Only headers are read here; the pixels are decoded batch by batch.
-    good, bad = [], []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                ok = im.width > 0 and im.height > 0
-        except Exception as e:  # noqa: BLE001 - whatever PIL raises for a damaged or foreign file
-            ok, why = False, str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        else:
-            why = "empty image"
-        (good if ok else bad).append(path if ok else (path, why))
+    problems = [(path, _header_problem(path)) for path in paths]
+    good = [path for path, why in problems if why is None]
+    bad = [(path, why) for path, why in problems if why is not None]
     if bad:
         print(f"warning: --image-dir {d}: skipped {len(bad)} unreadable file(s), e.g. {bad[0][0]}: {bad[0][1]}",
               file=sys.stderr)  # fmt: skip
