@@ -56,11 +56,22 @@ class SignalAtStep(pl.Callback):
 class InterruptAt(pl.Callback):
     """Stop a run at micro-batch ``batch_idx`` of epoch 0 as an interrupt would: ``where`` is a hook of the batch
     ("on_before_backward", "on_after_backward", "on_before_optimizer_step": a Ctrl-C there, i.e. a
-    KeyboardInterrupt raised in the middle of the training step) or "sigterm" (what Lightning's SIGTERM handler
-    does, called in-process: it sets a flag, and the loop stops once the batch is done)."""
+    KeyboardInterrupt raised in the middle of the training step), "sigterm" (what Lightning's SIGTERM handler
+    does, called in-process: it sets a flag, and the loop stops once the batch is done), or "sigint_in_step" /
+    "2sigint_in_step": one or two real SIGINTs sent to this process inside ``optimizer.step``, once the weights
+    are updated (an optimizer step hook)."""
 
     def __init__(self, batch_idx: int, where: str) -> None:
         self.batch_idx, self.where, self._current = batch_idx, where, -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.where.endswith("sigint_in_step"):
+            trainer.optimizers[0].register_step_post_hook(self._sigint)
+
+    def _sigint(self, optimizer, args, kwargs) -> None:
+        if self._current == self.batch_idx:
+            for _ in range(2 if self.where.startswith("2") else 1):
+                os.kill(os.getpid(), signal.SIGINT)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._current = batch_idx if trainer.current_epoch == 0 else -1

@@ -315,6 +315,10 @@ def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str,
         ("sigterm", 3, True),  # SIGTERM: stops after micro-batch 1 of 3
         ("sigterm", 2, False),  # ... after a window's optimizer step
         ("on_before_backward", 3, False),  # Ctrl-C in the forward of a window's first micro-batch
+        # a real Ctrl-C inside AdamW's step, the weights updated: held back until the batch is counted (raised at
+        # once, the checkpoint said the batch had not run, and the resume stepped its weights a second time)
+        ("sigint_in_step", 2, False),
+        ("sigint_in_step", 5, False),
     ],
 )
 def test_interrupted_run_with_gradient_accumulation_resumes_exactly(
@@ -324,7 +328,8 @@ def test_interrupted_run_with_gradient_accumulation_resumes_exactly(
     micro-batch gradients as the uninterrupted run's (those accumulated before the interrupt are in last.ckpt),
     so the final weights are equal."""
     ckpt = _interrupt(tmp_path, where, batch)
-    assert ckpt["global_step"] == (batch + (where == "sigterm")) // ACCUM  # where the run stopped
+    after_the_batch = where in ("sigterm", "sigint_in_step")
+    assert ckpt["global_step"] == (batch + after_the_batch) // ACCUM  # where the run stopped
     resumed = _accum_fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     differ = _differ(accum_reference, resumed)
     assert not differ, f"{where} at batch {batch}: {len(differ)} tensors differ, by up to {max(differ.values())}"
@@ -355,3 +360,51 @@ def test_16_mixed_interrupt_mid_window_resumes_exactly_with_the_scaled_gradients
     with pytest.warns(UserWarning, match="written during an optimizer step"):
         ckpt = _interrupt(tmp_path / "step", "on_before_optimizer_step", 5, fp16=True)
     assert "mmxattn_partial_grads" not in ckpt
+
+
+def test_a_second_ctrl_c_during_the_optimizer_step_stops_at_once(tmp_path):
+    """The held-back Ctrl-C can be overridden: a second one inside the step raises there (the step is not
+    counted, as before the deferral existed), and the default SIGINT handler is back afterwards."""
+    import signal
+
+    ckpt = _interrupt(tmp_path, "2sigint_in_step", 2)
+    assert ckpt["global_step"] == 0  # stopped inside the first window's optimizer step
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigint_deferral_holds_one_ctrl_c_and_gives_the_handler_back():
+    import os
+    import pickle
+    import signal
+
+    from mmxattn.lit.sigint import SigintDeferral
+
+    d = SigintDeferral()
+    d.start(lambda: True)
+    os.kill(os.getpid(), signal.SIGINT)  # held back, not raised
+    assert d.pending and d.active
+    assert d.stop() is True and not d.active
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert d.stop() is False  # consumed
+    # a handler left installed when the run is no longer training (an exception skipped stop) acts as the default
+    d.start(lambda: False)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert not d.active and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # someone else's handler is left alone
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda *a: seen.append(1))
+    try:
+        d.start(lambda: True)
+        assert not d.active
+        os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [1] and d.stop() is False
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    # a pickled module (ddp_spawn) carries no handler state
+    d.start(lambda: True)
+    try:
+        copy = pickle.loads(pickle.dumps(d))
+        assert not copy.active and not copy.pending
+    finally:
+        d.stop()

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import warnings
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +40,7 @@ from ..losses import (
 from ..presets import create_model
 from .ema import ModelEMA
 from .optim import build_optimizer, warmup_cosine
+from .sigint import SigintDeferral
 
 __all__ = ["MMXAttnModule", "NonFiniteLossError"]
 
@@ -301,6 +303,8 @@ class MMXAttnModule(pl.LightningModule):
         self._grad_progress = SimpleNamespace(batch=None, stage=None)
         self._pending_grads: dict[str, Any] | None = None  # a resumed window's saved gradients, not yet put back
         self._resumed_fit = False  # a fit resumed from a checkpoint whose first training batch has not begun
+        # a Ctrl-C during the optimizer step is held back until the batch is counted (mmxattn/lit/sigint.py)
+        self._sigint = SigintDeferral()
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
 
@@ -523,6 +527,7 @@ class MMXAttnModule(pl.LightningModule):
             self._set_frozen(self.encoder_frozen() and not distributed)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._defer_ctrl_c()
         self._grad_progress.stage = "stepping"  # .grad is about to change (frozen ones dropped, then clipping)
         # Runs before gradient clipping and the step: dropped gradients make AdamW skip the parameter (no update,
         # no weight decay, no moments), and the clipping norm covers only what is trained.
@@ -544,11 +549,36 @@ class MMXAttnModule(pl.LightningModule):
 
     def _closure_then_unscaling(self, closure: Any) -> Any:
         out = closure()  # training step and backward of the window's last micro-batch
+        self._defer_ctrl_c()
         self._grad_progress.stage = "stepping"  # 16-mixed: the loss scaler unscales .grad right after this
         return out
 
+    # ------------------------------------------------------------------ Ctrl-C during the optimizer step
+    # From the moment the optimizer step starts changing .grad (unscaling, clipping) and the weights, until
+    # Lightning has counted the batch (on_train_batch_end), a Ctrl-C is held back: raised there, the interrupt
+    # checkpoint holds the stepped weights with the batch counted, and a resumed run goes on at the next batch
+    # (a Ctrl-C inside AdamW's update left part of the parameters stepped, and the batch was redone on them).
+
+    def _defer_ctrl_c(self) -> None:
+        ref = weakref.ref(self)  # the handler must not keep the module alive
+
+        def still_training() -> bool:
+            module = ref()
+            trainer = None if module is None else module._trainer
+            return trainer is not None and trainer.training and trainer.state.status == "running"
+
+        self._sigint.start(still_training)
+
+    def _raise_held_back_ctrl_c(self) -> None:
+        if self._sigint.stop():
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._raise_held_back_ctrl_c()  # the batch is counted (processed): a resume goes on at the next one
+
     def on_train_end(self) -> None:
         self._set_frozen(False)
+        self._raise_held_back_ctrl_c()  # a Ctrl-C during the last step: stop as asked (no test run follows)
 
     # ------------------------------------------------------------------ accumulation windows across a resume
     # Lightning counts the micro-batches of an accumulation window by the epoch's batch index (it zeroes .grad
@@ -685,6 +715,7 @@ class MMXAttnModule(pl.LightningModule):
         return ema
 
     def on_train_epoch_end(self) -> None:
+        self._raise_held_back_ctrl_c()  # an epoch cut short after a step (on_train_batch_start returned -1)
         dm = getattr(self.trainer, "datamodule", None)
         tracker = getattr(dm, "skip_tracker", None)
         if tracker is not None and hasattr(tracker, "end_epoch"):
