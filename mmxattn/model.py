@@ -18,7 +18,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,20 +70,35 @@ class RetrievalResult:
 RETRIEVE_DIRECTIONS = ("both", "i2t", "t2i")
 
 
+def _one_image(x: Any) -> bool:
+    """Whether ``x`` is one image (or a batched tensor) rather than a collection of them: lists, tuples and other
+    iterables (a generator over a folder's files) are collections; arrays, tensors, paths, bytes and PIL images,
+    which may be iterable too, are not."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(x, (Tensor, str, bytes, os.PathLike, np.ndarray, Image.Image, dict)):
+        return True
+    return not isinstance(x, Iterable)
+
+
 def _gallery_parts(images: Any, batch_size: int) -> Iterator[tuple[Any, int]]:
     """``images`` (anything :meth:`MMXAttn.preprocess` takes) cut into ``(part, first)`` of ``batch_size`` images
     each (the last may hold fewer), in order, with ``first`` the place in ``images`` of ``part[0]`` (what errors
-    name). A (B, 3, H, W) tensor, alone or as an item of a list, is sliced where it straddles two parts."""
+    name). A (B, 3, H, W) tensor, alone or as an item of a list, is sliced where it straddles two parts. An
+    iterable other than a list (a generator) is read as the parts are asked for."""
     if isinstance(images, Tensor) and images.dim() == 4 and images.shape[0] > 0:
         for start in range(0, images.shape[0], batch_size):
-            yield images[start : start + batch_size], 0
+            yield images[start : start + batch_size], start
         return
-    if not isinstance(images, (list, tuple)) or not images:
+    if _one_image(images) or (isinstance(images, (list, tuple)) and not images):
         yield images, 0  # one image, or what preprocess names as an error (an empty list, an empty batch)
         return
     part: list[Any] = []
     first = have = 0  # part[0] is images[first]; part holds `have` images
+    seen = False
     for i, item in enumerate(images):
+        seen = True
         n = item.shape[0] if isinstance(item, Tensor) and item.dim() == 4 else 1
         start = 0
         while True:
@@ -99,6 +114,8 @@ def _gallery_parts(images: Any, batch_size: int) -> Iterator[tuple[Any, int]]:
                 break
     if part:
         yield part, first
+    elif not seen:
+        yield [], 0  # an empty iterable: preprocess names it
 
 
 class _CandidateTokens:
@@ -156,6 +173,31 @@ def _in_eval_mode(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def _tracing(x: Tensor) -> bool:
+    """Whether a value check that reads ``x`` on the host cannot run now (torch.compile tracing, CUDA graph
+    capture)."""
+    if torch.compiler.is_compiling():
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_array(a: Any, i: int) -> Any:
+    """A numpy image checked before the transform: not empty, and floats finite and within [0, 1] (a float array
+    of 0..255 values would otherwise be read as mostly-white pixels, without a word)."""
+    if a.size == 0:
+        raise ValueError(f"images[{i}]: an empty array {a.shape}")
+    if a.dtype.kind == "f":
+        lo, hi = float(a.min()), float(a.max())
+        if not (lo == lo and hi == hi) or abs(lo) == float("inf") or abs(hi) == float("inf"):
+            raise ValueError(f"images[{i}]: a float array with NaN or infinite values")
+        if lo < -0.01 or hi > 1.01:
+            hint = " (0..255 values: give them as uint8, a.astype(np.uint8))" if hi > 1.01 and lo >= 0 else ""
+            raise ValueError(
+                f"images[{i}]: float arrays are pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}"
+            )
+    return a
 
 
 def _composited(a: Any, i: int) -> Any:
@@ -293,7 +335,14 @@ class MMXAttn(nn.Module):
             nn.init.zeros_(self.word_context.weight)  # a no-op until the decoder and pooler learn to read it
 
     # ------------------------------------------------------------------ inputs
-    def _check_images(self, images: Tensor) -> Tensor:
+    def _check_images(
+        self, images: Tensor, check_finite: bool | None = None, name: str = "images", first: int = 0
+    ) -> Tensor:
+        """A float batch (B, 3, H, W) (or (3, H, W)) checked and cast to the encoder's dtype; anything else goes
+        through :meth:`preprocess`. ``check_finite``: NaN or infinite pixels are an error (one reduction and a
+        host sync; skipped while compiling or capturing a CUDA graph). None (the default): checked unless this is
+        a training pass (training mode with gradients on), whose non-finite losses the training loop catches and
+        skips. Errors call the batch ``name``, its first image number ``first``."""
         if not isinstance(images, Tensor):
             return self.preprocess(images)
         if images.dim() == 3:
@@ -309,6 +358,16 @@ class MMXAttn(nn.Module):
             raise ValueError(f"images must be normalised float tensors, got dtype {images.dtype}; {hint}")
         if images.shape[0] == 0:
             raise ValueError(f"images: an empty batch {tuple(images.shape)}; give at least one image")
+        if check_finite is None:
+            check_finite = not (self.training and torch.is_grad_enabled())
+        if check_finite and not _tracing(images) and not bool(torch.isfinite(images).all()):
+            bad = [first + b for b in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()]
+            which = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
+            of_it = "" if name == "images" else " of it"
+            raise ValueError(
+                f"{name}: NaN or infinite pixel values in image{'s' if len(bad) > 1 else ''} {which}{of_it}; every "
+                "score and caption of theirs would be meaningless (a NaN image ranks first in retrieval)"
+            )
         dtype = self._image_dtype()
         return images if images.dtype == dtype else images.to(dtype)  # e.g. fp32 pixels into a bf16 model
 
@@ -320,6 +379,8 @@ class MMXAttn(nn.Module):
         return torch.get_default_dtype()
 
     def _check_ids(self, ids: Tensor | str | Sequence[str]) -> Tensor:
+        if not isinstance(ids, (Tensor, str, bytes, list, tuple, dict)) and isinstance(ids, Iterable):
+            ids = list(ids)  # a generator of texts
         if isinstance(ids, str) or (isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], str)):
             if self.tokenizer is None:
                 raise ValueError("texts given as strings but the model has no tokenizer; pass token ids")
@@ -331,6 +392,8 @@ class MMXAttn(nn.Module):
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             got = f"shape {tuple(ids.shape)}, dtype {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"token ids must be an int64 or int32 tensor (B, T), got {got}")
+        if ids.shape[0] == 0:
+            raise ValueError(f"texts: an empty batch of token ids {tuple(ids.shape)}; give at least one text")
         V = self.cfg.text.vocab_size
         # value checks read the tensor (a graph break under torch.compile, where they are skipped: an id out of
         # range then fails in the embedding lookup instead)
@@ -350,7 +413,8 @@ class MMXAttn(nn.Module):
         attached). Unreadable files raise ``BadImageError`` naming the file; other bad items are named by their place
         in the list (``images[i]``), counted from ``index_offset`` (where ``images`` is one batch of a larger list)."""
         if isinstance(images, Tensor) and images.dtype != torch.uint8:
-            return self._check_images(images).to(self.logit_scale.device)  # a CPU batch for a CUDA model moves
+            # a CPU batch for a CUDA model moves
+            return self._check_images(images, first=index_offset).to(self.logit_scale.device)
         import numpy as np
         from PIL import Image
 
@@ -362,7 +426,7 @@ class MMXAttn(nn.Module):
             # the encoder's own normalisation where it states one (timm / open_clip backbones), as exports record
             mean, std = getattr(self.visual, "mean", IMAGENET_MEAN), getattr(self.visual, "std", IMAGENET_STD)
             self.transform = build_transforms(self.cfg.vision.img_size, train=False, mean=mean, std=std)
-        items = images if isinstance(images, (list, tuple)) else [images]
+        items = [images] if _one_image(images) else images if isinstance(images, (list, tuple)) else list(images)
         if not items:
             raise ValueError("images: an empty list; give at least one image")
         out = []
@@ -381,10 +445,10 @@ class MMXAttn(nn.Module):
             if isinstance(item, Tensor):
                 if item.dim() not in (3, 4):
                     raise ValueError(f"images[{i}]: tensors must be (3, H, W) or (B, 3, H, W), got {tuple(item.shape)}")
-                out.extend(self._check_images(item).unbind(0))
+                out.extend(self._check_images(item, name=f"images[{i}]").unbind(0))
                 continue
             if isinstance(item, np.ndarray):
-                out.append(self.transform(_composited(item, i)))
+                out.append(self.transform(_composited(_check_array(item, i), i)))
                 continue
             if not isinstance(item, Image.Image):
                 if not isinstance(item, (str, os.PathLike, bytes)):
@@ -510,7 +574,7 @@ class MMXAttn(nn.Module):
         """Training forward. One caption per image (``token_ids`` (B, T)), or several: ``token_ids`` (R, T) with
         ``text_image_index`` (R,), the image of every caption; the image is encoded once and its tokens feed the
         decoder for each of its captions. ``image_embeds`` is (B, E), ``text_embeds``/``logits`` have R rows."""
-        images = self._check_images(images)
+        images = self._check_images(images, check_finite=False)  # training: a NaN loss is caught and skipped
         ids = self._check_ids(token_ids)
         if text_image_index is None:
             if images.shape[0] != ids.shape[0]:
@@ -702,7 +766,11 @@ class MMXAttn(nn.Module):
         never sits in memory at once); None captions them all in one batch. Greedy and beam captions do not depend
         on it; sampled ones do (the random draws follow the batch layout)."""
         if self.tokenizer is None:
-            raise RuntimeError("model.caption needs model.tokenizer (mmxattn.load attaches it)")
+            raise RuntimeError(
+                "model.caption needs model.tokenizer, and this model has none (built without one, or loaded from an "
+                "export folder without tokenizer.json): attach one (model.tokenizer = ...) or call model.generate, "
+                "which returns token ids"
+            )
         if batch_size is None:
             return self.tokenizer.batch_decode(self.generate(images, **gen_kwargs))
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
@@ -780,7 +848,7 @@ class MMXAttn(nn.Module):
         if rerank_with is None:  # getattr: a model pickled before these attributes existed
             default = getattr(self, "rerank_with_default", None)
             rerank_with = default or ("itm" if self.itm_head is not None else "lm")
-        if rerank > 0 and rerank_with not in RERANK_METHODS:
+        if rerank_with not in RERANK_METHODS:  # also with rerank=0: a typo is not silently dropped
             raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {rerank_with!r}")
         if rerank > 0 and rerank_with == "itm" and getattr(self, "itm_trained", None) is False:
             warnings.warn(

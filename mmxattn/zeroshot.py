@@ -13,9 +13,7 @@ candidates through :meth:`mmxattn.model.MMXAttn.retrieve` (``rerank=...``).
 
 from __future__ import annotations
 
-import itertools
 import numbers
-import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -222,28 +220,15 @@ def _build_classifier(
 
 
 def _image_batches(images: Any, batch_size: int) -> Iterator[tuple[int, Any]]:
-    """(index of the first image, a chunk ``model.preprocess`` takes) over ``images``: tensors and lists are cut
-    as ``MMXAttn.retrieve`` cuts its gallery (``batch_size`` images a chunk, a batched tensor split where it
-    straddles two), any other iterable (a generator over a folder) is read ``batch_size`` items at a time, one
-    image alone given whole."""
-    import numpy as np
-    from PIL import Image
+    """(index of the first image, a chunk ``model.preprocess`` takes) over ``images``, cut as ``MMXAttn.retrieve``
+    cuts its gallery (``batch_size`` images a chunk, a batched tensor split where it straddles two, a generator
+    read as the chunks are asked for); nothing for an empty input (classify names it)."""
+    from .model import _gallery_parts
 
-    if isinstance(images, (list, tuple)) and not images:
-        return  # classify names the empty input itself
-    if isinstance(images, (Tensor, list, tuple)):
-        from .model import _gallery_parts
-
-        for part, first in _gallery_parts(images, batch_size):
-            yield first, part
-        return
-    if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not isinstance(images, Iterable):
-        yield 0, [images]
-        return
-    it, s = iter(images), 0
-    while chunk := list(itertools.islice(it, batch_size)):
-        yield s, chunk
-        s += len(chunk)
+    for part, first in _gallery_parts(images, batch_size):
+        if isinstance(part, (list, tuple)) and not part:
+            return
+        yield first, part
 
 
 def _check_classifier(model: Any, w: Tensor) -> Tensor:

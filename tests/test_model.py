@@ -701,3 +701,69 @@ def test_weight_caches_are_cleared_after_edits_through_data():
         mmxattn.clear_weight_caches(model)
         torch.testing.assert_close(model.encode_image(images), other.encode_image(images), rtol=0, atol=1e-6)
         torch.testing.assert_close(model.encode_text(ids), other.encode_text(ids), rtol=0, atol=1e-6)
+
+
+def test_non_finite_pixels_are_an_error_in_inference_and_named_by_their_place():
+    """A NaN image used to rank first for every text in retrieve (and with gallery_norm turn every image's scores
+    to NaN); encode_image, similarity and captions returned NaN or empty output without a word."""
+    import numpy as np
+
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, ids = _batch(model, B=5)
+    images[3, 0, 1, 2] = float("nan")
+    images[4, 2] = float("inf")
+    for call in (
+        lambda: model.encode_image(images),
+        lambda: model.similarity(images, ids),
+        lambda: model.generate(images, max_new_tokens=2),
+    ):
+        with pytest.raises(ValueError, match="NaN or infinite pixel values in images 3, 4;"):
+            call()
+    with pytest.raises(ValueError, match="NaN or infinite pixel values in image 3;"):  # its number in the gallery
+        model.retrieve(images, ids, batch_size=2)  # (streamed: the batch of images 2 and 3 stops it)
+    with pytest.raises(ValueError, match=r"images\[1\]: NaN or infinite pixel values in images 2, 3 of it"):
+        model.preprocess([images[0], images[1:]])
+    bad = np.random.default_rng(0).random((20, 20, 3)).astype(np.float32)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"images\[1\]: a float array with NaN"):
+        model.preprocess([images[0].numpy().transpose(1, 2, 0).clip(0, 1), bad])
+    # training passes (train mode, gradients on) leave it to the loop's non-finite loss check: no host sync there
+    model.train()
+    assert not torch.isfinite(model.encode_image(images)).all()
+    loss_input = model(images, ids)  # the training forward never checks
+    assert not torch.isfinite(loss_input.image_embeds).all()
+
+
+def test_numpy_images_out_of_range_empty_and_generators_of_inputs():
+    """Float arrays are pixels in [0, 1]: 0..255 floats were read as near-white pixels (cosine 0.92 to the same
+    image as uint8). Empty arrays and empty id batches are named; generators of images or texts are taken."""
+    import numpy as np
+
+    model = mmxattn.create_model("mmx_tiny").eval()
+    rng = np.random.default_rng(0)
+    s = model.cfg.vision.img_size
+    u8 = rng.integers(0, 256, (s, s, 3), dtype=np.uint8)  # at the model's size: no resampling to tell them apart
+    with pytest.raises(ValueError, match=r"images\[0\]: float arrays are pixels in \[0, 1\].*give them as uint8"):
+        model.preprocess(u8.astype(np.float32))
+    with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
+        model.preprocess(u8.astype(np.float32) / 127.5 - 1)
+    torch.testing.assert_close(model.preprocess(u8.astype(np.float32) / 255), model.preprocess(u8), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"images\[0\]: an empty array \(0, 40, 3\)"):
+        model.preprocess(np.zeros((0, 40, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"texts: an empty batch of token ids \(0, 16\)"):
+        model.encode_text(torch.zeros(0, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="rerank_with must be one of"):  # a typo is named even without re-ranking
+        model.retrieve(torch.zeros(1, 3, 32, 32), torch.ones(1, 4, dtype=torch.long), rerank_with="lml")
+    from pathlib import Path
+
+    model = mmxattn.load(Path(__file__).resolve().parent / "fixtures" / "tiny_shapes")  # has a tokenizer
+    images = _batch(model, B=5, seed=2)[0]
+    texts = ["a red circle", "two blue squares", "a small green star"]
+    ref = model.retrieve(images, texts, k=2, batch_size=2)
+    got = model.retrieve((x for x in images), (t for t in texts), k=2, batch_size=2)
+    for f in _FIELDS:
+        assert torch.equal(getattr(got, f), getattr(ref, f)), f
+    torch.testing.assert_close(model.preprocess(x for x in images[:2]), model.preprocess(images[:2]))
+    assert model.caption(x for x in images[:2]) == model.caption(images[:2])
+    with pytest.raises(ValueError, match="empty list"):
+        model.retrieve((x for x in []), texts)
