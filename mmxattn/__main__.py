@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -444,7 +445,7 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
             ranked.append(item)
         out.append({"query": q, "results": ranked})
     if a.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(_json_safe(out), indent=2, allow_nan=False))
     else:
         key = "image" if text_to_image else "caption"
         for q in out:
@@ -504,6 +505,17 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _json_safe(x: Any) -> Any:
+    """NaN and infinite floats as null: JSON has no NaN (json.dumps would print a bare NaN that parsers reject)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -511,6 +523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return a.func(a)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the library's input checks (e.g. NaN pixels in a float TIFF): their message says it
+        if os.environ.get("MMXATTN_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}\n(MMXATTN_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # the reader of our stdout went away (`... | head`): stop quietly, as Unix tools do; stdout is pointed at

@@ -479,3 +479,37 @@ def test_importing_the_package_and_the_cli_stays_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_json_output_stays_json_with_non_finite_scores_and_library_value_errors_are_one_line(
+    gallery, ckpt_file, monkeypatch, capsys
+):
+    """A NaN score (a damaged model) printed as a bare NaN made --json output that JSON parsers reject: it is null.
+    A ValueError from the library's input checks ends as one `error:` line (exit 2), not a traceback."""
+    from mmxattn.model import MMXAttn
+
+    _, paths, captions = gallery
+    real = MMXAttn.retrieve
+
+    def nan_scores(self, *args, **kwargs):
+        res = real(self, *args, **kwargs)
+        res.t2i_scores[0, 0] = float("nan")
+        return res
+
+    monkeypatch.setattr(MMXAttn, "retrieve", nan_scores)
+    args = ["retrieve", "--ckpt", str(ckpt_file), "--images", *paths, *_texts(captions[:1]), "-k", "2", "--json"]
+    assert main(args) == 0
+
+    def reject(constant):
+        raise AssertionError(f"not JSON: {constant}")
+
+    out = json.loads(capsys.readouterr().out, parse_constant=reject)
+    assert out[0]["results"][0]["score"] is None and isinstance(out[0]["results"][1]["score"], float)
+
+    def bad_input(self, *args, **kwargs):
+        raise ValueError("images: NaN or infinite pixel values in image 0")
+
+    monkeypatch.setattr(MMXAttn, "caption", bad_input)
+    assert main(["caption", "--ckpt", str(ckpt_file), paths[0]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: images: NaN or infinite pixel values in image 0") and "Traceback" not in err
