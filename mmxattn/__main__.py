@@ -467,11 +467,14 @@ def cmd_attention(a: argparse.Namespace) -> int:
 
     if "matplotlib.pyplot" not in sys.modules:  # with pyplot up (a notebook calling main), switching would close
         matplotlib.use("Agg")  # its figures; viz draws on bare Figures, which never need pyplot's backend
-    from .viz import figure_to_png, plot_caption_attention
+    from .viz import _caption_attention, figure_to_png, plot_caption_attention
 
     with _warnings_as_lines():
-        caption = model.caption([image], **gen)[0]  # what `caption` prints for this image
-        fig = plot_caption_attention(model, image, max_words=a.max_words, **gen)
+        # one generation for the printed caption and the figure: the words model.caption gives (what `caption`
+        # prints for this image), their attention recomputed teacher-forced
+        found = _caption_attention(model, image, **gen)
+        caption = found.caption
+        fig = plot_caption_attention(model, image, max_words=a.max_words, attention=found)
     try:
         path = figure_to_png(fig, out, **({} if a.dpi is None else {"dpi": a.dpi}))
     except OSError as e:

@@ -143,20 +143,15 @@ def _caption_attention(model: nn.Module, image: Any, **gen_kwargs: Any) -> Capti
     with _inference(model):
         x = _one_image(model, image, model.preprocess)  # (1, 3, H, W)
         tokens = model.encode_image_tokens(x)  # (1, L, D)
-        if gen_kwargs.get("strategy", "greedy") == "beam":
-            # Beam steps attend for every live hypothesis and reorder them; the chosen hypothesis' attention is
-            # recomputed teacher-forced (causal, so row t is exactly what its step saw).
-            ids = model.generate(image_tokens=tokens, **gen_kwargs)
-            with capture_attention(model, which=lambda n: n in wanted, to_cpu=True) as maps:
-                _, states = model.text(ids)
-                model.decoder(states[:, :-1], tokens)
-            per_layer = [maps[n][0].mean(0) for n in names]  # (T-1, L): query t predicts token t+1
-        else:
-            with capture_attention(model, which=lambda n: n in wanted, to_cpu=True) as maps:
-                ids = model.generate(image_tokens=tokens, **gen_kwargs)
-            # one call per decoding step: (1, nh, 1, L) with the cache, (1, nh, t, L) without; its last query row
-            # is the position whose output chose the next token
-            per_layer = [torch.stack([c[0, :, -1].mean(0) for c in maps.calls[n]]) for n in names]  # (steps, L)
+        # The caption is generated as model.caption generates it (fused attention, no capture: the same words, not
+        # a near-tie decided otherwise by the eager path), then its attention recomputed teacher-forced in one
+        # decoder pass: causal, so row t is what the step that chose token t+1 saw (beam steps also attend for
+        # hypotheses that lose, and reorder them: only this recomputation follows the chosen one).
+        ids = model.generate(image_tokens=tokens, **gen_kwargs)
+        with capture_attention(model, which=lambda n: n in wanted, to_cpu=True) as maps:
+            _, states = model.text(ids)
+            model.decoder(states[:, :-1], tokens)
+        per_layer = [maps[n][0].mean(0) for n in names]  # (T-1, L): query t predicts token t+1
     att = torch.stack(per_layer).mean(0).float()  # (steps, L); row i generated ids[0, i + 1]
     cfg = model.cfg.text
     row = ids[0, 1:].tolist()
@@ -211,14 +206,17 @@ def plot_caption_attention(
     ncols: int = 4,
     cmap: str = CMAP,
     alpha: float = ALPHA,
+    *,
+    attention: CaptionAttention | None = None,
     **gen_kwargs: Any,
 ) -> Figure:
     """The generated caption as the title and one panel per word (up to ``max_words``): the image with the word's
     cross-attention heatmap overlaid, the word as the panel's title, one colour bar shared by all panels (in units
-    of uniform attention: 1 = every token cell equally, 4 = four times its share)."""
+    of uniform attention: 1 = every token cell equally, 4 = four times its share). ``attention``: an already
+    computed result for this image (what the CLI prints the caption of) instead of generating again."""
     if max_words < 1 or ncols < 1:
         raise ValueError(f"max_words and ncols must be >= 1, got {max_words}, {ncols}")
-    r = _caption_attention(model, image, **gen_kwargs)
+    r = attention if attention is not None else _caption_attention(model, image, **gen_kwargs)
     n = min(len(r.words), max_words)
     H, W = r.image.shape[:2]
     cols = max(1, min(n, ncols))

@@ -319,11 +319,17 @@ def test_retrieve_bad_input_exits_2_naming_it(gallery, tmp_path, capsys):
         assert all(n in err for n in named), (args, err)
 
 
-def test_attention_writes_a_png_and_prints_the_caption(model, images, tmp_path, capsys):
+def test_attention_writes_a_png_and_prints_the_caption(model, images, tmp_path, capsys, monkeypatch):
+    from mmxattn.model import MMXAttn
+
     expected = model.caption([Image.open(images[0])])[0]
     out = tmp_path / "new folder" / "map.png"
+    calls = []
+    real = MMXAttn.generate
+    monkeypatch.setattr(MMXAttn, "generate", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     assert main(["attention", "--ckpt", str(FIXTURE), str(images[0]), "--out", str(out)]) == 0
     assert capsys.readouterr().out.splitlines() == [expected, str(out)]
+    assert len(calls) == 1  # one generation gives the printed caption and the figure's words (it was two)
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width >= 400 and im.height >= 200
         pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
