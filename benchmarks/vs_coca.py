@@ -260,7 +260,7 @@ def make_train_step(
             t.eos_id,
             t.pad_id,
         )
-        contrastive, caption = ContrastiveLoss(), CaptionLoss(pad)
+        contrastive, caption = ContrastiveLoss(), CaptionLoss(pad, check_labels=False)
 
         def loss_fn(images, ids):
             out = model(images, ids)

@@ -157,7 +157,10 @@ def _attach(model: Any, tokenizer_dict: dict | None, preprocess: dict | None, to
     if tokenizer_dict is not None:
         from .text.tokenizer import tokenizer_from_dict
 
-        tok = tokenizer_from_dict(tokenizer_dict)
+        try:
+            tok = tokenizer_from_dict(tokenizer_dict)
+        except (TypeError, ValueError) as e:  # a missing or invalid field: the message names it, we name the file
+            raise CheckpointError(f"{tokenizer_source}: invalid tokenizer settings: {e}") from e
         problems = tokenizer_mismatch(tok, model.cfg.text)
         if problems:
             raise CheckpointError(

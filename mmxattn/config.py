@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +16,55 @@ __all__ = ["CATConfig", "TextConfig", "MMXAttnConfig", "config_from_dict", "conf
 
 def _err(cls: str, msg: str) -> ValueError:
     return ValueError(f"{cls}: {msg}")
+
+
+def _given(v: Any) -> str:
+    """A value as error messages show it: its type and repr (``str '32'``, ``float 1.7``)."""
+    return f"{type(v).__name__} {v!r:.80}"
+
+
+def _is_int(v: Any) -> bool:
+    # bool is an int subclass, but True for a size or a stage index is a mistake, not a 1
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_int(cls: str, cfg: Any, name: str, lo: int | None = None, why: str = "") -> None:
+    """Field ``name`` must be an int (not a bool, not a float: nothing is truncated silently), ``>= lo`` when given;
+    stored as a plain int (a numpy integer becomes one, so the config stays JSON-able)."""
+    v = getattr(cfg, name)
+    if not _is_int(v):
+        raise TypeError(f"{cls}: {name} must be an int{why}, got {_given(v)}")
+    if lo is not None and v < lo:
+        raise _err(cls, f"{name} must be an int >= {lo}{why}, got {v}")
+    object.__setattr__(cfg, name, int(v))
+
+
+def _check_float(cls: str, cfg: Any, name: str) -> None:
+    """Field ``name`` must be a finite real number (an int is fine, a bool or a string is not); stored as a float."""
+    v = getattr(cfg, name)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        raise TypeError(f"{cls}: {name} must be a number, got {_given(v)}")
+    if not math.isfinite(v):
+        raise _err(cls, f"{name} must be a finite number, got {v}")
+    object.__setattr__(cfg, name, float(v))
+
+
+def _check_bool(cls: str, cfg: Any, name: str) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, bool):  # a string "false" would be truthy
+        raise TypeError(f"{cls}: {name} must be a bool (True or False), got {_given(v)}")
+
+
+def _check_ints(cls: str, cfg: Any, name: str) -> None:
+    """Field ``name`` must be a list or tuple of ints (no bools, no floats); stored as a tuple of plain ints, so the
+    config stays hashable and frozen (YAML and JSON give lists)."""
+    v = getattr(cfg, name)
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+        raise TypeError(f"{cls}: {name} must be a list or tuple of ints, got {_given(v)}")
+    bad = [x for x in v if not _is_int(x)]
+    if bad:
+        raise TypeError(f"{cls}: {name} must hold ints only, got {_given(bad[0])} in {list(v)!r:.80}")
+    object.__setattr__(cfg, name, tuple(int(x) for x in v))
 
 
 @dataclass(frozen=True)
@@ -46,12 +98,21 @@ class CATConfig:
     checkpoint_stages: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        # Accept lists (YAML/JSON) but store tuples so the config stays hashable and frozen.
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
-        object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
         n = "CATConfig"
+        # types first, so a wrong one is named here rather than failing in the arithmetic below
+        for name in ("depths", "num_heads", "checkpoint_stages"):
+            _check_ints(n, self, name)
+        _check_int(n, self, "img_size", why=" (square images: one side length in pixels)")
+        for name in ("embed_dim", "patch_size", "window", "in_chans", "num_classes"):
+            _check_int(n, self, name)
+        for name in ("mlp_ratio", "drop_rate", "attn_drop_rate", "drop_path_rate"):
+            _check_float(n, self, name)
+        for name in ("qkv_bias", "ape", "grad_checkpointing"):
+            _check_bool(n, self, name)
+        if not isinstance(self.stem, str):
+            raise TypeError(f"{n}: stem must be a str ('patch' or 'conv'), got {_given(self.stem)}")
         ns = len(self.depths)
-        stages = tuple(int(s) for s in self.checkpoint_stages)
+        stages = self.checkpoint_stages
         bad = [s for s in stages if not -ns <= s < ns]
         if bad:
             raise _err(n, f"checkpoint_stages {bad} out of range for {ns} stages")
@@ -112,6 +173,16 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         n = "TextConfig"
+        for name in ("vocab_size", "context_length", "pad_id", "bos_id", "eos_id"):
+            _check_int(n, self, name)
+        for name in ("width", "heads"):
+            _check_int(n, self, name, lo=1)
+        for name in ("layers", "decoder_layers"):
+            _check_int(n, self, name)
+        for name in ("mlp_ratio", "dropout"):
+            _check_float(n, self, name)
+        for name in ("tie_embeddings", "grad_checkpointing"):
+            _check_bool(n, self, name)
         if self.width % self.heads:
             raise _err(n, f"width {self.width} is not divisible by heads {self.heads}")
         if self.vocab_size < 4:
@@ -128,6 +199,8 @@ class TextConfig:
             raise _err(n, f"layers and decoder_layers must be >= 1, got {self.layers}, {self.decoder_layers}")
         if not 0.0 <= self.dropout < 1.0:
             raise _err(n, f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.mlp_ratio > 0 or int(self.width * self.mlp_ratio) < 1:
+            raise _err(n, f"mlp_ratio must give an MLP of at least one unit (> 0), got {self.mlp_ratio}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +250,26 @@ class MMXAttnConfig:
             object.__setattr__(self, "vision", CATConfig(**self.vision))
         if isinstance(self.text, dict):
             object.__setattr__(self, "text", TextConfig(**self.text))
-        object.__setattr__(self, "image_stages", tuple(int(s) for s in self.image_stages))
+        for name, cls in (("vision", CATConfig), ("text", TextConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(
+                    f"{n}: {name} must be a {cls.__name__} or a dict of its fields, got {_given(getattr(self, name))}"
+                )
+        _check_int(n, self, "embed_dim")
+        _check_ints(n, self, "image_stages")
+        for name in ("init_logit_scale", "max_logit_scale"):
+            _check_float(n, self, name)
+        for name in ("itm_head", "word_head", "word_context"):
+            _check_bool(n, self, name)
+        if self.word_head_stage is not None:
+            _check_int(n, self, "word_head_stage", why=" (an encoder stage) or None")
+        for name in ("word_context_input", "vision_backend"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{n}: {name} must be a str, got {_given(getattr(self, name))}")
+        if self.vision_pretrained is not None and not isinstance(self.vision_pretrained, (str, os.PathLike)):
+            raise TypeError(
+                f"{n}: vision_pretrained must be a path (str) or None, got {_given(self.vision_pretrained)}"
+            )
         if not self.image_stages:
             raise _err(n, "image_stages must name at least one encoder stage")
         if self.vision_backend == "cat":
@@ -206,8 +298,14 @@ class MMXAttnConfig:
             raise _err(n, f"word_context_input must be 'prob' or 'logprob', got {self.word_context_input!r}")
         if self.embed_dim < 1:
             raise _err(n, f"embed_dim must be positive, got {self.embed_dim}")
-        if self.max_logit_scale <= 0 or math.exp(self.init_logit_scale) > self.max_logit_scale:
-            raise _err(n, "init_logit_scale must be <= log(max_logit_scale)")
+        if self.max_logit_scale <= 0:
+            raise _err(n, f"max_logit_scale must be > 0, got {self.max_logit_scale}")
+        if self.init_logit_scale > math.log(self.max_logit_scale):  # no exp(): it overflows for a large init
+            raise _err(
+                n,
+                f"init_logit_scale must be <= log(max_logit_scale) = {math.log(self.max_logit_scale):.4g}, "
+                f"got {self.init_logit_scale}",
+            )
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -224,11 +322,28 @@ def json_ready(obj: Any) -> Any:
 
 
 def config_from_dict(d: dict) -> MMXAttnConfig:
-    """Inverse of :func:`config_to_dict` for :class:`MMXAttnConfig`; unknown keys are an error naming them."""
+    """Inverse of :func:`config_to_dict` for :class:`MMXAttnConfig`; unknown keys are an error naming them.
+
+    ``d`` must be a dict holding at least one field of the config: an empty one (or a list, ...) is an error, not
+    the default model, whose weights would not fit what the file was meant to describe."""
+    if not isinstance(d, Mapping):
+        raise TypeError(
+            f"MMXAttnConfig: a config must be a dict of its fields (as config_to_dict writes), got {_given(d)}"
+        )
     known = {f.name for f in dataclasses.fields(MMXAttnConfig)}
+    if not d:
+        raise ValueError(
+            "MMXAttnConfig: the config dict is empty; expected the fields config_to_dict writes "
+            f"(e.g. {sorted(known)[:6]})"
+        )
     unknown = set(d) - known
+    if unknown == set(d):
+        raise ValueError(
+            f"MMXAttnConfig: unrecognised config: none of its keys {sorted(map(str, d))[:10]} is a field of "
+            f"MMXAttnConfig ({sorted(known)})"
+        )
     if unknown:
-        raise ValueError(f"MMXAttnConfig: unknown keys {sorted(unknown)}")
+        raise ValueError(f"MMXAttnConfig: unknown keys {sorted(map(str, unknown))}")
     d = dict(d)
     if "vision" in d:
         d["vision"] = _strict(CATConfig, d["vision"])
@@ -238,6 +353,8 @@ def config_from_dict(d: dict) -> MMXAttnConfig:
 
 
 def _strict(cls: type, d: dict) -> Any:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{cls.__name__}: a config must be a dict of its fields, got {_given(d)}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .runtime import host_reads_unavailable
 
 
 def _world() -> tuple[int, int]:
@@ -60,6 +63,15 @@ def _all_gather_rows(x: Tensor, sizes: list[int], with_grad: bool) -> Tensor:
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _check_not_empty(n_images: int, n_texts: int) -> None:
+    # every rank sees the same global sizes, so under torch.distributed all raise together (no rank hangs)
+    if n_images == 0 or n_texts == 0:
+        raise ValueError(
+            f"ContrastiveLoss: an empty batch ({n_images} images, {n_texts} texts over all ranks): the loss of no "
+            "pairs is undefined (NaN); skip the step instead"
+        )
 
 
 def _check_embeds(image_embeds: Tensor, text_embeds: Tensor) -> None:
@@ -170,6 +182,7 @@ class ContrastiveLoss(nn.Module):
             offset = sum(sizes[:rank])
         else:
             all_img, all_txt, all_pos, n, offset = image_embeds, text_embeds, pos_ids, b, 0
+        _check_not_empty(n, n)
 
         if world > 1 and self.local_loss:
             rows_img, rows_txt = image_embeds, text_embeds  # (b, E): our rows against all N columns
@@ -222,6 +235,7 @@ class ContrastiveLoss(nn.Module):
                 t,
             )
             off_i = off_t = 0
+        _check_not_empty(n_i, n_t)
         pos = positive_mask(owner, n_i, all_pos).float()  # (N_i, N_t)
         if world > 1 and self.local_loss:
             img_rows, txt_rows = image_embeds, text_embeds
@@ -244,14 +258,30 @@ class CaptionLoss(nn.Module):
 
     Inputs are already aligned: the model reads ``ids[:, :-1]`` and predicts ``labels = ids[:, 1:]``. A batch with
     no non-pad label returns 0 (with a gradient path) instead of NaN.
+
+    Ignored labels: ``pad_id`` and also ``-100`` (:data:`IGNORE_INDEX`, the ignore convention of PyTorch's
+    ``cross_entropy`` and Hugging Face), so labels prepared either way work. ``pad_id`` must be an id of the
+    vocabulary (``0 <= pad_id < V``, V = ``logits.shape[-1]``); every other label must lie in ``[0, V)``, else a
+    ``ValueError`` names it (one host read per call, skipped under torch.compile and CUDA graph capture, and with
+    ``check_labels=False``, as the training module builds it: the model's forward has checked the ids the labels
+    are cut from, and a second host sync per step would stall a GPU).
     """
 
-    def __init__(self, pad_id: int, label_smoothing: float = 0.0) -> None:
+    IGNORE_INDEX = -100
+
+    def __init__(self, pad_id: int, label_smoothing: float = 0.0, check_labels: bool = True) -> None:
         super().__init__()
+        if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral):
+            raise TypeError(f"pad_id must be an int (the vocabulary's pad token id), got {type(pad_id).__name__}")
+        if pad_id < 0:
+            raise ValueError(
+                f"pad_id must be >= 0 (a token id of the vocabulary; -100 labels are ignored anyway), got {pad_id}"
+            )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.pad_id = pad_id
+        self.pad_id = int(pad_id)
         self.label_smoothing = label_smoothing
+        self.check_labels = bool(check_labels)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
@@ -261,14 +291,29 @@ class CaptionLoss(nn.Module):
             )
         if labels.is_floating_point():
             raise TypeError(f"labels must hold integer token ids, got dtype {labels.dtype}")
+        V = logits.shape[-1]
+        if self.pad_id >= V:
+            raise ValueError(
+                f"pad_id={self.pad_id} is outside the vocabulary of the logits [0, {V}): no label would be ignored"
+            )
+        ignored = (labels == self.pad_id) | (labels == self.IGNORE_INDEX)  # (B, T)
+        if self.check_labels and labels.numel() and not host_reads_unavailable(labels):
+            # one fused read: min and max of the labels that count (an id out of range is a device assert on CUDA)
+            lo, hi = torch.stack(torch.aminmax(labels.masked_fill(ignored, self.pad_id))).tolist()
+            if lo < 0 or hi >= V:
+                bad = labels[~ignored & ((labels < 0) | (labels >= V))]
+                raise ValueError(
+                    f"labels must be token ids in [0, {V}) or ignored (pad_id={self.pad_id} or "
+                    f"{self.IGNORE_INDEX}); got {int(bad[0])} ({bad.numel()} label(s) out of range, min {lo}, max {hi})"
+                )
         total = F.cross_entropy(
             logits.flatten(0, 1),  # (B*T, V)
-            labels.flatten(),  # (B*T,)
-            ignore_index=self.pad_id,
+            labels.masked_fill(ignored, self.IGNORE_INDEX).flatten(),  # (B*T,)
+            ignore_index=self.IGNORE_INDEX,
             label_smoothing=self.label_smoothing,
             reduction="sum",
         )
-        count = (labels != self.pad_id).sum().clamp_min(1)  # no host sync
+        count = (~ignored).sum().clamp_min(1)  # no host sync
         return total / count
 
 

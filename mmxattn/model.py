@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MMXAttnConfig
+from .runtime import host_reads_unavailable
 from .text.towers import AttentionalPooler, DecodingCache, ImageTokenProjector, MultimodalDecoder, TextEncoder
 from .vision.windows import InferenceLinear, use_inference_linears
 
@@ -173,14 +174,6 @@ def _in_eval_mode(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
 
     return wrapper
-
-
-def _tracing(x: Tensor) -> bool:
-    """Whether a value check that reads ``x`` on the host cannot run now (torch.compile tracing, CUDA graph
-    capture)."""
-    if torch.compiler.is_compiling():
-        return True
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _check_array(a: Any, i: int) -> Any:
@@ -360,7 +353,7 @@ class MMXAttn(nn.Module):
             raise ValueError(f"images: an empty batch {tuple(images.shape)}; give at least one image")
         if check_finite is None:
             check_finite = not (self.training and torch.is_grad_enabled())
-        if check_finite and not _tracing(images) and not bool(torch.isfinite(images).all()):
+        if check_finite and not host_reads_unavailable(images) and not bool(torch.isfinite(images).all()):
             bad = [first + b for b in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()]
             which = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
             of_it = "" if name == "images" else " of it"

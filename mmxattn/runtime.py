@@ -27,8 +27,19 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["tune_cpu_allocator", "MALLOC_SETTINGS", "remove_orphaned_files"]
+
+
+def host_reads_unavailable(x: Any) -> bool:
+    """Whether a check that reads tensor ``x``'s values on the host cannot run now: while torch.compile traces,
+    or while a CUDA graph is being captured (a host sync there is an error)."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return True
+    return bool(x.is_cuda) and torch.cuda.is_current_stream_capturing()
 
 
 def _alive(pid: int) -> bool:

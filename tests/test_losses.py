@@ -121,6 +121,16 @@ def test_contrastive_bad_inputs():
         ContrastiveLoss()(img, txt, torch.ones(2))
 
 
+def test_contrastive_empty_batch_is_an_error_not_nan():
+    img, txt = _embeds()
+    with pytest.raises(ValueError, match=r"ContrastiveLoss: an empty batch \(0 images, 0 texts"):
+        ContrastiveLoss()(img[:0], txt[:0], 10.0)
+    with pytest.raises(ValueError, match=r"ContrastiveLoss: an empty batch \(0 images, 0 texts"):
+        ContrastiveLoss()(img[:0], txt[:0], 10.0, text_image_index=torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="ContrastiveLoss: an empty batch"):
+        MMXAttnLoss(pad_id=0, caption_weight=0.0)(img[:0], txt[:0], 10.0, None, None)
+
+
 def _many_texts_reference(img, txt, scale, tii, pos_ids=None):
     """Written out: image i's positives are its texts and texts equal (by id) to one of them; soft targets uniform
     over the positives; i2t averaged over images, t2i over texts."""
@@ -348,6 +358,46 @@ def test_caption_loss_all_pad_is_zero_not_nan():
     loss = CaptionLoss(pad_id=0)(logits.requires_grad_(True), torch.zeros_like(labels))
     assert loss.item() == 0.0
     loss.backward()
+
+
+def test_caption_loss_ignores_minus_100_labels_like_pads():
+    """-100 (PyTorch's and Hugging Face's ignore index) is ignored as pad is, in the same batch."""
+    logits, labels = _caption_batch(pad_id=5)
+    mixed = labels.clone()
+    mixed[0, 4:] = -100  # those were pads
+    loss_fn = CaptionLoss(pad_id=5)
+    torch.testing.assert_close(loss_fn(logits, mixed), loss_fn(logits, labels))
+    keep = (labels != 5) & (mixed != -100)
+    torch.testing.assert_close(loss_fn(logits, mixed), F.cross_entropy(logits[keep], labels[keep]))
+    logits.requires_grad_(True)
+    loss_fn(logits, mixed).backward()
+    assert logits.grad[mixed == -100].abs().max() == 0
+    all_ignored = torch.full_like(labels, -100)
+    all_ignored[0, 0] = 5
+    assert loss_fn(logits, all_ignored).item() == 0.0
+
+
+def test_caption_loss_pad_id_must_be_a_vocabulary_id():
+    logits, labels = _caption_batch()  # V = 11
+    with pytest.raises(ValueError, match=r"pad_id must be >= 0 .*got -1"):
+        CaptionLoss(pad_id=-1)
+    with pytest.raises(ValueError, match=r"pad_id must be >= 0 .*got -100"):
+        MMXAttnLoss(pad_id=-100)
+    with pytest.raises(TypeError, match=r"pad_id must be an int .*got float"):
+        CaptionLoss(pad_id=0.0)
+    with pytest.raises(ValueError, match=r"pad_id=11 is outside the vocabulary of the logits \[0, 11\)"):
+        CaptionLoss(pad_id=11)(logits, labels)
+    with pytest.raises(ValueError, match=r"pad_id=40 is outside the vocabulary of the logits \[0, 11\)"):
+        CaptionLoss(pad_id=40)(logits, labels)
+
+
+@pytest.mark.parametrize("bad", [11, 12, -1, -99])
+def test_caption_loss_out_of_range_labels_name_the_value(bad):
+    logits, labels = _caption_batch()  # V = 11, pad 0
+    labels[1, 3] = bad
+    labels[2, 0] = -100  # ignored, not out of range
+    with pytest.raises(ValueError, match=rf"labels must be token ids in \[0, 11\) .*got {bad} \(1 label"):
+        CaptionLoss(pad_id=0)(logits, labels)
 
 
 def test_caption_loss_shape_error_names_both():
@@ -622,3 +672,17 @@ def test_word_attention_gradient_moves_the_peak_onto_the_word_and_errors(objecti
         loss_fn([torch.rand(R, 2, T, L)], probs[0], targets)
     with pytest.raises(ValueError, match="no text_image_index"):
         loss_fn([torch.rand(2 * R, 2, T, L)], probs, targets.repeat(2, 1))
+
+
+def test_caption_loss_check_labels_false_skips_the_host_read_the_training_module_does_not_need():
+    """The training module's CaptionLoss does not re-check labels (the model's forward checked the ids they are
+    cut from): no second host sync per step. With the check off, a bad label reaches cross_entropy itself."""
+    from mmxattn.lit.module import MMXAttnModule
+
+    assert MMXAttnModule(preset="mmx_tiny").caption_loss.check_labels is False
+    logits, labels = _caption_batch()  # V = 11
+    labels[1, 3] = 12
+    with pytest.raises(IndexError):  # torch's own error (a device assert on CUDA), not the checked ValueError
+        CaptionLoss(pad_id=0, check_labels=False)(logits, labels)
+    labels[1, 3] = 4
+    torch.testing.assert_close(CaptionLoss(0, check_labels=False)(logits, labels), CaptionLoss(0)(logits, labels))

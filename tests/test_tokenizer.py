@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import warnings
 
 import pytest
@@ -241,6 +242,52 @@ def test_errors(which, word, bpe):
         tok.decode(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="context_length"):
         tok("a", context_length=1)
+
+
+@pytest.mark.parametrize("which, missing", [("word", "context_length"), ("word", "vocab"), ("bpe", "context_length")])
+def test_a_dict_without_a_field_names_it_not_a_bare_key_error(which, missing, word, bpe, tmp_path):
+    d = (word if which == "word" else bpe).to_dict()
+    d.pop(missing)
+    with pytest.raises(ValueError, match=f"the tokenizer dict \\(type '{d['type']}'\\) has no '{missing}' field"):
+        tokenizer_from_dict(d)
+    file = tmp_path / "tokenizer.json"
+    file.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=f"{re.escape(str(file))}: invalid tokenizer file: .*has no '{missing}' field"):
+        load_tokenizer(tmp_path)
+
+
+def test_invalid_fields_name_the_field_and_the_file(word, bpe, tmp_path):
+    file = tmp_path / "tokenizer.json"
+    for d, match in (
+        ({**word.to_dict(), "context_length": "8"}, "field 'context_length' must be an int, got str '8'"),
+        ({**word.to_dict(), "context_length": 7.9}, "field 'context_length' must be an int, got float 7.9"),
+        ({**word.to_dict(), "vocab": "<pad> <bos>"}, "field 'vocab' must be a list of str, got str"),
+        ({**bpe.to_dict(), "clean": None}, "field 'clean' must be a str, got NoneType"),
+        ({"type": ["word"]}, r"unknown tokenizer type \['word'\]"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=match):
+            tokenizer_from_dict(d)
+        file.write_text(json.dumps(d))
+        with pytest.raises((TypeError, ValueError), match=f"{re.escape(str(file))}: invalid tokenizer file: .*{match}"):
+            load_tokenizer(file)
+    file.write_text('{"type": "word", ')
+    with pytest.raises(ValueError, match=f"{re.escape(str(file))}: not a tokenizer file, not readable JSON"):
+        load_tokenizer(file)
+
+
+def test_an_exported_tokenizer_json_without_a_field_names_the_file_and_the_field(tmp_path):
+    import mmxattn
+    from mmxattn.checkpoint import CheckpointError
+
+    tok = WordTokenizer([*WordTokenizer.SPECIALS, *(f"w{i}" for i in range(60))])
+    d = mmxattn.export(mmxattn.create_model("mmx_tiny", tokenizer=tok), tmp_path / "exp")
+    saved = json.loads((d / "tokenizer.json").read_text())
+    del saved["context_length"]
+    (d / "tokenizer.json").write_text(json.dumps(saved))
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.json: invalid tokenizer settings: .*no 'context_length' field"
+    ):
+        mmxattn.load(d)
 
 
 def test_bad_dicts_and_vocab():

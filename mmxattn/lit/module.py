@@ -275,7 +275,8 @@ class MMXAttnModule(pl.LightningModule):
             "rerank_with"
         ]
         self.contrastive = ContrastiveLoss()
-        self.caption_loss = CaptionLoss(pad_id=t.pad_id, label_smoothing=label_smoothing)
+        # check_labels=False: the model's forward has range-checked the ids (one host sync per step is enough)
+        self.caption_loss = CaptionLoss(pad_id=t.pad_id, label_smoothing=label_smoothing, check_labels=False)
         self.itm_loss = ITMLoss()
         self.word_loss = WordPresenceLoss(ignore_ids=(t.pad_id, t.bos_id, t.eos_id))
         if word_weight <= 0 and self.model.word_head is not None:

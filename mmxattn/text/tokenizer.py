@@ -274,7 +274,10 @@ class OpenCLIPTokenizer(_TokenizerBase):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OpenCLIPTokenizer:
-        tok = cls(context_length=int(d["context_length"]), clean=str(d.get("clean", "lower")))
+        clean = d.get("clean", "lower")
+        if not isinstance(clean, str):
+            raise TypeError(f"{cls.__name__}: field 'clean' must be a str, got {type(clean).__name__} {clean!r:.80}")
+        tok = cls(context_length=_context_length_field(cls, d), clean=clean)
         saved = d.get("bpe_sha256")
         if saved is not None and saved != _bpe_sha256():
             import open_clip
@@ -383,7 +386,10 @@ class WordTokenizer(_TokenizerBase):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WordTokenizer:
-        return cls(vocab=d["vocab"], context_length=int(d["context_length"]))
+        vocab = _required_field(cls, d, "vocab")
+        if not isinstance(vocab, (list, tuple)):
+            raise TypeError(f"{cls.__name__}: field 'vocab' must be a list of str, got {type(vocab).__name__}")
+        return cls(vocab=vocab, context_length=_context_length_field(cls, d))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,20 +398,47 @@ class WordTokenizer(_TokenizerBase):
 _TYPES: dict[str, type] = {OpenCLIPTokenizer.TYPE: OpenCLIPTokenizer, WordTokenizer.TYPE: WordTokenizer}
 
 
+def _required_field(cls: type, d: dict[str, Any], name: str) -> Any:
+    """``d[name]``, or a ``ValueError`` naming the missing field (not a bare ``KeyError``)."""
+    if name not in d:
+        raise ValueError(
+            f"{cls.__name__}: the tokenizer dict (type {d.get('type')!r}) has no {name!r} field; "
+            f"its fields: {sorted(map(str, d))}"
+        )
+    return d[name]
+
+
+def _context_length_field(cls: type, d: dict[str, Any]) -> int:
+    v = _required_field(cls, d, "context_length")
+    if isinstance(v, bool) or not isinstance(v, int):  # a float would be truncated silently
+        raise TypeError(f"{cls.__name__}: field 'context_length' must be an int, got {type(v).__name__} {v!r:.80}")
+    return v
+
+
 def tokenizer_from_dict(d: dict[str, Any]) -> OpenCLIPTokenizer | WordTokenizer:
-    """Inverse of ``to_dict``; dispatches on ``d["type"]``."""
+    """Inverse of ``to_dict``; dispatches on ``d["type"]``. A missing or invalid field is a ``ValueError`` or
+    ``TypeError`` naming it."""
     if not isinstance(d, dict) or "type" not in d:
         raise ValueError(f"tokenizer dict must be a dict with a 'type' key, got {type(d).__name__}: {d!r:.120}")
-    cls = _TYPES.get(d["type"])
+    cls = _TYPES.get(d["type"]) if isinstance(d["type"], str) else None
     if cls is None:
-        raise ValueError(f"unknown tokenizer type {d['type']!r}; known: {sorted(_TYPES)}")
+        raise ValueError(f"unknown tokenizer type {d['type']!r:.80}; known: {sorted(_TYPES)}")
     return cls.from_dict(d)
 
 
 def load_tokenizer(path: str | Path) -> OpenCLIPTokenizer | WordTokenizer:
-    """Load from a directory holding ``tokenizer.json`` (or the JSON file itself). JSON only: no code runs."""
+    """Load from a directory holding ``tokenizer.json`` (or the JSON file itself). JSON only: no code runs.
+    A file that is not JSON, or whose fields are missing or invalid, is an error naming the file and the field."""
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer file at {file} (expected a directory with {TOKENIZER_FILE})")
-    return tokenizer_from_dict(json.loads(file.read_text(encoding="utf-8")))
+    try:
+        d = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a tokenizer file, not readable JSON ({type(e).__name__}: {e})") from e
+    try:
+        return tokenizer_from_dict(d)
+    except (TypeError, ValueError) as e:
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(f"{file}: invalid tokenizer file: {e}") from e
