@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -36,6 +38,14 @@ from .text.towers import DecodingCache
 __all__ = ["generate", "GenerationConfig"]
 
 STRATEGIES = ("greedy", "beam", "sample")
+
+# Options that only one strategy reads, and the value at which they change nothing: greedy never reads num_beams or
+# length_penalty (nor the sampling options), beam never reads the sampling options, sample never reads the beam ones.
+# (max_new_tokens, min_new_tokens, repetition_penalty and the cache options apply to every strategy.)
+_STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
+    "beam": {"num_beams": 1, "length_penalty": 1.0},
+    "sample": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "generator": None},
+}
 
 
 class GenerationConfig:
@@ -81,12 +91,61 @@ class GenerationConfig:
             raise ValueError("top_k and min_new_tokens must be >= 0 and repetition_penalty > 0")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_new_tokens is not None and min_new_tokens > max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({min_new_tokens}) must be <= max_new_tokens ({max_new_tokens}): a caption cannot "
+                "be both"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, got "
+                f"{type(generator).__name__} {generator!r}"
+            )
         num_beams, top_k, min_new_tokens = int(num_beams), int(top_k), int(min_new_tokens)
         max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
         del name, value
         if not use_cache and (static_cache or cuda_graph):
             raise ValueError("static_cache and cuda_graph decode with a cache; they need use_cache=True")
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
+
+
+def _warn_unused_options(strategy: str, options: dict[str, Any]) -> None:
+    """One UserWarning naming every option in ``options`` (those the caller passed) that ``strategy`` does not read
+    and that is not at its neutral value (num_beams=1, length_penalty=1.0, temperature=1.0, top_k=0, top_p=1.0,
+    generator=None). The strategy is never switched (unlike transformers, where num_beams > 1 means beam search)."""
+    groups = {
+        owner: [k for k in neutral if k in options and options[k] != neutral[k]]  # a Generator != None
+        for owner, neutral in _STRATEGY_OPTIONS.items()
+        if owner != strategy
+    }
+    groups = {owner: names for owner, names in groups.items() if names}
+    if not groups:
+        return
+    shown = ", ".join(
+        f"{k}=<torch.Generator>" if k == "generator" else f"{k}={options[k]!r}" for ks in groups.values() for k in ks
+    )
+    how = {"beam": "beam search", "sample": "sampling"}
+    why = "; ".join(
+        f"{', '.join(ks)} {'is' if len(ks) == 1 else 'are'} only read by strategy={owner!r} (pass that for {how[owner]})"
+        for owner, ks in groups.items()
+    )
+    warnings.warn(
+        f"generate(strategy={strategy!r}) ignores {shown}: {why}", UserWarning, stacklevel=_caller_stacklevel()
+    )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` (for a warning raised in the function that calls this) of the first frame outside this
+    package and torch (``torch.no_grad``'s wrappers): the user's line, whether they called ``model.generate``,
+    ``model.caption`` or :func:`generate`."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -293,8 +352,14 @@ def generate(
     ``top_k``, ``top_p``, ``generator`` (sample; a seeded ``torch.Generator`` makes it reproducible);
     ``repetition_penalty``; ``use_cache``; ``static_cache`` (fixed-size cache buffers; the CUDA graphs always use
     them); ``cuda_graph`` (replay captured graphs of the encoder call and the decoding step; default: on for CUDA
-    unless attention is being captured). ``image_tokens`` (B, L, D) from ``model.encode_image_tokens`` may be given instead of ``images`` to
-    reuse an encoder pass.
+    unless attention is being captured). ``image_tokens`` (B, L, D) from ``model.encode_image_tokens`` may be given
+    instead of ``images`` to reuse an encoder pass (cast to the decoder's dtype and device).
+
+    ``min_new_tokens`` must not exceed ``max_new_tokens``; ``generator`` must be a ``torch.Generator``. An option
+    that the strategy does not read, set to anything but its neutral value (``num_beams`` > 1 or ``length_penalty``
+    with greedy or sample; ``temperature``, ``top_k``, ``top_p`` or ``generator`` with greedy or beam), warns once
+    per call, naming them; the strategy is never switched (``num_beams=5`` alone stays greedy: pass
+    ``strategy="beam"``).
     """
     if (images is None) == (image_tokens is None):
         raise ValueError("generate needs exactly one of images or image_tokens")
@@ -303,7 +368,13 @@ def generate(
         if not isinstance(image_tokens, Tensor) or image_tokens.dim() != 3 or image_tokens.shape[-1] != width:
             got = tuple(image_tokens.shape) if isinstance(image_tokens, Tensor) else type(image_tokens).__name__
             raise ValueError(f"image_tokens must be (B, L, {width}) (model.encode_image_tokens), got {got}")
+        if not image_tokens.is_floating_point():
+            raise ValueError(
+                f"image_tokens must be a float tensor (model.encode_image_tokens), got {image_tokens.dtype}"
+            )
+        image_tokens = _to_decoder(model, image_tokens)
     cfg = GenerationConfig(strategy=strategy, max_new_tokens=max_new_tokens, **kwargs)
+    _warn_unused_options(strategy, {k: getattr(cfg, k) for k in kwargs})  # the validated values
     t = model.cfg.text
     limit = t.context_length - 1
     n_new = limit if cfg.max_new_tokens is None else min(cfg.max_new_tokens, limit)
@@ -320,6 +391,16 @@ def generate(
         if strategy == "beam":
             return _beam(model, image_tokens, n_new, cfg, special)
         return _greedy_or_sample(model, image_tokens, n_new, cfg, special)
+
+
+def _to_decoder(model: Any, image_tokens: Tensor) -> Tensor:
+    """``image_tokens`` in the dtype and on the device of the decoder's weights, as ``model.preprocess`` and the
+    image encoder do for images (float64 tokens failed in the cross-attention's matmul; CPU tokens for a CUDA model
+    in its first kernel)."""
+    for p in model.decoder.parameters():
+        if p.is_floating_point():
+            return image_tokens.to(device=p.device, dtype=p.dtype)
+    return image_tokens
 
 
 # Asking the device whether every row has ended makes the host wait for it; on a GPU only every 4th step asks, and

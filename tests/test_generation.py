@@ -1,6 +1,8 @@
 """Generation: the KV cache changes nothing, beam search with one beam is greedy, EOS stops rows, seeds rule
 sampling, and the image's cross-attention keys/values are projected once."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -248,3 +250,102 @@ def test_generation_options_of_the_wrong_type_or_not_finite_are_named(model, ima
     import numpy as np
 
     assert torch.equal(model.generate(images, max_new_tokens=np.int64(3), num_beams=np.int64(2), strategy="beam"), ids)
+
+
+@pytest.mark.parametrize(
+    "strategy, kw, unused",
+    [
+        ("greedy", dict(num_beams=5), ["num_beams=5"]),
+        ("greedy", dict(top_p=0.5), ["top_p=0.5"]),
+        ("greedy", dict(generator=torch.Generator()), ["generator"]),
+        (
+            "greedy",
+            dict(num_beams=2, length_penalty=0.5, temperature=0.7, top_k=3, top_p=0.9, generator=torch.Generator()),
+            ["num_beams=2", "length_penalty=0.5", "temperature=0.7", "top_k=3", "top_p=0.9", "generator"],
+        ),
+        ("beam", dict(num_beams=2, temperature=0.1), ["temperature=0.1"]),
+        ("beam", dict(top_k=4, top_p=0.8, generator=torch.Generator()), ["top_k=4", "top_p=0.8", "generator"]),
+        ("sample", dict(num_beams=4, length_penalty=2.0, top_k=5), ["num_beams=4", "length_penalty=2.0"]),
+    ],
+    ids=["greedy-beams", "greedy-top_p", "greedy-generator", "greedy-all", "beam-temp", "beam-sampling", "sample-beam"],
+)
+def test_options_the_strategy_does_not_use_warn_once(model, images, strategy, kw, unused):
+    """An option that the chosen strategy never reads (num_beams with greedy, temperature with beam, ...) used to be
+    dropped without a word: now one UserWarning per call names every ignored option and the strategy, pointing at
+    the caller's line; the strategy is not changed (the ids are those of the call without the ignored options)."""
+    with pytest.warns(UserWarning) as record:
+        model.generate(images, strategy=strategy, max_new_tokens=4, **kw)
+    assert len(record) == 1
+    w = record[0]
+    msg = str(w.message)
+    assert f"strategy={strategy!r}" in msg and "ignore" in msg
+    for name in unused:
+        assert name in msg
+    assert w.filename == __file__  # stacklevel: the user's call, not mmxattn's or torch's frames
+    if strategy == "greedy" and "num_beams" in kw:
+        assert "strategy='beam'" in msg  # says how to get beam search instead
+    # the options are ignored indeed: the ids are those of the call without them (same seed for sampling)
+    names = {u.split("=")[0] for u in unused}
+    used = {k: v for k, v in kw.items() if k not in names}
+    seeded = dict(generator=torch.Generator().manual_seed(0)) if strategy == "sample" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = model.generate(images, strategy=strategy, max_new_tokens=4, **(kw | seeded))
+        warnings.simplefilter("error")
+        seeded = dict(generator=torch.Generator().manual_seed(0)) if strategy == "sample" else {}
+        assert torch.equal(ids, model.generate(images, strategy=strategy, max_new_tokens=4, **(used | seeded)))
+
+
+def test_default_and_relevant_options_do_not_warn(model, images):
+    """Defaults (whether left out or passed explicitly) and the options a strategy does use stay silent; num_beams'
+    default (3, for beam search) is not an ignored option of greedy or sample."""
+    calls = [
+        dict(),
+        dict(strategy="greedy", num_beams=1, length_penalty=1.0, temperature=1.0, top_k=0, top_p=1.0, generator=None),
+        dict(strategy="greedy", min_new_tokens=2, repetition_penalty=1.3, use_cache=False),
+        dict(strategy="beam"),
+        dict(strategy="beam", num_beams=2, length_penalty=0.5, repetition_penalty=1.2, min_new_tokens=1),
+        dict(strategy="beam", temperature=1.0, top_k=0, top_p=1.0, generator=None),
+        dict(strategy="sample"),
+        dict(strategy="sample", temperature=0.7, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0)),
+        dict(strategy="sample", num_beams=1, length_penalty=1.0),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kw in calls:
+            model.generate(images, max_new_tokens=3, **kw)
+        model.generate(image_tokens=model.encode_image_tokens(images), max_new_tokens=3)
+
+
+def test_min_new_tokens_above_max_new_tokens_raises(model, images):
+    """min_new_tokens=10, max_new_tokens=3 used to return 3 tokens: the minimum could not be met."""
+    with pytest.raises(ValueError, match=r"min_new_tokens.*10.*max_new_tokens.*3"):
+        model.generate(images, min_new_tokens=10, max_new_tokens=3)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generation.GenerationConfig(min_new_tokens=4, max_new_tokens=2)
+    ids = model.generate(images, min_new_tokens=3, max_new_tokens=3)  # equal is fine
+    assert ids.shape == (3, 4)
+
+
+@pytest.mark.parametrize("strategy", ["sample", "greedy", "beam"])
+@pytest.mark.parametrize("bad", [0, "seed", torch.Generator], ids=["int", "str", "class"])
+def test_a_generator_that_is_not_a_torch_generator_is_a_type_error(model, images, strategy, bad):
+    """generator=0 used to fail deep in sampling with "'int' object has no attribute 'device'" (and was ignored
+    by greedy and beam)."""
+    with pytest.raises(TypeError, match="generator.*torch.Generator"):
+        model.generate(images, strategy=strategy, generator=bad, max_new_tokens=2)
+
+
+def test_image_tokens_are_cast_to_the_model_dtype(model, images):
+    """Images in another float dtype are cast to the model's; image tokens used to fail in the decoder's matmul
+    ("mat1 and mat2 must have the same dtype")."""
+    tokens = model.encode_image_tokens(images)
+    ref = model.generate(images, max_new_tokens=5)
+    assert torch.equal(model.generate(image_tokens=tokens, max_new_tokens=5), ref)
+    assert torch.equal(model.generate(image_tokens=tokens.double(), max_new_tokens=5), ref)
+    beam = model.generate(images, strategy="beam", num_beams=2, max_new_tokens=5)
+    assert torch.equal(
+        model.generate(image_tokens=tokens.double(), strategy="beam", num_beams=2, max_new_tokens=5), beam
+    )
+    with pytest.raises(ValueError, match="image_tokens.*float"):
+        model.generate(image_tokens=tokens.long())
