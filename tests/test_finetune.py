@@ -543,3 +543,78 @@ def test_mixed_precision_fit_on_gpu(precision, shapes, tmp_path):
     assert all(torch.isfinite(p).all() for p in mod.parameters())
     assert next(mod.parameters()).dtype == torch.float32  # mixed precision keeps fp32 master weights
     assert all(math.isfinite(v) for k, v in mod.last_metrics.items() if k.endswith("i2t_r1"))
+
+
+# ------------------------------------------------------------------------------------------------ init_from
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny_shapes"  # an export folder (word tokenizer, 64 px)
+
+
+def test_init_from_an_export_starts_a_new_run_from_its_weights_and_tokenizer(tmp_path):
+    """--model.init_from: the model's architecture, weights and tokenizer come from a trained model (the data's
+    own word vocabulary is replaced, warned), while step, epoch, optimizer and schedule start anew."""
+    from mmxattn.data.datamodule import ImageTextDataModule
+
+    trained = mmxattn.load(FIXTURE)
+    data = make_csv(tmp_path / "csv", n_images=8, caps=2)
+    dm = ImageTextDataModule(**data, tokenizer="word", img_size=64, context_length=24, batch_size=4, num_workers=0)
+    assert dm.tokenizer.to_dict() != trained.tokenizer.to_dict()  # another caption set, another vocabulary
+    mod = _module(dm, preset="mmx_cat_t", init_from=str(FIXTURE))  # preset not read: the file's architecture
+    assert mod.model.cfg == trained.cfg
+    for k, v in trained.state_dict().items():
+        assert torch.equal(mod.model.state_dict()[k], v), k
+    snaps = Snapshots()
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[snaps])
+    with pytest.warns(UserWarning, match=r"init_from .*tiny_shapes was trained with another tokenizer"):
+        trainer.fit(mod, datamodule=dm)
+    assert dm.tokenizer.to_dict() == trained.tokenizer.to_dict()  # captions read with the model's ids
+    assert mod.model.tokenizer.to_dict() == trained.tokenizer.to_dict()
+    assert sorted(snaps.steps) == [1, 2]  # a new run: counting from step 0, not the file's
+    moved = snaps.steps[2]["text.token_embedding.weight"] - trained.state_dict()["text.token_embedding.weight"]
+    assert moved.abs().max() > 0  # and it trains
+
+
+def test_init_from_a_checkpoint_file_and_what_it_refuses(tmp_path, shapes):
+    """A .ckpt of this module works as an export does (its evaluated weights, without its step counters); a data
+    img_size other than the model's, or overrides that change weight shapes, are errors naming the file; weights
+    the overrides add start fresh, warned."""
+    from mmxattn.checkpoint import CheckpointError
+
+    first = _module(shapes)
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.fit(first, datamodule=shapes)
+    ckpt = tmp_path / "first.ckpt"
+    trainer.save_checkpoint(ckpt)
+    mod = _module(shapes, init_from=str(ckpt))
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(mod.model.state_dict()[k], v), k
+    snaps = Snapshots()
+    _trainer(tmp_path, max_steps=2, callbacks=[snaps]).fit(mod, datamodule=shapes)
+    assert sorted(snaps.steps) == [1, 2]  # fit(ckpt_path=...) would have gone on from step 3 (and stopped)
+    with pytest.raises(CheckpointError, match=r"first.ckpt: the model was trained at img_size 64, the data gives 96"):
+        _module(shapes, init_from=str(ckpt), img_size=96)
+    with pytest.raises(CheckpointError, match="the overrides change the shapes of its weights"):
+        _module(shapes, init_from=str(ckpt), overrides={"text": {"width": 96}})
+    with pytest.warns(UserWarning, match=r"weights are not in the file and start fresh .*word_head"):
+        with_head = _module(shapes, init_from=str(ckpt), word_weight=0.5)
+    assert with_head.model.word_head is not None
+    with pytest.raises(CheckpointError, match="init_from: checkpoint not found"):
+        _module(shapes, init_from=str(tmp_path / "nope.ckpt"))
+
+
+def test_a_grown_word_vocabulary_on_resume_points_to_the_runs_tokenizer_or_init_from(tmp_path, shapes):
+    """Resuming on a train file with new words: the vocabulary sizes differ, and the hint named --model.* settings
+    (wrong: the data's vocabulary changed); it now names the two ways out."""
+    from mmxattn.checkpoint import CheckpointError
+
+    first = _module(shapes)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(first, datamodule=shapes)
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    ckpt = torch.load(tmp_path / "first.ckpt", weights_only=True)
+    linked = {**data_linked(shapes), "vocab_size": shapes.vocab_size + 2}  # what two new words in the file give
+    grown = MMXAttnModule(preset="mmx_tiny", img_size=64, **linked)
+    with pytest.raises(CheckpointError, match=r"text.vocab_size: \d+ in the checkpoint, \d+ here") as e:
+        grown.on_load_checkpoint(ckpt)
+    assert "--data.init_args.tokenizer DIR" in str(e.value) and "--model.init_from" in str(e.value)
+    with pytest.raises(CheckpointError, match=r"Build the model as the run did"):  # other differences: as before
+        _module(shapes, overrides={"text": {"width": 96}}).on_load_checkpoint(ckpt)

@@ -135,6 +135,14 @@ class MMXAttnModule(pl.LightningModule):
         ema_warmup: ramp the EMA decay up as ``min(ema_decay, (1 + t) / (10 + t))`` (for short runs).
         grad_checkpointing: recompute encoder, text and decoder blocks in the backward pass (less activation
             memory, about a third more compute).
+        init_from: a trained mmxattn model to start from: a Lightning ``.ckpt`` of this module (its evaluated
+            weights: the EMA where the run kept one) or a folder written by ``mmxattn.export``. The model's
+            architecture and tokenizer are the file's (``preset`` is not read; ``overrides`` and the word-head
+            switches apply on top, and weights they add start fresh, warned), the data module is switched to the
+            model's tokenizer (warned where it had built another: captions are read with the ids the weights
+            know), and everything else starts anew: optimizer, schedule, step and epoch counters (unlike
+            ``--ckpt_path``, which resumes a run). The data's ``img_size`` must be the model's. Keep the file while
+            the run may be resumed or rebuilt from its saved hyperparameters: they name it.
         compile: ``torch.compile`` the model's forward for training (evaluation runs eager). The compiled
             function is kept outside the module tree, so checkpoint keys do not change (no ``_orig_mod.``). Where
             it cannot work (no C++ compiler for the CPU backend, no Triton on CUDA, an unsupported Python) or its
@@ -205,6 +213,7 @@ class MMXAttnModule(pl.LightningModule):
         ema_warmup: bool = True,
         grad_checkpointing: bool = False,
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in ("stop", "skip"):
@@ -264,7 +273,11 @@ class MMXAttnModule(pl.LightningModule):
             )
         if word_only_schedule not in ("shared", "restart"):
             raise ValueError(f"word_only_schedule must be 'shared' or 'restart', got {word_only_schedule!r}")
-        self.model = create_model(preset, text=text, vision=vision, **rest)
+        self._init_tokenizer: Any = None  # init_from's tokenizer, given to the data module at setup
+        if init_from is None:
+            self.model = create_model(preset, text=text, vision=vision, **rest)
+        else:
+            self.model = self._model_from(init_from, overrides or {}, img_size, rest)
         t = self.model.cfg.text
         if itm_weight <= 0 and self.model.itm_head is not None:
             # an untrained matching head would re-rank at random, and DDP would wait for its gradients
@@ -316,9 +329,55 @@ class MMXAttnModule(pl.LightningModule):
         if unk is not None and int(unk) not in self.word_loss.ignore_ids:
             self.word_loss.ignore_ids += (int(unk),)
 
+    def _model_from(self, path: str, overrides: dict[str, Any], img_size: int | None, rest: dict[str, Any]) -> Any:
+        """The model of ``init_from``: its config with ``overrides`` (and ``rest``: the word-head switches) on top,
+        its weights loaded (those the overrides add start fresh, warned; a changed shape is an error)."""
+        from ..checkpoint import CheckpointError, load, state_dict_mismatch
+
+        try:
+            base = load(path)  # a .ckpt (its evaluated weights) or an export folder
+        except (FileNotFoundError, CheckpointError) as e:
+            raise CheckpointError(f"init_from: {e}") from e
+        have = base.cfg.vision.img_size
+        if img_size is not None and img_size != have:
+            raise CheckpointError(
+                f"init_from {path}: the model was trained at img_size {have}, the data gives {img_size}; set "
+                f"--data.init_args.img_size {have} (the position embedding and the preprocessing are the model's)"
+            )
+        # the text settings the data module linked in are replaced by the model's: its tokenizer comes along
+        extra = {k: v for k, v in rest.items() if getattr(base.cfg, k, None) != v}
+        model = create_model(base.cfg, tokenizer=base.tokenizer, **{**overrides, **extra})
+        own, given = model.state_dict(), base.state_dict()
+        missing, unexpected, wrong = state_dict_mismatch(own, given)
+        if wrong:
+            raise CheckpointError(
+                f"init_from {path}: the overrides change the shapes of its weights ({'; '.join(wrong[:4])}"
+                f"{'; ...' if len(wrong) > 4 else ''}); leave those settings as the model has them"
+            )
+        model.load_state_dict(given, strict=False)
+        missing = [k for k in missing if not k.endswith("relative_position_index")]
+        if missing:
+            warnings.warn(
+                f"init_from {path}: {len(missing)} weights are not in the file and start fresh (what the overrides "
+                f"add), e.g. {missing[:4]}",
+                stacklevel=3,
+            )
+        if unexpected:
+            warnings.warn(
+                f"init_from {path}: {len(unexpected)} of its weights have no place in this model and are not used "
+                f"(what the overrides remove), e.g. {unexpected[:4]}",
+                stacklevel=3,
+            )
+        self._init_tokenizer = base.tokenizer
+        model.train()
+        return model
+
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self._init_tokenizer is not None and getattr(dm, "tokenizer", None) is not None:
+            # init_from: the data module reads captions with the model's tokenizer (warned where it differs)
+            self._use_checkpoint_tokenizer(self._init_tokenizer.to_dict(), where=f"init_from {self.hparams.init_from}")
         tok = getattr(dm, "tokenizer", None)
         if tok is not None:
             # On a resume the checkpoint's tokenizer replaces this one afterwards (on_load_checkpoint runs later).
@@ -888,11 +947,26 @@ class MMXAttnModule(pl.LightningModule):
             diff.insert(0, f"preset: {preset!r} in the checkpoint, {self.hparams.get('preset')!r} here")
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         shown = "; ".join(diff[:8]) + ("; ..." if len(diff) > 8 else "")
+        saved_tok = checkpoint.get("mmxattn_tokenizer")
+        if theirs.get("text.vocab_size") != ours.get("text.vocab_size") and (
+            isinstance(saved_tok, dict) and saved_tok.get("type") == "word"
+        ):
+            # the usual cause: the data's word vocabulary was rebuilt from a train file with other words
+            fix = (
+                "The run's word vocabulary differs from the one the data built now (a train file with other words): "
+                "read the data with the run's tokenizer (python -m mmxattn export --ckpt <this checkpoint> --out DIR, "
+                "then --data.init_args.tokenizer DIR), or, to train on the new data from these weights as a new run, "
+                "--model.init_from <this checkpoint> instead of --ckpt_path"
+            )
+        else:
+            fix = (
+                "Build the model as the run did (its config, e.g. the config.yaml saved with its logs, or the same "
+                "--model.* settings)"
+            )
         raise CheckpointError(
             f"checkpoint {path or ''} was written by a model of another configuration ({len(mismatched)} tensors of "
             f"other shapes, {len(missing)} missing, {len(unexpected)} unexpected). Differing settings: "
-            f"{shown or 'none recorded'}. Build the model as the run did (its config, e.g. the config.yaml saved with "
-            "its logs, or the same --model.* settings)"
+            f"{shown or 'none recorded'}. {fix}"
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -952,19 +1026,20 @@ class MMXAttnModule(pl.LightningModule):
         if partial is not None:
             checkpoint["mmxattn_partial_grads"] = partial
 
-    def _use_checkpoint_tokenizer(self, saved: Any) -> None:
+    def _use_checkpoint_tokenizer(self, saved: Any, where: str | None = None) -> None:
         """The checkpoint's weights were trained with its tokenizer, so it wins over the one this run built: a word
         vocabulary rebuilt from a slightly edited train file can hold as many words in another order, and every
         embedding row would silently name another word. The data module is given the saved tokenizer too (its
         ``use_tokenizer``), with a warning naming what changed; a data module that cannot switch is an error.
 
-        Runs after ``setup`` (which attached the data's tokenizer). Fine-tuning a loaded model on data with a new
-        tokenizer does not come here: only ``fit/validate/test(ckpt_path=...)`` and ``load_from_checkpoint`` do."""
+        Runs after ``setup`` (which attached the data's tokenizer) for ``fit/validate/test(ckpt_path=...)`` and
+        ``load_from_checkpoint``, and from ``setup`` itself for ``init_from`` (``where`` then names that file)."""
         from ..checkpoint import CheckpointError
         from ..text.tokenizer import tokenizer_from_dict
 
-        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-        where = f"checkpoint {path}" if path else "the checkpoint"
+        if where is None:
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            where = f"checkpoint {path}" if path else "the checkpoint"
         try:
             if not isinstance(saved, dict):
                 raise TypeError(f"mmxattn_tokenizer is a {type(saved).__name__}, not a mapping")
