@@ -40,13 +40,41 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except (PermissionError, IsADirectoryError) as e:
         raise CheckpointError(f"{path} cannot be read ({e.strerror or e})") from e
     except Exception as e:  # the weights-only unpickler raises many kinds on foreign or corrupt files
-        raise CheckpointError(
-            f"{path} is not a loadable checkpoint (torch.load with weights_only=True refused it: "
-            f"{str(e).splitlines()[0][:200]})"
-        ) from e
+        raise CheckpointError(f"{path} {_why_unloadable(path, e)}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
+
+
+def _why_unloadable(path: Path, e: Exception) -> str:
+    """What a file that ``torch.load(weights_only=True)`` refused is, in words (not torch's advice to load it
+    unsafely): a damaged torch.save archive, a file of another kind, or a pickle holding more than plain data."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    cause = ""
+    if lines[0].startswith("Weights only load failed"):  # torch's advice to load unsafely first, the reason later
+        at = [i for i, line in enumerate(lines) if "WeightsUnpickler error:" in line]
+        if at:  # the reason follows the marker, on its line or the next
+            after = [lines[at[0]].split("WeightsUnpickler error:", 1)[1].strip(), *lines[at[0] + 1 : at[0] + 2]]
+            cause = next((part for part in after if part), "")
+        else:
+            skip = ("Check the documentation", "Please file an issue", "Re-running", "(")
+            cause = next((line for line in lines[1:] if not line.startswith(skip)), "")
+        cause = cause.strip().split(". ")[0]  # its first sentence, not the allow-listing advice after it
+    if head.startswith(b"PK\x03\x04"):
+        if cause:  # a readable archive whose pickle names classes or functions: refused, nothing of it runs
+            return (
+                f"holds objects that the safe loader refuses ({cause[:160]}); mmxattn checkpoints hold plain data "
+                "only, and a file's code is never run"
+            )
+        return f"is a damaged or truncated checkpoint archive ({lines[0].split('. ')[0][:160]})"
+    if head[:1] == b"\x80":  # a bare pickle, not a torch.save archive
+        return "is a pickle, not a torch.save checkpoint archive" + (f" ({cause[:160]})" if cause else "")
+    return f"is not a PyTorch checkpoint (a torch.save archive starts with 'PK'; this file starts with {head[:12]!r})"
 
 
 def _model_state(ckpt: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
