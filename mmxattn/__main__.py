@@ -16,7 +16,8 @@ Subcommands (argparse subparsers; ``python -m mmxattn --help`` lists them):
 
 Inputs are checked before the model is loaded (every image file's header read, the captions file read, the output
 path's directory writable), so bad input fails at once; pixels are decoded a batch at a time (a truncated file
-still fails there, named). Bad input (an unreadable image, an empty gallery or captions file,
+still fails there, named; in an ``--image-dir`` gallery it is skipped, and named and counted with the files whose
+header did not read in one ``warning:`` line). Bad input (an unreadable image, an empty gallery or captions file,
 a file that is not an mmxattn checkpoint, an output that cannot be written) prints ``error: ...`` naming it to
 stderr and exits with status 2, without a traceback; warnings of the new commands are printed as ``warning: ...``
 lines. Training and evaluation have their own entry points (see the epilog of ``--help``).
@@ -296,8 +297,9 @@ def cmd_caption(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- retrieve
-def _image_dir(directory: str) -> list[str]:
-    """The image files of ``directory`` by name (extensions PIL knows; hidden files and sub-folders skipped)."""
+def _image_dir(directory: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """The image files of ``directory`` by name (extensions PIL knows; hidden files and sub-folders skipped) whose
+    header reads, and ``(path, why)`` of those whose header does not (skipped: see :class:`_FolderGallery`)."""
     from PIL import Image
 
     d = Path(directory)
@@ -307,7 +309,7 @@ def _image_dir(directory: str) -> list[str]:
         raise UsageError(f"--image-dir {d}: not a directory")
     known = {ext.lower() for ext in Image.registered_extensions()}
     try:
-        # a dangling symlink is an unreadable image (skipped and named below), not a silently missing one
+        # a dangling symlink is an unreadable image (skipped and named), not a silently missing one
         files = sorted(
             f
             for f in d.iterdir()
@@ -318,17 +320,54 @@ def _image_dir(directory: str) -> list[str]:
     paths = [str(f) for f in files if f.suffix.lower() in known]
     if not paths:
         raise UsageError(f"--image-dir {d}: no image files in it ({len(files)} other files)")
-    # a folder of photos often holds a few broken files: skipped (named on stderr) before the model loads, not a
-    # stop after half the gallery is encoded. Only headers are read here; the pixels are decoded batch by batch.
+    # a folder of photos often holds a few broken files: skipped (named on stderr), not a stop after half the
+    # gallery is encoded. Only headers are read here, before the model loads; the pixels are decoded batch by batch.
     problems = [(path, _header_problem(path)) for path in paths]
     good = [path for path, why in problems if why is None]
     bad = [(path, why) for path, why in problems if why is not None]
-    if bad:
-        print(f"warning: --image-dir {d}: skipped {len(bad)} unreadable file(s), e.g. {bad[0][0]}: {bad[0][1]}",
-              file=sys.stderr)  # fmt: skip
     if not good:
         raise UsageError(f"--image-dir {d}: none of its {len(paths)} image files can be read")
-    return good
+    return good, bad
+
+
+class _FolderGallery:
+    """The files of an ``--image-dir`` for ``model.retrieve``, which reads an iterable a batch at a time: each file
+    is decoded once, as it is read (a folder of photos is never held decoded at once); one whose pixels do not decode
+    (a header that reads, then cut-off data) is skipped and joins ``skipped`` (with those whose header did not read),
+    and ``kept`` lists the decoded ones in order: the gallery the results index."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+        self.paths, self._bad_headers = _image_dir(directory)
+        self.n_files = len(self.paths) + len(self._bad_headers)  # the image files listed
+        self.kept: list[str] = []
+        self.skipped: list[tuple[str, str]] = list(self._bad_headers)  # (path, why)
+        self.done = False  # every file was read
+
+    def __iter__(self) -> Iterator[Any]:
+        from .data.robust import BadImageError, load_image
+
+        self.kept.clear()
+        self.skipped[:] = self._bad_headers
+        self.done = False
+        for path in self.paths:
+            try:
+                image = load_image(path, min_size=1)  # any readable image, as model.preprocess takes
+            except BadImageError as e:
+                self.skipped.append((path, e.reason))
+                continue
+            self.kept.append(path)
+            yield image
+        self.done = True
+
+    def report_skipped(self) -> None:
+        """One ``warning:`` line on stderr counting the skipped files and naming (the first 3 of) them."""
+        if not self.skipped:
+            return
+        bad = sorted(self.skipped)  # in the order of the folder's listing (by name)
+        named = "; ".join(f"{p}: {why}" for p, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        print(f"warning: --image-dir {self.directory}: skipped {len(bad)} unreadable file(s), e.g. {named}",
+              file=sys.stderr)  # fmt: skip
 
 
 def _read_captions(path: str) -> tuple[list[str], list[int]]:
@@ -351,20 +390,6 @@ def _read_captions(path: str) -> tuple[list[str], list[int]]:
     return [s for _, s in lines], [n for n, _ in lines]
 
 
-def _note_unknown_words(model: Any, texts: Sequence[str], what: str) -> None:
-    """A note on stderr when texts hold words outside a word-level vocabulary (read as ``<unk>``: they match
-    nothing, which a shell user otherwise never learns)."""
-    unk = getattr(model.tokenizer, "unk_id", None)
-    if unk is None:
-        return
-    ids = model.tokenizer(list(texts), context_length=model.cfg.text.context_length)  # (N, T)
-    bad = [t for t, row in zip(texts, ids) if bool((row == unk).any())]
-    if bad:
-        shown = ", ".join(repr(t) for t in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        print(f"note: {len(bad)} of {len(texts)} {what} have words the model does not know (read as <unk>): {shown}",
-              file=sys.stderr)  # fmt: skip
-
-
 def cmd_retrieve(a: argparse.Namespace) -> int:
     text_to_image = a.text is not None
     image_to_text = a.captions is not None or a.query_image is not None
@@ -385,14 +410,18 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
         if blank:
             raise UsageError(f"--text {blank[0]!r}: an empty query")
         queries: list[str] = list(a.text)
-        results = a.images if a.images is not None else _image_dir(a.image_dir)
-        missing = [p for p in results if not Path(p).is_file()]
-        if missing:  # named before the model loads; files that exist are decoded batch by batch in retrieve
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise UsageError(f"image {missing[0]}: not found{more}")
-        # the gallery goes to retrieve as paths: it decodes them a batch at a time (a folder of photos is never
-        # held decoded at once); an unreadable file stops the run there, named
-        images: list[Any] = list(results)
+        if a.images is not None:
+            results = a.images
+            missing = [p for p in results if not Path(p).is_file()]
+            if missing:  # named before the model loads; files that exist are decoded batch by batch in retrieve
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UsageError(f"image {missing[0]}: not found{more}")
+            # the gallery goes to retrieve as paths: it decodes them a batch at a time (many photos are never held
+            # decoded at once); a file the user named that does not decode stops the run there, named
+            images: Any = list(results)
+        else:  # a folder's files are decoded as retrieve reads them; those that do not decode are skipped
+            folder = _FolderGallery(a.image_dir)
+            images, results = folder, folder.kept  # kept: filled as retrieve reads the gallery, what it indexes
         texts, lines = queries, None
     else:
         if a.captions is None or a.query_image is None:
@@ -408,8 +437,7 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
         images = _read_images(queries)
         texts, lines = _read_captions(a.captions)
         results = texts
-    model = _load_model(a.ckpt, a.device)
-    _note_unknown_words(model, texts, "queries" if text_to_image else "captions")
+    model = _load_model(a.ckpt, a.device)  # (texts with words it does not know: retrieve warns, naming them)
     from .data.formats import BadImageError
 
     with _warnings_as_lines():
@@ -428,6 +456,16 @@ def cmd_retrieve(a: argparse.Namespace) -> int:
             raise UsageError(f"image {e}") from None
         except RuntimeError as e:  # e.g. out of memory on --device
             raise UsageError(f"retrieval failed: {str(e).splitlines()[0]} (try a smaller --batch-size)") from None
+        except ValueError:
+            if isinstance(images, _FolderGallery) and images.done and not images.kept:  # retrieve: "an empty list"
+                path, why = sorted(images.skipped)[0]
+                raise UsageError(
+                    f"--image-dir {a.image_dir}: none of its {images.n_files} image files can be read "
+                    f"(e.g. {path}: {why})"
+                ) from None
+            raise
+    if isinstance(images, _FolderGallery):
+        images.report_skipped()
     kind = "images" if text_to_image else "captions"
     if a.k > len(results):  # retrieve clamps k to the gallery (as here); say so (once it has read the gallery)
         print(f"note: -k {a.k} is more than the {len(results)} {kind}; showing all {len(results)}", file=sys.stderr)

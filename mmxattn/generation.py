@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -33,6 +31,7 @@ from torch import Tensor
 
 from . import cuda_graph
 from .attention import Attention, fused_attention_enabled
+from .runtime import user_stacklevel
 from .text.towers import DecodingCache
 
 __all__ = ["generate", "GenerationConfig"]
@@ -129,23 +128,7 @@ def _warn_unused_options(strategy: str, options: dict[str, Any]) -> None:
         f"{', '.join(ks)} {'is' if len(ks) == 1 else 'are'} only read by strategy={owner!r} (pass that for {how[owner]})"
         for owner, ks in groups.items()
     )
-    warnings.warn(
-        f"generate(strategy={strategy!r}) ignores {shown}: {why}", UserWarning, stacklevel=_caller_stacklevel()
-    )
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` (for a warning raised in the function that calls this) of the first frame outside this
-    package and torch (``torch.no_grad``'s wrappers): the user's line, whether they called ``model.generate``,
-    ``model.caption`` or :func:`generate`."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
-        frame, level = frame.f_back, level + 1
-    return level
+    warnings.warn(f"generate(strategy={strategy!r}) ignores {shown}: {why}", UserWarning, stacklevel=user_stacklevel())
 
 
 def _check_int(name: str, value: Any) -> None:

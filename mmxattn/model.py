@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MMXAttnConfig
-from .runtime import host_reads_unavailable
+from .runtime import host_reads_unavailable, user_stacklevel
 from .text.towers import AttentionalPooler, DecodingCache, ImageTokenProjector, MultimodalDecoder, TextEncoder
 from .vision.windows import InferenceLinear, use_inference_linears
 
@@ -66,6 +66,10 @@ class RetrievalResult:
     t2i_indices: Tensor | None  # (N_txt, k)
     t2i_scores: Tensor | None
 
+
+# Float pixels beyond +-this are taken for un-normalised ones (0..255 values): normalised pixels of any usual
+# mean/std (ImageNet's, CLIP's, 0.5/0.5) lie within about [-3, 3].
+MAX_NORMALISED_PIXEL = 20.0
 
 # What MMXAttn.retrieve ranks: texts for every image and images for every text, or one of the two.
 RETRIEVE_DIRECTIONS = ("both", "i2t", "t2i")
@@ -191,6 +195,25 @@ def _check_array(a: Any, i: int) -> Any:
                 f"images[{i}]: float arrays are pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}"
             )
     return a
+
+
+def _warn_unknown_words(tokenizer: Any, texts: list[str]) -> None:
+    """One warning naming (up to 5 of) the words of ``texts`` that ``tokenizer`` reads as ``<unk>`` and how many
+    texts have them: an unknown word matches nothing, and a text scored without it says so nowhere else. Only
+    tokenizers with an ``<unk>`` token (the word-level one) have unknown words."""
+    from .text.tokenizer import unknown_words
+
+    per_text = unknown_words(tokenizer, texts)
+    n = sum(1 for u in per_text if u)
+    if not n:
+        return
+    words = list(dict.fromkeys(w for u in per_text for w in u))  # distinct, in order of appearance
+    more = f" and {len(words) - 5} more" if len(words) > 5 else ""
+    warnings.warn(
+        f"texts: {n} of {len(texts)} text(s) have words the tokenizer does not know, e.g. "
+        f"{', '.join(map(repr, words[:5]))}{more}: they read as <unk>, so they match nothing",
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _composited(a: Any, i: int) -> Any:
@@ -332,10 +355,11 @@ class MMXAttn(nn.Module):
         self, images: Tensor, check_finite: bool | None = None, name: str = "images", first: int = 0
     ) -> Tensor:
         """A float batch (B, 3, H, W) (or (3, H, W)) checked and cast to the encoder's dtype; anything else goes
-        through :meth:`preprocess`. ``check_finite``: NaN or infinite pixels are an error (one reduction and a
-        host sync; skipped while compiling or capturing a CUDA graph). None (the default): checked unless this is
-        a training pass (training mode with gradients on), whose non-finite losses the training loop catches and
-        skips. Errors call the batch ``name``, its first image number ``first``."""
+        through :meth:`preprocess`. ``check_finite``: NaN or infinite pixels are an error, and so are values beyond
+        +-``MAX_NORMALISED_PIXEL`` (un-normalised 0..255 pixels): one fused min/max reduction and a host sync,
+        skipped while compiling or capturing a CUDA graph. None (the default): checked unless this is a training
+        pass (training mode with gradients on), whose non-finite losses the training loop catches and skips.
+        Errors call the batch ``name``, its first image number ``first``."""
         if not isinstance(images, Tensor):
             return self.preprocess(images)
         if images.dim() == 3:
@@ -353,16 +377,31 @@ class MMXAttn(nn.Module):
             raise ValueError(f"images: an empty batch {tuple(images.shape)}; give at least one image")
         if check_finite is None:
             check_finite = not (self.training and torch.is_grad_enabled())
-        if check_finite and not host_reads_unavailable(images) and not bool(torch.isfinite(images).all()):
-            bad = [first + b for b in (~torch.isfinite(images)).flatten(1).any(1).nonzero().flatten().tolist()]
-            which = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
-            of_it = "" if name == "images" else " of it"
-            raise ValueError(
-                f"{name}: NaN or infinite pixel values in image{'s' if len(bad) > 1 else ''} {which}{of_it}; every "
-                "score and caption of theirs would be meaningless (a NaN image ranks first in retrieval)"
-            )
+        if check_finite and images.numel() and not host_reads_unavailable(images):
+            # one fused reduction and one host read: NaN propagates into both ends, an infinity reaches one
+            lo, hi = torch.stack(torch.aminmax(images)).tolist()
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                why = "; every score and caption of theirs would be meaningless (a NaN image ranks first in retrieval)"
+                self._pixel_error(~torch.isfinite(images), name, first, "NaN or infinite pixel values", why)
+            if lo < -MAX_NORMALISED_PIXEL or hi > MAX_NORMALISED_PIXEL:
+                why = (
+                    " look like un-normalised 0..255 pixels (normalised ones lie within about [-3, 3]): give uint8 "
+                    "pixel tensors through model.preprocess (PIL images, arrays and paths go through it too), or "
+                    "normalise float pixels in [0, 1] as model.transform does"
+                )
+                mask = images.abs() > MAX_NORMALISED_PIXEL
+                self._pixel_error(mask, name, first, f"pixel values from {lo:.4g} to {hi:.4g}", why)
         dtype = self._image_dtype()
         return images if images.dtype == dtype else images.to(dtype)  # e.g. fp32 pixels into a bf16 model
+
+    @staticmethod
+    def _pixel_error(bad_pixels: Tensor, name: str, first: int, what: str, why: str) -> None:
+        """Raise the ValueError "{name}: {what} in images 3, 4{why}" naming the images of the batch ``name``
+        (numbered from ``first``) that hold a ``bad_pixels`` (a (B, 3, H, W) bool mask)."""
+        bad = [first + b for b in bad_pixels.flatten(1).any(1).nonzero().flatten().tolist()]
+        which = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
+        of_it = "" if name == "images" else " of it"
+        raise ValueError(f"{name}: {what} in image{'s' if len(bad) > 1 else ''} {which}{of_it}{why}")
 
     def _image_dtype(self) -> torch.dtype:
         """The dtype the image encoder's weights hold (what ``images`` are cast to)."""
@@ -378,8 +417,15 @@ class MMXAttn(nn.Module):
             if self.tokenizer is None:
                 raise ValueError("texts given as strings but the model has no tokenizer; pass token ids")
             texts = list(ids) if not isinstance(ids, str) else [ids]
+            for i, t in enumerate(texts):
+                if isinstance(t, str) and not t.strip():
+                    raise ValueError(
+                        f"texts[{i}]: an empty text {t!r}; give words to score (training takes no empty captions, "
+                        "so the model has no meaningful score for one)"
+                    )
             ids = self.tokenizer(texts, context_length=self.cfg.text.context_length)  # the model's, whatever the
             # tokenizer's own default
+            _warn_unknown_words(self.tokenizer, texts)
         if isinstance(ids, (list, tuple)) and not ids:
             raise ValueError("texts: an empty list; give at least one text")
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
@@ -540,7 +586,9 @@ class MMXAttn(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, token_ids: Tensor | Sequence[str], normalize: bool = True) -> Tensor:
-        """(B, T) ids (or strings, with a tokenizer attached) -> (B, E), L2-normalised unless told otherwise."""
+        """(B, T) ids (or strings, with a tokenizer attached) -> (B, E), L2-normalised unless told otherwise. Strings
+        (here and in similarity, retrieve, forward): an empty one is an error; words a word-level vocabulary does
+        not know (read as ``<unk>``, which matches nothing) draw one warning naming them."""
         x, _ = self.text(self._check_ids(token_ids))
         return F.normalize(x, dim=-1) if normalize else x
 

@@ -42,6 +42,19 @@ def host_reads_unavailable(x: Any) -> bool:
     return bool(x.is_cuda) and torch.cuda.is_current_stream_capturing()
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function point at the first frame
+    outside this package and torch (``torch.no_grad``'s wrappers): the user's line, whatever public function and
+    wrappers led there."""
+    import torch
+
+    roots = tuple(os.path.join(os.path.dirname(os.path.abspath(f)), "") for f in (__file__, torch.__file__))
+    frame, level = sys._getframe(1), 1  # the caller of this function: the one that warns (stacklevel 1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -107,27 +107,15 @@ def _fill(template: Template, name: str, i: int, fn: str) -> str:
     return text
 
 
-def _unknown_words(tokenizer: Any, texts: Sequence[str]) -> list[list[str]]:
-    """Per text, the whitespace words a tokenizer with an ``<unk>`` token (the word-level one) reads as ``<unk>``;
-    empty lists for tokenizers without one (BPE reads any text)."""
-    unk = getattr(tokenizer, "unk_id", None)
-    if unk is None:
-        return [[] for _ in texts]
-    words = [t.split() for t in texts]
-    flat = sorted({w for ws in words for w in ws})
-    if not flat:
-        return [[] for _ in texts]
-    unknown = {w for w, row in zip(flat, tokenizer(flat)) if bool((row == unk).any())}
-    return [[w for w in ws if w in unknown] for ws in words]
-
-
 def _usable_templates(
     fn: str, model: Any, templates: list[Template], names: list[str], default: bool
 ) -> list[Template]:
     """Leave out the default templates the tokenizer cannot read; warn about user templates and class names with
     words it reads as ``<unk>`` (classes that differ only there cannot be told apart)."""
+    from .text.tokenizer import unknown_words
+
     tok = model.tokenizer
-    unknown_names = {n: u for n, u in zip(names, _unknown_words(tok, names)) if u}
+    unknown_names = {n: u for n, u in zip(names, unknown_words(tok, names)) if u}
     if unknown_names:
         warnings.warn(
             f"{fn}: {len(unknown_names)} class name(s) have words the tokenizer does not know, e.g. "
@@ -137,7 +125,7 @@ def _usable_templates(
         )
     # a template's own words: those without the "{}" (a callable's cannot be told from the name's)
     fixed = [" ".join(w for w in t.split() if "{}" not in w) if isinstance(t, str) else "" for t in templates]
-    bad = {i: u for i, u in enumerate(_unknown_words(tok, fixed)) if u}
+    bad = {i: u for i, u in enumerate(unknown_words(tok, fixed)) if u}
     if default:
         kept = [t for i, t in enumerate(templates) if i not in bad]
         return kept or templates

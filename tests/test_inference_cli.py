@@ -110,7 +110,7 @@ def test_bad_checkpoint_gives_the_checkpoint_error(images, tmp_path, capsys):
     bogus.write_text("hello")
     assert main(["caption", "--ckpt", str(bogus), str(images[0])]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and str(bogus) in err and "not a loadable checkpoint" in err
+    assert err.startswith("error: ") and str(bogus) in err and "is not a PyTorch checkpoint" in err
     assert main(["caption", "--ckpt", str(tmp_path), str(images[0])]) == 2  # a directory that is no export
     assert "not an exported mmxattn model" in capsys.readouterr().err
     assert main(["caption", "--ckpt", str(FIXTURE), "--num-beams", "0", str(images[0])]) == 2
@@ -213,9 +213,79 @@ def test_image_dir_follows_symlinks_and_names_a_dangling_one(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(d / ".hidden.png")
     (d / "link.png").symlink_to(d / "a.png")
     (d / "moved.jpg").symlink_to(d / "no_such.jpg")
-    assert _image_dir(str(d)) == [str(d / "a.png"), str(d / "link.png")]
+    good, bad = _image_dir(str(d))
+    assert good == [str(d / "a.png"), str(d / "link.png")]
+    assert [p for p, _ in bad] == [str(d / "moved.jpg")]
+    assert main(["retrieve", "--ckpt", str(FIXTURE), "--image-dir", str(d), "--text", "a red circle"]) == 0
     err = capsys.readouterr().err
     assert "skipped 1 unreadable file(s)" in err and "moved.jpg" in err
+
+
+def test_retrieve_image_dir_skips_files_that_fail_to_decode_and_decodes_each_file_once(
+    model, gallery, tmp_path, monkeypatch, capsys
+):
+    """A PNG cut off after 300 bytes passes the header check, and its decoding ended the whole command (exit 2). In
+    an --image-dir gallery it is skipped, named and counted with the other unreadable files in the one summary
+    line; the ranking (with --rerank too) is that of the readable images, each decoded once. Files the user named
+    with --images still stop the command, named; a folder whose files all fail to decode is an error."""
+    import mmxattn.data.robust as robust
+
+    d, paths, captions = gallery
+    mixed = tmp_path / "mixed"
+    shutil.copytree(d, mixed)
+    (mixed / "img2_trunc.png").write_bytes(Path(paths[2]).read_bytes()[:300])
+    (mixed / "0_broken.png").write_bytes(b"\x89PNG not really")  # fails the header check
+    good = [str(mixed / Path(p).name) for p in paths]
+    decoded = []
+    real = robust.load_image
+    monkeypatch.setattr(robust, "load_image", lambda src, *a, **k: decoded.append(str(src)) or real(src, *a, **k))
+    for extra, kwargs in (([], {}), (["--rerank", "3"], {"rerank": 3})):
+        expected = model.retrieve(good, captions[:2], k=2, direction="t2i", **kwargs)
+        decoded.clear()
+        args = ["retrieve", "--ckpt", str(FIXTURE), "--image-dir", str(mixed), *_texts(captions[:2]), "-k", "2"]
+        assert main([*args, "--batch-size", "2", *extra]) == 0
+        out, err = capsys.readouterr()
+        assert sorted(decoded) == sorted([*good, str(mixed / "img2_trunc.png")]), decoded  # each file once
+        assert err.count("\n") == 1 and "skipped 2 unreadable file(s)" in err, err
+        assert "0_broken.png" in err and "img2_trunc.png: truncated/corrupt image" in err, err
+        rows = [line.split("\t") for line in out.splitlines()]
+        assert [r[3] for r in rows] == [good[i] for i in expected.t2i_indices.flatten().tolist()]
+        assert [float(r[2]) for r in rows] == pytest.approx(expected.t2i_scores.flatten().tolist(), abs=1e-4)
+    # files named with --images are the user's choice: a truncated one stops the command, named
+    assert (
+        main(
+            [
+                "retrieve",
+                "--ckpt",
+                str(FIXTURE),
+                "--images",
+                good[0],
+                str(mixed / "img2_trunc.png"),
+                "--text",
+                captions[0],
+            ]
+        )
+        == 2
+    )
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: image {mixed / 'img2_trunc.png'}: truncated/corrupt image") and out == ""
+    assert err.count("\n") == 1, err
+    only = tmp_path / "only_truncated"
+    only.mkdir()
+    shutil.copy(mixed / "img2_trunc.png", only / "a.png")
+    assert main(["retrieve", "--ckpt", str(FIXTURE), "--image-dir", str(only), "--text", captions[0]]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: --image-dir") and "none of its 1 image files can be read" in err, err
+    assert "a.png: truncated/corrupt image" in err and err.count("\n") == 1 and out == ""
+
+
+def test_retrieve_names_query_words_the_model_does_not_know_once(gallery, capsys):
+    """Words outside the word vocabulary read as <unk> (they match nothing): the model's one warning names them."""
+    d, _, _ = gallery
+    assert main(["retrieve", "--ckpt", str(FIXTURE), "--image-dir", str(d), *_texts(["a purple hexagon", "zzz"])]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: texts: 2 of 2 text(s) have words"), err
+    assert "'hexagon', 'zzz'" in err
 
 
 @pytest.mark.parametrize(
@@ -411,7 +481,7 @@ def test_export_bad_input_exits_2_naming_it(tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
     cases = [
         ([str(tmp_path / "no.ckpt"), str(tmp_path / "out")], [str(tmp_path / "no.ckpt"), "not found"]),
-        ([str(tmp_path / "a_file"), str(tmp_path / "out")], [str(tmp_path / "a_file"), "not a loadable checkpoint"]),
+        ([str(tmp_path / "a_file"), str(tmp_path / "out")], [str(tmp_path / "a_file"), "is not a PyTorch checkpoint"]),
         ([str(FIXTURE), str(tmp_path / "a_file")], [str(tmp_path / "a_file"), "not a directory"]),
         ([str(FIXTURE), str(tmp_path / "a_file" / "out")], [str(tmp_path / "a_file")]),
         ([str(copy), str(copy), "--force"], [str(copy), "is the checkpoint"]),

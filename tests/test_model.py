@@ -767,3 +767,82 @@ def test_numpy_images_out_of_range_empty_and_generators_of_inputs():
     assert model.caption(x for x in images[:2]) == model.caption(images[:2])
     with pytest.raises(ValueError, match="empty list"):
         model.retrieve((x for x in []), texts)
+
+
+def _tiny_shapes():
+    from pathlib import Path
+
+    return mmxattn.load(Path(__file__).resolve().parent / "fixtures" / "tiny_shapes")
+
+
+def test_texts_with_unknown_words_warn_once_naming_them_and_empty_texts_are_errors():
+    """The word tokenizer reads words outside its vocabulary as <unk>, which matches nothing: similarity, retrieve,
+    encode_text and the forward scored such texts without a word. Each call now warns once, naming (up to 5 of) the
+    words and counting the texts, at the caller's line. An empty text (training rejects empty captions) is an error
+    naming its place."""
+    model = _tiny_shapes()
+    images = _batch(model, B=2)[0]
+    texts = ["a purple hexagon", "a red circle", "zzz qqq"]
+    calls = {
+        "similarity": lambda t: model.similarity(images, t),
+        "retrieve": lambda t: model.retrieve(images, t, k=1, rerank=1),
+        "encode_text": lambda t: model.encode_text(t),
+        "forward": lambda t: model.eval()(images[:1].expand(1 if isinstance(t, str) else len(t), -1, -1, -1), t),
+    }
+    for name, call in calls.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(texts)
+        assert len(caught) == 1, (name, [str(w.message) for w in caught])
+        msg = str(caught[0].message)
+        assert msg.startswith("texts: 2 of 3 text(s) have words the tokenizer does not know"), (name, msg)
+        assert "'hexagon', 'zzz', 'qqq'" in msg and "<unk>" in msg, (name, msg)
+        assert caught[0].filename == __file__, (name, caught[0].filename)  # the caller's line, not the library's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.similarity(images, ["A red circle.", "two blue squares"])  # known words (normalised): no warning
+    with pytest.warns(UserWarning, match=r"1 of 1 text\(s\).*'u1', 'u2', 'u3', 'u4', 'u5' and 2 more"):
+        model.encode_text("u1 u2 u3 u4 u5 u6 u1 u7")
+    for bad, where in (([""], 0), (["a red circle", "  \t"], 1), ("", 0)):
+        for call in calls.values():
+            with pytest.raises(ValueError, match=rf"texts\[{where}\]: an empty text"):
+                call(bad)
+
+
+def test_un_normalised_float_pixels_are_an_error_in_inference_and_named_by_their_place():
+    """0..255 float pixels ran as if normalised (model.caption(torch.rand(1, 3, 64, 64) * 255) captioned them).
+    Values beyond +-20 (normalised pixels lie within about [-3, 3]) are an error saying how to fix it, found by the
+    same single reduction as NaN / inf (which keep their message); training passes stay unchecked."""
+    model = _tiny_shapes()
+    s = model.cfg.vision.img_size
+    raw = torch.rand(4, 3, s, s, generator=torch.Generator().manual_seed(0))
+    images = (raw - 0.5) / 0.25  # normalised: about [-2, 2]
+    images[2] = raw[2] * 255
+    for call in (
+        lambda: model.caption(raw[:1] * 255),
+        lambda: model.encode_image(images),
+        lambda: model.similarity(images, ["a red circle"]),
+        lambda: model.generate(images, max_new_tokens=2),
+    ):
+        with pytest.raises(
+            ValueError, match=r"images: pixel values from .* in image \d+ look like un-normalised 0\.\.255"
+        ):
+            call()
+    with pytest.raises(ValueError, match=r"in image 2 look like .*uint8 pixel tensors through model\.preprocess"):
+        model.retrieve(images, ["a red circle"], batch_size=2)  # named by its place in the gallery
+    with pytest.raises(ValueError, match=r"images\[1\]: pixel values from .* in image 1 of it"):
+        model.preprocess([images[0], images[1:]])
+    images[3, 0, 0, 0] = -25.0
+    with pytest.raises(ValueError, match=r"in images 2, 3 look like"):
+        model.encode_image(images)
+    images[1, 0, 0, 0] = float("nan")  # NaN / inf keep their message, whatever else is wrong
+    with pytest.raises(ValueError, match="NaN or infinite pixel values in image 1;"):
+        model.encode_image(images)
+    ok = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(1)).clamp(-3.3, 3.3) * 6
+    model.encode_image(ok)  # wide but within +-20: taken
+    u8 = (raw[:1] * 255).to(torch.uint8)  # the fix the message names: uint8 pixels, through preprocess
+    assert model.caption(model.preprocess(u8)) == model.caption(u8) and model.caption(u8)[0]
+    model.train()  # training passes leave it to the loop (no host sync there)
+    model.encode_image(images[2:3])
+    ids = model.tokenizer(["a red circle"] * 4, context_length=model.cfg.text.context_length)
+    model(images, ids)

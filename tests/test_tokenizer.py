@@ -148,6 +148,20 @@ def test_word_unknown_words(word):
     assert word.decode(ids) == "a <unk> square"
 
 
+def test_unknown_words_are_the_words_encoding_reads_as_unk(word, bpe):
+    """``unknown_words``: per text, the words as written that encode to ``<unk>`` (what the model's warning names);
+    normalisation is applied (case, punctuation), a typed "<unk>" is unknown, and BPE knows every word."""
+    texts = ["A purple square.", "Hexagon, zzz qqq zzz", "a red circle", "<unk> square"]
+    assert word.unknown_words(texts) == [["purple"], ["Hexagon,", "zzz", "qqq", "zzz"], [], ["<unk>"]]
+    assert word.unknown_words("Red octagon") == [["octagon"]]
+    ids = word(texts, context_length=8)
+    for t, unknown, row in zip(texts, word.unknown_words(texts), ids):  # one whitespace word is one token
+        assert [w for w, i in zip(t.split(), row[1:].tolist()) if i == word.unk_id] == unknown
+    assert bpe.unknown_words(["zzz qqq", "a hexagon"]) == [[], []] and bpe.unknown_words("x") == [[]]
+    with pytest.raises(TypeError, match="must be a str"):
+        word.unknown_words(["a", 3])
+
+
 def test_word_positions_match_split(word):
     text = "A red square above a blue circle."
     ids = word(text, context_length=12)[0]

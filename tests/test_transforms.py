@@ -79,6 +79,41 @@ def test_array_and_tensor_layouts_agree():
         tf([[0, 1]])
 
 
+def test_read_only_arrays_give_the_same_pixels_without_torchs_not_writable_warning():
+    """np.asarray(PIL image) is read-only: torch.from_numpy on it warned "The given NumPy array is not writable"
+    (once per process, hence a fresh one here). The pixels equal a writable copy's, and the output is writable."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import warnings, numpy as np, PIL.Image\n"
+        "from mmxattn.data.transforms import build_transforms, to_uint8_chw\n"
+        "warnings.simplefilter('error')\n"
+        "img = PIL.Image.new('RGB', (20, 12), (200, 30, 90))\n"
+        "build_transforms(16, train=False)(np.asarray(img))\n"
+        "to_uint8_chw(np.asarray(img.convert('RGBA')))\n"
+        "to_uint8_chw(np.asarray(img.convert('L')))\n"
+        "print('ok')\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert "not writable" not in r.stderr
+    from mmxattn.data.transforms import to_uint8_chw
+
+    rng = np.random.default_rng(0)
+    for shape in [(5, 7, 3), (5, 7, 4), (5, 7, 1), (5, 7), (1, 1, 3), (1, 1, 4)]:
+        a = rng.integers(0, 256, shape, dtype=np.uint8)
+        ro = a.copy()
+        ro.flags.writeable = False
+        got, want = to_uint8_chw(ro), to_uint8_chw(a)
+        assert torch.equal(got, want) and got.is_contiguous(), shape
+        assert not np.shares_memory(got.numpy(), ro), shape  # torch may write to it: never the caller's array
+    flipped = np.asarray(PIL.Image.new("RGB", (4, 3)))[::-1]  # read-only and negatively strided
+    assert to_uint8_chw(flipped).shape == (3, 3, 4)
+
+
 def test_no_flip_by_default(samples):
     train, evaluate = build_transforms(64, train=True), build_transforms(64, train=False, flip=True)
     torch.manual_seed(0)

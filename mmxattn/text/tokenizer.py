@@ -116,6 +116,11 @@ class _TokenizerBase:
             )
         return out
 
+    def unknown_words(self, texts: str | Sequence[str]) -> list[list[str]]:
+        """Per text, its whitespace words (as written) that this tokenizer reads as ``<unk>``, in order; empty lists
+        for a tokenizer without an ``<unk>`` token (byte-level BPE reads any text)."""
+        return [[] for _ in ([texts] if isinstance(texts, str) else texts)]
+
     # --- decoding
     def _check_ids(self, ids: torch.Tensor | Sequence[int], name: str) -> list[int]:
         if isinstance(ids, torch.Tensor):
@@ -374,6 +379,16 @@ class WordTokenizer(_TokenizerBase):
     def _decode_ids(self, ids: list[int]) -> str:
         return " ".join(self.vocab[i] for i in ids)
 
+    def unknown_words(self, texts: str | Sequence[str]) -> list[list[str]]:
+        """Per text, its whitespace words (as written, e.g. "Hexagon.") that encode to ``<unk>``, in order
+        (repeats kept)."""
+        out = []
+        for text in [texts] if isinstance(texts, str) else texts:
+            normalised = self.words(text)  # (a TypeError naming a non-str)
+            unk = [w for w, n in zip(text.split(), normalised) if self._index.get(n, self.unk_id) == self.unk_id]
+            out.append(unk)
+        return out
+
     def word_token_positions(self, text: str, context_length: int | None = None) -> list[int]:
         """Token position of each word of ``text.split()`` in ``self(text)[0]``: word i -> i + 1, or -1 where the
         word was cut off by truncation."""
@@ -413,6 +428,24 @@ def _context_length_field(cls: type, d: dict[str, Any]) -> int:
     if isinstance(v, bool) or not isinstance(v, int):  # a float would be truncated silently
         raise TypeError(f"{cls.__name__}: field 'context_length' must be an int, got {type(v).__name__} {v!r:.80}")
     return v
+
+
+def unknown_words(tokenizer: Any, texts: Sequence[str]) -> list[list[str]]:
+    """Per text, its whitespace words that ``tokenizer`` reads as ``<unk>``: the tokenizer's own ``unknown_words``
+    where it has one (ours), else, for any tokenizer with an ``unk_id``, the words that encode to it one by one;
+    empty lists for a tokenizer without an ``<unk>`` token (byte-level BPE reads any text)."""
+    own = getattr(tokenizer, "unknown_words", None)
+    if callable(own):
+        return own(list(texts))
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None:
+        return [[] for _ in texts]
+    words = [t.split() for t in texts]
+    flat = sorted({w for ws in words for w in ws})
+    if not flat:
+        return [[] for _ in texts]
+    unknown = {w for w, row in zip(flat, tokenizer(flat)) if bool((row == unk).any())}
+    return [[w for w in ws if w in unknown] for ws in words]
 
 
 def tokenizer_from_dict(d: dict[str, Any]) -> OpenCLIPTokenizer | WordTokenizer:
