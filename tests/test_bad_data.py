@@ -238,6 +238,18 @@ def test_tracker_waits_for_min_samples_then_raises_with_examples():
     assert "bad1.jpg" not in msg  # max_examples=2
 
 
+def test_tracker_error_is_one_line_naming_each_broken_file_once_with_its_count():
+    tracker = SkipTracker(max_fraction=0.05, min_samples=1000, max_examples=2, source="train_path data/train.csv")
+    tracker.update(70, [("imgs/corrupt.png", "not an image")] * 10)  # one image named by 10 CSV rows
+    tracker.update(8, [("imgs/empty.jpg", "empty file"), ("imgs/third.jpg", "empty file")])
+    with pytest.raises(BadDataError) as ei:
+        tracker.end_epoch()
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("train_path data/train.csv: 12 of 90 samples")
+    assert msg.count("corrupt.png") == 1 and "imgs/corrupt.png: not an image (10 samples)" in msg
+    assert "imgs/empty.jpg: empty file;" in msg and "third.jpg" not in msg and "and 1 more sample" in msg
+
+
 def test_tracker_end_epoch_summary_and_reset():
     tracker = SkipTracker(max_fraction=0.5, min_samples=1000)
     tracker.update(9, [("x.jpg", "too small (1x1)")])
@@ -326,3 +338,45 @@ def test_epoch_with_workers_raises_over_threshold(tmp_path):
         _run_epoch(path, SkipTracker(max_fraction=0.05, min_samples=1000))
     msg = str(ei.value)
     assert "4 of 40" in msg and all(name in msg for name in broken)
+
+
+# ---------------------------------------------------------------------------- end to end: train.py
+
+
+def test_too_much_broken_data_stops_train_py_with_one_line_and_keeps_the_steps_for_resume(
+    tmp_path, monkeypatch, capsys
+):
+    """One corrupt image named by 4 of 28 CSV rows (14% > 5%): exit 2, one error line naming the train file and the
+    image once with its count; last.ckpt holds the epoch trained, and after the image is fixed --ckpt_path last
+    resumes from it."""
+    from lit_helpers import make_csv, smoke_args
+
+    from mmxattn.lit.callbacks import AttentionMapLogger
+    from mmxattn.lit.cli import main as cli_main
+
+    monkeypatch.delenv("MMXATTN_TRACEBACK", raising=False)
+    monkeypatch.setattr(AttentionMapLogger, "on_validation_epoch_end", lambda *a, **k: None)  # 9 s of PNGs
+    monkeypatch.chdir(tmp_path)  # finetune_csv.yaml's relative checkpoint folder lands here
+    data = make_csv(tmp_path / "data")  # 12 images x 2 captions
+    train = tmp_path / "data" / "train.csv"
+    rows = Path(data["train_path"]).read_text() + "".join(f"corrupt.png,a broken picture {i}\n" for i in range(4))
+    train.write_text(rows)
+    corrupt = Path(data["image_root"]) / "corrupt.png"
+    corrupt.write_bytes(b"<html>not found</html>")
+    args = smoke_args("finetune_csv.yaml", tmp_path, {**data, "train_path": str(train), "test_path": None}, 0)
+    args += ["--data.init_args.tokenizer=word", "--trainer.limit_val_batches=1", "--trainer.logger=false"]
+    args += ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--test_after_fit=false"]
+    args += ["--trainer.num_sanity_val_steps=0", "--model.val_captions=false"]
+    with pytest.raises(SystemExit) as e:
+        cli_main(args + ["--trainer.max_epochs=1"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert f"train_path {train}: 4 of 28 samples (14.3%) are broken" in errors[0]
+    assert errors[0].count("corrupt.png") == 1 and f"{corrupt}: not an image (4 samples)" in errors[0]
+    last = tmp_path / "runs" / "finetune" / "checkpoints" / "last.ckpt"
+    assert f"the training state at step 7 is saved in {last}" in errors[0] and last.exists()
+
+    Image.new("RGB", (48, 48), (10, 200, 10)).save(corrupt, "PNG")  # the data fixed
+    cli = cli_main(args + ["--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert cli.trainer.global_step == 14 and cli.trainer.current_epoch == 2  # epoch 0 kept, epoch 1 trained

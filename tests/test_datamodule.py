@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from mmxattn.data.batching import EpochIndexed, ResumableSampler
 from mmxattn.data.datamodule import ImageTextDataModule, ShapesDataModule
 from mmxattn.data.formats import DatasetFormatError
+from mmxattn.data.robust import DataSetupError
 from mmxattn.data.shapes_render import COLOURS, SHAPE_PLURALS, SHAPES, SIZES
 from mmxattn.losses import text_pos_ids
 
@@ -288,9 +289,21 @@ def test_resume_with_another_batch_size_continues_after_the_samples_already_trai
 
 def test_a_training_split_smaller_than_one_batch_is_an_error():
     dm = _shapes(train_size=6, batch_size=8)
-    dm.setup("fit")
+    with pytest.raises(DatasetFormatError, match=r"train_size=6\).* 6 items, fewer than one batch"):
+        dm.setup("fit")  # at setup, before the trainer's sanity check and the first step
     with pytest.raises(ValueError, match="fewer than one batch"):
         dm.train_dataloader()
+
+
+def test_a_csv_training_split_smaller_than_one_batch_names_the_file_at_setup(csv_data):
+    (csv_data / "tiny.csv").write_text("filepath,title\n0.jpg,a photo\n1.jpg,another photo\n")
+    for tokenizer in ("word", "openclip"):  # the train file read at construction, or at setup
+        dm = ImageTextDataModule(
+            **_csv_module_kwargs(csv_data, train_path=str(csv_data / "tiny.csv"), tokenizer=tokenizer)
+        )
+        with pytest.raises(DatasetFormatError, match=r"train_path .*tiny\.csv: the training split has 2 items, fewer"):
+            dm.setup("fit")
+    dm.setup("validate")  # no training: no batch-size requirement
 
 
 # ---------------------------------------------------------------------------------------------- real formats
@@ -403,8 +416,9 @@ def test_csv_setup_errors_name_the_file(csv_data):
     with pytest.raises(DatasetFormatError, match=r"bad\.csv.*missing column.*'filepath'"):
         ImageTextDataModule(train_path=str(csv_data / "bad.csv"), image_root=str(csv_data / "imgs")).setup("fit")
     dm = ImageTextDataModule(train_path=str(csv_data / "train.csv"), image_root=str(csv_data))  # wrong root
-    with pytest.raises(FileNotFoundError, match=r"train_path.*train\.csv.*image_root"):
+    with pytest.raises(FileNotFoundError, match=r"train_path.*train\.csv.*image_root") as ei:
         dm.setup("fit")
+    assert isinstance(ei.value, DataSetupError)  # train.py prints it as one error line (it comes from inside fit)
     with pytest.raises(FileNotFoundError, match="val_path 'nope.csv'"):
         ImageTextDataModule(train_path=str(csv_data / "train.csv"), val_path="nope.csv")
     with pytest.raises(DatasetFormatError, match=r"bad\.csv"):  # the word tokenizer reads the file at construction

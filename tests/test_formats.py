@@ -217,6 +217,37 @@ def test_csv_setup_errors_name_file_and_problem(tmp_path):
         CsvDataset(tmp_path / "ok.csv", mode="test")
 
 
+def test_csv_missing_columns_of_a_json_file_are_short_and_suggest_coco(tmp_path):
+    _img(tmp_path / "a.png")
+    coco = {"images": [{"id": i, "file_name": "a.png"} for i in range(300)], "annotations": []}
+    for name in ("captions.json", "captions.csv"):  # by name, or by content
+        (tmp_path / name).write_text(json.dumps(coco))
+        with pytest.raises(DatasetFormatError) as ei:
+            CsvDataset(tmp_path / name)
+        msg = str(ei.value)
+        assert name in msg and "missing column(s) 'filepath'" in msg and "--data.init_args.format coco" in msg
+        assert len(msg) < 600 and "characters)" in msg, len(msg)  # the "header" was the whole file
+    (tmp_path / "wide.csv").write_text(",".join(f"column_{i}" for i in range(100)) + "\n" + "x," * 99 + "x\n")
+    with pytest.raises(DatasetFormatError) as ei:
+        CsvDataset(tmp_path / "wide.csv")
+    assert "format coco" not in str(ei.value) and len(str(ei.value)) < 500 and "'column_0'" in str(ei.value)
+
+
+@pytest.mark.parametrize("mode", ["train", "train_images", "eval"])
+def test_a_split_whose_every_row_is_unusable_is_a_setup_error(tmp_path, mode):
+    _img(tmp_path / "a.png")
+    _img(tmp_path / "b.png")
+    (tmp_path / "v.csv").write_text('filepath,title\na.png,\nb.png," "\na.png,\n,no image path\n')
+    with pytest.raises(DatasetFormatError) as ei:
+        CsvDataset(tmp_path / "v.csv", mode=mode)
+    msg = str(ei.value)
+    assert "v.csv: the split has no usable sample: all 4 entries are unusable" in msg
+    assert "3 x empty caption" in msg and "1 x empty 'filepath'" in msg
+    (tmp_path / "w.csv").write_text("filepath,title\na.png,\nb.png,a caption\n")  # one usable row: a warning
+    with pytest.warns(UserWarning, match="1 unusable caption"):
+        assert len(_ok(_items(CsvDataset(tmp_path / "w.csv", mode=mode)))) == 1
+
+
 # ------------------------------------------------------------------------------------------------------ COCO
 
 

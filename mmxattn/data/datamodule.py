@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..text.tokenizer import OpenCLIPTokenizer, WordTokenizer, load_tokenizer
 from .batching import EpochIndexed, EvalCollate, ResumableLoader, ResumableSampler, TrainCollate, resume_position
-from .formats import CocoCaptionsDataset, CsvDataset, DatasetFormatError, WebDatasetCaptions
+from .formats import CocoCaptionsDataset, CsvDataset, DataFileNotFoundError, DatasetFormatError, WebDatasetCaptions
 from .robust import SkipTracker, caption_problem
 from .shapes import ShapesDataset, most_frequent_caption, retrieval_ceilings
 from .shapes_captions import MAX_CAPTION_WORDS, check_caption, vocabulary
@@ -128,13 +128,7 @@ class _CaptionDataModule(pl.LightningDataModule):
         elif trainer is not None:
             sampler.set_epoch(trainer.current_epoch)
         self._sampler = sampler
-        per_step = self.batch_size * world
-        if len(dataset) < per_step:
-            raise ValueError(
-                f"{type(self).__name__}: the training split has {len(dataset)} items, fewer than one batch "
-                f"(batch_size {self.batch_size} x {world} process(es)); full batches only (drop_last), so no step "
-                "would run: lower data.batch_size or add data"
-            )
+        self._check_train_size(len(dataset), world)
         loader = ResumableLoader(
             sampler.dataset,
             sampler=sampler,
@@ -147,6 +141,20 @@ class _CaptionDataModule(pl.LightningDataModule):
         loader.resume_at = position
         loader.fit_loop = getattr(trainer, "fit_loop", None) if position is not None else None
         return loader
+
+    def _train_source(self) -> str:
+        """How errors about the training split name it."""
+        return "the training split"
+
+    def _check_train_size(self, n_items: int, world: int | None = None) -> None:
+        """A training split smaller than one batch (on every process) would run no step: an error naming it."""
+        world = self._replicas()[0] if world is None else world
+        if n_items < self.batch_size * world:
+            raise DatasetFormatError(
+                f"{type(self).__name__}: {self._train_source()} has {n_items} items, fewer than one batch "
+                f"(batch_size {self.batch_size} x {world} process(es)); full batches only (drop_last), so no step "
+                "would run: lower data.batch_size or add data"
+            )
 
     def _train_collate(self) -> TrainCollate:
         return TrainCollate(self._tokenizer, captions_per_image=self.train_captions_per_image)
@@ -273,9 +281,14 @@ class ShapesDataModule(_CaptionDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self._datasets["train"] = self.dataset("train", build_transforms(self.img_size, True, flip=self.flip))
+            if stage == "fit":  # before training (and its sanity check) starts, not when the loader is built
+                self._check_train_size(len(self._datasets["train"]))
         for split, stages in (("val", (None, "fit", "validate")), ("test", (None, "test"))):
             if stage in stages:
                 self._datasets[split] = self.dataset(split, build_transforms(self.img_size, False))
+
+    def _train_source(self) -> str:
+        return f"the training split (train_size={self.sizes['train']})"
 
     def _get(self, split: str) -> ShapesDataset:
         if split not in self._datasets:
@@ -393,7 +406,7 @@ class ImageTextDataModule(_CaptionDataModule):
         for split, p in self.paths.items():  # missing files fail now; format problems in setup (or now, for "word")
             if p is not None and format != "wds" and not os.path.isfile(p):
                 where = "" if os.path.isabs(p) else f" (relative to the working directory {os.getcwd()})"
-                raise FileNotFoundError(f"ImageTextDataModule: {split}_path {p!r} does not exist{where}")
+                raise DataFileNotFoundError(f"ImageTextDataModule: {split}_path {p!r} does not exist{where}")
         self.image_root, self.img_key, self.caption_key, self.csv_separator = (
             image_root,
             img_key,
@@ -403,6 +416,7 @@ class ImageTextDataModule(_CaptionDataModule):
         self.img_size, self.train_augment, self.shuffle_buffer = img_size, train_augment, shuffle_buffer
         self.mean, self.std = NORMALIZATIONS[normalization]
         self._init_loading(batch_size, num_workers, seed, max_broken_fraction, train_captions_per_image)
+        self.skip_tracker.source = f"train_path {train_path}" if train_path else None  # the data its error names
         self._datasets: dict[str, Dataset] = {}
         self._tokenizer = self._build_tokenizer(tokenizer, context_length)
 
@@ -463,19 +477,27 @@ class ImageTextDataModule(_CaptionDataModule):
                 seed=self.seed,
                 samples_per_epoch=self.samples_per_epoch if split == "train" else None,
             )
-        except (DatasetFormatError, FileNotFoundError) as e:  # say which argument of ours it was
-            raise type(e)(f"ImageTextDataModule {split}_path ({self.format}): {e}") from None
+        except DatasetFormatError as e:  # say which argument of ours it was
+            raise DatasetFormatError(f"ImageTextDataModule {split}_path ({self.format}): {e}") from None
+        except FileNotFoundError as e:
+            raise DataFileNotFoundError(f"ImageTextDataModule {split}_path ({self.format}): {e}") from None
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {None: ("train", "val", "test"), "fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
         for split in wanted.get(stage, ()):
             if self.paths[split] is None:
                 if split == "train":
-                    raise ValueError("ImageTextDataModule: fitting needs train_path")
+                    raise DatasetFormatError("ImageTextDataModule: fitting needs train_path")
                 continue
             if split not in self._datasets:
                 mode = self._train_mode if split == "train" else "eval"
                 self._datasets[split] = self._make(split, mode, self._transform(split == "train"))
+        train = self._datasets.get("train")
+        if stage == "fit" and train is not None and not isinstance(train, WebDatasetCaptions):
+            self._check_train_size(len(train))  # before training (and its sanity check) starts
+
+    def _train_source(self) -> str:
+        return f"train_path {self.paths['train']}: the training split"
 
     def _get(self, split: str) -> Dataset | None:
         if self.paths[split] is None:
@@ -515,5 +537,5 @@ class ImageTextDataModule(_CaptionDataModule):
     def test_dataloader(self) -> DataLoader | list:
         ds = self._get("test")
         if ds is None:
-            raise ValueError("ImageTextDataModule: testing needs test_path")
+            raise DatasetFormatError("ImageTextDataModule: testing needs test_path")
         return self._eval_loader(ds, EvalCollate(self._tokenizer))

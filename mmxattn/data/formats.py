@@ -22,6 +22,7 @@ import json
 import os
 import random
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,17 +33,30 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .robust import BadImageError, BrokenSample, caption_problem, check_image_root, load_image
+from .robust import (
+    BadImageError,
+    BrokenSample,
+    DataSetupError,
+    _reason_kind,
+    caption_problem,
+    check_image_root,
+    load_image,
+)
 
-__all__ = ["CocoCaptionsDataset", "CsvDataset", "DatasetFormatError", "WebDatasetCaptions"]
+__all__ = ["CocoCaptionsDataset", "CsvDataset", "DataFileNotFoundError", "DatasetFormatError", "WebDatasetCaptions"]
 
 Mode = Literal["train", "train_images", "eval"]
 MODES = ("train", "train_images", "eval")
 Transform = Callable[[Image.Image], Any]
 
 
-class DatasetFormatError(ValueError):
-    """The data set's files are not in the expected format (missing column, unknown JSON layout, empty split...)."""
+class DatasetFormatError(DataSetupError, ValueError):
+    """The data set's files are not in the expected format or cannot be trained on as given (missing column, unknown
+    JSON layout, an empty split or one whose every sample is unusable, a training split smaller than one batch)."""
+
+
+class DataFileNotFoundError(DataSetupError, FileNotFoundError):
+    """A data file, shard or image root that does not exist, named with the data module argument that gave it."""
 
 
 @dataclass
@@ -116,6 +130,14 @@ class _MapCaptionDataset(Dataset):
             self._valid.append(valid)
             if mode != "train":  # one entry per image (its unusable captions are counted in caption_issues)
                 self.index.append(i if valid else BrokenSample(rec.path, "no valid caption"))
+        if all(isinstance(e, BrokenSample) for e in self.index):  # nothing to train or evaluate on
+            issues = [(b.source, b.reason) for b in broken] + self.caption_issues
+            reasons = Counter(_reason_kind(why) for _, why in issues)
+            raise DatasetFormatError(
+                f"{source}: the split has no usable sample: all {len(issues)} entries are unusable ("
+                + ", ".join(f"{n} x {why}" for why, n in reasons.most_common())
+                + (f"), e.g. {issues[0][0]}: {issues[0][1]}" if issues else ")")
+            )
         if self.caption_issues:
             origin, why = self.caption_issues[0]
             warnings.warn(
@@ -199,12 +221,18 @@ class CsvDataset(_MapCaptionDataset):
             missing = [(k, role) for k, role in ((img_key, "img_key"), (caption_key, "caption_key")) if k not in header]
             if missing:
                 hint = ""
-                if len(header) == 1 and any(s in header[0] for s in ",\t;|" if s != sep):
+                first = header[0].lstrip() if header else ""
+                if p.suffix.lower() == ".json" or first.startswith(("{", "[")):
+                    hint = (
+                        " It looks like a JSON file: for COCO captions JSON use format coco "
+                        "(--data.init_args.format coco)."
+                    )
+                elif len(header) == 1 and any(s in header[0] for s in ",\t;|" if s != sep):
                     hint = f" Is the separator right? (sep={sep!r})"
                 raise DatasetFormatError(
                     f"{p}: missing column(s) "
                     + ", ".join(f"{k!r} ({role})" for k, role in missing)
-                    + f"; columns present: {header}.{hint}"
+                    + f"; columns present: {_shorten(repr(header))}.{hint}"
                 )
             ci, cc = header.index(img_key), header.index(caption_key)
             by_path: dict[str, _Record] = {}
@@ -247,6 +275,11 @@ class CsvDataset(_MapCaptionDataset):
             )
         records = list(by_path.values())
         super().__init__(records, str(p), mode, transform, min_size, max_pixels, root, check_paths, broken)
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters (a first "row" of a file that is not CSV can be the whole file)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")

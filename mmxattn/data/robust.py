@@ -34,6 +34,7 @@ __all__ = [
     "BadDataError",
     "BadImageError",
     "BrokenSample",
+    "DataSetupError",
     "SkipTracker",
     "caption_problem",
     "collate_samples",
@@ -63,6 +64,12 @@ class BadImageError(Exception):
 
 class BadDataError(RuntimeError):
     """Too large a share of the data set is broken to keep training on it."""
+
+
+class DataSetupError(Exception):
+    """Data that cannot be used as configured: a missing file, column or image root, an empty split or one whose
+    every sample is unusable, a training split smaller than one batch. Raised at setup, before training (the
+    concrete errors also derive from ValueError or FileNotFoundError); ``train.py`` prints it as one error line."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +272,9 @@ class SkipTracker:
     logging and resets the epoch counters. A whole-shard failure counts as one skipped entry.
     """
 
-    def __init__(self, max_fraction: float = 0.05, min_samples: int = 1000, max_examples: int = 10) -> None:
+    def __init__(
+        self, max_fraction: float = 0.05, min_samples: int = 1000, max_examples: int = 10, source: str | None = None
+    ) -> None:
         if not 0.0 <= max_fraction <= 1.0:
             raise ValueError(f"SkipTracker: max_fraction must be in [0, 1], got {max_fraction}")
         if min_samples < 0 or max_examples < 0:
@@ -275,6 +284,7 @@ class SkipTracker:
         self.max_fraction = max_fraction
         self.min_samples = min_samples
         self.max_examples = max_examples
+        self.source = source  # what the samples come from (e.g. "train_path data/train.csv"), named in the error
         self.total_seen = 0
         self.total_skipped = 0
         self._reset()
@@ -284,7 +294,9 @@ class SkipTracker:
         self.n_skipped = 0
         self.n_batches = 0  # update() calls this epoch
         self.reasons: Counter[str] = Counter()
+        # distinct sources, each with its first reason (an image named by 10 CSV rows is one example, counted 10x)
         self.examples: list[tuple[str, str]] = []
+        self.example_counts: Counter[str] = Counter()
 
     @property
     def n_seen(self) -> int:
@@ -299,8 +311,12 @@ class SkipTracker:
             self.n_skipped += 1
             self.total_skipped += 1
             self.reasons[_reason_kind(reason)] += 1
-            if len(self.examples) < self.max_examples:
-                self.examples.append((str(source), str(reason)))
+            source = str(source)
+            if source in self.example_counts:
+                self.example_counts[source] += 1
+            elif len(self.examples) < self.max_examples:
+                self.examples.append((source, str(reason)))
+                self.example_counts[source] = 1
         if self.n_seen >= self.min_samples:
             self._check()
 
@@ -315,7 +331,8 @@ class SkipTracker:
             "n_skipped": self.n_skipped,
             "skipped_fraction": frac,
             "reasons": dict(self.reasons),
-            "examples": list(self.examples),
+            "examples": list(self.examples),  # distinct sources
+            "example_counts": dict(self.example_counts),  # samples of each example source
         }
 
     def end_epoch(self, complete: bool = True) -> dict[str, Any]:
@@ -330,13 +347,26 @@ class SkipTracker:
 
     def _check(self) -> None:
         if self.n_seen and self.n_skipped / self.n_seen > self.max_fraction:
-            lines = "\n".join(f"  {src}: {why}" for src, why in self.examples)
-            more = self.n_skipped - len(self.examples)
-            raise BadDataError(
-                f"{self.n_skipped} of {self.n_seen} samples ({self.n_skipped / self.n_seen:.1%}) are broken, more than "
-                f"max_fraction={self.max_fraction:.1%}. Reasons: {dict(self.reasons)}. Examples:\n{lines}"
-                + (f"\n  ... and {more} more" if more > 0 else "")
-            )
+            raise BadDataError(self.message())
+
+    def message(self) -> str:
+        """One line: how many samples of the epoch so far were broken, why, and the distinct example sources (each
+        with its number of samples when it is more than one)."""
+        frac = self.n_skipped / self.n_seen if self.n_seen else 0.0
+        shown = []
+        for src, why in self.examples:
+            k = self.example_counts.get(src, 1)
+            shown.append(f"{src}: {why}" + (f" ({k} samples)" if k > 1 else ""))
+        more = self.n_skipped - sum(self.example_counts.values())
+        if more > 0:
+            shown.append(f"... and {more} more sample(s) from other sources")
+        head = {0: "", 1: "Example: "}.get(len(self.examples), f"Examples ({len(self.examples)} distinct sources): ")
+        return (
+            (f"{self.source}: " if self.source else "")
+            + f"{self.n_skipped} of {self.n_seen} samples ({frac:.1%}) are broken, more than "
+            f"max_fraction={self.max_fraction:.1%}. Reasons: {dict(self.reasons)}."
+            + (f" {head}" + "; ".join(shown) if shown else "")
+        )
 
 
 def _reason_kind(reason: str) -> str:

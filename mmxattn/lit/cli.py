@@ -10,19 +10,24 @@ glibc's malloc is told to keep freed tensor buffers (:func:`mmxattn.runtime.tune
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from ..runtime import tune_cpu_allocator
 from .checkpoint_io import AtomicCheckpointIO
 from .module import MMXAttnModule
 
-__all__ = ["MMXAttnCLI", "main"]
+__all__ = ["BadDataCheckpoint", "MMXAttnCLI", "main"]
 
 _LINKS = ("vocab_size", "pad_id", "bos_id", "eos_id", "context_length", "img_size")
 
@@ -65,6 +70,7 @@ class MMXAttnCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         from ..checkpoint import CheckpointError
+        from ..data.robust import BadDataError, DataSetupError
 
         try:
             super()._run_subcommand(subcommand)
@@ -72,6 +78,24 @@ class MMXAttnCLI(LightningCLI):
             if os.environ.get("MMXATTN_TRACEBACK") == "1":
                 raise
             print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except (DataSetupError, BadDataError) as e:
+            # data that cannot be used (found at setup: a missing file or column, a wrong image root, a split that is
+            # empty, unusable or smaller than one batch) or too much broken data (found while training): one line
+            # naming the input, as for a bad setting. Any other exception keeps its traceback.
+            if os.environ.get("MMXATTN_TRACEBACK") == "1":
+                raise
+            msg = str(e)
+            if isinstance(e, BadDataError) and "max_fraction=" in msg:
+                msg += "; the limit is --data.init_args.max_broken_fraction"
+            trainer = getattr(self, "trainer", None)
+            saved = [cb.saved for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, BadDataCheckpoint)]
+            saved = [s for s in saved if s]
+            if saved:
+                step, path = saved[0]
+                msg += f"; the training state at step {step} is saved in {path}: after fixing the data, "
+                msg += "--ckpt_path last resumes from it"
+            print(f"error: {msg}\n(MMXATTN_TRACEBACK=1 shows the traceback)", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     def instantiate_classes(self) -> None:
@@ -99,6 +123,19 @@ class MMXAttnCLI(LightningCLI):
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath and str(cb.dirpath) not in have:
                 self.trainer.callbacks.append(InterruptCheckpoint(cb.dirpath, cb.CHECKPOINT_NAME_LAST))
                 have.add(str(cb.dirpath))
+        # too much broken data stops the run (BadDataError): keep the steps trained so far in last.ckpt too
+        if not any(isinstance(cb, BadDataCheckpoint) for cb in self.trainer.callbacks):
+            last = next(
+                (
+                    cb
+                    for cb in self.trainer.callbacks
+                    if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath
+                ),
+                None,
+            )
+            if last is not None:
+                name = (last.CHECKPOINT_NAME_LAST or "last") + last.FILE_EXTENSION
+                self.trainer.callbacks.append(BadDataCheckpoint(os.path.join(last.dirpath, name)))
 
     def after_fit(self) -> None:
         cfg = self._sub()
@@ -144,6 +181,113 @@ class MMXAttnCLI(LightningCLI):
             print(f"best checkpoint: {best}", flush=True)
 
 
+class BadDataCheckpoint(pl.Callback):
+    """Save ``path`` (the run's ``last.ckpt``) when a fit stops because too much of its training data is broken
+    (``BadDataError``), so the steps trained so far are not lost: after fixing the data, ``--ckpt_path last``
+    resumes there. ``saved`` is then ``(global step, path)``. Single-process runs only: under DDP the error is one
+    rank's, and a save on that rank alone would wait for the others at the save's barrier."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.saved: tuple[int, str] | None = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from ..data.robust import BadDataError
+
+        if not isinstance(exception, BadDataError) or trainer.state.fn != "fit" or trainer.world_size != 1:
+            return
+        if trainer.global_step == 0:
+            return  # nothing trained yet: leave an earlier last.ckpt alone
+        try:
+            trainer.save_checkpoint(self.path)
+        except Exception as e:  # never hide the data error behind a failed save
+            print(f"warning: could not save {self.path} ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            return
+        self.saved = (trainer.global_step, self.path)
+
+
+class _Parser(LightningArgumentParser):
+    """LightningCLI's parser, whose command-line errors are one ``error: ...`` line (exit 2) instead of the usage
+    text (a hundred lines of options) and, for an option of the data module, a jsonargparse union dump: an unknown
+    option is named with the closest valid one. ``MMXATTN_TRACEBACK=1`` (or ``JSONARGPARSE_DEBUG``) gives
+    jsonargparse's own report."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("MMXATTN_TRACEBACK") == "1" or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        try:
+            text = _parse_error(message, parser)
+        except Exception:  # the short form is a courtesy: never lose the error to it
+            text = message
+        print(f"error: {text}\n(`{prog} --help` lists the options)", file=sys.stderr, flush=True)
+        self.exit(2)
+
+
+def _parse_error(message: str, parser: Any) -> str:
+    """One line for a command-line error of jsonargparse: an unknown option (top level or of the data module's
+    class) named with the closest valid option, a union error reduced to the data module's own message."""
+    m = re.match(r"unrecognized arguments: (\S+)", message)
+    if m and m.group(1).startswith("--"):
+        name = m.group(1).split("=", 1)[0]
+        options = [o for a in getattr(parser, "_actions", ()) for o in a.option_strings if o.startswith("--")]
+        return f"unknown option {name}" + _did_you_mean(name, options)
+    m = re.search(r"does not accept option '([\w.]+)'", message)  # from a config file
+    if m:
+        options = [o for a in getattr(parser, "_actions", ()) for o in a.option_strings if o.startswith("--")]
+        return message + _did_you_mean(f"--{m.group(1)}", options).replace("--", "")
+    m = re.search(
+        r"Parser key \"([\w.]+)\".*?class_path '([\w.]+)':\s*(?:Option|Key) '([\w.]+)' is not accepted", message, re.S
+    )
+    if m:
+        group, class_path, key = m.groups()
+        mod, _, cls = class_path.rpartition(".")
+        params = [n for n in inspect.signature(getattr(importlib.import_module(mod), cls)).parameters if n != "self"]
+        option = f"--{group}.init_args.{key}"
+        return f"unknown option {option} of {cls}" + _did_you_mean(option, [f"--{group}.init_args.{p}" for p in params])
+    if _UNION in message and "Errors:" in message:
+        return _union_error(message)
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _union_error(message: str) -> str:
+    """A jsonargparse union error (``data`` is "a LightningDataModule or None") as ``--data.init_args.KEY: what is
+    wrong``: its nested ``Parser key`` lines become the option's name, the ``None`` alternative and the repeated
+    given value are left out."""
+    head = re.match(r'Parser key "([\w.]+)"', message)
+    parts = [head.group(1)] if head else []
+    class_path, out = None, []
+    for line in message.split("Errors:", 1)[1].splitlines():
+        line = line.strip().removeprefix("- ").strip()
+        if not line or line.startswith(("Expected a <class 'NoneType'>", "Given value")):
+            continue
+        m = re.fullmatch(r"Problem with given class_path '([\w.]+)':", line)
+        if m:
+            class_path = m.group(1)
+            continue
+        m = re.fullmatch(r'Parser key "([\w.]+)":', line)
+        if m:
+            parts += ["init_args", m.group(1)] if class_path and "init_args" not in parts else [m.group(1)]
+            continue
+        out.append(line)
+    where = f" (class_path {class_path!r})" if class_path and "init_args" not in parts else ""
+    return f"--{'.'.join(parts)}: " + "; ".join(out) + where
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    """ "; did you mean --x?" for the valid option closest to ``name`` (first by its last component among the
+    options of the same group, e.g. ``--model.``), or ""."""
+    group = name.rsplit(".", 1)[0] if "." in name else None
+    same = {o.rsplit(".", 1)[-1]: o for o in options if group is not None and o.rsplit(".", 1)[0] == group}
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(same), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {same[close[0]]}?"
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 _UNION = "Does not validate against any of the Union subtypes"
 
 
@@ -185,6 +329,7 @@ def _cli(args: list[str] | None) -> MMXAttnCLI:
         # (it warned on every run) and the config would not name the plugin
         trainer_defaults={"plugins": [{"class_path": f"{AtomicCheckpointIO.__module__}.AtomicCheckpointIO"}]},
         save_config_kwargs={"overwrite": True},
+        parser_class=_Parser,  # command-line errors in one line, not the usage text
         parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
         args=args,  # None: LightningCLI reads sys.argv itself
     )
