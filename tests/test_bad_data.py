@@ -380,3 +380,36 @@ def test_too_much_broken_data_stops_train_py_with_one_line_and_keeps_the_steps_f
     Image.new("RGB", (48, 48), (10, 200, 10)).save(corrupt, "PNG")  # the data fixed
     cli = cli_main(args + ["--trainer.max_epochs=2", "--ckpt_path=last"])
     assert cli.trainer.global_step == 14 and cli.trainer.current_epoch == 2  # epoch 0 kept, epoch 1 trained
+
+
+def test_a_validation_split_of_only_broken_images_stops_fit_naming_it_when_a_callback_monitors_it(tmp_path):
+    """Every validation image unreadable: with a callback monitoring val/* (the configs' best-checkpoint one) the
+    fit stopped after an epoch in ModelCheckpoint ("could not find the monitored key"); it is now a BadDataError
+    naming the samples. Without such a callback, validation is skipped with a message and training goes on."""
+    import pytorch_lightning as pl
+    from lit_helpers import data_linked, make_csv
+
+    from mmxattn.data.datamodule import ImageTextDataModule
+    from mmxattn.lit.module import MMXAttnModule
+
+    data = make_csv(tmp_path / "csv", n_images=8, caps=1)
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "csv" / "images" / name).write_bytes(b"not an image at all")
+    (tmp_path / "val.csv").write_text("filepath,title\na.jpg,a red one\nb.jpg,a blue one\n")
+    data["val_path"] = str(tmp_path / "val.csv")
+    dm = ImageTextDataModule(**data, tokenizer="word", img_size=32, batch_size=4, num_workers=0)
+
+    def fit(callbacks):
+        mod = MMXAttnModule(preset="mmx_tiny", img_size=32, rerank=0, warmup_steps=1, **data_linked(dm))
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=2, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=bool(callbacks), default_root_dir=tmp_path,
+            callbacks=callbacks,
+        )  # fmt: skip
+        trainer.fit(mod, datamodule=dm)
+        return trainer
+
+    best = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", monitor="val/rsum", mode="max")
+    with pytest.raises(BadDataError, match=r"validation: all 2 samples were broken .*\['val/rsum'\] cannot be"):
+        fit([best])
+    assert fit([]).global_step == 2  # nothing monitors validation: it is skipped, training goes on

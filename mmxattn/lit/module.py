@@ -859,6 +859,20 @@ class MMXAttnModule(pl.LightningModule):
             self._log_eval("val")
         elif self._on_any_rank(bool(self._evaluator.skipped)):  # training goes on; the test split must be readable
             skipped = self._evaluator.skipped_samples()
+            monitors = sorted(
+                {
+                    str(m)
+                    for cb in self.trainer.callbacks
+                    if str(m := getattr(cb, "monitor", None) or "").startswith("val/")
+                }
+            )
+            if monitors and self.trainer.state.fn == "fit":  # a checkpoint / early-stopping callback would fail on it
+                from ..data.robust import BadDataError
+
+                raise BadDataError(
+                    f"validation: all {len(skipped)} samples were broken (e.g. {skipped[:3]}), so {monitors} cannot "
+                    "be computed for the callbacks that monitor them; fix or replace the validation split (val_path)"
+                )
             self.print(f"validation: all {len(skipped)} samples were broken and skipped, e.g. {skipped[:3]}")
             self._evaluator.reset()
 
