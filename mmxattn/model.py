@@ -186,8 +186,8 @@ def _check_array(a: Any, i: int) -> Any:
     if a.size == 0:
         raise ValueError(f"images[{i}]: an empty array {a.shape}")
     if a.dtype.kind == "f":
-        lo, hi = float(a.min()), float(a.max())
-        if not (lo == lo and hi == hi) or abs(lo) == float("inf") or abs(hi) == float("inf"):
+        lo, hi = float(a.min()), float(a.max())  # NaN propagates into both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"images[{i}]: a float array with NaN or infinite values")
         if lo < -0.01 or hi > 1.01:
             hint = " (0..255 values: give them as uint8, a.astype(np.uint8))" if hi > 1.01 and lo >= 0 else ""

@@ -64,14 +64,9 @@ def to_uint8_chw(image: Any) -> torch.Tensor:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
             raise ValueError(f"image: numpy arrays must be (H, W) or (H, W, 1|3|4) (HWC), got shape {image.shape}")
-        if image.flags.writeable:
-            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # a view: .contiguous() copies below
-        else:
-            # np.asarray of a PIL image is read-only, and torch.from_numpy warns that it cannot protect such an
-            # array: the channels-first RGB copy made here instead is the one copy (.contiguous() below then is none)
-            rgb = np.broadcast_to(image, (*image.shape[:2], 3)) if image.shape[2] == 1 else image[:, :, :3]
-            chw = np.ascontiguousarray(rgb.transpose(2, 0, 1))
-            t = torch.from_numpy(chw if chw.flags.writeable else chw.copy())  # (a 1x1 image's is still a view)
+        if not image.flags.writeable:  # np.asarray of a PIL image: torch.from_numpy warns it cannot protect it
+            image = image.copy()
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         if image.ndim == 2:
             image = image[None]
