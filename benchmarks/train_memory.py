@@ -7,6 +7,9 @@ One full optimizer step (forward, the module's losses, backward, AdamW) of a mod
 * ``bf16-mixed``: ``torch.autocast(device, bfloat16)`` around forward and losses, as Lightning's ``bf16-mixed``
   precision does (fp32 weights and optimizer; the module takes the losses in fp32);
 * ``grad_ckpt``: ``grad_checkpointing=True`` (encoder, text and decoder blocks recomputed in backward);
+* ``grad_cache``: ``grad_cache_chunk_size=--chunk`` (default a quarter of the batch): the batch's contrastive loss
+  with one chunk's activations (a graph-free pass of the towers first, then each chunk's forward and backward; the
+  step runs through ``training_step``, as under the Trainer);
 * ``compile``: ``compile=True`` (``torch.compile`` of the model's forward; compilation happens in the two warmup
   steps and is not timed; on CPU the module switches CAT's oneDNN linear off, which inductor cannot lower).
 
@@ -35,11 +38,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fmt_bytes, median, peak_memory, tensor_bytes, time_alternating  # noqa: E402
 
-SETTINGS = ("fp32", "bf16-mixed", "grad_ckpt", "compile")
+SETTINGS = ("fp32", "bf16-mixed", "grad_ckpt", "grad_cache", "compile")
 QUICK_PRESET = "mmx_tiny"
 
 
-def make_step(preset: str, setting: str, batch: int, device: str, img_size: int | None = None, onednn: bool = True):
+def make_step(
+    preset: str,
+    setting: str,
+    batch: int,
+    device: str,
+    img_size: int | None = None,
+    onednn: bool = True,
+    chunk: int | None = None,
+):
     """(step, resident_bytes) for :func:`_common.peak_memory`: ``step()`` runs one optimizer step."""
     from mmxattn.lit.module import MMXAttnModule
     from mmxattn.lit.optim import build_optimizer
@@ -48,6 +59,8 @@ def make_step(preset: str, setting: str, batch: int, device: str, img_size: int 
     set_onednn_linear(onednn)  # process-wide; every setting of one run uses the same linear (see main)
     torch.manual_seed(0)
     kw: dict[str, Any] = {"grad_checkpointing": setting == "grad_ckpt", "compile": setting == "compile"}
+    if setting == "grad_cache":
+        kw["grad_cache_chunk_size"] = chunk or max(1, batch // 4)
     mod = MMXAttnModule(preset=preset, img_size=img_size, **kw).to(device).train()
     if setting == "compile":
         with warnings.catch_warnings():
@@ -68,7 +81,12 @@ def make_step(preset: str, setting: str, batch: int, device: str, img_size: int 
 
     def step() -> None:
         with amp:
-            loss, _, _ = mod.compute_losses(data)
+            if setting == "grad_cache":  # every chunk but the last is backpropagated inside
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # self.log without a Trainer
+                    loss = mod.training_step(data, 0)
+            else:
+                loss, _, _ = mod.compute_losses(data)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -82,9 +100,9 @@ def make_step(preset: str, setting: str, batch: int, device: str, img_size: int 
     return step, resident
 
 
-def _build(preset: str, setting: str, batch: int, device: str, img_size: int | None, onednn: bool):
+def _build(preset: str, setting: str, batch: int, device: str, img_size: int | None, onednn: bool, chunk: int | None):
     # module-level so that functools.partial of it pickles into the fresh process peak_memory spawns
-    return make_step(preset, setting, batch, device, img_size, onednn)
+    return make_step(preset, setting, batch, device, img_size, onednn, chunk)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="mmx_cat_t")
     p.add_argument("--quick", action="store_true", help=f"tiny sizes ({QUICK_PRESET}, 64 px, batch 4)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 16, quick 4)")
+    p.add_argument("--chunk", type=int, default=None, help="grad_cache's chunk size (default a quarter of the batch)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per setting (median); 3, quick 1")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {SETTINGS}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -130,7 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # off process-wide; so that the settings compare like with like, it is off for all of them in that case.
     onednn = "compile" not in settings or torch.device(args.device).type != "cpu"
     print(f"CAT oneDNN linear: {'on' if onednn else 'off (for every setting: compile needs it off)'}")
-    steps = {s: make_step(args.preset, s, args.batch, args.device, args.img_size, onednn)[0] for s in settings}
+    steps = {
+        s: make_step(args.preset, s, args.batch, args.device, args.img_size, onednn, args.chunk)[0] for s in settings
+    }
     # 2 warmup rounds: lazy AdamW state, oneDNN kernel choice, and compilation for "compile" (its second call
     # recompiles once: the image projector's position cache is filled by the first)
     times = time_alternating(steps, repeats=args.repeats, warmup=2, device=args.device)
@@ -141,7 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[s] = {"step_s": sec, "images_per_s": args.batch / sec, "peak_bytes": None}
     if not args.no_memory:
         for s in settings:
-            build = functools.partial(_build, args.preset, s, args.batch, args.device, args.img_size, onednn)
+            build = functools.partial(
+                _build, args.preset, s, args.batch, args.device, args.img_size, onednn, args.chunk
+            )
             warm = 2 if s == "compile" else 1
             rows[s]["peak_bytes"] = peak_memory(build, args.device, warmup=warm, calls=1, threads=threads)["peak"]
     base = rows.get("fp32")
@@ -161,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_avg_1min": load,
         "repeats": args.repeats,
         "onednn_linear": onednn,
+        "grad_cache_chunk": args.chunk or max(1, args.batch // 4),
         "settings": rows,
     }
     if args.json:

@@ -633,6 +633,7 @@ class MMXAttn(nn.Module):
                 and (int(tii.min()) < 0 or int(tii.max()) >= images.shape[0])
             ):
                 raise ValueError(f"text_image_index values must index the {images.shape[0]} images")
+        # training_embeddings makes the same calls in this order (grad caching replays their random numbers)
         image_tokens, word_tokens, word_probs = self._encode(images, want_word=True)
         image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
         text_x, states = self.text(ids)  # (R, E), (R, T, W)
@@ -652,6 +653,16 @@ class MMXAttn(nn.Module):
             word_tokens=word_tokens,
             word_probs=word_probs,
         )
+
+    def training_embeddings(self, images: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(image_embeds (B, E), text_embeds (R, E)) as :meth:`forward` computes them, without the decoder: the same
+        modules called in the same order, so that under the same random-number state (dropout, drop-path) they are
+        forward's own (the first pass of grad caching, :mod:`mmxattn.lit.gradcache`)."""
+        images = self._check_images(images, check_finite=False)
+        ids = self._check_ids(token_ids)
+        image_tokens = self._encode(images, want_word=True)[0]
+        image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
+        return image_embeds, F.normalize(self.text(ids)[0], dim=-1)
 
     def word_logits(self, image_tokens: Tensor) -> Tensor:
         """Word tokens (B, L, D) (:meth:`encode_word_tokens`: the image tokens, or the ``word_head_stage``'s own

@@ -39,6 +39,7 @@ from ..losses import (
 )
 from ..presets import create_model
 from .ema import ModelEMA
+from .gradcache import RNGState, label_count, split_batch
 from .optim import build_optimizer, warmup_cosine
 from .sigint import SigintDeferral
 
@@ -155,12 +156,25 @@ class MMXAttnModule(pl.LightningModule):
     Gradient accumulation (the Trainer's ``accumulate_grad_batches``) sums the gradients of K micro-batch losses,
     which is right for the caption and ITM losses but does NOT enlarge the contrastive loss's negatives: each
     micro-batch's InfoNCE sees only its own B texts, and the sum of K losses over B-sized sets is not the
-    gradient of one loss over K*B. open_clip's ``accum_freq`` gets the large-batch loss by caching the features
-    of K micro-batches and re-forwarding each with gradients against the cache; that needs all K micro-batches
-    inside one optimizer step and K backward calls, i.e. Lightning's manual optimization, which would give up
-    Trainer-level gradient clipping, ``accumulate_grad_batches``, the non-finite skip and a second code path for
-    freezing, EMA and compile. It is not implemented: for more negatives use more devices (the loss gathers
-    embeddings across ranks with gradients) or a larger per-device batch (``bf16-mixed``, grad checkpointing).
+    gradient of one loss over K*B. For more negatives than fit in memory at once, load the large batch and set
+    ``grad_cache_chunk_size``:
+
+        grad_cache_chunk_size: gradient caching (Gao et al. 2021; open_clip's ``accum_freq`` reaches the same loss
+            across loader batches): a batch of more than this many images is trained that many images at a time,
+            with the contrastive loss of the WHOLE batch. A graph-free pass of the image and text towers over every
+            chunk gives all embeddings; the whole batch's contrastive loss on them gives each embedding's gradient;
+            then each chunk runs forward (same drop-path masks: its random-number state is replayed) and backward
+            with ``<embedding, cached gradient>`` plus its other losses. Peak activation memory is one chunk's; the
+            cost is the extra graph-free tower pass (measured in ``benchmarks/train_memory.py``). The gradient
+            equals the unchunked batch's (tested to rounding) for the contrastive and caption terms (the caption
+            loss stays the batch's token mean); the ITM term draws its hard negatives within each chunk, and the
+            word and attention terms are averaged over the chunks weighted by their captions. Works with
+            ``accumulate_grad_batches`` (each loader batch is chunked), bf16/16-mixed and the non-finite policy (a
+            skipped batch's chunks are undone); one process only (under DDP the loss already gathers every
+            rank's embeddings: an error). With ``compile=True`` and dropout/drop-path the compiled pass draws other
+            masks than the eager first pass, so the cached gradient is that of slightly different activations.
+            Lightning's ``on_before_backward`` / ``on_after_backward`` hooks run for the last chunk only.
+
     A run interrupted in the middle of an accumulation window (Ctrl-C, SIGTERM, any save there) keeps the window's
     gradients so far in its checkpoint (``mmxattn_partial_grads``), and the resumed run's step sums the same K
     micro-batches as an uninterrupted run's (on one process; under DDP each rank's partial sums are not saved).
@@ -214,6 +228,7 @@ class MMXAttnModule(pl.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool = False,
         init_from: str | None = None,
+        grad_cache_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if nonfinite not in ("stop", "skip"):
@@ -227,6 +242,12 @@ class MMXAttnModule(pl.LightningModule):
             raise ValueError(f"rerank must be an int >= 0 (0 = off), got {rerank!r}")
         if rerank_with not in RERANK_METHODS:
             raise ValueError(f"rerank_with must be one of {RERANK_METHODS}, got {rerank_with!r}")
+        if grad_cache_chunk_size is not None and (
+            isinstance(grad_cache_chunk_size, bool)
+            or not isinstance(grad_cache_chunk_size, int)
+            or grad_cache_chunk_size < 1
+        ):
+            raise ValueError(f"grad_cache_chunk_size must be an int >= 1 or None (off), got {grad_cache_chunk_size!r}")
         _check_finetune_args(
             encoder_lr, text_lr, decoder_lr, layer_decay, freeze_encoder_steps, freeze_encoder_trainable_last, ema_decay
         )
@@ -321,6 +342,7 @@ class MMXAttnModule(pl.LightningModule):
         self._sigint = SigintDeferral()
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
+        self._zeroed_in_step = False  # grad caching zeroed .grad itself before its chunks' backward passes
 
     def _ignore_unk_word(self) -> None:
         """The word loss never targets ``<unk>`` (it names no one thing to find): its id comes from the model's
@@ -385,6 +407,15 @@ class MMXAttnModule(pl.LightningModule):
             if problems:
                 raise ValueError(f"the data's tokenizer does not fit the model: {'; '.join(problems)}")
             self.model.tokenizer = tok
+        if stage == "fit" and self.hparams.get("grad_cache_chunk_size") and self._trainer is not None:
+            strategy = self.trainer.strategy
+            if self.trainer.world_size > 1 or strategy.handles_gradient_accumulation:
+                raise ValueError(
+                    f"grad_cache_chunk_size={self.hparams.grad_cache_chunk_size} runs on one process only (it calls "
+                    f"backward once per chunk, outside {type(strategy).__name__}'s gradient synchronisation); on "
+                    f"{self.trainer.world_size} processes the contrastive loss already gathers every rank's "
+                    "embeddings: leave grad_cache_chunk_size unset"
+                )
         if stage == "fit" and self.hparams.compile and self._compiled is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             reason = compile_unsupported_reason(device)
@@ -408,8 +439,9 @@ class MMXAttnModule(pl.LightningModule):
             dm.set_epoch(self.current_epoch)
 
     # ------------------------------------------------------------------ training
-    def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], Any]:
-        """(weighted total, unweighted terms, model output) of one training batch, in fp32 under autocast."""
+    def compute_losses(self, batch: dict[str, Any], contrastive: bool = True) -> tuple[Tensor, dict[str, Tensor], Any]:
+        """(weighted total, unweighted terms, model output) of one training batch, in fp32 under autocast.
+        ``contrastive=False`` leaves the contrastive term out (grad caching computes it over the whole batch)."""
         images, ids = batch["images"], batch["ids"]
         pos_ids = batch.get("pos_ids")
         tii = batch.get("text_image_index")  # several captions per image (the data's train_captions_per_image)
@@ -431,17 +463,17 @@ class MMXAttnModule(pl.LightningModule):
             out = self._train_forward(images, ids, tii)
         # Under bf16/fp16 autocast the embeddings and logits come out in half precision: the softmax
         # cross-entropies are taken in fp32 (a no-op copy-free .float() when they already are).
-        losses = {
-            "contrastive": self.contrastive(
+        losses = {"caption": self.caption_loss(out.logits.float(), ids[:, 1:])}
+        loss = self.hparams.caption_weight * losses["caption"]
+        if contrastive:
+            losses["contrastive"] = self.contrastive(
                 out.image_embeds.float(),
                 out.text_embeds.float(),
                 out.logit_scale.float(),
                 pos_ids=pos_ids,
                 text_image_index=tii,
-            ),
-            "caption": self.caption_loss(out.logits.float(), ids[:, 1:]),
-        }
-        loss = self.hparams.contrastive_weight * losses["contrastive"] + self.hparams.caption_weight * losses["caption"]
+            )
+            loss = self.hparams.contrastive_weight * losses["contrastive"] + loss
         if self.hparams.itm_weight > 0 and self.model.itm_head is not None:
             losses["itm"] = self._itm(out, ids, pos_ids, tii)
             loss = loss + self.hparams.itm_weight * losses["itm"]
@@ -496,7 +528,11 @@ class MMXAttnModule(pl.LightningModule):
         self._track_skipped(batch)
         if "images" not in batch:  # every sample of this batch was broken (skipped and counted)
             return None
-        loss, losses, out = self.compute_losses(batch)
+        chunk = self.hparams.get("grad_cache_chunk_size")
+        if chunk and batch["images"].shape[0] > chunk:
+            loss, losses, out = self._grad_cache_losses(batch, batch_idx, chunk)
+        else:
+            loss, losses, out = self.compute_losses(batch)
         if not self._all_finite(loss):
             return self._nonfinite(loss, batch_idx)
         bs = batch["images"].shape[0]
@@ -505,6 +541,91 @@ class MMXAttnModule(pl.LightningModule):
             self.log(f"train/{k}", v, batch_size=bs)
         self.log("train/logit_scale", out.logit_scale, batch_size=bs)
         return loss
+
+    def _grad_cache_losses(self, batch: dict[str, Any], batch_idx: int, size: int) -> tuple[Tensor, dict, Any]:
+        """:meth:`compute_losses` of a batch of more than ``size`` images, ``size`` images at a time (gradient
+        caching, :mod:`mmxattn.lit.gradcache`): the contrastive term over the whole batch, the other terms per chunk
+        weighted by its share (the caption loss by its share of the batch's caption tokens, so that it is the
+        whole batch's token mean; the others by its share of the captions). Every chunk but the last is
+        backpropagated here; the returned loss has the last chunk's graph and the whole batch's value."""
+        hp, trainer = self.hparams, self._trainer
+        chunks = split_batch(batch, size)
+        if trainer is None or batch_idx % trainer.accumulate_grad_batches == 0:
+            # a window's first micro-batch, whose .grad Lightning zeroes after the training step: zeroed now
+            # instead, before the chunks add to it (optimizer_zero_grad then leaves it alone)
+            for p in self.parameters():
+                p.grad = None
+            self._zeroed_in_step, before = True, None
+        elif hp.nonfinite == "skip":  # a skipped batch must leave the window's gradients so far as they were
+            before = {p: p.grad.clone() for p in self.parameters() if p.grad is not None}
+        else:
+            before = "kept"  # "stop" raises; the checkpoint it writes drops partial gradients (stage "backward")
+        word_only = self.global_step < hp.word_only_steps
+        cache = None
+        if not word_only:
+            states, img, txt = [], [], []
+            with torch.no_grad():
+                for c in chunks:
+                    states.append(RNGState(self.device))
+                    i, t = self.model.training_embeddings(c.batch["images"], c.batch["ids"])
+                    img.append(i.float())
+                    txt.append(t.float())
+            rows = torch.cat([c.rows for c in chunks])  # the texts' order in txt
+            img, txt = torch.cat(img).requires_grad_(), torch.cat(txt).requires_grad_()
+            scale = self.model.get_logit_scale().detach().float().requires_grad_()
+            tii, pos = batch.get("text_image_index"), batch.get("pos_ids")
+            with torch.enable_grad():
+                c_loss = self.contrastive(
+                    img,
+                    txt,
+                    scale,
+                    pos_ids=None if pos is None else pos[rows],
+                    text_image_index=None if tii is None else tii[rows],
+                )
+            cache = (states, *torch.autograd.grad(c_loss, [img, txt, scale]))
+        pad = self.model.cfg.text.pad_id
+        n_rows, n_labels = batch["ids"].shape[0], max(label_count(batch["ids"], pad), 1)
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        logged: dict[str, Tensor] = {} if cache is None else {"contrastive": c_loss.detach()}
+        value = 0.0 if cache is None else hp.contrastive_weight * c_loss.detach()
+        first_text = 0
+        for n, c in enumerate(chunks):
+            if cache is not None:
+                cache[0][n].restore()  # the drop-path masks of the first pass
+            loss, terms, out = self.compute_losses(c.batch, contrastive=False)
+            share = {"": c.rows.numel() / n_rows, "caption": label_count(c.batch["ids"], pad) / n_labels}
+            cap = hp.caption_weight * terms["caption"] if "caption" in terms else 0.0
+            part = share[""] * (loss - cap) + share["caption"] * cap
+            value = value + part.detach()
+            for k, v in terms.items():
+                logged[k] = logged.get(k, 0.0) + share.get(k, share[""]) * v.detach()
+            if cache is not None:
+                _, g_img, g_txt, g_scale = cache
+                g_txt, first_text = g_txt[first_text : first_text + c.rows.numel()], first_text + c.rows.numel()
+                dot = (out.image_embeds.float() * g_img[c.start : c.stop]).sum()
+                dot = dot + (out.text_embeds.float() * g_txt).sum()
+                if n == 0:  # the temperature's gradient, once
+                    dot = dot + out.logit_scale.float() * g_scale
+                part = part + hp.contrastive_weight * dot
+            if not self._all_finite(part):
+                if before != "kept":  # the chunks before this one added to .grad: undone
+                    for p in self.parameters():
+                        p.grad = None if before is None else before.get(p)
+                    self._grad_progress.stage = "forward"
+                return value + part.detach(), logged, out
+            if n < len(chunks) - 1:
+                self._grad_progress.stage = "backward"  # .grad now holds part of this batch
+                # as Lightning's backward of the returned loss: divided by the accumulation window, then scaled
+                inner = part / accumulate if accumulate > 1 else part
+                (inner if scaler is None else scaler.scale(inner)).backward()
+        return part + (value - part.detach()), logged, out
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self._zeroed_in_step:  # grad caching zeroed .grad before its chunks' backward passes: keep what they added
+            self._zeroed_in_step = False
+            return
+        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def _itm(self, out, ids: Tensor, pos_ids: Tensor | None, tii: Tensor | None = None) -> Tensor:
         """Matching loss on the positives plus one hard negative text per image and one hard negative image per
@@ -581,6 +702,7 @@ class MMXAttnModule(pl.LightningModule):
                 stacklevel=2,
             )
         self._grad_progress.batch, self._grad_progress.stage = (self.current_epoch, batch_idx), "forward"
+        self._zeroed_in_step = False
         if self._freezable:
             # requires_grad toggling only on one process: DDP's reducer needs a fixed set of gradients
             distributed = self._trainer is not None and self.trainer.world_size > 1

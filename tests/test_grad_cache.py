@@ -1,0 +1,235 @@
+"""Gradient caching (``MMXAttnModule(grad_cache_chunk_size=C)``, mmxattn/lit/gradcache.py): a batch trained C images
+at a time has the gradient of the whole batch's losses, its contrastive loss included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from mmxattn.data.datamodule import ShapesDataModule
+from mmxattn.lit.gradcache import split_batch
+from mmxattn.lit.module import MMXAttnModule
+
+
+class _Grads(pl.Callback):
+    """Every optimizer step's gradients, by parameter name."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps.append({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+
+def _fit(
+    tmp: Path,
+    chunk: int | None,
+    steps: int = 1,
+    accumulate: int = 1,
+    drop_path: float = 0.0,
+    data_kw: dict | None = None,
+    patch=None,
+    trainer_kw: dict | None = None,
+    **module_kw,
+) -> tuple[_Grads, MMXAttnModule]:
+    pl.seed_everything(0)
+    dm = ShapesDataModule(
+        train_size=32, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp), **(data_kw or {})
+    )
+    mod = MMXAttnModule(
+        preset="mmx_tiny",
+        vocab_size=dm.vocab_size,
+        pad_id=dm.pad_id,
+        bos_id=dm.bos_id,
+        eos_id=dm.eos_id,
+        context_length=dm.context_length,
+        img_size=64,
+        warmup_steps=2,
+        grad_cache_chunk_size=chunk,
+        overrides={"vision": {"drop_path_rate": drop_path}},
+        **module_kw,
+    )
+    if patch is not None:
+        patch(mod)
+    grads = _Grads()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+        callbacks=[grads],
+        **{"accelerator": "cpu", **(trainer_kw or {})},
+    )
+    trainer.fit(mod, datamodule=dm)
+    return grads, mod
+
+
+def _assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    scale = max(g.abs().max().item() for g in a.values())
+    for name in a:  # some gradients are ~1e-9 (a bias that softmax nearly ignores): measured on the whole's scale
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {},
+        {"accumulate": 2},  # a window of two batches: .grad summed across both (zeroed once, before the first)
+        {"data_kw": {"train_captions_per_image": 3}},  # 8 images, 24 captions: each chunk takes its images' captions
+    ],
+    ids=["plain", "accumulate", "captions_per_image"],
+)
+def test_chunks_give_the_whole_batchs_gradient(case, tmp_path):
+    """Chunks of 3, 3 and 2 images against the batch of 8 in one piece: every gradient (the contrastive loss's over
+    all 8 images included) is the same, and nothing but the chunking differs between the two runs."""
+    whole, _ = _fit(tmp_path / "whole", None, itm_weight=0.0, **case)
+    chunked, _ = _fit(tmp_path / "chunked", 3, itm_weight=0.0, **case)
+    # one optimizer step: from the second on, gradients near zero (~1e-9, rounding apart) have stepped weights by
+    # AdamW's lr * sign, differently in the two runs
+    assert len(whole.steps) == len(chunked.steps) == 1
+    _assert_same_grads(whole.steps[0], chunked.steps[0])
+
+
+def test_the_first_pass_and_the_graph_pass_draw_the_same_drop_path_masks(tmp_path):
+    """With drop-path on, the embeddings whose contrastive gradient is cached are those the graph pass computes again
+    (each chunk's random-number state is replayed): otherwise the cached gradient belongs to other activations."""
+    first, graph = [], []
+
+    def patch(mod: MMXAttnModule) -> None:
+        embed, forward = mod.model.training_embeddings, mod._train_forward
+
+        def recorded_embed(*a, **k):
+            first.append(embed(*a, **k))
+            return first[-1]
+
+        def recorded_forward(*a, **k):
+            out = forward(*a, **k)
+            graph.append((out.image_embeds.detach(), out.text_embeds.detach()))
+            return out
+
+        mod.model.training_embeddings, mod._train_forward = recorded_embed, recorded_forward
+
+    _fit(tmp_path, 3, drop_path=0.5, itm_weight=0.0, patch=patch)
+    assert len(first) == len(graph) == 3
+    for (i1, t1), (i2, t2) in zip(first, graph):
+        torch.testing.assert_close(i2, i1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t2, t1, rtol=1e-5, atol=1e-6)
+    # and drop-path did draw: the same images embed differently in another draw
+    assert not torch.allclose(first[0][0], first[1][0][: first[0][0].shape[0]])
+
+
+def test_every_loss_trains_in_chunks_and_logs_the_whole_batchs_terms(tmp_path):
+    """ITM (hard negatives within each chunk) and the word head train too; the logged terms are the batch's."""
+    grads, mod = _fit(tmp_path, 3, steps=2, itm_weight=0.5, word_weight=0.5)
+    assert len(grads.steps) == 2
+    assert all(torch.isfinite(g).all() for g in grads.steps[-1].values())
+    assert any("itm_head" in n for n in grads.steps[-1]) and any("word_head" in n for n in grads.steps[-1])
+    logged = mod.trainer.callback_metrics
+    assert {"train/contrastive", "train/caption", "train/itm", "train/word"} <= logged.keys()
+    assert all(torch.isfinite(logged[k]) for k in logged if k.startswith("train/"))
+
+
+def test_a_nonfinite_chunk_in_the_middle_of_a_window_is_skipped_without_touching_the_windows_gradients(tmp_path):
+    """nonfinite="skip", two batches per window: a NaN in the second chunk of the window's second batch, after the
+    first chunk's backward. The step gets the first batch's gradients alone, as if the second had been skipped
+    before any backward (its chunks' partial sum is undone)."""
+
+    def poison(where: int):
+        def patch(mod: MMXAttnModule) -> None:
+            real, calls = mod.compute_losses, {"n": 0}
+
+            def compute_losses(batch, contrastive=True):
+                calls["n"] += 1  # 3 chunks per batch: calls 4-6 are the second batch's
+                loss, terms, out = real(batch, contrastive=contrastive)
+                return (loss * float("nan") if calls["n"] == where else loss), terms, out
+
+            mod.compute_losses = compute_losses
+
+        return patch
+
+    late, _ = _fit(tmp_path / "late", 3, accumulate=2, itm_weight=0.0, nonfinite="skip", patch=poison(5))
+    early, _ = _fit(tmp_path / "early", 3, accumulate=2, itm_weight=0.0, nonfinite="skip", patch=poison(4))
+    assert len(late.steps) == len(early.steps) == 1
+    _assert_same_grads(early.steps[0], late.steps[0])
+
+
+def test_split_batch_keeps_every_caption_with_its_image():
+    images = torch.randn(5, 3, 8, 8)
+    tii = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    ids = torch.arange(8)[:, None].repeat(1, 4)
+    chunks = split_batch({"images": images, "ids": ids, "text_image_index": tii, "pos_ids": tii * 10}, 2)
+    assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 4), (4, 5)]
+    assert [c.rows.tolist() for c in chunks] == [[0, 1, 2], [3, 4, 5, 6], [7]]
+    assert chunks[1].batch["text_image_index"].tolist() == [0, 0, 0, 1]
+    assert chunks[1].batch["pos_ids"].tolist() == [20, 20, 20, 30]
+    assert torch.equal(chunks[1].batch["images"], images[2:4]) and torch.equal(chunks[1].batch["ids"], ids[3:7])
+    with pytest.raises(ValueError, match="5 images, 8 token rows"):
+        split_batch({"images": images, "ids": ids}, 2)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])
+def test_bad_chunk_sizes_are_refused_when_the_module_is_built(bad):
+    with pytest.raises(ValueError, match="grad_cache_chunk_size must be an int >= 1"):
+        MMXAttnModule(preset="mmx_tiny", vocab_size=64, pad_id=0, bos_id=1, eos_id=2, context_length=16,
+                      grad_cache_chunk_size=bad)  # fmt: skip
+
+
+def test_grad_cache_is_refused_on_several_processes():
+    mod = MMXAttnModule(preset="mmx_tiny", vocab_size=64, pad_id=0, bos_id=1, eos_id=2, context_length=16,
+                        grad_cache_chunk_size=4)  # fmt: skip
+    mod._trainer = SimpleNamespace(  # what setup reads of a 2-process DDP trainer
+        world_size=2, strategy=SimpleNamespace(handles_gradient_accumulation=False), datamodule=None
+    )
+    with pytest.raises(ValueError, match="grad_cache_chunk_size=4 runs on one process only"):
+        mod.setup("fit")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_chunks_give_the_whole_batchs_gradient_under_mixed_precision_on_a_gpu(precision, tmp_path):
+    """On a GPU under autocast (16-mixed: every chunk's backward scaled by the GradScaler, as Lightning scales the
+    last): the chunked step's unscaled gradients are the whole batch's, to half-precision rounding."""
+    kw = {"trainer_kw": {"accelerator": "gpu", "devices": 1, "precision": precision}, "itm_weight": 0.0}
+    whole, _ = _fit(tmp_path / "whole", None, **kw)
+    chunked, _ = _fit(tmp_path / "chunked", 3, **kw)
+    a, b = whole.steps[0], chunked.steps[0]
+    assert a.keys() == b.keys()
+    flat_a = torch.cat([a[n].float().flatten() for n in a])
+    flat_b = torch.cat([b[n].float().flatten() for n in a])
+    assert torch.isfinite(flat_b).all()
+    assert (flat_a - flat_b).norm() <= 0.02 * flat_a.norm()  # half-precision towers: relative to the whole step
+
+
+def test_the_cli_takes_the_chunk_size(tmp_path, monkeypatch):
+    """``--model.grad_cache_chunk_size 2`` on the fine-tuning config (batches of 4 from a CSV data set): the steps
+    run in chunks (the graph-free first pass runs per chunk) and the run finishes."""
+    from lit_helpers import make_csv, smoke_args
+
+    from mmxattn.lit.cli import main as cli_main
+    from mmxattn.model import MMXAttn
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    real = MMXAttn.training_embeddings
+
+    def counted(self, images, token_ids):
+        calls.append(images.shape[0])
+        return real(self, images, token_ids)
+
+    monkeypatch.setattr(MMXAttn, "training_embeddings", counted)
+    args = smoke_args("finetune_csv.yaml", tmp_path, make_csv(tmp_path / "csv"), overlays=())
+    cli = cli_main([*args, "--model.grad_cache_chunk_size=2", "--model.freeze_encoder_steps=0"])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 2
+    assert cli.model.hparams.grad_cache_chunk_size == 2
+    assert calls == [2, 2, 2, 2]  # two training batches of 4 images, two chunks each
