@@ -59,7 +59,8 @@ class InterruptAt(pl.Callback):
     KeyboardInterrupt raised in the middle of the training step), "sigterm" (what Lightning's SIGTERM handler
     does, called in-process: it sets a flag, and the loop stops once the batch is done), or "sigint_in_step" /
     "2sigint_in_step": one or two real SIGINTs sent to this process inside ``optimizer.step``, once the weights
-    are updated (an optimizer step hook)."""
+    are updated (an optimizer step hook), or "sigint_in_chunk": a real SIGINT in the forward of the second chunk of a
+    grad-cached batch (the first chunk's gradients already in .grad)."""
 
     def __init__(self, batch_idx: int, where: str) -> None:
         self.batch_idx, self.where, self._current = batch_idx, where, -1
@@ -67,6 +68,16 @@ class InterruptAt(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self.where.endswith("sigint_in_step"):
             trainer.optimizers[0].register_step_post_hook(self._sigint)
+        if self.where == "sigint_in_chunk":  # grad caching: in the second chunk's forward, after the first's backward
+            real, calls = pl_module.compute_losses, {"n": 0}
+
+            def compute_losses(batch, contrastive=True):
+                calls["n"] = calls["n"] + 1 if self._current == self.batch_idx else 0
+                if calls["n"] == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return real(batch, contrastive=contrastive)
+
+            pl_module.compute_losses = compute_losses
 
     def _sigint(self, optimizer, args, kwargs) -> None:
         if self._current == self.batch_idx:

@@ -246,7 +246,11 @@ ACCUM = 3  # micro-batches per optimizer step; 6 training batches an epoch: wind
 
 
 def _accum_fit(
-    root: Path, *callbacks: pl.Callback, ckpt_path: Path | None = None, fp16: bool = False
+    root: Path,
+    *callbacks: pl.Callback,
+    ckpt_path: Path | None = None,
+    fp16: bool = False,
+    module_kw: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """One epoch of the tiny model with ``accumulate_grad_batches=ACCUM``, last.ckpt saved on an interrupt (as
     train.py does); the final weights (an interrupt's exception goes through). ``fp16``: 16-mixed with its loss
@@ -261,7 +265,9 @@ def _accum_fit(
     dm = ShapesDataModule(
         img_size=32, train_size=24, val_size=4, test_size=4, batch_size=4, num_workers=0, cache_dir=str(root.parent)
     )
-    mod = MMXAttnModule(preset="mmx_tiny", **data_linked(dm), img_size=32, warmup_steps=1, lr=0.002)
+    mod = MMXAttnModule(
+        preset="mmx_tiny", **data_linked(dm), img_size=32, warmup_steps=1, lr=0.002, **(module_kw or {})
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -285,7 +291,7 @@ def accum_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     return _accum_fit(tmp_path_factory.mktemp("accum_ref"))
 
 
-def _interrupt(root: Path, where: str, batch: int, fp16: bool = False) -> dict:
+def _interrupt(root: Path, where: str, batch: int, fp16: bool = False, module_kw: dict | None = None) -> dict:
     """Run until InterruptAt(batch, where) stops it; last.ckpt, loaded."""
     import signal
 
@@ -295,7 +301,7 @@ def _interrupt(root: Path, where: str, batch: int, fp16: bool = False) -> dict:
     sigint = signal.getsignal(signal.SIGINT)
     try:  # Lightning exits (SystemExit 1) on a KeyboardInterrupt, and ignores SIGINT from then on
         with pytest.raises(SIGTERMException if where == "sigterm" else SystemExit):
-            _accum_fit(root, InterruptAt(batch, where), fp16=fp16)
+            _accum_fit(root, InterruptAt(batch, where), fp16=fp16, module_kw=module_kw)
     finally:
         signal.signal(signal.SIGINT, sigint)
     return torch.load(root / "ckpt" / "last.ckpt", weights_only=True)
@@ -343,6 +349,23 @@ def test_interrupted_run_with_gradient_accumulation_resumes_exactly(
         with pytest.warns(UserWarning, match="resumed at batch 4, in the middle of an accumulation window of 3"):
             old = _accum_fit(tmp_path, ckpt_path=tmp_path / "old.ckpt")
         assert max(_differ(accum_reference, old).values()) > 1e-4
+
+
+# micro-batch 2 of a window, its first (grad caching zeroes .grad itself there), its last (optimizer step follows)
+@pytest.mark.parametrize("batch, mid_window", [(4, True), (3, True), (5, False)])
+def test_ctrl_c_between_grad_cache_chunks_waits_for_the_batch_and_resumes_exactly(tmp_path, batch, mid_window):
+    """Gradient caching (chunks of 2 of the 4 images): a real Ctrl-C in the second chunk's forward, the first
+    chunk's gradients already in .grad. It is held back until the batch is counted, so the checkpoint holds the
+    window's gradients with the whole batch in them (or none at a window's end) and the resumed run's weights are
+    the uninterrupted run's (raised at once, the batch's partial sum was lost with the window's earlier ones)."""
+    kw = {"grad_cache_chunk_size": 2}
+    reference = _accum_fit(tmp_path / "ref", module_kw=kw)
+    ckpt = _interrupt(tmp_path / "run", "sigint_in_chunk", batch, module_kw=kw)
+    assert ckpt["global_step"] == (batch + 1) // ACCUM  # stopped once the batch was done
+    assert ("mmxattn_partial_grads" in ckpt) == mid_window
+    resumed = _accum_fit(tmp_path / "run", ckpt_path=tmp_path / "run" / "ckpt" / "last.ckpt", module_kw=kw)
+    differ = _differ(reference, resumed)
+    assert not differ, f"batch {batch}: {len(differ)} tensors differ, by up to {max(differ.values())}"
 
 
 def test_16_mixed_interrupt_mid_window_resumes_exactly_with_the_scaled_gradients(tmp_path):

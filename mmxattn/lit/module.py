@@ -615,7 +615,10 @@ class MMXAttnModule(pl.LightningModule):
                     self._grad_progress.stage = "forward"
                 return value + part.detach(), logged, out
             if n < len(chunks) - 1:
-                self._grad_progress.stage = "backward"  # .grad now holds part of this batch
+                if n == 0:
+                    # .grad now holds part of this batch, until the step's end: a Ctrl-C waits for the batch to end
+                    self._defer_ctrl_c()
+                self._grad_progress.stage = "backward"
                 # as Lightning's backward of the returned loss: divided by the accumulation window, then scaled
                 inner = part / accumulate if accumulate > 1 else part
                 (inner if scaler is None else scaler.scale(inner)).backward()

@@ -5,7 +5,9 @@ batch as done) leaves some or all parameters and moments stepped while the loop'
 ran: a run resumed from the interrupt's checkpoint redoes that batch on top of the stepped weights (a second,
 partial update). :class:`SigintDeferral` turns a Ctrl-C that arrives in that stretch into a flag; the training
 module raises the ``KeyboardInterrupt`` itself once the batch is counted (``on_train_batch_end``), where Lightning's
-restart logic resumes at the next batch. A second Ctrl-C stops at once, as before.
+restart logic resumes at the next batch. A second Ctrl-C stops at once, as before. Gradient caching
+(``grad_cache_chunk_size``) holds it back from its first chunk's backward on: from then on ``.grad`` holds part of
+the batch, which neither a redo of the batch nor the saved gradients of an accumulation window could account for.
 
 Only Python's default SIGINT handler is replaced, only in the main thread, and only between ``start`` and
 ``stop``; a handler left installed by an exception that skipped ``stop`` behaves like the default one the first
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 _MESSAGE = (
-    b"\nCtrl-C: finishing this optimizer step, then stopping (the interrupt checkpoint, where there is one, is "
+    b"\nCtrl-C: finishing this training step, then stopping (the interrupt checkpoint, where there is one, is "
     b"written then); Ctrl-C again to stop at once\n"
 )
 
