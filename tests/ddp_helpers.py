@@ -53,3 +53,16 @@ def _local(out):
     logits = out.logit_scale * out.image_embeds @ out.text_embeds.T
     labels = torch.arange(logits.shape[0])
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class SaveFirstGrads(pl.Callback):
+    """Each rank's gradients at the first optimizer step (after DDP's all-reduce), saved as ``rank{r}.pt``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(grads, self.out_dir / f"rank{dist.get_rank()}.pt")

@@ -184,13 +184,13 @@ def test_bad_chunk_sizes_are_refused_when_the_module_is_built(bad):
                       grad_cache_chunk_size=bad)  # fmt: skip
 
 
-def test_grad_cache_is_refused_on_several_processes():
+def test_grad_cache_is_refused_with_a_strategy_that_syncs_in_every_backward():
+    from pytorch_lightning.strategies import FSDPStrategy
+
     mod = MMXAttnModule(preset="mmx_tiny", vocab_size=64, pad_id=0, bos_id=1, eos_id=2, context_length=16,
                         grad_cache_chunk_size=4)  # fmt: skip
-    mod._trainer = SimpleNamespace(  # what setup reads of a 2-process DDP trainer
-        world_size=2, strategy=SimpleNamespace(handles_gradient_accumulation=False), datamodule=None
-    )
-    with pytest.raises(ValueError, match="grad_cache_chunk_size=4 runs on one process only"):
+    mod._trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2, datamodule=None)  # what setup reads
+    with pytest.raises(ValueError, match="grad_cache_chunk_size=4 works with one device or DDP; FSDPStrategy"):
         mod.setup("fit")
 
 

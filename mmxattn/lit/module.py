@@ -169,9 +169,11 @@ class MMXAttnModule(pl.LightningModule):
             equals the unchunked batch's (tested to rounding) for the contrastive and caption terms (the caption
             loss stays the batch's token mean); the ITM term draws its hard negatives within each chunk, and the
             word and attention terms are averaged over the chunks weighted by their captions. Works with
-            ``accumulate_grad_batches`` (each loader batch is chunked), bf16/16-mixed and the non-finite policy (a
-            skipped batch's chunks are undone); one process only (under DDP the loss already gathers every
-            rank's embeddings: an error). With ``compile=True`` and dropout/drop-path the compiled pass draws other
+            ``accumulate_grad_batches`` (each loader batch is chunked), bf16/16-mixed, the non-finite policy (a
+            skipped batch's chunks are undone), a Ctrl-C (held back from the first chunk's backward to the batch's
+            end) and DDP (the contrastive loss gathers every rank's cached embeddings, as unchunked; the chunks'
+            backward passes add up locally and the last one is synchronised); FSDP and DeepSpeed, which reduce
+            gradients in every backward pass, are refused. With ``compile=True`` and dropout/drop-path the compiled pass draws other
             masks than the eager first pass, so the cached gradient is that of slightly different activations.
             Lightning's ``on_before_backward`` / ``on_after_backward`` hooks run for the last chunk only.
 
@@ -343,6 +345,8 @@ class MMXAttnModule(pl.LightningModule):
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
         self._zeroed_in_step = False  # grad caching zeroed .grad itself before its chunks' backward passes
+        # grad caching: what .grad was before this batch's chunks (None: nothing; "kept": not restorable)
+        self._undo: dict[Any, Tensor] | str | None = "kept"
 
     def _ignore_unk_word(self) -> None:
         """The word loss never targets ``<unk>`` (it names no one thing to find): its id comes from the model's
@@ -408,13 +412,14 @@ class MMXAttnModule(pl.LightningModule):
                 raise ValueError(f"the data's tokenizer does not fit the model: {'; '.join(problems)}")
             self.model.tokenizer = tok
         if stage == "fit" and self.hparams.get("grad_cache_chunk_size") and self._trainer is not None:
+            from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
+
             strategy = self.trainer.strategy
-            if self.trainer.world_size > 1 or strategy.handles_gradient_accumulation:
+            if strategy.handles_gradient_accumulation or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
                 raise ValueError(
-                    f"grad_cache_chunk_size={self.hparams.grad_cache_chunk_size} runs on one process only (it calls "
-                    f"backward once per chunk, outside {type(strategy).__name__}'s gradient synchronisation); on "
-                    f"{self.trainer.world_size} processes the contrastive loss already gathers every rank's "
-                    "embeddings: leave grad_cache_chunk_size unset"
+                    f"grad_cache_chunk_size={self.hparams.grad_cache_chunk_size} works with one device or DDP; "
+                    f"{type(strategy).__name__} synchronises or shards gradients in every backward pass, and grad "
+                    "caching runs one per chunk: leave grad_cache_chunk_size unset, or use strategy ddp"
                 )
         if stage == "fit" and self.hparams.compile and self._compiled is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -529,11 +534,14 @@ class MMXAttnModule(pl.LightningModule):
         if "images" not in batch:  # every sample of this batch was broken (skipped and counted)
             return None
         chunk = self.hparams.get("grad_cache_chunk_size")
-        if chunk and batch["images"].shape[0] > chunk:
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        # under DDP every rank takes the same path whatever its batch size (their collectives must pair up)
+        if chunk and (distributed or batch["images"].shape[0] > chunk):
             loss, losses, out = self._grad_cache_losses(batch, batch_idx, chunk)
         else:
             loss, losses, out = self.compute_losses(batch)
         if not self._all_finite(loss):
+            self._undo_chunks()
             return self._nonfinite(loss, batch_idx)
         bs = batch["images"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -543,11 +551,13 @@ class MMXAttnModule(pl.LightningModule):
         return loss
 
     def _grad_cache_losses(self, batch: dict[str, Any], batch_idx: int, size: int) -> tuple[Tensor, dict, Any]:
-        """:meth:`compute_losses` of a batch of more than ``size`` images, ``size`` images at a time (gradient
-        caching, :mod:`mmxattn.lit.gradcache`): the contrastive term over the whole batch, the other terms per chunk
-        weighted by its share (the caption loss by its share of the batch's caption tokens, so that it is the
-        whole batch's token mean; the others by its share of the captions). Every chunk but the last is
-        backpropagated here; the returned loss has the last chunk's graph and the whole batch's value."""
+        """:meth:`compute_losses` of a batch, ``size`` images at a time (gradient caching,
+        :mod:`mmxattn.lit.gradcache`): the contrastive term over the whole batch (under DDP, against every rank's
+        embeddings, as unchunked), the other terms per chunk weighted by its share (the caption loss by its share
+        of the batch's caption tokens, so that it is the whole batch's token mean; the others by its share of the
+        captions). Every chunk but the last is backpropagated here; the returned loss has the last chunk's graph
+        and the whole batch's value. Nothing here is a collective but the contrastive loss's gather: under DDP,
+        ranks whose batches split into different numbers of chunks stay in step."""
         hp, trainer = self.hparams, self._trainer
         chunks = split_batch(batch, size)
         if trainer is None or batch_idx % trainer.accumulate_grad_batches == 0:
@@ -555,14 +565,18 @@ class MMXAttnModule(pl.LightningModule):
             # instead, before the chunks add to it (optimizer_zero_grad then leaves it alone)
             for p in self.parameters():
                 p.grad = None
-            self._zeroed_in_step, before = True, None
+            self._zeroed_in_step, self._undo = True, None
         elif hp.nonfinite == "skip":  # a skipped batch must leave the window's gradients so far as they were
-            before = {p: p.grad.clone() for p in self.parameters() if p.grad is not None}
+            self._undo = {p: p.grad.clone() for p in self.parameters() if p.grad is not None}
         else:
-            before = "kept"  # "stop" raises; the checkpoint it writes drops partial gradients (stage "backward")
+            self._undo = "kept"  # "stop" raises; the checkpoint it writes drops partial gradients (stage "backward")
+        distributed = trainer is not None and trainer.world_size > 1
         word_only = self.global_step < hp.word_only_steps
+        # the word-only phase has no contrastive term; under DDP it is kept at weight 0, as compute_losses does, so
+        # that the reducer sees a gradient for every parameter
+        c_weight = 0.0 if word_only else hp.contrastive_weight
         cache = None
-        if not word_only:
+        if not word_only or distributed:
             states, img, txt = [], [], []
             with torch.no_grad():
                 for c in chunks:
@@ -587,15 +601,16 @@ class MMXAttnModule(pl.LightningModule):
         n_rows, n_labels = batch["ids"].shape[0], max(label_count(batch["ids"], pad), 1)
         scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        logged: dict[str, Tensor] = {} if cache is None else {"contrastive": c_loss.detach()}
-        value = 0.0 if cache is None else hp.contrastive_weight * c_loss.detach()
-        first_text = 0
+        logged: dict[str, Tensor] = {} if word_only else {"contrastive": c_loss.detach()}
+        value = 0.0 if word_only else c_weight * c_loss.detach()
+        first_text, last = 0, len(chunks) - 1
         for n, c in enumerate(chunks):
             if cache is not None:
                 cache[0][n].restore()  # the drop-path masks of the first pass
             loss, terms, out = self.compute_losses(c.batch, contrastive=False)
             share = {"": c.rows.numel() / n_rows, "caption": label_count(c.batch["ids"], pad) / n_labels}
-            cap = hp.caption_weight * terms["caption"] if "caption" in terms else 0.0
+            # (in the word-only phase under DDP the caption term is in the graph at weight 0: nothing to reweigh)
+            cap = hp.caption_weight * terms["caption"] if "caption" in terms and not word_only else 0.0
             part = share[""] * (loss - cap) + share["caption"] * cap
             value = value + part.detach()
             for k, v in terms.items():
@@ -605,16 +620,12 @@ class MMXAttnModule(pl.LightningModule):
                 g_txt, first_text = g_txt[first_text : first_text + c.rows.numel()], first_text + c.rows.numel()
                 dot = (out.image_embeds.float() * g_img[c.start : c.stop]).sum()
                 dot = dot + (out.text_embeds.float() * g_txt).sum()
-                if n == 0:  # the temperature's gradient, once
+                if n == last:  # the temperature's gradient, once: in the graph DDP's reducer synchronises
                     dot = dot + out.logit_scale.float() * g_scale
-                part = part + hp.contrastive_weight * dot
-            if not self._all_finite(part):
-                if before != "kept":  # the chunks before this one added to .grad: undone
-                    for p in self.parameters():
-                        p.grad = None if before is None else before.get(p)
-                    self._grad_progress.stage = "forward"
+                part = part + c_weight * dot
+            if not bool(torch.isfinite(part)):  # local: the step's decision is taken across ranks by the caller
                 return value + part.detach(), logged, out
-            if n < len(chunks) - 1:
+            if n < last:
                 if n == 0:
                     # .grad now holds part of this batch, until the step's end: a Ctrl-C waits for the batch to end
                     self._defer_ctrl_c()
@@ -623,6 +634,15 @@ class MMXAttnModule(pl.LightningModule):
                 inner = part / accumulate if accumulate > 1 else part
                 (inner if scaler is None else scaler.scale(inner)).backward()
         return part + (value - part.detach()), logged, out
+
+    def _undo_chunks(self) -> None:
+        """A skipped or stopped grad-cached batch: .grad back to what it was before its chunks' backward passes."""
+        undo, self._undo = self._undo, "kept"
+        if undo == "kept":
+            return
+        for p in self.parameters():
+            p.grad = None if undo is None else undo.get(p)
+        self._grad_progress.stage = "forward"
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         if self._zeroed_in_step:  # grad caching zeroed .grad before its chunks' backward passes: keep what they added
@@ -705,7 +725,7 @@ class MMXAttnModule(pl.LightningModule):
                 stacklevel=2,
             )
         self._grad_progress.batch, self._grad_progress.stage = (self.current_epoch, batch_idx), "forward"
-        self._zeroed_in_step = False
+        self._zeroed_in_step, self._undo = False, "kept"
         if self._freezable:
             # requires_grad toggling only on one process: DDP's reducer needs a fixed set of gradients
             distributed = self._trainer is not None and self.trainer.world_size > 1
