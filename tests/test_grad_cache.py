@@ -37,9 +37,8 @@ def _fit(
     **module_kw,
 ) -> tuple[_Grads, MMXAttnModule]:
     pl.seed_everything(0)
-    dm = ShapesDataModule(
-        train_size=32, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp), **(data_kw or {})
-    )
+    sizes = {"train_size": 32, "val_size": 8, "test_size": 8, "batch_size": 8, **(data_kw or {})}
+    dm = ShapesDataModule(num_workers=0, cache_dir=str(tmp), **sizes)
     mod = MMXAttnModule(
         preset="mmx_tiny",
         vocab_size=dm.vocab_size,
@@ -128,6 +127,79 @@ def test_the_first_pass_and_the_graph_pass_draw_the_same_drop_path_masks(tmp_pat
     assert not torch.allclose(first[0][0], first[1][0][: first[0][0].shape[0]])
 
 
+def test_each_chunk_draws_from_its_own_random_stream(tmp_path, monkeypatch):
+    """Replaying a chunk's masks must not make its later draws (the ITM term's hard-negative sampling) reuse random
+    numbers another chunk drew from, nor those of another chunk's masks: every draw point sees another state."""
+    import mmxattn.lit.module as module
+
+    states = {"towers": [], "itm": []}
+    sampler = module.sample_hard_negatives
+
+    def recorded_sampler(*a, **k):
+        states["itm"].append(torch.get_rng_state())
+        return sampler(*a, **k)
+
+    def patch(mod: MMXAttnModule) -> None:
+        embed = mod.model.training_embeddings
+
+        def recorded_embed(*a, **k):
+            states["towers"].append(torch.get_rng_state())
+            return embed(*a, **k)
+
+        mod.model.training_embeddings = recorded_embed
+
+    monkeypatch.setattr(module, "sample_hard_negatives", recorded_sampler)
+    _fit(tmp_path, 3, drop_path=0.3, itm_weight=0.5, patch=patch)
+    assert len(states["towers"]) == len(states["itm"]) == 3
+    seen = [s for s in states["towers"] + states["itm"]]
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1 :])
+
+
+def test_batchnorm_statistics_move_once_per_chunk_and_the_user_is_told(tmp_path):
+    """An encoder with BatchNorm (a timm ResNet backend): warned that each chunk is normalised on its own; the
+    graph-free pass leaves the running statistics alone, so they move once per chunk (as with accumulation)."""
+    kw = {"itm_weight": 0.0, "overrides": {"vision_backend": "timm:resnet10t", "vision_pretrained": None}}
+    dm = ShapesDataModule(train_size=32, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp_path))
+    linked = dict(vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
+                  context_length=dm.context_length, img_size=64)  # fmt: skip
+    with pytest.warns(UserWarning, match="BatchNorm layers in the model"):
+        mod = MMXAttnModule(preset="mmx_tiny", grad_cache_chunk_size=3, **linked, **kw)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(mod, datamodule=dm)
+    counts = {int(b) for n, b in mod.model.named_buffers() if n.endswith("num_batches_tracked")}
+    assert counts == {3}  # three chunks of one batch (the graph-free pass would have made it 6)
+
+
+def test_one_image_chunks_cannot_train_the_matching_head():
+    with pytest.raises(ValueError, match="a chunk of one image has none"):
+        MMXAttnModule(preset="mmx_tiny", vocab_size=64, pad_id=0, bos_id=1, eos_id=2, context_length=16,
+                      itm_weight=0.5, grad_cache_chunk_size=1)  # fmt: skip
+    MMXAttnModule(preset="mmx_tiny", vocab_size=64, pad_id=0, bos_id=1, eos_id=2, context_length=16,
+                  itm_weight=0.0, grad_cache_chunk_size=1)  # fmt: skip
+
+
+def test_the_matching_term_is_the_mean_over_chunks_that_have_negatives(tmp_path, monkeypatch):
+    """Batches of 8 in chunks of 3, 3, 2 and (batch 7) 3, 3, 1: the one-image chunk has no negatives (its ITM term
+    is 0) and is left out of the term's average instead of diluting it."""
+    import mmxattn.lit.module as module
+
+    seen = []
+    real = MMXAttnModule._itm
+
+    def recorded(self, *a, **k):
+        seen.append(real(self, *a, **k).detach())
+        return seen[-1]
+
+    monkeypatch.setattr(module.MMXAttnModule, "_itm", recorded)
+    _, mod = _fit(tmp_path, 3, itm_weight=0.5, data_kw={"batch_size": 7})
+    ones = mod.trainer.callback_metrics["train/itm"]
+    per_chunk = seen[:3]  # the first batch's chunks: 3, 3 and 1 images
+    assert float(per_chunk[2]) == 0.0 and float(per_chunk[0]) > 0
+    torch.testing.assert_close(ones, (per_chunk[0] + per_chunk[1]) / 2)
+
+
 def test_every_loss_trains_in_chunks_and_logs_the_whole_batchs_terms(tmp_path):
     """ITM (hard negatives within each chunk) and the word head train too; the logged terms are the batch's."""
     grads, mod = _fit(tmp_path, 3, steps=2, itm_weight=0.5, word_weight=0.5)
@@ -161,6 +233,30 @@ def test_a_nonfinite_chunk_in_the_middle_of_a_window_is_skipped_without_touching
     early, _ = _fit(tmp_path / "early", 3, accumulate=2, itm_weight=0.0, nonfinite="skip", patch=poison(4))
     assert len(late.steps) == len(early.steps) == 1
     _assert_same_grads(early.steps[0], late.steps[0])
+
+
+def test_a_nonfinite_stop_in_the_middle_of_a_window_saves_the_windows_gradients_so_far(tmp_path):
+    """nonfinite="stop", two batches per window, a NaN in the second chunk of the second batch (after the first
+    chunk's backward): the last-good checkpoint holds the first batch's gradients for a resume, as unchunked."""
+    from mmxattn.lit.module import NonFiniteLossError
+
+    def poison(mod: MMXAttnModule) -> None:
+        real, calls = mod.compute_losses, {"n": 0}
+
+        def compute_losses(batch, contrastive=True):
+            calls["n"] += 1  # whole batches: call 2 is the second batch; chunks of 3: call 5 its second chunk
+            loss, terms, out = real(batch, contrastive=contrastive)
+            return (loss * float("nan") if calls["n"] == (2 if contrastive else 5) else loss), terms, out
+
+        mod.compute_losses = compute_losses
+
+    saved = {}
+    for name, chunk in (("whole", None), ("chunked", 3)):
+        with pytest.raises(NonFiniteLossError):
+            _fit(tmp_path / name, chunk, accumulate=2, itm_weight=0.0, patch=poison)
+        ckpt = torch.load(tmp_path / name / "nonfinite-last-good.ckpt", weights_only=True)
+        saved[name] = ckpt["mmxattn_partial_grads"]["grads"]
+    _assert_same_grads(saved["whole"], saved["chunked"])
 
 
 def test_split_batch_keeps_every_caption_with_its_image():

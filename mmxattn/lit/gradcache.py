@@ -4,14 +4,15 @@ the contrastive loss of a whole batch, with the activation memory of one chunk o
 The training module (``MMXAttnModule(grad_cache_chunk_size=C)``) runs a batch of B images in three passes:
 
 1. every chunk of C images (with their captions) through the two towers without a graph: the batch's image and
-   text embeddings, each chunk's random-number state noted first;
+   text embeddings, each chunk drawing from a random stream of its own;
 2. the contrastive loss of the whole batch on those embeddings (leaf tensors), and its gradient with respect to
    every embedding and to the temperature;
-3. every chunk again, with a graph and the same random numbers (drop-path masks), backward of the chunk's other
-   losses plus ``<embedding, cached gradient>``: by the chain rule, the sum over the chunks is the whole-batch
-   contrastive gradient, and only one chunk's activations are alive at a time.
+3. every chunk again, with a graph and its stream from the start (the same drop-path masks), backward of the
+   chunk's other losses plus ``<embedding, cached gradient>``: by the chain rule, the sum over the chunks is the
+   whole-batch contrastive gradient, and only one chunk's activations are alive at a time.
 
-This module holds the pieces that do not need the Lightning module: splitting a batch and the random-number state.
+This module holds the pieces that do not need the Lightning module: splitting a batch, the chunks' random streams,
+the BatchNorm statistics the graph-free pass must not update.
 """
 
 from __future__ import annotations
@@ -64,15 +65,38 @@ def label_count(ids: Tensor, pad_id: int) -> int:
     return int(((labels != pad_id) & (labels != -100)).sum())
 
 
-class RNGState:
-    """The CPU generator's state and, on a CUDA device, that device's: what dropout and drop-path masks draw from."""
+class ChunkStreams:
+    """One random stream per chunk, so that a chunk's graph pass draws the same dropout / drop-path masks as its
+    graph-free pass, and its later draws (the decoder's dropout, the ITM term's hard negatives, the word loss's
+    sampling) come from its own stream, not from numbers another chunk's masks use.
 
-    def __init__(self, device: torch.device) -> None:
+    Seeds are drawn from the global CPU generator (so a seeded run stays reproducible and a resumed one replays);
+    :meth:`enter` seeds the CPU generator and, on a CUDA device, that device's generator; :meth:`leave` puts both
+    back to where they were after the seeds were drawn."""
+
+    def __init__(self, device: torch.device, n: int) -> None:
         self.device = device
+        self.seeds = torch.randint(0, 2**62, (n,)).tolist()
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
-    def restore(self) -> None:
+    def enter(self, n: int) -> None:
+        torch.default_generator.manual_seed(self.seeds[n])
+        if self.cuda is not None:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(self.seeds[n])
+
+    def leave(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def batchnorm_buffers(module: torch.nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, copy) of every buffer of the BatchNorm layers in ``module`` (running statistics, batch count)."""
+    return [
+        (b, b.detach().clone())
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        for b in m.buffers()
+    ]

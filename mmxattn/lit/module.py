@@ -39,7 +39,7 @@ from ..losses import (
 )
 from ..presets import create_model
 from .ema import ModelEMA
-from .gradcache import RNGState, label_count, split_batch
+from .gradcache import ChunkStreams, batchnorm_buffers, label_count, split_batch
 from .optim import build_optimizer, warmup_cosine
 from .sigint import SigintDeferral
 
@@ -163,19 +163,24 @@ class MMXAttnModule(pl.LightningModule):
             across loader batches): a batch of more than this many images is trained that many images at a time,
             with the contrastive loss of the WHOLE batch. A graph-free pass of the image and text towers over every
             chunk gives all embeddings; the whole batch's contrastive loss on them gives each embedding's gradient;
-            then each chunk runs forward (same drop-path masks: its random-number state is replayed) and backward
-            with ``<embedding, cached gradient>`` plus its other losses. Peak activation memory is one chunk's; the
-            cost is the extra graph-free tower pass (measured in ``benchmarks/train_memory.py``). The gradient
-            equals the unchunked batch's (tested to rounding) for the contrastive and caption terms (the caption
-            loss stays the batch's token mean); the ITM term draws its hard negatives within each chunk, and the
-            word and attention terms are averaged over the chunks weighted by their captions. Works with
-            ``accumulate_grad_batches`` (each loader batch is chunked), bf16/16-mixed, the non-finite policy (a
-            skipped batch's chunks are undone), a Ctrl-C (held back from the first chunk's backward to the batch's
-            end) and DDP (the contrastive loss gathers every rank's cached embeddings, as unchunked; the chunks'
-            backward passes add up locally and the last one is synchronised); FSDP and DeepSpeed, which reduce
-            gradients in every backward pass, are refused. With ``compile=True`` and dropout/drop-path the compiled pass draws other
-            masks than the eager first pass, so the cached gradient is that of slightly different activations.
-            Lightning's ``on_before_backward`` / ``on_after_backward`` hooks run for the last chunk only.
+            then each chunk runs forward (each chunk draws from a random stream of its own, from its start in both
+            passes: the same drop-path masks) and backward with ``<embedding, cached gradient>`` plus its other
+            losses. Peak activation memory is one chunk's; the cost is the extra graph-free tower pass (measured in
+            ``benchmarks/train_memory.py``). The gradient equals the unchunked batch's (tested to rounding) for the
+            contrastive and caption terms (the caption loss stays the batch's token mean); the ITM term draws its
+            hard negatives within each chunk (chunks of one image have none and are left out of its mean; a size
+            of 1 with ``itm_weight > 0`` is an error), the word and attention terms are per chunk, averaged
+            weighted by the chunks' captions (the attention-entropy penalty's diversity part is then a per-chunk
+            diversity). BatchNorm layers (a ResNet backend) normalise each chunk on its own (warned; their running
+            statistics move once per chunk, as with accumulation). Works with ``accumulate_grad_batches`` (each
+            loader batch is chunked), bf16/16-mixed, the non-finite policy (the batch's chunks are undone; "stop"
+            saves the window's gradients so far, as unchunked), a Ctrl-C (held back from the first chunk's backward
+            to the batch's end) and DDP (the contrastive loss gathers every rank's cached embeddings, as unchunked;
+            the chunks' backward passes add up locally and the last one is synchronised); FSDP and DeepSpeed, which
+            reduce gradients in every backward pass, are refused. With ``compile=True`` and dropout/drop-path the
+            compiled pass draws other masks than the eager first pass, so the cached gradient is that of slightly
+            different activations. Lightning's ``on_before_backward`` / ``on_after_backward`` hooks run for the
+            last chunk only.
 
     A run interrupted in the middle of an accumulation window (Ctrl-C, SIGTERM, any save there) keeps the window's
     gradients so far in its checkpoint (``mmxattn_partial_grads``), and the resumed run's step sums the same K
@@ -306,6 +311,21 @@ class MMXAttnModule(pl.LightningModule):
             # an untrained matching head would re-rank at random, and DDP would wait for its gradients
             self.model.itm_head.requires_grad_(False)
         self.model.itm_trained = itm_weight > 0 and self.model.itm_head is not None
+        if grad_cache_chunk_size == 1 and self.model.itm_trained:
+            raise ValueError(
+                "grad_cache_chunk_size=1 with itm_weight > 0: the matching head's hard negatives are drawn within "
+                "each chunk, and a chunk of one image has none (the head would never train); use chunks of 2 or more "
+                "images, or itm_weight 0"
+            )
+        if grad_cache_chunk_size and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        ):
+            warnings.warn(
+                f"grad_cache_chunk_size={grad_cache_chunk_size} with BatchNorm layers in the model (its image "
+                "encoder): they normalise each chunk by the chunk's own statistics, so the gradient is that of "
+                "chunk-sized BatchNorm batches (as with gradient accumulation), not the whole batch's",
+                stacklevel=2,
+            )
         # the score this run evaluates retrieval with (and what retrieve() defaults to on its checkpoints)
         self.model.rerank_with_default = scoring_info({"itm_weight": itm_weight, "rerank_with": rerank_with})[
             "rerank_with"
@@ -345,7 +365,7 @@ class MMXAttnModule(pl.LightningModule):
         self._compiled: Any = None  # torch.compile'd model forward (training only), kept out of the module tree
         self._compiled_ok = False
         self._zeroed_in_step = False  # grad caching zeroed .grad itself before its chunks' backward passes
-        # grad caching: what .grad was before this batch's chunks (None: nothing; "kept": not restorable)
+        # grad caching: what .grad was before this batch's chunks (None: nothing; "kept": no chunked batch running)
         self._undo: dict[Any, Tensor] | str | None = "kept"
 
     def _ignore_unk_word(self) -> None:
@@ -553,11 +573,12 @@ class MMXAttnModule(pl.LightningModule):
     def _grad_cache_losses(self, batch: dict[str, Any], batch_idx: int, size: int) -> tuple[Tensor, dict, Any]:
         """:meth:`compute_losses` of a batch, ``size`` images at a time (gradient caching,
         :mod:`mmxattn.lit.gradcache`): the contrastive term over the whole batch (under DDP, against every rank's
-        embeddings, as unchunked), the other terms per chunk weighted by its share (the caption loss by its share
-        of the batch's caption tokens, so that it is the whole batch's token mean; the others by its share of the
-        captions). Every chunk but the last is backpropagated here; the returned loss has the last chunk's graph
-        and the whole batch's value. Nothing here is a collective but the contrastive loss's gather: under DDP,
-        ranks whose batches split into different numbers of chunks stay in step."""
+        embeddings, as unchunked), the other terms per chunk weighted by its share: the caption loss by its share
+        of the batch's caption tokens (so that it is the whole batch's token mean), the ITM term by its share of
+        the captions of chunks with more than one image (a chunk of one image has no negative to match against),
+        the others by its share of the captions. Every chunk but the last is backpropagated here; the returned loss
+        has the last chunk's graph and the whole batch's value. Nothing here is a collective but the contrastive
+        loss's gather: under DDP, ranks whose batches split into different numbers of chunks stay in step."""
         hp, trainer = self.hparams, self._trainer
         chunks = split_batch(batch, size)
         if trainer is None or batch_idx % trainer.accumulate_grad_batches == 0:
@@ -566,58 +587,84 @@ class MMXAttnModule(pl.LightningModule):
             for p in self.parameters():
                 p.grad = None
             self._zeroed_in_step, self._undo = True, None
-        elif hp.nonfinite == "skip":  # a skipped batch must leave the window's gradients so far as they were
+        else:  # a skipped or stopped batch leaves the window's gradients so far as they were
             self._undo = {p: p.grad.clone() for p in self.parameters() if p.grad is not None}
-        else:
-            self._undo = "kept"  # "stop" raises; the checkpoint it writes drops partial gradients (stage "backward")
         distributed = trainer is not None and trainer.world_size > 1
         word_only = self.global_step < hp.word_only_steps
         # the word-only phase has no contrastive term; under DDP it is kept at weight 0, as compute_losses does, so
         # that the reducer sees a gradient for every parameter
         c_weight = 0.0 if word_only else hp.contrastive_weight
-        cache = None
-        if not word_only or distributed:
-            states, img, txt = [], [], []
-            with torch.no_grad():
-                for c in chunks:
-                    states.append(RNGState(self.device))
-                    i, t = self.model.training_embeddings(c.batch["images"], c.batch["ids"])
-                    img.append(i.float())
-                    txt.append(t.float())
-            rows = torch.cat([c.rows for c in chunks])  # the texts' order in txt
-            img, txt = torch.cat(img).requires_grad_(), torch.cat(txt).requires_grad_()
-            scale = self.model.get_logit_scale().detach().float().requires_grad_()
-            tii, pos = batch.get("text_image_index"), batch.get("pos_ids")
-            with torch.enable_grad():
-                c_loss = self.contrastive(
-                    img,
-                    txt,
-                    scale,
-                    pos_ids=None if pos is None else pos[rows],
-                    text_image_index=None if tii is None else tii[rows],
-                )
-            cache = (states, *torch.autograd.grad(c_loss, [img, txt, scale]))
+        streams = ChunkStreams(self.device, len(chunks))
+        try:
+            cache = None
+            if not word_only or distributed:
+                img, txt = [], []
+                bn = batchnorm_buffers(self.model)  # the graph pass updates BatchNorm statistics, this one must not
+                with torch.no_grad():
+                    for n, c in enumerate(chunks):
+                        streams.enter(n)
+                        i, t = self.model.training_embeddings(c.batch["images"], c.batch["ids"])
+                        img.append(i.float())
+                        txt.append(t.float())
+                    for buffer, saved in bn:
+                        buffer.copy_(saved)
+                rows = torch.cat([c.rows for c in chunks])  # the texts' order in txt
+                img, txt = torch.cat(img).requires_grad_(), torch.cat(txt).requires_grad_()
+                scale = self.model.get_logit_scale().detach().float().requires_grad_()
+                tii, pos = batch.get("text_image_index"), batch.get("pos_ids")
+                with torch.enable_grad():
+                    c_loss = self.contrastive(
+                        img,
+                        txt,
+                        scale,
+                        pos_ids=None if pos is None else pos[rows],
+                        text_image_index=None if tii is None else tii[rows],
+                    )
+                cache = torch.autograd.grad(c_loss, [img, txt, scale])
+            return self._chunk_passes(batch, chunks, streams, cache, c_loss if cache else None, c_weight, word_only)
+        finally:
+            streams.leave()
+
+    def _chunk_passes(
+        self,
+        batch: dict[str, Any],
+        chunks: list[Any],
+        streams: ChunkStreams,
+        cache: tuple[Tensor, Tensor, Tensor] | None,
+        c_loss: Tensor | None,
+        c_weight: float,
+        word_only: bool,
+    ) -> tuple[Tensor, dict, Any]:
+        """The graph pass of :meth:`_grad_cache_losses`: each chunk's forward, losses and (but the last) backward."""
+        hp, trainer = self.hparams, self._trainer
         pad = self.model.cfg.text.pad_id
         n_rows, n_labels = batch["ids"].shape[0], max(label_count(batch["ids"], pad), 1)
+        itm_rows = max(sum(c.rows.numel() for c in chunks if c.stop - c.start > 1), 1)
         scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
         logged: dict[str, Tensor] = {} if word_only else {"contrastive": c_loss.detach()}
         value = 0.0 if word_only else c_weight * c_loss.detach()
         first_text, last = 0, len(chunks) - 1
         for n, c in enumerate(chunks):
-            if cache is not None:
-                cache[0][n].restore()  # the drop-path masks of the first pass
+            streams.enter(n)  # from the start of the chunk's stream: the graph-free pass's masks
             loss, terms, out = self.compute_losses(c.batch, contrastive=False)
-            share = {"": c.rows.numel() / n_rows, "caption": label_count(c.batch["ids"], pad) / n_labels}
-            # (in the word-only phase under DDP the caption term is in the graph at weight 0: nothing to reweigh)
-            cap = hp.caption_weight * terms["caption"] if "caption" in terms and not word_only else 0.0
-            part = share[""] * (loss - cap) + share["caption"] * cap
+            rows = c.rows.numel()
+            share = {
+                "": rows / n_rows,
+                "caption": label_count(c.batch["ids"], pad) / n_labels,
+                "itm": rows / itm_rows if c.stop - c.start > 1 else 0.0,
+            }
+            part = share[""] * loss
+            if not word_only:  # (in the word-only phase under DDP the other terms are in the graph at weight 0)
+                for k, w in (("caption", hp.caption_weight), ("itm", hp.itm_weight)):
+                    if k in terms:
+                        part = part + (share[k] - share[""]) * w * terms[k]
             value = value + part.detach()
             for k, v in terms.items():
                 logged[k] = logged.get(k, 0.0) + share.get(k, share[""]) * v.detach()
             if cache is not None:
-                _, g_img, g_txt, g_scale = cache
-                g_txt, first_text = g_txt[first_text : first_text + c.rows.numel()], first_text + c.rows.numel()
+                g_img, g_txt, g_scale = cache
+                g_txt, first_text = g_txt[first_text : first_text + rows], first_text + rows
                 dot = (out.image_embeds.float() * g_img[c.start : c.stop]).sum()
                 dot = dot + (out.text_embeds.float() * g_txt).sum()
                 if n == last:  # the temperature's gradient, once: in the graph DDP's reducer synchronises
