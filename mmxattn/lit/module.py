@@ -180,7 +180,9 @@ class MMXAttnModule(pl.LightningModule):
             reduce gradients in every backward pass, are refused. With ``compile=True`` and dropout/drop-path the
             compiled pass draws other masks than the eager first pass, so the cached gradient is that of slightly
             different activations. Lightning's ``on_before_backward`` / ``on_after_backward`` hooks run for the
-            last chunk only.
+            last chunk only. Costs besides the tower pass: with ``accumulate_grad_batches`` a copy of the window's
+            gradients is held during each later micro-batch (to undo a skipped one); under DDP every batch takes
+            the chunked path, also one of ``size`` images or fewer (the ranks' collectives must pair up).
 
     A run interrupted in the middle of an accumulation window (Ctrl-C, SIGTERM, any save there) keeps the window's
     gradients so far in its checkpoint (``mmxattn_partial_grads``), and the resumed run's step sums the same K
