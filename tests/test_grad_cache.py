@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+from lit_helpers import data_linked
 
 from mmxattn.data.datamodule import ShapesDataModule
 from mmxattn.lit.gradcache import split_batch
@@ -41,11 +42,7 @@ def _fit(
     dm = ShapesDataModule(num_workers=0, cache_dir=str(tmp), **sizes)
     mod = MMXAttnModule(
         preset="mmx_tiny",
-        vocab_size=dm.vocab_size,
-        pad_id=dm.pad_id,
-        bos_id=dm.bos_id,
-        eos_id=dm.eos_id,
-        context_length=dm.context_length,
+        **data_linked(dm),
         img_size=64,
         warmup_steps=2,
         grad_cache_chunk_size=chunk,
@@ -160,10 +157,8 @@ def test_batchnorm_statistics_move_once_per_chunk_and_the_user_is_told(tmp_path)
     graph-free pass leaves the running statistics alone, so they move once per chunk (as with accumulation)."""
     kw = {"itm_weight": 0.0, "overrides": {"vision_backend": "timm:resnet10t", "vision_pretrained": None}}
     dm = ShapesDataModule(train_size=32, val_size=8, test_size=8, batch_size=8, num_workers=0, cache_dir=str(tmp_path))
-    linked = dict(vocab_size=dm.vocab_size, pad_id=dm.pad_id, bos_id=dm.bos_id, eos_id=dm.eos_id,
-                  context_length=dm.context_length, img_size=64)  # fmt: skip
     with pytest.warns(UserWarning, match="BatchNorm layers in the model"):
-        mod = MMXAttnModule(preset="mmx_tiny", grad_cache_chunk_size=3, **linked, **kw)
+        mod = MMXAttnModule(preset="mmx_tiny", grad_cache_chunk_size=3, **data_linked(dm), img_size=64, **kw)
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
                          default_root_dir=tmp_path)  # fmt: skip
