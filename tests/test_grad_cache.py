@@ -266,6 +266,10 @@ def test_split_batch_keeps_every_caption_with_its_image():
     assert torch.equal(chunks[1].batch["images"], images[2:4]) and torch.equal(chunks[1].batch["ids"], ids[3:7])
     with pytest.raises(ValueError, match="5 images, 8 token rows"):
         split_batch({"images": images, "ids": ids}, 2)
+    with pytest.raises(ValueError, match="must index the 5 images"):  # caption 7 would be in no chunk
+        split_batch({"images": images, "ids": ids, "text_image_index": torch.tensor([0, 0, 1, 2, 2, 2, 3, 5])}, 2)
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):
+        split_batch({"images": images, "ids": ids, "text_image_index": tii[:5]}, 2)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])

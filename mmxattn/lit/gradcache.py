@@ -43,6 +43,11 @@ def split_batch(batch: dict[str, Any], chunk_size: int) -> list[Chunk]:
     n = images.shape[0]
     if tii is None and ids.shape[0] != n:
         raise ValueError(f"batch sizes differ: {n} images, {ids.shape[0]} token rows")
+    if tii is not None and (tii.shape != (ids.shape[0],) or tii.is_floating_point()):
+        raise ValueError(
+            f"text_image_index must be an integer tensor of shape ({ids.shape[0]},) (one image index per token row), "
+            f"got {tii.dtype} {tuple(tii.shape)}"
+        )
     chunks = []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
@@ -56,6 +61,8 @@ def split_batch(batch: dict[str, Any], chunk_size: int) -> list[Chunk]:
         if pos_ids is not None:
             part["pos_ids"] = pos_ids[rows]
         chunks.append(Chunk(part, rows, start, stop))
+    if tii is not None and sum(c.rows.numel() for c in chunks) != ids.shape[0]:  # a caption of no image
+        raise ValueError(f"text_image_index values must index the {n} images")
     return chunks
 
 

@@ -565,6 +565,7 @@ class MMXAttnModule(pl.LightningModule):
         if not self._all_finite(loss):
             self._undo_chunks()
             return self._nonfinite(loss, batch_idx)
+        self._undo = "kept"  # grad caching's copy of the window's gradients is no longer needed
         bs = batch["images"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in losses.items():
