@@ -96,6 +96,26 @@ def test_chunks_give_the_whole_batchs_gradient(case, tmp_path):
     _assert_same_grads(whole.steps[0], chunked.steps[0])
 
 
+def test_chunks_under_a_loss_scaler_give_the_whole_batchs_unscaled_gradient(tmp_path):
+    """16-mixed with its GradScaler (given as a plugin: the Trainer would pick bf16 on the CPU): every chunk's
+    backward is scaled as Lightning scales the last one's, so the unscaled gradients at the optimizer step are the
+    whole batch's, to half-precision rounding (a chunk left unscaled would be off by the scale, 1024)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    def fit(name: str, chunk: int | None) -> dict[str, torch.Tensor]:
+        # a scale the tiny model's first gradients do not overflow at (65536 does, whole or chunked: step skipped)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        kw = {"trainer_kw": {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}, "itm_weight": 0.0}
+        return _fit(tmp_path / name, chunk, **kw)[0].steps[0]
+
+    whole, chunked = fit("whole", None), fit("chunked", 3)
+    assert whole.keys() == chunked.keys()
+    flat_a = torch.cat([whole[n].float().flatten() for n in whole])
+    flat_b = torch.cat([chunked[n].float().flatten() for n in whole])
+    assert torch.isfinite(flat_b).all()
+    assert (flat_a - flat_b).norm() <= 0.02 * flat_a.norm()
+
+
 def test_the_first_pass_and_the_graph_pass_draw_the_same_drop_path_masks(tmp_path):
     """With drop-path on, the embeddings whose contrastive gradient is cached are those the graph pass computes again
     (each chunk's random-number state is replayed): otherwise the cached gradient belongs to other activations."""
