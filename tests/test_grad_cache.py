@@ -118,7 +118,8 @@ def test_chunks_under_a_loss_scaler_give_the_whole_batchs_unscaled_gradient(tmp_
 
 def test_the_first_pass_and_the_graph_pass_draw_the_same_drop_path_masks(tmp_path):
     """With drop-path on, the embeddings whose contrastive gradient is cached are those the graph pass computes again
-    (each chunk's random-number state is replayed): otherwise the cached gradient belongs to other activations."""
+    (each chunk's random stream is entered from its start in both passes): otherwise the cached gradient belongs to
+    other activations."""
     first, graph = [], []
 
     def patch(mod: MMXAttnModule) -> None:

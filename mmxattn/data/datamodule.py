@@ -209,9 +209,12 @@ class ShapesDataModule(_CaptionDataModule):
 
     Args:
         img_size: image side in pixels (generated at this size).
-        train_size, val_size, test_size: images per split.
+        train_size: images in the train split.
+        val_size: images in the val split.
+        test_size: images in the test split.
         captions_per_image: distinct captions generated per image.
-        batch_size, num_workers: DataLoader settings (val/test use the same batch size).
+        batch_size: DataLoader batch size (val/test use the same batch size).
+        num_workers: DataLoader worker processes.
         train_captions_per_image: captions of each image in one training batch (1 = one caption drawn per image and
             epoch). K > 1 encodes each image once for K of its captions: the contrastive loss treats them all as
             its positives and the decoder learns all K. Text work grows K-fold, image work does not.
@@ -220,7 +223,8 @@ class ShapesDataModule(_CaptionDataModule):
         cache_dir: generate images once into memory-mapped files there (built by ``prepare_data``).
         context_length: tokens per caption including bos/eos (the longest caption has 19 words).
         flip: paired horizontal flip in training (image, boxes and left/right in captions flip together).
-        min_objects, max_objects: objects per image (1..4).
+        min_objects: fewest objects per image (objects per image: 1..4).
+        max_objects: most objects per image (objects per image: 1..4).
     """
 
     def __init__(
@@ -328,19 +332,34 @@ FORMATS = ("csv", "coco", "wds")
 class ImageTextDataModule(_CaptionDataModule):
     """Image-caption data in the formats of :mod:`mmxattn.data.formats`.
 
+    WebDataset eval: one sample = one image; its references are the ``captions`` (or ``caption``/``text``) list of
+    its ``.json``, or its single ``.txt``. Captions of one image spread over several samples are not grouped, so
+    such shards give one gallery entry per sample (retrieval then counts the other copies as misses).
+
     Args:
         format: "csv" (CSV/TSV with image-path and caption columns), "coco" (official captions JSON or a Karpathy
             split file) or "wds" (WebDataset tar shards: brace notation, a directory, or "::"-joined lists).
-        train_path, val_path, test_path: the file (or shards) of each split; None = no such split. For one
-            Karpathy file holding every split, pass it as each path (``train_split``... pick the split).
+        train_path: the file (or shards) of the train split; None = no such split. For one Karpathy file holding
+            every split, pass it as each path (``train_split``, ``val_split``, ``test_split`` pick the split).
+        val_path: the file (or shards) of the val split; None = no such split. Karpathy file: as ``train_path``.
+        test_path: the file (or shards) of the test split; None = no such split. Karpathy file: as ``train_path``.
         image_root: directory image paths are relative to (csv/coco; default: the file's directory).
-        img_key, caption_key, csv_separator: CSV columns and separator (default: tab for .tsv, else comma).
-        train_split, val_split, test_split: split names inside a Karpathy file ("train" includes "restval").
+        img_key: CSV column of the image paths.
+        caption_key: CSV column of the captions.
+        csv_separator: CSV separator (default: tab for .tsv, else comma).
+        train_split: name of the train split inside a Karpathy file ("train" includes "restval").
+        val_split: name of the val split inside a Karpathy file.
+        test_split: name of the test split inside a Karpathy file.
         tokenizer: "openclip" (CLIP BPE), "word" (word vocabulary built from the train captions; csv/coco), or
             the path of a saved ``tokenizer.json`` (or its directory).
         context_length: tokens per caption including bos/eos.
-        img_size: output side; normalization: "imagenet" or "openai" (CLIP) mean/std.
+        img_size: output side.
+        normalization: "imagenet" or "openai" (CLIP) mean/std.
         train_augment: RandomResizedCrop over 80-100% of the area in training (no flip, no colour jitter).
+        batch_size: DataLoader batch size (val/test use the same batch size).
+        num_workers: DataLoader worker processes.
+        seed: seed of the training order (sampler; WebDataset shard and sample shuffling) and of per-sample
+            draws in training (augmentations, the caption with ``train_items="images"``).
         max_broken_fraction: share of broken training samples per epoch above which the run stops.
         shuffle_buffer: wds only, samples shuffled within each reader.
         samples_per_epoch: wds only, a fixed number of training items per epoch over all ranks and workers (shards
@@ -353,10 +372,6 @@ class ImageTextDataModule(_CaptionDataModule):
             (seed, epoch, index) -- with ``train_captions_per_image`` > 1 the right choice for COCO-style data, where
             "pairs" would bring each image's K captions once per pair. With "images", unusable captions are
             warned about and dropped instead of counted as skipped samples.
-
-    WebDataset eval: one sample = one image; its references are the ``captions`` (or ``caption``/``text``) list of
-    its ``.json``, or its single ``.txt``. Captions of one image spread over several samples are not grouped, so
-    such shards give one gallery entry per sample (retrieval then counts the other copies as misses).
     """
 
     def __init__(

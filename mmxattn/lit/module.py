@@ -53,23 +53,39 @@ class NonFiniteLossError(RuntimeError):
 class MMXAttnModule(pl.LightningModule):
     """Joint captioning + retrieval training of :class:`~mmxattn.model.MMXAttn`.
 
+    The fine-tuning controls (``encoder_lr`` to ``init_from``) and ``grad_cache_chunk_size`` all default to plain
+    joint training.
+
     Args:
         preset: model preset (``mmxattn.list_presets()``).
         overrides: preset overrides, e.g. ``{"text": {"width": 256}, "image_stages": [-1]}``; a pretrained encoder
             is ``{"vision_pretrained": "cat_t.safetensors"}`` (or ``vision_backend`` for timm / open_clip towers).
-        vocab_size, pad_id, bos_id, eos_id, context_length, img_size: normally linked from the data module.
-        lr, weight_decay, betas, warmup_steps, min_lr_ratio: AdamW with linear warmup then cosine decay to
-            ``lr * min_lr_ratio`` over the run's optimizer steps.
-        contrastive_weight, caption_weight, itm_weight: loss weights (CoCa's 1 and 2; ITM trains the re-ranker
-            on in-batch hard negatives as BLIP does; 0 turns it off).
+        vocab_size: the tokenizer's vocabulary size (normally linked from the data module).
+        pad_id: the padding token's id (normally linked from the data module).
+        bos_id: the begin-of-text token's id (normally linked from the data module).
+        eos_id: the end-of-text token's id (normally linked from the data module).
+        context_length: token ids per caption (normally linked from the data module).
+        img_size: the image side in pixels (normally linked from the data module).
+        lr: AdamW's peak learning rate (linear warmup, then cosine decay to ``lr * min_lr_ratio`` over the run's
+            optimizer steps).
+        weight_decay: AdamW's decoupled weight decay (not on norms, biases, embeddings, the temperature).
+        betas: AdamW's betas.
+        warmup_steps: optimizer steps of linear learning-rate warmup.
+        min_lr_ratio: the cosine decay ends at ``lr * min_lr_ratio``.
+        contrastive_weight: weight of the contrastive (InfoNCE) loss (CoCa's 1).
+        caption_weight: weight of the caption loss (CoCa's 2).
+        itm_weight: weight of the image-text matching loss, which trains the re-ranker on in-batch hard negatives
+            as BLIP does (0 turns it off).
         label_smoothing: for the caption loss.
-        attn_entropy_weight, attn_diversity: > 0 adds ``attn_entropy_weight`` times
+        attn_entropy_weight: > 0 adds ``attn_entropy_weight`` times
             :class:`~mmxattn.losses.AttentionEntropyLoss` (``diversity=attn_diversity``) of the decoder's
             cross-attention (heads averaged, queries that predict a caption token): it pushes the decoder to read
             each word from few image places, varying with the image, rather than from the image's average. Off by
             default: on the shapes data it made the maps sharp but not better grounded, and cost CIDEr
             (docs/benchmarks.md, "What the shapes models know"). Those layers run the eager attention path in
             training; no compile.
+        attn_diversity: the ``diversity`` of that penalty (how much the batch's average attention is pushed to
+            spread, i.e. to vary with the image).
         word_weight: > 0 builds the model's word head (``MMXAttnConfig.word_head``) and adds ``word_weight`` times
             :class:`~mmxattn.losses.WordPresenceLoss`: every image token scores every word, the image's best
             token per word is compared with the words of its captions. A readout that selects (a maximum over
@@ -107,17 +123,20 @@ class MMXAttnModule(pl.LightningModule):
             :class:`~mmxattn.losses.WordAttentionLoss` ``phrase_ids``). Each must be one token of the model's
             tokenizer. None: every word its own map. Ignored (with a warning) when ``attn_word_weight`` is 0.
         nonfinite: "stop" (save the last good state, then raise naming the step and batch) or "skip" the batch.
-        rerank, rerank_with: decoder re-ranking of the top candidates at evaluation (0 = off).
-        gen_strategy, gen_max_new_tokens, gen_num_beams: how captions are generated at evaluation.
+        rerank: how many top candidates evaluation re-ranks with the decoder (0 = off).
+        rerank_with: the re-ranking score at evaluation: "itm", "lm" or "pmi" (see ``MMXAttn.retrieve``).
+        gen_strategy: how evaluation generates captions ("greedy", "beam", "sample").
+        gen_max_new_tokens: the longest generated caption at evaluation (None: the context length).
+        gen_num_beams: beams of ``gen_strategy="beam"``.
         val_captions: generate and score captions at validation (test always does; a validation within the
             word-only phase scores retrieval alone, without captions or re-ranking).
         grounding_layers: decoder layers averaged for grounding accuracy (default all).
-
-    Fine-tuning controls (all default to plain joint training):
-        encoder_lr, text_lr, decoder_lr: peak learning rates of the three components (None = ``lr``):
-            encoder = ``visual.*``; text = ``text.*`` (with the token embedding, which is also the LM head when
-            tied), ``pooler.*``, ``image_proj.*``, ``logit_scale``; decoder = ``decoder.*``, ``lm_head.*`` (untied),
-            ``itm_head.*`` (see :mod:`mmxattn.lit.optim`). The warmup + cosine schedule scales all of them alike.
+        encoder_lr: peak learning rate of the encoder, ``visual.*`` (None = ``lr``; see :mod:`mmxattn.lit.optim`).
+            The warmup + cosine schedule scales the three components' rates alike.
+        text_lr: peak learning rate of the text side (None = ``lr``): ``text.*`` (with the token embedding, which
+            is also the LM head when tied), ``pooler.*``, ``image_proj.*``, ``logit_scale``.
+        decoder_lr: peak learning rate of the decoder (None = ``lr``): ``decoder.*``, ``lm_head.*`` (untied),
+            ``itm_head.*``.
         layer_decay: layer-wise LR decay over the encoder's ``layer_groups()`` (stem, then blocks, input to
             output): group ``i`` of ``n`` gets ``encoder_lr * layer_decay ** (n - 1 - i)``; 1 = off.
         freeze_encoder_steps: the encoder does not change during the first K optimizer steps (global steps
@@ -148,20 +167,11 @@ class MMXAttnModule(pl.LightningModule):
             function is kept outside the module tree, so checkpoint keys do not change (no ``_orig_mod.``). Where
             it cannot work (no C++ compiler for the CPU backend, no Triton on CUDA, an unsupported Python) or its
             first call fails, training warns and runs eager.
-
-    Precision: ``bf16-mixed`` / ``16-mixed`` come from the Trainer's ``precision``; the module computes the losses
-    in fp32 from the (autocast) half-precision outputs (embeddings, caption / ITM logits are upcast), and forces
-    nothing else to fp32.
-
-    Gradient accumulation (the Trainer's ``accumulate_grad_batches``) sums the gradients of K micro-batch losses,
-    which is right for the caption and ITM losses but does NOT enlarge the contrastive loss's negatives: each
-    micro-batch's InfoNCE sees only its own B texts, and the sum of K losses over B-sized sets is not the
-    gradient of one loss over K*B. For more negatives than fit in memory at once, load the large batch and set
-    ``grad_cache_chunk_size``:
-
         grad_cache_chunk_size: gradient caching (Gao et al. 2021; open_clip's ``accum_freq`` reaches the same loss
             across loader batches): a batch of more than this many images is trained that many images at a time,
-            with the contrastive loss of the WHOLE batch. A graph-free pass of the image and text towers over every
+            with the contrastive loss of the WHOLE batch. Choose the largest batch that fits unchunked: peak memory
+            is about that of an unchunked batch of this size, and each step adds a graph-free pass of both towers;
+            a batch of this many images or fewer trains unchunked (on one device: nothing changes). A graph-free pass of the image and text towers over every
             chunk gives all embeddings; the whole batch's contrastive loss on them gives each embedding's gradient;
             then each chunk runs forward (each chunk draws from a random stream of its own, from its start in both
             passes: the same drop-path masks) and backward with ``<embedding, cached gradient>`` plus its other
@@ -183,6 +193,16 @@ class MMXAttnModule(pl.LightningModule):
             last chunk only. Costs besides the tower pass: with ``accumulate_grad_batches`` a copy of the window's
             gradients is held during each later micro-batch (to undo a skipped one); under DDP every batch takes
             the chunked path, also one of ``size`` images or fewer (the ranks' collectives must pair up).
+
+    Precision: ``bf16-mixed`` / ``16-mixed`` come from the Trainer's ``precision``; the module computes the losses
+    in fp32 from the (autocast) half-precision outputs (embeddings, caption / ITM logits are upcast), and forces
+    nothing else to fp32.
+
+    Gradient accumulation (the Trainer's ``accumulate_grad_batches``) sums the gradients of K micro-batch losses,
+    which is right for the caption and ITM losses but does NOT enlarge the contrastive loss's negatives: each
+    micro-batch's InfoNCE sees only its own B texts, and the sum of K losses over B-sized sets is not the
+    gradient of one loss over K*B. For more negatives than fit in memory at once, load the large batch and set
+    ``grad_cache_chunk_size`` (above).
 
     A run interrupted in the middle of an accumulation window (Ctrl-C, SIGTERM, any save there) keeps the window's
     gradients so far in its checkpoint (``mmxattn_partial_grads``), and the resumed run's step sums the same K
