@@ -68,7 +68,8 @@ class MMXAttnModule(pl.LightningModule):
         img_size: the image side in pixels (normally linked from the data module).
         lr: AdamW's peak learning rate (linear warmup, then cosine decay to ``lr * min_lr_ratio`` over the run's
             optimizer steps).
-        weight_decay: AdamW's decoupled weight decay (not on norms, biases, embeddings, the temperature).
+        weight_decay: AdamW's decoupled weight decay (not on norms, biases, position tables, the learned query and
+            CLS tokens, the temperature: ``MMXAttn.no_weight_decay``).
         betas: AdamW's betas.
         warmup_steps: optimizer steps of linear learning-rate warmup.
         min_lr_ratio: the cosine decay ends at ``lr * min_lr_ratio``.
@@ -126,7 +127,7 @@ class MMXAttnModule(pl.LightningModule):
         rerank: how many top candidates evaluation re-ranks with the decoder (0 = off).
         rerank_with: the re-ranking score at evaluation: "itm", "lm" or "pmi" (see ``MMXAttn.retrieve``).
         gen_strategy: how evaluation generates captions ("greedy", "beam", "sample").
-        gen_max_new_tokens: the longest generated caption at evaluation (None: the context length).
+        gen_max_new_tokens: the most tokens generated per caption at evaluation (None: up to the context length).
         gen_num_beams: beams of ``gen_strategy="beam"``.
         val_captions: generate and score captions at validation (test always does; a validation within the
             word-only phase scores retrieval alone, without captions or re-ranking).
