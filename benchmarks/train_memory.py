@@ -7,9 +7,9 @@ One full optimizer step (forward, the module's losses, backward, AdamW) of a mod
 * ``bf16-mixed``: ``torch.autocast(device, bfloat16)`` around forward and losses, as Lightning's ``bf16-mixed``
   precision does (fp32 weights and optimizer; the module takes the losses in fp32);
 * ``grad_ckpt``: ``grad_checkpointing=True`` (encoder, text and decoder blocks recomputed in backward);
-* ``grad_cache``: ``grad_cache_chunk_size=--chunk`` (default a quarter of the batch): the batch's contrastive loss
-  with one chunk's activations (a graph-free pass of the towers first, then each chunk's forward and backward; the
-  step runs through ``training_step``, as under the Trainer);
+* ``grad_cache``: ``grad_cache_chunk_size=--chunk`` (default a quarter of the batch, at least 2): the batch's
+  contrastive loss with one chunk's activations (a graph-free pass of the towers first, then each chunk's forward
+  and backward; the step runs through ``training_step``, as under the Trainer);
 * ``compile``: ``compile=True`` (``torch.compile`` of the model's forward; compilation happens in the two warmup
   steps and is not timed; on CPU the module switches CAT's oneDNN linear off, which inductor cannot lower).
 
@@ -60,7 +60,7 @@ def make_step(
     torch.manual_seed(0)
     kw: dict[str, Any] = {"grad_checkpointing": setting == "grad_ckpt", "compile": setting == "compile"}
     if setting == "grad_cache":
-        kw["grad_cache_chunk_size"] = chunk or max(1, batch // 4)
+        kw["grad_cache_chunk_size"] = chunk or max(2, batch // 4)  # chunks of one image have no ITM negatives
     mod = MMXAttnModule(preset=preset, img_size=img_size, **kw).to(device).train()
     if setting == "compile":
         with warnings.catch_warnings():
@@ -110,7 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="mmx_cat_t")
     p.add_argument("--quick", action="store_true", help=f"tiny sizes ({QUICK_PRESET}, 64 px, batch 4)")
     p.add_argument("--batch", type=int, default=None, help="training batch (default 16, quick 4)")
-    p.add_argument("--chunk", type=int, default=None, help="grad_cache's chunk size (default a quarter of the batch)")
+    p.add_argument(
+        "--chunk", type=int, default=None, help="grad_cache's chunk size (default a quarter of the batch, at least 2)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed steps per setting (median); 3, quick 1")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {SETTINGS}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_avg_1min": load,
         "repeats": args.repeats,
         "onednn_linear": onednn,
-        "grad_cache_chunk": args.chunk or max(1, args.batch // 4),
+        "grad_cache_chunk": args.chunk or max(2, args.batch // 4),
         "settings": rows,
     }
     if args.json:

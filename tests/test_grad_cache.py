@@ -349,3 +349,18 @@ def test_the_cli_takes_the_chunk_size(tmp_path, monkeypatch):
     assert cli.trainer.state.finished and cli.trainer.global_step == 2
     assert cli.model.hparams.grad_cache_chunk_size == 2
     assert calls == [2, 2, 2, 2]  # two training batches of 4 images, two chunks each
+
+
+def test_the_train_memory_benchmark_runs_the_grad_cache_setting():
+    """benchmarks/train_memory.py's grad_cache row at its --quick sizes (batch 4: chunks of 2, the ITM term's
+    smallest): it runs a step through training_step and reports a speed. No timing is asserted."""
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import train_memory
+    finally:
+        sys.path.remove(bench)
+    out = train_memory.main(["--quick", "--settings", "fp32,grad_cache", "--no-memory", "--repeats", "1"])
+    assert out["grad_cache_chunk"] == 2 and out["settings"]["grad_cache"]["images_per_s"] > 0
