@@ -633,10 +633,7 @@ class MMXAttn(nn.Module):
                 and (int(tii.min()) < 0 or int(tii.max()) >= images.shape[0])
             ):
                 raise ValueError(f"text_image_index values must index the {images.shape[0]} images")
-        # training_embeddings makes the same calls in this order (grad caching replays their random numbers)
-        image_tokens, word_tokens, word_probs = self._encode(images, want_word=True)
-        image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
-        text_x, states = self.text(ids)  # (R, E), (R, T, W)
+        (image_tokens, word_tokens, word_probs), image_embeds, (text_x, states) = self._towers(images, ids)
         # The decoder runs over the whole caption once: positions :-1 predict ids[:, 1:] (causal, so the last
         # position changes none of them) and the last real position feeds the matching head.
         # with several captions per image, each image's cross-attention keys/values are projected once
@@ -659,10 +656,15 @@ class MMXAttn(nn.Module):
         modules called in the same order, so that under the same random-number state (dropout, drop-path) they are
         forward's own (the first pass of grad caching, :mod:`mmxattn.lit.gradcache`)."""
         images = self._check_images(images, check_finite=False)
-        ids = self._check_ids(token_ids)
-        image_tokens = self._encode(images, want_word=True)[0]
-        image_embeds = F.normalize(self.pooler(image_tokens), dim=-1)
-        return image_embeds, F.normalize(self.text(ids)[0], dim=-1)
+        _, image_embeds, (text_x, _) = self._towers(images, self._check_ids(token_ids))
+        return image_embeds, F.normalize(text_x, dim=-1)
+
+    def _towers(self, images: Tensor, ids: Tensor) -> tuple[tuple[Tensor, Any, Any], Tensor, tuple[Tensor, Tensor]]:
+        """The training forward's encoders, in one order for :meth:`forward` and :meth:`training_embeddings`:
+        (:meth:`_encode`'s image tokens, word tokens, word probabilities), the normalised pooled image embedding
+        (B, E), the text tower's (pooled (R, E), token states (R, T, W))."""
+        encoded = self._encode(images, want_word=True)
+        return encoded, F.normalize(self.pooler(encoded[0]), dim=-1), self.text(ids)
 
     def word_logits(self, image_tokens: Tensor) -> Tensor:
         """Word tokens (B, L, D) (:meth:`encode_word_tokens`: the image tokens, or the ``word_head_stage``'s own

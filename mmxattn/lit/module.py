@@ -620,7 +620,7 @@ class MMXAttnModule(pl.LightningModule):
         c_weight = 0.0 if word_only else hp.contrastive_weight
         streams = ChunkStreams(self.device, len(chunks))
         try:
-            cache = None
+            cache = c_loss = None
             if not word_only or distributed:
                 img, txt = [], []
                 bn = batchnorm_buffers(self.model)  # the graph pass updates BatchNorm statistics, this one must not
@@ -645,7 +645,7 @@ class MMXAttnModule(pl.LightningModule):
                         text_image_index=None if tii is None else tii[rows],
                     )
                 cache = torch.autograd.grad(c_loss, [img, txt, scale])
-            return self._chunk_passes(batch, chunks, streams, cache, c_loss if cache else None, c_weight, word_only)
+            return self._chunk_passes(batch, chunks, streams, cache, c_loss, c_weight, word_only)
         finally:
             streams.leave()
 
