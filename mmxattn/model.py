@@ -123,16 +123,38 @@ def _gallery_parts(images: Any, batch_size: int) -> Iterator[tuple[Any, int]]:
         yield [], 0  # an empty iterable: preprocess names it
 
 
+class _RunningTopK:
+    """Each query's top ``n`` gallery items, best first, over score blocks that arrive one batch of gallery items
+    at a time: ``values`` and gallery ``indices`` (Q, <= n), as one ``topk`` over the whole (Q, N) score matrix
+    gives them while holding (Q, n + b) at most. Equal scores keep gallery order (the lower index first), so the
+    batch size never reorders ties (duplicate images); NaN ranks first, as in ``topk``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.values: Tensor | None = None  # (Q, <= n)
+        self.indices: Tensor | None = None  # (Q, <= n)
+
+    def add(self, first: int, scores: Tensor) -> None:
+        """Gallery items ``first, first + 1, ...``: their scores (b, Q) against every query."""
+        values = scores.T
+        indices = torch.arange(first, first + scores.shape[0], device=scores.device).expand_as(values)
+        if self.values is not None:
+            values, indices = torch.cat([self.values, values], 1), torch.cat([self.indices, indices], 1)
+        # a stable sort, not topk: the kept entries (lower indices, ties already in order) precede the block, so
+        # equal scores stay in gallery order (a topk-based selection measured no faster over (Q, n + b))
+        values, where = values.sort(dim=1, descending=True, stable=True)
+        self.values, self.indices = values[:, : self.n], indices.gather(1, where[:, : self.n])
+
+
 class _CandidateTokens:
     """The image tokens of those gallery images that may still be among some text's top ``m`` by the scores seen
     so far, kept while the gallery streams past one batch at a time: re-ranking images for texts reads no others.
     An image is dropped once each text has ``m`` images scoring above it; ties and NaN (which ``topk`` ranks
-    first) are kept, so every image of the final ``topk`` over the same scores is here (at most ``m`` per text,
-    plus ties, plus one batch, are held at any time)."""
+    first) are kept, so every image of the final top ``m`` (``self.top``, each text's running top ``m``) is here
+    (at most ``m`` per text, plus ties, plus one batch, are held at any time)."""
 
     def __init__(self, m: int) -> None:
-        self.m = m
-        self.best: Tensor | None = None  # (N_txt, <= m): each text's best scores so far
+        self.top = _RunningTopK(m)
         self.index: Tensor | None = None  # (n,) gallery index of each kept image
         self.scores: Tensor | None = None  # (n, N_txt)
         self.tokens: Tensor | None = None  # (n, L, D)
@@ -140,13 +162,13 @@ class _CandidateTokens:
     def add(self, first: int, scores: Tensor, tokens: Tensor) -> None:
         """Gallery images ``first, first + 1, ...``: their scores (b, N_txt) against every text, tokens (b, L, D)."""
         index = torch.arange(first, first + scores.shape[0], device=scores.device)
-        seen = scores.T if self.best is None else torch.cat([self.best, scores.T], 1)  # (N_txt, <= m + b)
-        self.best = seen.topk(min(self.m, seen.shape[1]), dim=1).values
+        self.top.add(first, scores)
+        best = self.top.values  # (N_txt, <= m): each text's best scores so far
         if self.index is not None:
             index, scores = torch.cat([self.index, index]), torch.cat([self.scores, scores])
             tokens = torch.cat([self.tokens, tokens])
-        if self.best.shape[1] == self.m:  # each text's m-th best so far: no image below it can enter its top m
-            keep = ((scores >= self.best[:, -1]) | scores.isnan()).any(1)
+        if best.shape[1] == self.top.n:  # each text's m-th best so far: no image below it can enter its top m
+            keep = ((scores >= best[:, -1]) | scores.isnan()).any(1)
             index, scores, tokens = index[keep], scores[keep], tokens[keep]
         self.index, self.scores, self.tokens = index, scores, tokens
 
@@ -886,8 +908,12 @@ class MMXAttn(nn.Module):
         The images (anything :meth:`preprocess` takes) are preprocessed and encoded ``batch_size`` at a time, so a
         large gallery of files holds one batch of pixels at a time; image token sequences are kept only for
         re-ranking: every image's where images are queries (``"both"``, ``"i2t"``), with ``"t2i"`` only those that
-        can still be among some text's candidates. Pooled embeddings are computed per batch, so scores may differ
-        in the last bits between batch sizes (the rankings do not, short of near-ties).
+        can still be among some text's candidates. No (images x texts) score matrix is held: each image's candidates
+        are ranked from its batch's block of scores (batch_size x texts), each text's candidates kept as a running
+        top max(k, rerank) while the gallery streams past, so besides the text side and the re-ranking tokens the
+        memory grows as the pooled embeddings (images x embed dim) plus (images + texts) x max(k, rerank) scores.
+        Pooled embeddings are computed per batch, so scores may differ in the last bits between batch sizes (the
+        rankings do not, short of near-ties).
         """
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"retrieve: k must be an int >= 1, got {k!r}")
@@ -920,31 +946,48 @@ class MMXAttn(nn.Module):
                 states.append(s)
         txt_emb = torch.cat(txt_emb)  # (N_txt, E)
         scale = float(self.get_logit_scale()) if gallery_norm else 0.0
-        from .metrics import gallery_normalized_scores
+        n_txt = txt_emb.shape[0]
 
-        # The gallery streams past one batch at a time. Kept: pooled embeddings and scores; image tokens only for
-        # re-ranking, all of them where every image is a query, else (t2i) those still among some text's top
-        # max(rerank, k), since the candidates are known only once the whole gallery is scored.
-        img_emb, cos, t2i_norm, tokens = [], [], [], []
-        track = _CandidateTokens(max(rerank, k)) if rerank > 0 and not want_i2t else None
+        # The gallery streams past one batch at a time and no (N_img, N_txt) score matrix is ever held: each image's
+        # candidate texts are its block row's top n (with gallery_norm those need every image's score first, so
+        # they are ranked in a second pass over the kept pooled embeddings), each text's candidate images a running
+        # top n merged block by block. Kept: pooled embeddings (N_img, E), the candidates, and image tokens only
+        # for re-ranking, all of them where every image is a query, else (t2i) those still among some text's top
+        # n, since the candidates are known only once the whole gallery is scored.
+        n_cand = max(rerank, k)  # candidates per query: re-ranked, or the top k themselves
+        img_emb, i2t_top, tokens = [], [], []
+        lse = torch.full((n_txt,), float("-inf"), device=txt_emb.device) if gallery_norm and want_i2t else None
+        track = _CandidateTokens(n_cand) if rerank > 0 and not want_i2t else None
+        t2i_top = track.top if track is not None else _RunningTopK(n_cand) if want_t2i else None
         n_img = 0
         for x in self._gallery_batches(images, batch_size):
             tok = self.encode_image_tokens(x)  # (b, L, D)
             emb = F.normalize(self.pooler(tok), dim=-1)  # (b, E)
             img_emb.append(emb)
+            block = emb @ txt_emb.T  # (b, N_txt) cosine
+            if gallery_norm:
+                block = scale * block
+                if lse is not None:  # log of the sum over images of exp(score), for log p(image | text)
+                    lse = torch.logaddexp(lse, block.logsumexp(0))
+            elif want_i2t:
+                i2t_top.append(block.topk(min(n_cand, n_txt), dim=1))
             t2i_block = None  # (b, N_txt): how the texts score these images, where images are ranked for texts
-            if not gallery_norm:
-                t2i_block = emb @ txt_emb.T  # cosine
-                cos.append(t2i_block)
-            elif want_t2i:  # log p(text | image), a softmax over the texts of each image's row
-                t2i_block = gallery_normalized_scores(emb, txt_emb, scale)[1]
-                t2i_norm.append(t2i_block)
-            if track is not None:
+            if want_t2i:  # with gallery_norm log p(text | image), a softmax over the texts of each image's row
+                t2i_block = block.log_softmax(1) if gallery_norm else block
+            if track is not None:  # adds the block to t2i_top too
                 track.add(n_img, t2i_block, tok)
-            elif rerank > 0:
-                tokens.append(tok)
+            else:
+                if want_t2i:
+                    t2i_top.add(n_img, t2i_block)
+                if rerank > 0:
+                    tokens.append(tok)
             n_img += tok.shape[0]
+            del block, t2i_block
         img_emb = torch.cat(img_emb)  # (N_img, E)
+        if lse is not None:  # i2t by log p(image | text), a softmax over the whole gallery: the second pass
+            i2t_top = [
+                (scale * (e @ txt_emb.T) - lse).topk(min(n_cand, n_txt), dim=1) for e in img_emb.split(batch_size)
+            ]
         if rerank > 0 and rerank_with == "pmi" and n_img < 2:
             warnings.warn(
                 "retrieve: rerank_with='pmi' estimates each caption's prior over the given images, and one image is "
@@ -958,7 +1001,7 @@ class MMXAttn(nn.Module):
                 "every score is 0 (log 1); give several images, or gallery_norm=False for cosine scores",
                 stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
-        if gallery_norm and want_t2i and txt_emb.shape[0] < 2:
+        if gallery_norm and want_t2i and n_txt < 2:
             # images for a text are ranked by log p(text | image), a softmax over the given TEXTS: with one text
             # every image scores 0 and the ranking is arbitrary
             warnings.warn(
@@ -967,12 +1010,6 @@ class MMXAttn(nn.Module):
                 "several texts, or gallery_norm=False for cosine scores",
                 stacklevel=4,  # the caller of torch.no_grad -> _in_eval_mode -> retrieve
             )
-        sim = torch.cat(cos) if cos else None  # (N_img, N_txt) cosine
-        by_image = by_text = None
-        if want_i2t:  # i2t with gallery_norm: log p(image | text), a softmax over the whole gallery
-            by_image = gallery_normalized_scores(img_emb, txt_emb, scale)[0] if gallery_norm else sim
-        if want_t2i:
-            by_text = (torch.cat(t2i_norm) if gallery_norm else sim).T  # (N_txt, N_img)
         states_all = torch.cat(states) if rerank > 0 else None
         img_tokens = track.tokens if track is not None else torch.cat(tokens) if rerank > 0 else None
         token_rows = track.rows(n_img) if track is not None else None  # gallery index -> row of img_tokens
@@ -980,16 +1017,20 @@ class MMXAttn(nn.Module):
         if rerank > 0 and rerank_with == "pmi" and want_i2t:  # the prior is subtracted for image queries only
             ref = torch.linspace(0, n_img - 1, min(prior_images, n_img)).round().long()
             prior = self.caption_log_prior(img_tokens[ref], ids, states_all, batch_size)
+        i2t = t2i = None  # (scores, indices) of each query's candidates, best first: (Q, min(n_cand, gallery))
+        if want_i2t:
+            i2t = torch.cat([v for v, _ in i2t_top]), torch.cat([i for _, i in i2t_top])
+        if want_t2i:
+            t2i = t2i_top.values, t2i_top.indices
         out: list[Tensor | None] = []
-        for scores, query_is_image in ((by_image, True), (by_text, False)):
-            if scores is None:
+        for top, query_is_image, n_other in ((i2t, True, n_txt), (t2i, False, n_img)):
+            if top is None:
                 out += [None, None]
                 continue
-            kk = min(k, scores.shape[1])
+            top_s, top_i = top
+            kk = min(k, n_other)
             if rerank > 0:
-                n = min(max(rerank, kk), scores.shape[1])
-                top_s, top_i = scores.topk(n, dim=1)  # (Q, n)
-                q = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(top_i).reshape(-1)
+                q = torch.arange(top_s.shape[0], device=top_s.device)[:, None].expand_as(top_i).reshape(-1)
                 c = top_i.reshape(-1)
                 im, tx = (q, c) if query_is_image else (c, q)
                 if token_rows is not None:
@@ -1006,9 +1047,8 @@ class MMXAttn(nn.Module):
                     new = new - prior[top_i]
                 order = new.argsort(dim=1, descending=True)[:, :kk]
                 out += [top_i.gather(1, order), new.gather(1, order)]
-            else:
-                s, i = scores.topk(kk, dim=1)
-                out += [i, s]
+            else:  # n_cand is k: the candidates are the answer
+                out += [top_i[:, :kk], top_s[:, :kk]]
         return RetrievalResult(i2t_indices=out[0], i2t_scores=out[1], t2i_indices=out[2], t2i_scores=out[3])
 
     def _gallery_batches(self, images: Any, batch_size: int) -> Iterator[Tensor]:

@@ -539,6 +539,82 @@ def test_retrieve_names_a_bad_image_in_the_middle_of_the_gallery(tmp_path):
         model.retrieve([], ids)
 
 
+def test_running_top_k_is_the_stable_ranking_of_the_whole_score_matrix():
+    """Each text's candidate images, merged block by block as the gallery streams past, are the top n of one
+    stable descending sort of the whole matrix: equal scores in gallery order whatever the block sizes (so the batch
+    size never reorders duplicates), NaN first as topk ranks it, fewer than n while the gallery is smaller."""
+    from mmxattn.model import _RunningTopK
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (10, 7), generator=g).float()  # (images, texts): many ties
+    scores[3, 2] = float("nan")
+    scores[[1, 4, 8], 5] = float("nan")  # text 5: NaN at and beyond the n-th place
+    for n in (1, 3, 10, 12):
+        ref_v, ref_i = scores.T.sort(dim=1, descending=True, stable=True)
+        ref_v, ref_i = ref_v[:, :n], ref_i[:, :n]
+        for blocks in ([10], [1] * 10, [3, 3, 4], [4, 1, 5]):
+            top = _RunningTopK(n)
+            first = 0
+            for b in blocks:
+                top.add(first, scores[first : first + b])
+                first += b
+            assert torch.equal(top.indices, ref_i), (n, blocks)
+            torch.testing.assert_close(top.values, ref_v, equal_nan=True)
+    assert _RunningTopK(2).n == 2 and top.values.shape == (7, 10)  # n above the gallery: the whole gallery
+
+
+@pytest.mark.parametrize("gallery_norm", [False, True])
+@pytest.mark.parametrize("rerank", [0, 3])
+def test_retrieve_never_holds_an_images_by_texts_score_matrix(gallery_norm, rerank):
+    """The gallery streams past in batches and no (images x texts) tensor is ever made (every op's output shape is
+    recorded, 11 images x 13 texts in batches of 4), yet the rankings equal the whole matrix's: cosine or the
+    inverted softmax over the whole gallery (metrics.gallery_normalized_scores), from the model's own embeddings."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmxattn.metrics import gallery_normalized_scores
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.add(tuple(t.shape))
+            return out
+
+    torch.manual_seed(0)
+    model = mmxattn.create_model("mmx_tiny").eval()
+    images, _ = _batch(model, B=11, seed=5)
+    _, ids = _batch(model, B=13, seed=6)
+    kw = dict(k=2, rerank=rerank, rerank_with="lm", gallery_norm=gallery_norm, prior_images=3)
+    with Shapes() as rec:
+        got = model.retrieve(images, ids, batch_size=4, **kw)
+    assert rec.seen, "nothing recorded"
+    full = [s for s in rec.seen if 11 in s and 13 in s]
+    assert not full, f"retrieve made (images x texts) tensors: {full}"
+    if rerank == 0:  # the first-stage ranking against the whole matrix, computed here from the embeddings
+        with torch.no_grad():
+            img, txt = model.encode_image(images), model.encode_text(ids)
+            scale = float(model.get_logit_scale())
+        by_image, by_text = img @ txt.T, (img @ txt.T).T  # (11, 13), (13, 11)
+        if gallery_norm:
+            by_image, by_text = gallery_normalized_scores(img, txt, scale)
+            by_text = by_text.T
+        for scores, f in ((by_image, "i2t"), (by_text, "t2i")):
+            ref = scores.topk(2, dim=1)
+            assert torch.equal(getattr(got, f + "_indices"), ref.indices), f
+            torch.testing.assert_close(getattr(got, f + "_scores"), ref.values, rtol=1e-5, atol=1e-5)
+    whole = model.retrieve(images, ids, batch_size=11, **kw)  # one block: the same answer
+    for f in _FIELDS:
+        if f.endswith("indices"):
+            assert torch.equal(getattr(got, f), getattr(whole, f)), f
+        else:
+            torch.testing.assert_close(getattr(got, f), getattr(whole, f), rtol=0, atol=1e-5)
+
+
 def test_retrieve_direction_must_be_a_known_one():
     model = mmxattn.create_model("mmx_tiny").eval()
     images, ids = _batch(model, B=2)
