@@ -103,3 +103,14 @@ class InterruptAt(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.where == "sigterm" and self._current == self.batch_idx:
             trainer._signal_connector._sigterm_notifier_fn(signal.SIGTERM, None)
+
+
+class RecordLoggingSteps(pl.Callback):
+    """The step each training batch's metrics are logged at (Lightning's logging step, ``_batches_that_stepped``:
+    what a logger's x axis shows), by batch index."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, int] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps[batch_idx] = trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -251,8 +251,9 @@ def _accum_fit(
     ckpt_path: Path | None = None,
     fp16: bool = False,
     module_kw: dict | None = None,
+    accumulate: int = ACCUM,
 ) -> dict[str, torch.Tensor]:
-    """One epoch of the tiny model with ``accumulate_grad_batches=ACCUM``, last.ckpt saved on an interrupt (as
+    """One epoch of the tiny model with ``accumulate_grad_batches=accumulate``, last.ckpt saved on an interrupt (as
     train.py does); the final weights (an interrupt's exception goes through). ``fp16``: 16-mixed with its loss
     scaler (the Trainer would turn "16-mixed" into bf16 on the CPU, so the plugin is given)."""
     from pytorch_lightning.plugins.precision import MixedPrecision
@@ -271,7 +272,7 @@ def _accum_fit(
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=1,
-        accumulate_grad_batches=ACCUM,
+        accumulate_grad_batches=accumulate,
         deterministic=True,
         logger=False,
         enable_progress_bar=False,
@@ -287,11 +288,17 @@ def _accum_fit(
 
 
 @pytest.fixture(scope="module")
-def accum_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
-    return _accum_fit(tmp_path_factory.mktemp("accum_ref"))
+def accum_reference(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+    """The uninterrupted run's final weights and each batch's logging step."""
+    from resume_helpers import RecordLoggingSteps
+
+    steps = RecordLoggingSteps()
+    return _accum_fit(tmp_path_factory.mktemp("accum_ref"), steps), steps.steps
 
 
-def _interrupt(root: Path, where: str, batch: int, fp16: bool = False, module_kw: dict | None = None) -> dict:
+def _interrupt(
+    root: Path, where: str, batch: int, fp16: bool = False, module_kw: dict | None = None, accumulate: int = ACCUM
+) -> dict:
     """Run until InterruptAt(batch, where) stops it; last.ckpt, loaded."""
     import signal
 
@@ -301,7 +308,7 @@ def _interrupt(root: Path, where: str, batch: int, fp16: bool = False, module_kw
     sigint = signal.getsignal(signal.SIGINT)
     try:  # Lightning exits (SystemExit 1) on a KeyboardInterrupt, and ignores SIGINT from then on
         with pytest.raises(SIGTERMException if where == "sigterm" else SystemExit):
-            _accum_fit(root, InterruptAt(batch, where), fp16=fp16, module_kw=module_kw)
+            _accum_fit(root, InterruptAt(batch, where), fp16=fp16, module_kw=module_kw, accumulate=accumulate)
     finally:
         signal.signal(signal.SIGINT, sigint)
     return torch.load(root / "ckpt" / "last.ckpt", weights_only=True)
@@ -332,12 +339,18 @@ def test_interrupted_run_with_gradient_accumulation_resumes_exactly(
 ):
     """An interrupt in the middle of an accumulation window: the resumed run's first optimizer step sums the same
     micro-batch gradients as the uninterrupted run's (those accumulated before the interrupt are in last.ckpt),
-    so the final weights are equal."""
+    so the final weights are equal, and its metrics are logged at the uninterrupted run's steps (a Ctrl-C at a
+    window's last micro-batch made Lightning's restart count that batch twice)."""
+    from resume_helpers import RecordLoggingSteps
+
+    reference, reference_steps = accum_reference
     ckpt = _interrupt(tmp_path, where, batch)
     after_the_batch = where in ("sigterm", "sigint_in_step")
     assert ckpt["global_step"] == (batch + after_the_batch) // ACCUM  # where the run stopped
-    resumed = _accum_fit(tmp_path, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
-    differ = _differ(accum_reference, resumed)
+    steps = RecordLoggingSteps()
+    resumed = _accum_fit(tmp_path, steps, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert steps.steps == {b: s for b, s in reference_steps.items() if b >= batch + after_the_batch}
+    differ = _differ(reference, resumed)
     assert not differ, f"{where} at batch {batch}: {len(differ)} tensors differ, by up to {max(differ.values())}"
     # gradients are saved only when the window is unfinished (nothing at a window's start, nor without accumulation)
     assert ("mmxattn_partial_grads" in ckpt) == mid_window
@@ -348,7 +361,25 @@ def test_interrupted_run_with_gradient_accumulation_resumes_exactly(
         torch.save(ckpt, tmp_path / "old.ckpt")
         with pytest.warns(UserWarning, match="resumed at batch 4, in the middle of an accumulation window of 3"):
             old = _accum_fit(tmp_path, ckpt_path=tmp_path / "old.ckpt")
-        assert max(_differ(accum_reference, old).values()) > 1e-4
+        assert max(_differ(reference, old).values()) > 1e-4
+
+
+@pytest.mark.parametrize("batch", [0, 3])
+def test_a_run_resumed_from_a_ctrl_c_inside_a_step_logs_at_the_uninterrupted_runs_steps(tmp_path, batch):
+    """Without accumulation, a Ctrl-C in a training step's forward: the resumed run redoes the batch and logs every
+    batch at the step the uninterrupted run logged it at (Lightning's restart counted the redone batch as done: the
+    whole rest of the run was logged one step later, the first step at 1), and ends with the same weights."""
+    from resume_helpers import RecordLoggingSteps
+
+    ref_steps = RecordLoggingSteps()
+    reference = _accum_fit(tmp_path / "ref", ref_steps, accumulate=1)
+    assert list(ref_steps.steps.values()) == list(range(6))
+    ckpt = _interrupt(tmp_path / "run", "on_before_backward", batch, accumulate=1)
+    assert ckpt["global_step"] == batch
+    steps = RecordLoggingSteps()
+    resumed = _accum_fit(tmp_path / "run", steps, ckpt_path=tmp_path / "run" / "ckpt" / "last.ckpt", accumulate=1)
+    assert steps.steps == {b: s for b, s in ref_steps.steps.items() if b >= batch}
+    assert not _differ(reference, resumed)
 
 
 # micro-batch 2 of a window, its first (grad caching zeroes .grad itself there), its last (optimizer step follows)

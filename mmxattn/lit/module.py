@@ -1245,6 +1245,7 @@ class MMXAttnModule(pl.LightningModule):
             # saved in the middle of a training step (an interrupt): the step is redone on resume, so it must draw
             # the random numbers it drew the first time
             torch_state, py_state, np_state, cuda_state = self._rng_batch_start
+            self._uncount_the_redone_batch(checkpoint)
         checkpoint["mmxattn_rng"] = {
             "torch": torch_state,
             "python": _to_plain(py_state),
@@ -1255,6 +1256,19 @@ class MMXAttnModule(pl.LightningModule):
         partial = self._partial_grads_to_save()
         if partial is not None:
             checkpoint["mmxattn_partial_grads"] = partial
+
+    def _uncount_the_redone_batch(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved in the middle of a training step (an interrupt): Lightning's restart counts the
+        interrupted batch as stepped in its logging step (``_batches_that_stepped``) wherever the batch would end an
+        accumulation window (it assumes a save at the batch's end), and the redone batch counts it again, so every
+        metric after the resume was logged one step later than in the uninterrupted run. The saved count is one
+        lower for that case, so that the restart's increment lands where the run was."""
+        loop = self._trainer.fit_loop.epoch_loop
+        if loop._should_accumulate():  # mid-window: the restart adds nothing
+            return
+        state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+        if isinstance(state, dict) and isinstance(state.get("_batches_that_stepped"), int):
+            state["_batches_that_stepped"] -= 1  # -1 at batch 0: the restart makes it 0
 
     def _use_checkpoint_tokenizer(self, saved: Any, where: str | None = None) -> None:
         """The checkpoint's weights were trained with its tokenizer, so it wins over the one this run built: a word
