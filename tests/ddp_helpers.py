@@ -11,11 +11,16 @@ import torch.nn.functional as F
 
 class GlobalBatchProbe(pl.Callback):
     """Before each step, compare the module's contrastive loss (averaged over ranks, as DDP averages gradients)
-    with a reference InfoNCE over the concatenated global batch; write what it saw per rank as JSON."""
+    with a reference InfoNCE over the concatenated global batch; write what it saw per rank as JSON, with the
+    numeric metrics each rank's evaluation computed (``last_metrics``) where a validation ran."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.records: list[dict] = []
+        self.val: dict[str, float] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.val = {k: float(v) for k, v in pl_module.last_metrics.items() if isinstance(v, (int, float))}
 
     @torch.no_grad()
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -46,7 +51,8 @@ class GlobalBatchProbe(pl.Callback):
         checksum = sum(p.detach().double().sum().item() for p in pl_module.parameters())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"rank{dist.get_rank()}.json"
-        path.write_text(json.dumps({"steps": self.records, "checksum": checksum, "global_step": trainer.global_step}))
+        rec = {"steps": self.records, "checksum": checksum, "global_step": trainer.global_step, "val": self.val}
+        path.write_text(json.dumps(rec))
 
 
 def _local(out):

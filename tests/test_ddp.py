@@ -27,8 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
     ids=["default", "word_only_steps", "grad_cache"],
 )
 def test_two_process_ddp_contrastive_loss_sees_global_batch(tmp_path, model_args):
+    """... and a validation at step 3 computes the same metrics on both ranks (each gathers the whole evaluation
+    set) and logs them without Lightning's sync_dist warning per metric."""
     probe_dir = tmp_path / "probe"
-    _run_ddp(tmp_path, _config(tmp_path, "ddp_helpers.GlobalBatchProbe", probe_dir, max_steps=3, **model_args))
+    cfg = _config(tmp_path, "ddp_helpers.GlobalBatchProbe", probe_dir, max_steps=3, **model_args)
+    cfg["trainer"].update(limit_val_batches=1, val_check_interval=3)
+    stderr = _run_ddp(tmp_path, cfg)
+    assert "sync_dist" not in stderr, stderr[-3000:]
     ranks = [json.loads((probe_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     for rec in ranks:
         assert rec["global_step"] == 3 and len(rec["steps"]) == 3
@@ -37,6 +42,8 @@ def test_two_process_ddp_contrastive_loss_sees_global_batch(tmp_path, model_args
             assert abs(step["mean_loss"] - step["reference"]) < 1e-5
             assert abs(step["local_only"] - step["reference"]) > 1e-4  # a local-only loss would be told apart
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9, abs=1e-9)
+    assert len(ranks[0]["val"]) > 20 and "val/rsum" in ranks[0]["val"]
+    assert ranks[0]["val"] == ranks[1]["val"]
 
 
 @pytest.mark.slow
@@ -90,7 +97,8 @@ def _config(tmp_path: Path, callback: str, out_dir: Path, max_steps: int, **mode
     }
 
 
-def _run_ddp(tmp_path: Path, cfg: dict) -> None:
+def _run_ddp(tmp_path: Path, cfg: dict) -> str:
+    """Runs train.py fit on ``cfg`` in 2 processes; its stderr."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
@@ -104,3 +112,4 @@ def _run_ddp(tmp_path: Path, cfg: dict) -> None:
     ]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res.stderr

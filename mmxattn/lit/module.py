@@ -1060,8 +1060,9 @@ class MMXAttnModule(pl.LightningModule):
         metrics = self._evaluator.compute()
         self.last_metrics = {f"{prefix}/{k}": v for k, v in metrics.items()}
         numeric = {k: float(v) for k, v in self.last_metrics.items() if isinstance(v, (int, float))}
-        # already global (gathered across ranks inside compute), so no sync_dist
-        self.log_dict(numeric, prog_bar=False, rank_zero_only=False)
+        # Already global (every rank gathers the whole set inside compute), the same on every rank: sync_dist with
+        # "max" changes no value (exactly, unlike a mean) and keeps Lightning from warning once per metric under DDP
+        self.log_dict(numeric, prog_bar=False, rank_zero_only=False, sync_dist=True, reduce_fx="max")
         self._evaluator.reset()
 
     def _on_any_rank(self, flag: bool) -> bool:
