@@ -144,7 +144,9 @@ def _adjust_logits(logits: Tensor, ids: Tensor, step: int, cfg: GenerationConfig
         prev = logits.gather(1, ids)
         prev = torch.where(prev > 0, prev / cfg.repetition_penalty, prev * cfg.repetition_penalty)
         logits = logits.scatter(1, ids, prev)
-    neg = torch.finfo(logits.dtype).min
+    # -inf, not a finite minimum: beam search reads candidates until -inf, and a forbidden one with a finite score
+    # (an EOS before min_new_tokens, with more beams than allowed tokens) could win under a negative length penalty
+    neg = float("-inf")
     logits[:, special["pad"]] = neg  # never generated
     logits[:, special["bos"]] = neg
     if step < cfg.min_new_tokens:
@@ -331,8 +333,11 @@ def generate(
     """Generate captions for ``images`` (tensors (B,3,H,W), PIL images or paths) with ``model`` (an MMXAttn).
 
     Options: ``strategy`` "greedy" | "beam" | "sample"; ``max_new_tokens`` (default: fill the context);
-    ``min_new_tokens``; ``num_beams``, ``length_penalty`` (beam; score / length ** penalty); ``temperature``,
-    ``top_k``, ``top_p``, ``generator`` (sample; a seeded ``torch.Generator`` makes it reproducible);
+    ``min_new_tokens``; ``num_beams``, ``length_penalty`` (beam; a hypothesis ranks by score / length ** penalty,
+    score the sum of its tokens' log-probabilities renormalised over the tokens allowed at each step, length its new
+    tokens with the EOS and without BOS, ``max_new_tokens`` for one still open at the end: HF's convention);
+    ``temperature``, ``top_k`` (tokens tied with the k-th are kept too), ``top_p``, ``generator`` (sample; a seeded
+    ``torch.Generator`` makes it reproducible);
     ``repetition_penalty``; ``use_cache``; ``static_cache`` (fixed-size cache buffers; the CUDA graphs always use
     them); ``cuda_graph`` (replay captured graphs of the encoder call and the decoding step; default: on for CUDA
     unless attention is being captured). ``image_tokens`` (B, L, D) from ``model.encode_image_tokens`` may be given
