@@ -22,7 +22,7 @@ Timings are interleaved model by model and repeated, and medians reported, becau
 
 On a GPU (``--device cuda``) every timed call ends with ``torch.cuda.synchronize``, peak memory is
 ``torch.cuda.max_memory_allocated`` over one call (after a warm-up call) minus what was allocated before it, in
-the same process, and ``--bf16`` runs every call under ``torch.autocast("cuda", bfloat16)`` (the matmul rate is
+the same process, and ``--bf16`` runs every call under ``torch.autocast(<device type>, bfloat16)`` (the matmul rate is
 then measured in bf16 too).
 By default the training step at 896 px with batch 8 is skipped (ViT-S needs about a minute per step on 2 cores);
 ``--full`` includes it.
@@ -219,7 +219,9 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="include the training step at 896 px, batch 8")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU runs)")
+    ap.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast on the device given (GPU, or CPU with bf16 support)"
+    )
     ap.add_argument(
         "--compile", action="store_true", help="torch.compile every model (timed after the compile; no CPU memory)"
     )

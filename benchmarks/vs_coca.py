@@ -321,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--train-batch", type=int, default=None, help="training batch; 16 (quick 4)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: gen, train, memory")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for both models (GPU runs)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for both models on the device given (GPU or CPU)")
     p.add_argument(
         "--compile",
         action="store_true",

@@ -126,8 +126,9 @@ def _gallery_parts(images: Any, batch_size: int) -> Iterator[tuple[Any, int]]:
 class _RunningTopK:
     """Each query's top ``n`` gallery items, best first, over score blocks that arrive one batch of gallery items
     at a time: ``values`` and gallery ``indices`` (Q, <= n), as one ``topk`` over the whole (Q, N) score matrix
-    gives them while holding (Q, n + b) at most. Equal scores keep gallery order (the lower index first), so the
-    batch size never reorders ties (duplicate images); NaN ranks first, as in ``topk``."""
+    gives them while holding (Q, n + b) at most. Exactly equal scores keep gallery order (the lower index first)
+    however the blocks fall (a duplicate image's score can still differ by a rounding step between batch sizes, as
+    the matrix product that makes it rounds by shape); NaN ranks first, as in ``topk``."""
 
     def __init__(self, n: int) -> None:
         self.n = n
