@@ -135,3 +135,37 @@ def test_a_mistyped_key_in_a_config_file_names_the_closest_one(tmp_path, capsys)
         cli_main(_args(tmp_path) + ["--config", str(tmp_path / "typo.yaml")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "'trainer.max_epoch'; did you mean trainer.max_epochs?" in err, err
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        ("--model.lr=-1", "lr must be a finite number > 0, got -1.0"),  # was AdamW's traceback, exit 1
+        ("--model.lr=0", "lr must be a finite number > 0, got 0.0"),
+        ("--model.weight_decay=-0.1", "weight_decay must be a finite number >= 0, got -0.1"),  # trained silently
+        ("--model.warmup_steps=-5", "warmup_steps must be an int >= 0, got -5"),  # trained silently
+        ("--model.min_lr_ratio=1.5", "min_lr_ratio must be in [0, 1], got 1.5"),
+        ("--model.betas=[0.9,1.0]", "betas must be two numbers in [0, 1), got (0.9, 1.0)"),
+        ("--model.caption_weight=-2", "caption_weight must be a finite number >= 0 (0 = off), got -2.0"),
+    ],
+)
+def test_a_bad_optimiser_or_loss_setting_is_one_line_before_training(option, expected, no_step, tmp_path, capsys):
+    err = _fails(_args(tmp_path) + [option], capsys)
+    assert expected in err, err
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"lr": float("inf")}, "lr must be a finite number > 0"),
+        ({"lr": True}, "lr must be a finite number > 0"),
+        ({"contrastive_weight": float("nan")}, r"contrastive_weight must be a finite number >= 0 \(0 = off\), got nan"),
+        ({"itm_weight": -0.5}, "itm_weight must be"),
+        ({"warmup_steps": 2.5}, "warmup_steps must be an int >= 0"),
+        ({"betas": (0.9,)}, r"betas must be two numbers in \[0, 1\)"),
+    ],
+)
+def test_the_module_refuses_bad_optimiser_and_loss_settings_from_python_too(kw, match):
+    """Values the command line's type checks already stop (NaN, inf) reach the module from Python code."""
+    with pytest.raises(ValueError, match=match):
+        MMXAttnModule(preset="mmx_tiny", **kw)

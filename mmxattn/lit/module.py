@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 import random
 import shutil
@@ -278,6 +279,9 @@ class MMXAttnModule(pl.LightningModule):
             or grad_cache_chunk_size < 1
         ):
             raise ValueError(f"grad_cache_chunk_size must be an int >= 1 or None (off), got {grad_cache_chunk_size!r}")
+        _check_optim_args(
+            lr, weight_decay, betas, warmup_steps, min_lr_ratio, contrastive_weight, caption_weight, itm_weight
+        )
         _check_finetune_args(
             encoder_lr, text_lr, decoder_lr, layer_decay, freeze_encoder_steps, freeze_encoder_trainable_last, ema_decay
         )
@@ -1393,6 +1397,42 @@ def _cuda_rng_state() -> Tensor | None:
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     return torch.cuda.get_rng_state(torch.cuda.current_device())
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_optim_args(
+    lr: Any,
+    weight_decay: Any,
+    betas: Any,
+    warmup_steps: Any,
+    min_lr_ratio: Any,
+    contrastive_weight: Any,
+    caption_weight: Any,
+    itm_weight: Any,
+) -> None:
+    """The optimiser's and the losses' settings, checked when the module is built: a negative learning rate failed
+    inside AdamW's constructor with a traceback, and a negative weight decay, warmup or loss weight trained without
+    a word (a negative loss weight maximises that loss)."""
+    if not _real(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not _real(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_real(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if not _real(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+    for name, value in (
+        ("contrastive_weight", contrastive_weight),
+        ("caption_weight", caption_weight),
+        ("itm_weight", itm_weight),
+    ):
+        if not _real(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0 (0 = off), got {value!r}")
 
 
 def _check_finetune_args(
