@@ -71,3 +71,20 @@ def test_peer_is_configured_like_ours(report):
     # the ViT is sized to our encoder: parameter counts within 25% at tiny sizes
     p = report["params"]
     assert 0.75 < p["coca"]["vision_trunk"] / p["ours"]["vision_encoder"] < 1.25
+
+
+@pytest.mark.parametrize("gallery_norm", [False, True])
+def test_retrieve_scale_runs_and_both_peers_rank_alike(gallery_norm):
+    """benchmarks/retrieve_scale.py at --quick sizes: it refuses to time peers that rank differently, so a report
+    means our streamed retrieve equalled the full-matrix top-k both ways (also gallery-normalised); every number it
+    reports is a positive finite one."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "retrieve_scale.py"), "--quick", "--json", "--threads", "1"]
+    proc = subprocess.run(
+        cmd + (["--gallery-norm"] if gallery_norm else []), capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, f"retrieve_scale.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rep["same_results"] is True and rep["gallery_norm"] is gallery_norm
+    for key in ("mmxattn_s", "full_matrix_s", "time_ratio", "mmxattn_added_bytes", "full_matrix_added_bytes"):
+        assert _positive_finite(rep[key]), (key, rep[key])
