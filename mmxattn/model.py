@@ -1079,6 +1079,16 @@ class MMXAttn(nn.Module):
         # "pmi": the caller subtracts the caption's log prior where the candidates are captions
         return self.caption_logprob(tokens, ids, states, normalize=how == "lm", image_index=inv)
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> MMXAttn:
+        """``.to()``, ``.half()``, ``.float()``, ``.cuda()`` ...: the no-grad weight caches are dropped afterwards, so
+        that the copies of the weights as they were (and the storage each entry holds) are freed at once rather
+        than at the next call (they would not be used either way: the keys see the new storage)."""
+        from .vision.windows import clear_weight_caches
+
+        out = super()._apply(fn, recurse)
+        clear_weight_caches(self)
+        return out
+
     # ------------------------------------------------------------------ training helpers
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if hasattr(self.visual, "set_grad_checkpointing"):

@@ -479,7 +479,7 @@ def test_cpu_bf16_autocast_runs_cat_and_inference_linears_in_bf16(monkeypatch):
             monkeypatch.setattr(windows, "_ONEDNN", True)
     assert fast.dtype == ref.dtype == torch.bfloat16
     packed = [windows._PACKED_CACHE[w] for w in _cat_weights(enc)]
-    assert all(key[-1] == torch.bfloat16 and w.dtype == torch.bfloat16 for key, w in packed)
+    assert all(key[-1] == torch.bfloat16 and w.dtype == torch.bfloat16 for key, w, _ in packed)
     scale = full.abs().max().item()
     torch.testing.assert_close(fast.float(), ref.float(), rtol=0, atol=0.05 * scale)
     torch.testing.assert_close(fast.float(), full, rtol=0, atol=0.05 * scale)
@@ -517,7 +517,7 @@ def test_cpu_bf16_autocast_runs_cat_and_inference_linears_in_bf16(monkeypatch):
             y = lin(h)
             assert y.dtype == torch.bfloat16
             torch.testing.assert_close(y, F.linear(h, lin.weight, lin.bias), rtol=0.02, atol=0.02)
-        key, w = windows._PACKED_CACHE[lin.weight]
+        key, w, _ = windows._PACKED_CACHE[lin.weight]
         assert key[-3:] == (rows, False, torch.bfloat16) and w.dtype == torch.bfloat16
 
 

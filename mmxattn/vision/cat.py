@@ -38,6 +38,7 @@ from .windows import (
     read_state_dict,
     relative_position_index,
     stage_grid_sizes,
+    weight_generation,
 )
 
 __all__ = [
@@ -114,6 +115,7 @@ class WindowAttention(Attention):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
         self._bias: Tensor | None = None
         self._bias_key: tuple | None = None
+        self._bias_source: tuple[Tensor, Tensor] | None = None  # what _bias was gathered from, held
 
     def _gather_bias(self) -> Tensor:
         N = self.window * self.window
@@ -135,9 +137,18 @@ class WindowAttention(Attention):
             or (table.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
             return self._gather_bias()
-        key = (table.data_ptr(), table._version, table.dtype, table.device, index.data_ptr(), index._version)
-        if key != self._bias_key:
+        key = (
+            table.data_ptr(),
+            table._version,
+            weight_generation(),
+            table.dtype,
+            table.device,
+            index.data_ptr(),
+            index._version,
+        )
+        if key != self._bias_key:  # the storages are held, so that their addresses are not reused (see windows.py)
             self._bias, self._bias_key = self._gather_bias(), key
+            self._bias_source = (table.detach(), index)
         return self._bias
 
     def forward(self, x: Tensor) -> Tensor:  # (B*nW, N, C) -> (B*nW, N, C)

@@ -22,10 +22,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
@@ -169,8 +171,9 @@ class _OneDNNLinear(torch.autograd.Function):
 
 # Without autograd, oneDNN re-orders a plain weight into its blocked layout on every call. So no-grad calls use a
 # copy of the weight packed once, cached per Parameter (weakly: the module, its state dict, deepcopy and pickling
-# never see it) and keyed on the weight's storage and version, so loading, optimiser steps and in-place edits re-pack
-# it (edits through ``param.data`` bypass the version counter: clear_weight_caches() after those). Packed for the first call's row count, the layout is the one oneDNN picks for that call itself, so those calls
+# never see it) and keyed on the weight's storage and version (and _WEIGHT_GENERATION's), so loading, optimiser steps,
+# in-place edits and conversions re-pack it (in-place edits through ``param.data`` bypass the version counter:
+# clear_weight_caches() after those). Packed for the first call's row count, the layout is the one oneDNN picks for that call itself, so those calls
 # give bit-identical results (other row counts: equal to rounding). Paired A/B, CAT-T eval at 224 px (twenty-second
 # session): 0.93 of the time at batch 1, 0.98-0.99 at batch 8 (twenty-fifth session, another CPU: 1.05 / 1.00, and
 # 0.96 at 896 px). Costs one packed copy of each weight kept; since the twenty-fifth session only small calls keep
@@ -178,6 +181,30 @@ class _OneDNNLinear(torch.autograd.Function):
 _PACKED = os.environ.get("MMXATTN_CAT_PACKED_WEIGHTS", "1").lower() not in ("0", "false", "no")
 _PACKED_OP = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
 _PACKED_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+# What else the caches' keys hold, besides a weight's address, version, shape and dtype, so that they see every
+# change made the usual ways:
+# - optimiser steps: fused optimisers (AdamW(fused=True), the training module's default on CUDA) write the weights
+#   in place without bumping their version counters, so every optimiser step in the process (a global step hook)
+#   bumps this generation, which the keys include;
+# - conversions (``model.half().float()``, ``param.data = ...``, ``torch.func.functional_call`` with new tensors):
+#   the weight gets new storage and keeps its version, and the allocator often hands it the old storage's freed
+#   address; each cache entry holds the storage it was made from, so that address cannot be reused while the
+#   entry lives.
+_WEIGHT_GENERATION = [0]
+
+
+def _bump_weight_generation(*_: Any) -> None:
+    _WEIGHT_GENERATION[0] += 1
+
+
+def weight_generation() -> int:
+    """A count of optimiser steps taken in this process (any torch optimiser, fused ones included), part of the
+    keys of the no-grad weight caches."""
+    return _WEIGHT_GENERATION[0]
+
+
+register_optimizer_step_post_hook(_bump_weight_generation)
 
 
 def set_packed_weights(enabled: bool) -> bool:
@@ -194,8 +221,9 @@ def set_packed_weights(enabled: bool) -> bool:
 def clear_weight_caches(module: nn.Module | None = None) -> None:
     """Drop the copies no-grad inference keeps of ``module``'s weights (every module's when ``None``): packed
     linear weights and CAT's gathered relative position bias. They follow every change made through the parameters
-    themselves (loading, optimiser steps, in-place edits), but an edit through ``param.data`` bypasses the version
-    counter they check: call this after one (e.g. after swapping in EMA weights with ``p.data.copy_(...)``)."""
+    themselves (loading, optimiser steps, fused ones too, in-place edits, dtype conversions, new tensors swapped in),
+    but an in-place edit through ``param.data`` bypasses the version counter they check: call this after one (e.g.
+    after swapping in EMA weights with ``p.data.copy_(...)``)."""
     if module is None:
         _PACKED_CACHE.clear()
         return
@@ -203,7 +231,7 @@ def clear_weight_caches(module: nn.Module | None = None) -> None:
         for p in m.parameters(recurse=False):
             _PACKED_CACHE.pop(p, None)
         if hasattr(m, "_bias_key"):
-            m._bias, m._bias_key = None, None
+            m._bias, m._bias_key, m._bias_source = None, None, None
 
 
 def _packed_weight(
@@ -226,6 +254,7 @@ def _packed_weight(
     key = (
         weight.data_ptr(),
         weight._version,
+        _WEIGHT_GENERATION[0],
         tuple(weight.shape),
         tuple(weight.stride()),
         rows if per_rows else 0,
@@ -239,8 +268,8 @@ def _packed_weight(
     if keep == "reuse":
         return plain
     packed = pack(plain, rows)
-    if keep == "cache":
-        _PACKED_CACHE[weight] = (key, packed)
+    if keep == "cache":  # the source storage is held: see _WEIGHT_GENERATION
+        _PACKED_CACHE[weight] = (key, packed, weight.detach())
     return packed
 
 
