@@ -302,7 +302,7 @@ _OPTIMIZERS = {
     "build_optimizer_fused": lambda m: build_optimizer(m, lr=1e-2, weight_decay=0.1, fused=True),
     "sgd_fused": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, fused=True),
 }
-# Fixed in session 29 (windows.py _WEIGHT_GENERATION): the failure these tests caught before.
+# Fixed in session 29 (windows.py _after_optimizer_step): the failure these tests caught before.
 _FUSED_BUG = (
     "torch's fused optimizer kernels (_fused_adamw_, _fused_sgd_, ...) update the parameters in place without "
     "bumping their version counters, so the (data_ptr, _version) keys of _PACKED_CACHE (windows.py _packed_weight) "

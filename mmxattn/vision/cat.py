@@ -38,7 +38,6 @@ from .windows import (
     read_state_dict,
     relative_position_index,
     stage_grid_sizes,
-    weight_generation,
 )
 
 __all__ = [
@@ -140,13 +139,12 @@ class WindowAttention(Attention):
         key = (
             table.data_ptr(),
             table._version,
-            weight_generation(),
             table.dtype,
             table.device,
             index.data_ptr(),
             index._version,
         )
-        if key != self._bias_key:  # the storages are held, so that their addresses are not reused (see windows.py)
+        if key != self._bias_key:  # the storages are held: their addresses cannot be reused (see windows.py)
             self._bias, self._bias_key = self._gather_bias(), key
             self._bias_source = (table.detach(), index)
         return self._bias

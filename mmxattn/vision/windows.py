@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -171,7 +172,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 # Without autograd, oneDNN re-orders a plain weight into its blocked layout on every call. So no-grad calls use a
 # copy of the weight packed once, cached per Parameter (weakly: the module, its state dict, deepcopy and pickling
-# never see it) and keyed on the weight's storage and version (and _WEIGHT_GENERATION's), so loading, optimiser steps,
+# never see it) and keyed on the weight's storage and version (see _after_optimizer_step), so loading, optimiser steps,
 # in-place edits and conversions re-pack it (in-place edits through ``param.data`` bypass the version counter:
 # clear_weight_caches() after those). Packed for the first call's row count, the layout is the one oneDNN picks for that call itself, so those calls
 # give bit-identical results (other row counts: equal to rounding). Paired A/B, CAT-T eval at 224 px (twenty-second
@@ -182,29 +183,25 @@ _PACKED = os.environ.get("MMXATTN_CAT_PACKED_WEIGHTS", "1").lower() not in ("0",
 _PACKED_OP = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
 _PACKED_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-# What else the caches' keys hold, besides a weight's address, version, shape and dtype, so that they see every
-# change made the usual ways:
-# - optimiser steps: fused optimisers (AdamW(fused=True), the training module's default on CUDA) write the weights
-#   in place without bumping their version counters, so every optimiser step in the process (a global step hook)
-#   bumps this generation, which the keys include;
-# - conversions (``model.half().float()``, ``param.data = ...``, ``torch.func.functional_call`` with new tensors):
-#   the weight gets new storage and keeps its version, and the allocator often hands it the old storage's freed
-#   address; each cache entry holds the storage it was made from, so that address cannot be reused while the
-#   entry lives.
-_WEIGHT_GENERATION = [0]
+# The caches' keys are a weight's address, version, shape and dtype. Two ways around them are closed here:
+# - fused optimisers (AdamW(fused=True), the training module's default on CUDA) write the weights in place without
+#   bumping their version counters: a global optimiser step hook bumps those of the parameters a fused step wrote
+#   (what torch.autograd.graph.increment_version is for), so loading, optimiser steps of every kind and in-place
+#   edits all re-pack;
+# - conversions (``model.half().float()``, ``param.data = ...``, ``torch.func.functional_call`` with new tensors)
+#   give the weight new storage with its old version, and the allocator often hands it the old storage's freed
+#   address: each cache entry holds the storage it was made from, so that address cannot be reused while it lives.
 
 
-def _bump_weight_generation(*_: Any) -> None:
-    _WEIGHT_GENERATION[0] += 1
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    stepped = [
+        p for g in optimizer.param_groups if g.get("fused") for p in g["params"] if p.grad is not None
+    ]  # the others bump the versions of what they write
+    if stepped:
+        increment_version(stepped)
 
 
-def weight_generation() -> int:
-    """A count of optimiser steps taken in this process (any torch optimiser, fused ones included), part of the
-    keys of the no-grad weight caches."""
-    return _WEIGHT_GENERATION[0]
-
-
-register_optimizer_step_post_hook(_bump_weight_generation)
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def set_packed_weights(enabled: bool) -> bool:
@@ -254,7 +251,6 @@ def _packed_weight(
     key = (
         weight.data_ptr(),
         weight._version,
-        _WEIGHT_GENERATION[0],
         tuple(weight.shape),
         tuple(weight.stride()),
         rows if per_rows else 0,
@@ -268,7 +264,7 @@ def _packed_weight(
     if keep == "reuse":
         return plain
     packed = pack(plain, rows)
-    if keep == "cache":  # the source storage is held: see _WEIGHT_GENERATION
+    if keep == "cache":  # the source storage is held: see _after_optimizer_step
         _PACKED_CACHE[weight] = (key, packed, weight.detach())
     return packed
 
