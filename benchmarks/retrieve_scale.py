@@ -8,7 +8,8 @@ embedding, then ``logits = image_embeds @ text_embeds.T``, then top-k each way; 
 
 Both peers get the same model, the same images (random normalised pixels at the preset's image size) and the same
 token ids, encode them in batches of ``--batch-size``, and must return the same top-k both ways: checked once before
-anything is timed (equal indices, scores within 1e-4; random embeddings have no ties). Time: the median of
+anything is timed (scores within 1e-4 at every rank, and at least 99% of the indices equal: the rest are near-ties,
+two scores a rounding step apart, since a block of the score matrix rounds by its shape). Time: the median of
 alternating calls (``_common.time_alternating``). Memory: ``_common.peak_memory``, each peer in a fresh process,
 reported as what one call adds on top of the model and its inputs (``added``). Printed: each peer's seconds and
 MiB and the ratios ours / peer; with ``--json`` the last line is one JSON object.
@@ -93,11 +94,12 @@ def build(peer: str, args: dict):
     return step, resident
 
 
-def same_results(a: tuple, b: tuple) -> bool:
-    """Equal indices and scores within 1e-4 (the pooled embeddings are computed per batch in both peers alike)."""
-    return all(torch.equal(x, y) for x, y in zip(a[0::2], b[0::2])) and all(
-        torch.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(a[1::2], b[1::2])
-    )
+def agreement(a: tuple, b: tuple) -> tuple[bool, float]:
+    """Whether both peers rank alike: at every rank the scores within 1e-4 (so a differing index is a near-tie,
+    two scores one rounding apart: the score matrix's blocks round by shape), and the share of equal indices."""
+    close = all(torch.allclose(x, y, rtol=1e-4, atol=1e-4) for x, y in zip(a[1::2], b[1::2]))
+    same = sum(int((x == y).sum()) for x, y in zip(a[0::2], b[0::2])) / sum(x.numel() for x in a[0::2])
+    return close, same
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,14 +130,17 @@ def main(argv: list[str] | None = None) -> dict:
     }
     model, images, ids = make_inputs(a.preset, a.images, a.texts)
     results = {peer: _call(peer, model, images, ids, args) for peer in PEERS}
-    same = same_results(results["mmxattn"], results["full_matrix"])
-    if not same:
-        raise SystemExit("retrieve_scale: the two peers ranked differently; nothing timed")
+    close, same_share = agreement(results["mmxattn"], results["full_matrix"])
+    if not close or same_share < 0.99:
+        raise SystemExit(
+            f"retrieve_scale: the two peers ranked differently (scores close: {close}, equal indices "
+            f"{same_share:.4f}); nothing timed"
+        )
     del results
     times = time_alternating(
         {peer: functools.partial(_call, peer, model, images, ids, args) for peer in PEERS}, repeats=a.repeats
     )
-    report: dict = {**args, "threads": torch.get_num_threads(), "same_results": same}
+    report: dict = {**args, "threads": torch.get_num_threads(), "same_results": close, "same_indices": same_share}
     for peer in PEERS:
         report[f"{peer}_s"] = median(times[peer])
     report["time_ratio"] = report["mmxattn_s"] / report["full_matrix_s"]
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     matrix = a.images * a.texts * 4
     print(
         f"{a.preset}: {a.images} images x {a.texts} texts, k={a.k}, gallery_norm={a.gallery_norm}, "
-        f"batch {a.batch_size}, {report['threads']} threads (one fp32 score matrix: {fmt_bytes(matrix)})"
+        f"batch {a.batch_size}, {report['threads']} threads (one fp32 score matrix: {fmt_bytes(matrix)}); "
+        f"same top-k indices: {same_share:.4f}"
     )
     for peer in PEERS:
         line = f"  {peer:12s} {report[f'{peer}_s']:.3f} s"

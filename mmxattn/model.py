@@ -126,7 +126,7 @@ def _gallery_parts(images: Any, batch_size: int) -> Iterator[tuple[Any, int]]:
 class _RunningTopK:
     """Each query's top ``n`` gallery items, best first, over score blocks that arrive one batch of gallery items
     at a time: ``values`` and gallery ``indices`` (Q, <= n), as one ``topk`` over the whole (Q, N) score matrix
-    gives them while holding (Q, n + b) at most. Exactly equal scores keep gallery order (the lower index first)
+    gives them while holding (Q, n) and a slice of queries' (q, n + b) at a time. Exactly equal scores keep gallery order (the lower index first)
     however the blocks fall (a duplicate image's score can still differ by a rounding step between batch sizes, as
     the matrix product that makes it rounds by shape); NaN ranks first, as in ``topk``."""
 
@@ -137,14 +137,42 @@ class _RunningTopK:
 
     def add(self, first: int, scores: Tensor) -> None:
         """Gallery items ``first, first + 1, ...``: their scores (b, Q) against every query."""
-        values = scores.T
-        indices = torch.arange(first, first + scores.shape[0], device=scores.device).expand_as(values)
-        if self.values is not None:
-            values, indices = torch.cat([self.values, values], 1), torch.cat([self.indices, indices], 1)
-        # a stable sort, not topk: the kept entries (lower indices, ties already in order) precede the block, so
-        # equal scores stay in gallery order (a topk-based selection measured no faster over (Q, n + b))
-        values, where = values.sort(dim=1, descending=True, stable=True)
-        self.values, self.indices = values[:, : self.n], indices.gather(1, where[:, : self.n])
+        b = scores.shape[0]
+        # Queries a slice at a time, so that the copies below stay ~1M entries each. Ties: a stable sort (topk
+        # keeps no order among equal values) of the kept entries (lower indices, ties already in order) followed
+        # by the block's, so equal scores stay in gallery order. Once n are kept, only block entries above a
+        # query's n-th best can enter (an equal one would rank after it): each slice sorts its kept entries with
+        # the block's best m in gallery order, m the most any of its queries has above its n-th best (most blocks
+        # of a large gallery have few), instead of all b.
+        rows = max(1, _MERGE_ENTRIES // (self.n + b))
+        full = self.values is not None and self.values.shape[1] == self.n
+        values, indices = [], []
+        for r in range(0, scores.shape[1], rows):
+            v = scores[:, r : r + rows].T  # (q, b)
+            if full:
+                kept_v, kept_i = self.values[r : r + rows], self.indices[r : r + rows]
+                nth = kept_v[:, -1:]
+                enter = (v > nth) | (v.isnan() & ~nth.isnan())  # NaN ranks first, as in topk
+                m = int(enter.sum(1).max())
+                if m == 0:
+                    values.append(kept_v)
+                    indices.append(kept_i)
+                    continue
+                places = v.topk(m, dim=1).indices.sort(dim=1).values  # every entering entry, in gallery order
+                v = torch.cat([kept_v, v.gather(1, places)], 1)
+                i = torch.cat([kept_i, places + first], 1)
+            else:
+                i = torch.arange(first, first + b, device=scores.device).expand_as(v)
+                if self.values is not None:
+                    v, i = torch.cat([self.values[r : r + rows], v], 1), torch.cat([self.indices[r : r + rows], i], 1)
+            v, where = v.sort(dim=1, descending=True, stable=True)
+            values.append(v[:, : self.n].clone())  # not a view: the slice's whole sorted copy would stay
+            indices.append(i.gather(1, where[:, : self.n]))
+        self.values, self.indices = torch.cat(values), torch.cat(indices)
+
+
+# Entries (queries x (n + b)) that _RunningTopK sorts at once.
+_MERGE_ENTRIES = 1 << 20
 
 
 class _CandidateTokens:

@@ -561,6 +561,17 @@ def test_running_top_k_is_the_stable_ranking_of_the_whole_score_matrix():
             assert torch.equal(top.indices, ref_i), (n, blocks)
             torch.testing.assert_close(top.values, ref_v, equal_nan=True)
     assert _RunningTopK(2).n == 2 and top.values.shape == (7, 10)  # n above the gallery: the whole gallery
+    # a larger gallery in uneven blocks, where most blocks add little to a query's top n (the filtered merge)
+    scores = torch.randint(0, 40, (300, 50), generator=g).float()
+    scores[torch.rand(300, 50, generator=g) < 0.01] = float("nan")
+    ref_v, ref_i = scores.T.sort(dim=1, descending=True, stable=True)
+    for n, b in ((5, 7), (1, 64), (20, 3)):
+        top, first = _RunningTopK(n), 0
+        while first < 300:
+            top.add(first, scores[first : first + b])
+            first += b
+        assert torch.equal(top.indices, ref_i[:, :n]), (n, b)
+        torch.testing.assert_close(top.values, ref_v[:, :n], equal_nan=True)
 
 
 @pytest.mark.parametrize("gallery_norm", [False, True])
