@@ -136,14 +136,7 @@ class WindowAttention(Attention):
             or (table.is_cuda and torch.cuda.is_current_stream_capturing())
         ):
             return self._gather_bias()
-        key = (
-            table.data_ptr(),
-            table._version,
-            table.dtype,
-            table.device,
-            index.data_ptr(),
-            index._version,
-        )
+        key = (table.data_ptr(), table._version, table.dtype, table.device, index.data_ptr(), index._version)
         if key != self._bias_key:  # the storages are held: their addresses cannot be reused (see windows.py)
             self._bias, self._bias_key = self._gather_bias(), key
             self._bias_source = (table.detach(), index)

@@ -172,13 +172,14 @@ class _OneDNNLinear(torch.autograd.Function):
 
 # Without autograd, oneDNN re-orders a plain weight into its blocked layout on every call. So no-grad calls use a
 # copy of the weight packed once, cached per Parameter (weakly: the module, its state dict, deepcopy and pickling
-# never see it) and keyed on the weight's storage and version (see _after_optimizer_step), so loading, optimiser steps,
-# in-place edits and conversions re-pack it (in-place edits through ``param.data`` bypass the version counter:
-# clear_weight_caches() after those). Packed for the first call's row count, the layout is the one oneDNN picks for that call itself, so those calls
-# give bit-identical results (other row counts: equal to rounding). Paired A/B, CAT-T eval at 224 px (twenty-second
-# session): 0.93 of the time at batch 1, 0.98-0.99 at batch 8 (twenty-fifth session, another CPU: 1.05 / 1.00, and
-# 0.96 at 896 px). Costs one packed copy of each weight kept; since the twenty-fifth session only small calls keep
-# one (_PACK_KEEP_MAX_ROWS below). MMXATTN_CAT_PACKED_WEIGHTS=0 or set_packed_weights(False) turns it off.
+# never see it) and keyed on the weight's storage and version (see _after_optimizer_step), so loading, optimiser
+# steps, in-place edits and conversions re-pack it (in-place edits through ``param.data`` bypass the version
+# counter: clear_weight_caches() after those). Packed for the first call's row count, the layout is the one oneDNN
+# picks for that call itself, so those calls give bit-identical results (other row counts: equal to rounding).
+# Paired A/B, CAT-T eval at 224 px (twenty-second session): 0.93 of the time at batch 1, 0.98-0.99 at batch 8
+# (twenty-fifth session, another CPU: 1.05 / 1.00, and 0.96 at 896 px). Costs one packed copy of each weight kept;
+# since the twenty-fifth session only small calls keep one (_PACK_KEEP_MAX_ROWS below).
+# MMXATTN_CAT_PACKED_WEIGHTS=0 or set_packed_weights(False) turns it off.
 _PACKED = os.environ.get("MMXATTN_CAT_PACKED_WEIGHTS", "1").lower() not in ("0", "false", "no")
 _PACKED_OP = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
 _PACKED_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
