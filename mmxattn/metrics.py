@@ -4,7 +4,7 @@
   image counts as found for a text when it is that text's image (the COCO / Flickr protocol of Karpathy & Fei-Fei);
 * captioning BLEU-1..4, CIDEr-D, ROUGE-L and METEOR through pycocoevalcap (the COCO caption evaluation code),
   with its Java PTB tokenizer; without Java a plain tokenizer is used, METEOR is reported as ``None`` and a
-  warning says so;
+  warning (once per process) says so;
 * grounding accuracy: the peak of a word's cross-attention heatmap falls inside the box of the object it names.
 """
 
@@ -226,6 +226,9 @@ def recall_from_rankings(
 
 
 # ---------------------------------------------------------------------------------------------- captions
+_NO_JAVA_WARNED = False  # caption_metrics warns about a missing java once per process
+
+
 def java_available() -> bool:
     return shutil.which("java") is not None
 
@@ -271,7 +274,14 @@ def caption_metrics(
         gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts_raw.items()})
         res = tok.tokenize({k: [{"caption": c} for c in v] for k, v in res_raw.items()})
     else:
-        warnings.warn("java not found: captions tokenized without the PTB tokenizer; METEOR skipped", stacklevel=2)
+        global _NO_JAVA_WARNED
+        if not _NO_JAVA_WARNED:  # once per process: an evaluation calls this for every split and reference score
+            _NO_JAVA_WARNED = True
+            warnings.warn(
+                "java not found: captions tokenized without the PTB tokenizer (a close stand-in) and METEOR skipped "
+                "(reported as None) in this process; install Java for the reference scores",
+                stacklevel=2,
+            )
         gts, res = _plain_tokenize(gts_raw), _plain_tokenize(res_raw)
     # pycocoevalcap's BLEU asserts a non-empty hypothesis; an empty generated caption scores as a lone token
     res = {k: [v[0] if v and v[0].strip() else "<empty>"] for k, v in res.items()}

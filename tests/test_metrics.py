@@ -1,6 +1,7 @@
 """Metrics: full-gallery recall against a brute-force count, caption scores through pycocoevalcap, heatmaps."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -193,9 +194,13 @@ def test_without_java_falls_back_with_a_warning(monkeypatch):
     preds = {1: "A red circle, left of a square.", 2: "Green triangles!"}
     with_java = caption_metrics(preds, REFS, meteor=False) if metrics.java_available() else None
     monkeypatch.setattr(metrics, "java_available", lambda: False)
+    monkeypatch.setattr(metrics, "_NO_JAVA_WARNED", False)  # an earlier test of this process may have warned
     with pytest.warns(UserWarning, match="java not found"):
         out = caption_metrics(preds, REFS)
     assert out["meteor"] is None
+    with warnings.catch_warnings():  # once per process: an evaluation calls it per split and reference score
+        warnings.simplefilter("error")
+        assert caption_metrics(preds, REFS)["meteor"] is None
     if with_java is not None:  # the plain tokenizer agrees with PTB on ordinary captions
         assert out["bleu4"] == pytest.approx(with_java["bleu4"])
         assert out["cider"] == pytest.approx(with_java["cider"])
