@@ -9,9 +9,10 @@ Each test first checks that the caches were filled and serve later calls, so tha
 used (otherwise the test would prove nothing), and a probe (``CacheProbe``) compares every cached copy it sees
 served with the values of the weight it stands for, so a stale copy is caught even where the outputs hide it.
 Three workflows came out wrong until session 29 (fused optimiser steps, a low-precision round trip,
-``functional_call`` with fresh tensors: the ``*_BUG`` strings say how); ``mmxattn.clear_weight_caches`` (the
-documented escape hatch) is checked to repair each kind of change too. Chance-dependent cases (a freed address handed back by the
-allocator) stop at the first try that hit the risky case and skip as inconclusive when none did.
+``functional_call`` with fresh tensors: comments at their tests say how); ``mmxattn.clear_weight_caches`` (the
+documented escape hatch) is checked to repair each kind of change too. The low-precision round trip depends on the
+allocator handing a freed address back: it compares outputs on every try and stops at the first try that hit that
+case (inconclusive, skipped, if none of 20 did).
 """
 
 from __future__ import annotations
@@ -302,12 +303,10 @@ _OPTIMIZERS = {
     "build_optimizer_fused": lambda m: build_optimizer(m, lr=1e-2, weight_decay=0.1, fused=True),
     "sgd_fused": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, fused=True),
 }
-# Fixed in session 29 (windows.py _after_optimizer_step): the failure these tests caught before.
-_FUSED_BUG = (
-    "torch's fused optimizer kernels (_fused_adamw_, _fused_sgd_, ...) update the parameters in place without "
-    "bumping their version counters, so the (data_ptr, _version) keys of _PACKED_CACHE (windows.py _packed_weight) "
-    "and of WindowAttention._bias_key (cat.py relative_position_bias) still match: the pre-step weights are used"
-)
+# The fused cases failed until session 29: torch's fused optimizer kernels (_fused_adamw_, _fused_sgd_, ...) update
+# the parameters in place without bumping their version counters, so the (data_ptr, _version) keys of _PACKED_CACHE
+# and of WindowAttention._bias_key still matched and the pre-step weights were used (fixed: windows.py
+# _after_optimizer_step bumps them).
 
 
 @pytest.mark.parametrize(
@@ -317,7 +316,7 @@ _FUSED_BUG = (
         "adamw_foreach",
         "sgd_foreach",
         "build_optimizer_default",
-        "build_optimizer_fused",  # _FUSED_BUG
+        "build_optimizer_fused",
         "sgd_fused",
     ],
 )
@@ -359,13 +358,10 @@ def test_float64_and_back(probe):
     _check(model, images, ids, probe, before, "loaded in float64")
 
 
-# Fixed in session 29: the failure the next test caught before.
-_ROUND_TRIP_BUG = (
-    "Module._apply replaces param.data (the version counter stays) and the new float32 storage often lands at the "
-    "address the old one was freed from: the (data_ptr, _version, ...) keys of _PACKED_CACHE (windows.py "
-    "_packed_weight) and of WindowAttention._bias_key (cat.py relative_position_bias) match, so the weights from "
-    "before the rounding are used"
-)
+# The next test failed until session 29: Module._apply replaces param.data (the version counter stays) and the new
+# float32 storage often landed at the address the old one was freed from, so the (data_ptr, _version, ...) keys
+# matched and the weights from before the rounding were used (fixed: each cache entry holds its source storage, and
+# MMXAttn._apply drops the caches).
 
 
 def _cached_params(model) -> dict[str, tuple[int, int, torch.Tensor]]:
@@ -375,7 +371,6 @@ def _cached_params(model) -> dict[str, tuple[int, int, torch.Tensor]]:
     return {n: (p.data_ptr(), p._version, p.detach().clone()) for n, p in model.named_parameters() if id(p) in cached}
 
 
-# _ROUND_TRIP_BUG: fixed (each cache entry holds its source storage; MMXAttn._apply drops the caches)
 @pytest.mark.parametrize("low", ["bfloat16", "half"])
 def test_low_precision_round_trip(low, probe):
     """``model.bfloat16().float()`` (or half) rounds the weights; outputs must be those of the rounded weights.
@@ -427,7 +422,7 @@ def test_vector_to_parameters_then_clear_weight_caches(probe):
 
 @pytest.mark.parametrize("change", ["fused_adamw", "bfloat16_round_trip", "param_data"])
 def test_clear_weight_caches_repairs_untracked_changes(change, probe):
-    """The escape hatch works for each change the caches do not see (see the xfail tests)."""
+    """The escape hatch works too for each change the caches did not see before session 29 (comments above)."""
     model = _make()
     images, ids = _batch(model)
     before = _warm(model, images, ids, probe)
@@ -443,12 +438,10 @@ def test_clear_weight_caches_repairs_untracked_changes(change, probe):
     _check(model, images, ids, probe, before, change)
 
 
-# Fixed in session 29 (the cached bias holds the table it was gathered from): the failure the next test caught.
-_FUNCTIONAL_CALL_BUG = (
-    "WindowAttention.relative_position_bias (cat.py) keys its cached bias on the table's data_ptr and _version "
-    "only, not on the tensor itself: functional_call with a state dict built afresh for each call passes new "
-    "tensors (version 0) that often sit at the address of the previous, freed candidate's table, whose bias is used"
-)
+# The next test failed until session 29: WindowAttention.relative_position_bias keyed its cached bias on the table's
+# data_ptr and _version only, and functional_call with a state dict built afresh for each call passes new tensors
+# (version 0) that often sat at the address of the previous, freed candidate's table, whose bias was used (fixed:
+# the cached bias holds the table it was gathered from).
 
 
 class _EncodeImage(torch.nn.Module):
@@ -463,7 +456,7 @@ class _EncodeImage(torch.nn.Module):
 def test_functional_call_with_candidate_weights(probe):
     """Scoring candidate weights (model soups, perturbations) with ``torch.func.functional_call``, each candidate's
     state dict built when it is scored and dropped after: every candidate's output is a fresh model's. Before the
-    fix (``_FUNCTIONAL_CALL_BUG``) most candidates' tables took the previous, freed candidate's address and were
+    fix (comment above) most candidates' tables took the previous, freed candidate's address and were
     served its bias; the cached bias now holds the table it was gathered from, so no address is handed back."""
     model = _make()
     images, _ = _batch(model)
